@@ -1,0 +1,114 @@
+"""The one place that picks which kernels run: `fastconv.backend(name)` and FASTCONV_BACKEND.
+
+Backends:
+    auto    Triton for CUDA tensors; PyTorch's own kernels for CPU tensors.
+    triton  fastconv's Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
+    torch   PyTorch's own kernels (cuDNN / ATen), the reference.
+    cuda    fastconv's CUDA C++ extension (fastconv._C, CUDA tensors).
+    cpu     fastconv's C++ CPU kernels (fastconv._C, CPU tensors).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+
+import torch
+
+NAMES = ("auto", "triton", "torch", "cuda", "cpu")
+ENV_VAR = "FASTCONV_BACKEND"
+
+_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastconv_backend", default=None)
+
+
+class BackendNotSupported(RuntimeError):
+    """Raised when the chosen backend cannot run an op on the given tensors; the message says why."""
+
+
+def _check_name(name: str) -> str:
+    if name not in NAMES:
+        raise ValueError(f"unknown fastconv backend {name!r}; choose one of {', '.join(NAMES)}")
+    return name
+
+
+def current() -> str:
+    """The backend in force: the innermost `backend(...)` context, else $FASTCONV_BACKEND, else 'auto'."""
+    name = _current.get()
+    if name is None:
+        name = os.environ.get(ENV_VAR, "auto") or "auto"
+    return _check_name(name)
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Run the enclosed fastconv ops on backend `name` (see module doc). Nestable; thread- and task-local.
+    The choice is fixed when an op runs forward, and its backward uses the same backend."""
+    token = _current.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def triton_status() -> tuple[bool, str]:
+    """(importable, reason) for the Triton package itself."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "the triton package is not installed (pip install triton; Linux only)"
+    return True, ""
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def extension_status() -> tuple[bool, str]:
+    """(loaded, reason) for the C++/CUDA extension fastconv._C."""
+    if importlib.util.find_spec("fastconv._C") is None:
+        return False, "the C++ extension fastconv._C is not built in this install"
+    return True, ""
+
+
+def availability(device_type: str) -> dict[str, tuple[bool, str]]:
+    """For each concrete backend: whether it can run on `device_type` tensors, and if not, why."""
+    out: dict[str, tuple[bool, str]] = {"torch": (True, "")}
+    ok, why = triton_status()
+    if ok and device_type == "cuda" and not torch.cuda.is_available():
+        ok, why = False, "no CUDA device is visible to torch"
+    elif ok and device_type == "cpu" and not interpreting():
+        ok, why = False, ("Triton kernels run on CUDA devices; on CPU only through the Triton interpreter "
+                          "(set TRITON_INTERPRET=1 before importing triton)")
+    elif ok and device_type not in ("cuda", "cpu"):
+        ok, why = False, f"Triton kernels do not run on {device_type} tensors"
+    out["triton"] = (ok, why)
+    ext_ok, ext_why = extension_status()
+    if device_type == "cuda":
+        out["cuda"] = (ext_ok, ext_why)
+        out["cpu"] = (False, "the cpu backend runs CPU tensors; these are cuda tensors")
+    else:
+        out["cpu"] = (ext_ok, ext_why) if device_type == "cpu" else (False, f"no kernels for {device_type}")
+        out["cuda"] = (False, f"the cuda backend runs CUDA tensors; these are {device_type} tensors")
+    return out
+
+
+def resolve(op: str, device: torch.device, supported: tuple[str, ...], name: str | None = None) -> str:
+    """The concrete backend that runs `op` on tensors of `device`.
+
+    `supported` lists the backends that implement `op`. 'auto' picks Triton for CUDA tensors and PyTorch
+    for everything else. An explicit choice that cannot run raises BackendNotSupported with the reason.
+    """
+    name = _check_name(name or current())
+    dev = device.type
+    if name == "auto":
+        if dev == "cuda" and "triton" in supported and availability(dev)["triton"][0]:
+            return "triton"
+        return "torch"
+    if name not in supported:
+        raise BackendNotSupported(
+            f"fastconv.{op}: backend {name!r} is not supported because it has no {op} kernels "
+            f"(backends with {op}: {', '.join(supported)})"
+        )
+    ok, why = availability(dev)[name]
+    if not ok:
+        raise BackendNotSupported(f"fastconv.{op}: backend {name!r} is not supported for {dev} tensors because {why}")
+    return name

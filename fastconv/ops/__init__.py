@@ -1,0 +1,2 @@
+"""fastconv's custom ops (torch.ops.fastconv.*): importing this package registers them."""
+from . import conv2d  # noqa: F401

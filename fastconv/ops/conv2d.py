@@ -1,0 +1,293 @@
+"""torch.ops.fastconv.conv2d and its gradient ops: schemas, fake kernels, backend dispatch, autograd, autocast.
+
+    fastconv::conv2d(input, weight, bias?, stride, padding[4], dilation, groups,
+                     scale?, shift?, residual?, activation, algo, backend) -> Tensor
+        y = act((conv(input, weight) + bias) * scale + shift + residual), in one kernel.
+    fastconv::conv2d_input_grad(grad_output, weight, input_size, stride, padding[4], dilation, groups, backend)
+    fastconv::conv2d_weight_grad(grad_output, input, weight_size, stride, padding[4], dilation, groups,
+                                 bias_grad, backend) -> (grad_weight, grad_bias or an empty tensor)
+
+padding is (top, bottom, left, right). `backend` is a name from fastconv._backend ('auto' resolves per
+device); the forward's choice is saved and reused by its backward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+from .._args import output_memory_format
+from ._autocast import register_autocast
+
+ALGOS = ("implicit", "im2col")
+ACTIVATIONS = ("identity", "relu", "relu6", "silu", "hardswish")
+SUPPORTED_BACKENDS = ("triton", "torch")
+
+
+def _out_hw(x_hw, w_hw, stride, padding, dilation):
+    (H, W), (KH, KW) = x_hw, w_hw
+    top, bottom, left, right = padding
+    return (
+        (H + top + bottom - dilation[0] * (KH - 1) - 1) // stride[0] + 1,
+        (W + left + right - dilation[1] * (KW - 1) - 1) // stride[1] + 1,
+    )
+
+
+def _channels_last_like(t: torch.Tensor) -> torch.memory_format:
+    cl = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def alloc(shape, dtype, device, memory_format) -> torch.Tensor:
+    """Every output the kernels must fully write comes from here (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+
+
+def _new_output(x, weight, stride, padding, dilation, allocate=None):
+    allocate = allocate or alloc  # looked up per call so tests can patch `alloc`
+    oh, ow = _out_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    shape = (x.shape[0], weight.shape[0], oh, ow)
+    return allocate(shape, x.dtype, x.device, output_memory_format(x, weight))
+
+
+def _fake_alloc(shape, dtype, device, memory_format):
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PyTorch reference implementations (backend 'torch')
+
+def _torch_activation(u: torch.Tensor, activation: str) -> torch.Tensor:
+    return {
+        "identity": lambda t: t,
+        "relu": F.relu,
+        "relu6": F.relu6,
+        "silu": F.silu,
+        "hardswish": F.hardswish,
+    }[activation](u)
+
+
+def _symmetric(padding):
+    top, bottom, left, right = padding
+    return top == bottom and left == right
+
+
+def _torch_conv_forward(x, weight, bias, stride, padding, dilation, groups, scale, shift, residual, activation):
+    top, bottom, left, right = padding
+    if _symmetric(padding):
+        z = F.conv2d(x, weight, bias, stride, (top, left), dilation, groups)
+    else:
+        z = F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride, 0, dilation, groups)
+    if scale is not None:
+        z = z * scale[:, None, None]
+    if shift is not None:
+        z = z + shift[:, None, None]
+    if residual is not None:
+        z = z + residual
+    return _torch_activation(z, activation)
+
+
+def _padded_size(size, padding):
+    N, C, H, W = size
+    top, bottom, left, right = padding
+    return [N, C, H + top + bottom, W + left + right]
+
+
+def _torch_input_grad(grad_out, weight, input_size, stride, padding, dilation, groups):
+    top, bottom, left, right = padding
+    if _symmetric(padding):
+        return torch.nn.grad.conv2d_input(list(input_size), weight, grad_out, stride, (top, left), dilation, groups)
+    gp = torch.nn.grad.conv2d_input(_padded_size(input_size, padding), weight, grad_out, stride, 0, dilation, groups)
+    return gp[:, :, top:top + input_size[2], left:left + input_size[3]]
+
+
+def _torch_weight_grad(grad_out, x, weight_size, stride, padding, dilation, groups):
+    top, bottom, left, right = padding
+    if _symmetric(padding):
+        return torch.nn.grad.conv2d_weight(x, list(weight_size), grad_out, stride, (top, left), dilation, groups)
+    xp = F.pad(x, (left, right, top, bottom))
+    return torch.nn.grad.conv2d_weight(xp, list(weight_size), grad_out, stride, 0, dilation, groups)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Custom ops
+
+def _check_choice(value: str, choices, what: str) -> None:
+    if value not in choices:
+        raise ValueError(f"fastconv.conv2d: unknown {what} {value!r}; choose one of {', '.join(choices)}")
+
+
+@torch.library.custom_op("fastconv::conv2d", mutates_args=())
+def conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    activation: str = "identity",
+    algo: str = "implicit",
+    backend: str = "auto",
+) -> torch.Tensor:
+    _check_choice(activation, ACTIVATIONS, "activation")
+    _check_choice(algo, ALGOS, "algo")
+    name = _backend.resolve("conv2d", input.device, SUPPORTED_BACKENDS, backend)
+    y = _new_output(input, weight, stride, padding, dilation)
+    if name == "torch":
+        z = _torch_conv_forward(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual,
+                                activation)
+        y.copy_(z)
+        return y
+    from ..triton import conv2d as tconv, im2col as tim2col
+
+    launch = tconv.conv2d_forward if algo == "implicit" else tim2col.conv2d_im2col
+    launch(input, weight, bias, stride, padding, dilation, groups,
+           scale=scale, shift=shift, residual=residual, activation=activation, out=y)
+    return y
+
+
+@conv2d.register_fake
+def _(input, weight, bias, stride, padding, dilation, groups, scale=None, shift=None, residual=None,
+      activation="identity", algo="implicit", backend="auto"):
+    return _new_output(input, weight, stride, padding, dilation, _fake_alloc)
+
+
+@torch.library.custom_op("fastconv::conv2d_input_grad", mutates_args=())
+def conv2d_input_grad(
+    grad_output: torch.Tensor,
+    weight: torch.Tensor,
+    input_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    backend: str = "auto",
+) -> torch.Tensor:
+    name = _backend.resolve("conv2d", grad_output.device, SUPPORTED_BACKENDS, backend)
+    dx = alloc(input_size, grad_output.dtype, grad_output.device, _channels_last_like(grad_output))
+    if name == "torch":
+        dx.copy_(_torch_input_grad(grad_output, weight, input_size, stride, padding, dilation, groups))
+        return dx
+    from ..triton import conv2d as tconv
+
+    return tconv.conv2d_input_grad(grad_output, weight, tuple(input_size), stride, padding, dilation, groups, out=dx)
+
+
+@conv2d_input_grad.register_fake
+def _(grad_output, weight, input_size, stride, padding, dilation, groups, backend="auto"):
+    return torch.empty(input_size, dtype=grad_output.dtype, device=grad_output.device,
+                       memory_format=_channels_last_like(grad_output))
+
+
+@torch.library.custom_op("fastconv::conv2d_weight_grad", mutates_args=())
+def conv2d_weight_grad(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    bias_grad: bool,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    name = _backend.resolve("conv2d", grad_output.device, SUPPORTED_BACKENDS, backend)
+    if name == "torch":
+        dw = _torch_weight_grad(grad_output, input, weight_size, stride, padding, dilation, groups)
+        db = grad_output.sum((0, 2, 3)) if bias_grad else grad_output.new_empty(0)
+        return dw.contiguous(), db
+    from ..triton import conv2d as tconv
+
+    dw, db = tconv.conv2d_weight_grad(grad_output, input, tuple(weight_size), stride, padding, dilation, groups,
+                                      bias_grad=bias_grad)
+    return dw, (db if db is not None else grad_output.new_empty(0))
+
+
+@conv2d_weight_grad.register_fake
+def _(grad_output, input, weight_size, stride, padding, dilation, groups, bias_grad, backend="auto"):
+    dw = input.new_empty(weight_size)
+    db = grad_output.new_empty(weight_size[0] if bias_grad else 0)
+    return dw, db
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd: the backward is made of the gradient ops above (and elementwise epilogue algebra).
+#   z = conv(x, w) + bias;  u = z * scale + shift + residual;  y = act(u)
+
+_MASK_FROM_OUTPUT = {"identity", "relu", "relu6"}
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, stride, padding, dilation, groups, scale, shift, residual, activation, algo, backend) = inputs
+    ctx.geometry = (list(stride), list(padding), list(dilation), groups)
+    ctx.activation = activation
+    ctx.algo = algo
+    ctx.backend = _backend.resolve("conv2d", x.device, SUPPORTED_BACKENDS, backend)
+    ctx.has_bias = bias is not None
+    ctx.input_size = list(x.shape)
+    ctx.weight_size = list(weight.shape)
+    need_y = activation in ("relu", "relu6")
+    # silu/hardswish cannot be inverted from y: the backward recomputes u (saving memory instead).
+    keep_residual = activation not in _MASK_FROM_OUTPUT and residual is not None
+    ctx.save_for_backward(x, weight, bias, scale, shift, residual if keep_residual else None,
+                          output if need_y else None)
+    ctx.residual_given = residual is not None
+
+
+def _activation_grad(grad_y, activation, y, u):
+    if activation == "identity":
+        return grad_y
+    if activation == "relu":
+        return grad_y * (y > 0)
+    if activation == "relu6":
+        return grad_y * ((y > 0) & (y < 6))
+    if activation == "silu":
+        s = torch.sigmoid(u)
+        return grad_y * (s * (1 + u * (1 - s)))
+    # hardswish: u*relu6(u+3)/6 -> (2u + 3)/6 on (-3, 3), 1 above, 0 below
+    return grad_y * torch.where(u <= -3, torch.zeros_like(u), torch.where(u >= 3, torch.ones_like(u), (2 * u + 3) / 6))
+
+
+def _backward(ctx, grad_y):
+    x, weight, bias, scale, shift, residual, y = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.geometry
+    needs = ctx.needs_input_grad
+    u = None
+    if ctx.activation not in _MASK_FROM_OUTPUT:
+        u = conv2d(x, weight, bias, stride, padding, dilation, groups, scale, shift, residual, "identity",
+                   ctx.algo, ctx.backend)
+    grad_u = _activation_grad(grad_y, ctx.activation, y, u)
+    grad_residual = grad_u if (ctx.residual_given and needs[9]) else None
+    grad_shift = grad_u.sum((0, 2, 3)) if (shift is not None and needs[8]) else None
+    grad_scale = None
+    grad_z = grad_u
+    if scale is not None:
+        if needs[7]:
+            z = conv2d(x, weight, bias, stride, padding, dilation, groups, None, None, None, "identity",
+                       ctx.algo, ctx.backend)
+            grad_scale = (grad_u * z).sum((0, 2, 3))
+        grad_z = grad_u * scale[:, None, None]
+    grad_z = grad_z.to(x.dtype)
+    grad_x = grad_w = grad_b = None
+    if needs[0]:
+        grad_x = conv2d_input_grad(grad_z, weight, ctx.input_size, stride, padding, dilation, groups, ctx.backend)
+    if needs[1] or (ctx.has_bias and needs[2]):
+        want_db = ctx.has_bias and needs[2]
+        grad_w, db = conv2d_weight_grad(grad_z, x, ctx.weight_size, stride, padding, dilation, groups, want_db,
+                                        ctx.backend)
+        grad_w = grad_w if needs[1] else None
+        grad_b = db if want_db else None
+    return (grad_x, grad_w, grad_b, None, None, None, None, grad_scale, grad_shift, grad_residual,
+            None, None, None)
+
+
+conv2d.register_autograd(_backward, setup_context=_setup_context)
+
+_lib = torch.library.Library("fastconv", "IMPL")
+register_autocast(_lib, "fastconv::conv2d")

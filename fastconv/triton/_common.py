@@ -1,0 +1,67 @@
+"""Helpers shared by every Triton launcher: interpreter detection, dtype rules, index width."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INT32_LIMIT = 2**31 - 1
+
+# Activation codes understood by the fused epilogue (see _epilogue.py).
+ACTIVATIONS = {"identity": 0, "relu": 1, "relu6": 2, "silu": 3, "hardswish": 4}
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_runnable(*tensors: torch.Tensor) -> None:
+    """Triton kernels need CUDA tensors, or CPU tensors with the interpreter switched on."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.is_cuda:
+            continue
+        if t.device.type == "cpu" and interpreting():
+            continue
+        raise RuntimeError(
+            f"fastconv triton backend: not supported for {t.device.type} tensors because Triton kernels run "
+            "on CUDA devices (or on CPU only under the interpreter, TRITON_INTERPRET=1 set before import). "
+            "Use fastconv.backend('torch') for CPU tensors."
+        )
+
+
+def acc_dtype(dtype: torch.dtype):
+    """Accumulator type: fp64 for fp64 operands (gradcheck), fp32 otherwise."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision. fp32 follows torch.backends.cudnn.allow_tf32 exactly as nn.Conv2d does."""
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def upcast_dot_operands(dtype: torch.dtype) -> bool:
+    """The interpreter's tl.dot returns garbage for bfloat16 operands (triton 3.7-3.9); only there do we
+    convert the bf16 tiles to fp32 before the dot. Compiled GPU code keeps bf16 tensor-core dots."""
+    return dtype == torch.bfloat16 and interpreting()
+
+
+def needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether any byte-offset-relevant index can pass 2**31 - 1 elements; then kernels use int64 math."""
+    for t in tensors:
+        if t is None:
+            continue
+        span = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+        if t.numel() > INT32_LIMIT or span > INT32_LIMIT:
+            return True
+    return False
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))

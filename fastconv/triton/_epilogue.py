@@ -1,0 +1,81 @@
+"""Device helpers shared by the conv kernels (implicit GEMM and im2col GEMM).
+
+The epilogue runs on the fp32 accumulator tile [BLOCK_M pixels, BLOCK_N output channels] before the store:
+
+    y = act(((acc + bias[c]) * scale[c] + shift[c]) + residual[n, c, oh, ow])
+
+so plain conv (bias), eval-mode BatchNorm folding (scale/shift), ResNet shortcuts (residual) and the
+activation all happen in registers, in one write of the output.
+"""
+import triton
+import triton.language as tl
+
+ACT_IDENTITY: tl.constexpr = 0
+ACT_RELU: tl.constexpr = 1
+ACT_RELU6: tl.constexpr = 2
+ACT_SILU: tl.constexpr = 3
+ACT_HARDSWISH: tl.constexpr = 4
+
+
+@triton.jit
+def activation(x, ACT: tl.constexpr):
+    if ACT == 1:
+        x = tl.maximum(x, 0.0)
+    elif ACT == 2:
+        x = tl.minimum(tl.maximum(x, 0.0), 6.0)
+    elif ACT == 3:
+        x = x / (1.0 + tl.exp(-x))
+    elif ACT == 4:
+        x = x * tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) / 6.0
+    return x
+
+
+@triton.jit
+def split_rows(offs_m, OH, OW):
+    """GEMM row m -> output pixel (n, oh, ow) for a row-major (N, OH, OW) enumeration."""
+    ow = offs_m % OW
+    t = offs_m // OW
+    oh = t % OH
+    n = t // OH
+    return n, oh, ow
+
+
+@triton.jit
+def epilogue_store(
+    acc, n, oh, ow, mask_m, co, mask_n,
+    y_ptr, syn, syc, syh, syw,
+    bias_ptr, scale_ptr, shift_ptr,
+    res_ptr, srn, src, srh, srw,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
+    ACT: tl.constexpr,
+):
+    """Apply bias/scale/shift/residual/activation to `acc` and store it, cast to y's dtype.
+
+    n/oh/ow index the tile's rows (pixels), co its columns (global output channels); strides are in elements.
+    """
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + co, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + co, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
+    if HAS_SHIFT:
+        acc += tl.load(shift_ptr + co, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RES:
+        r_off = (n * srn + oh * srh + ow * srw)[:, None] + (co * src)[None, :]
+        acc += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(acc.dtype)
+    acc = activation(acc, ACT)
+    y_off = (n * syn + oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Map a linear program id to (tile_m, tile_n), walking GROUP_M row tiles per column sweep so
+    neighbouring programs share weight tiles in L2."""
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    tile_m = first_m + (pid % width) % size_m
+    tile_n = (pid % width) // size_m
+    return tile_m, tile_n

@@ -1,0 +1,424 @@
+"""Triton conv2d: implicit-GEMM forward with fused epilogue, dgrad and split-K wgrad.
+
+Forward as a GEMM (per group g):  Y[m, co] = sum_k X_col[m, k] * W[k, co]
+    m  = (n, oh, ow)        over N*OH*OW output pixels
+    co                      over C_out/groups output channels
+    k  = (kh, kw, ci)       over KH*KW*C_in/groups, walked as a (kh, kw) loop around ci blocks so that no
+                            column buffer exists: the X tile for (kh, kw) is gathered straight from x at
+                            ih = oh*stride - pad + kh*dilation (zero outside the image).
+Every tensor is read and written through its strides, so NCHW and channels_last (ci contiguous, the
+fast case) share one kernel; index math switches to int64 when any tensor passes 2**31 elements.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    ACTIVATIONS,
+    acc_dtype,
+    check_runnable,
+    dot_precision,
+    needs_int64,
+    upcast_dot_operands,
+)
+from ._epilogue import epilogue_store, grouped_tile, split_rows
+from .configs import TunedKernel
+
+_SHAPE_KEY = ["M", "COUT_G", "CIN_G", "KH", "KW"]
+
+
+@triton.jit
+def _conv2d_fwd_kernel(
+    x_ptr, w_ptr, y_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr,
+    M, H, W, OH, OW, CIN_G, COUT_G, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sxn, sxc, sxh, sxw,
+    swo, swc, swh, sww,
+    syn, syc, syh, syw,
+    srn, src, srh, srw,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
+    ACT: tl.constexpr, ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    IDX64: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    g = tl.program_id(1)
+    tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(COUT_G, BLOCK_N), GROUP_M)
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+        g = g.to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < COUT_G
+    n, oh, ow = split_rows(offs_m, OH, OW)
+    co = g * COUT_G + offs_n
+    x_base = x_ptr + n * sxn + (g * CIN_G) * sxc
+    w_base = w_ptr + co * swo
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_TYPE)
+    for kh in range(KH):
+        ih = oh * stride_h - pad_h + kh * dil_h
+        row_ok = mask_m & (ih >= 0) & (ih < H)
+        for kw in range(KW):
+            iw = ow * stride_w - pad_w + kw * dil_w
+            pix_ok = row_ok & (iw >= 0) & (iw < W)
+            a_ptrs = x_base + ih * sxh + iw * sxw
+            b_ptrs = w_base + kh * swh + kw * sww
+            for c0 in range(0, CIN_G, BLOCK_K):
+                ci = c0 + offs_k
+                ci_ok = ci < CIN_G
+                a = tl.load(a_ptrs[:, None] + (ci * sxc)[None, :], mask=pix_ok[:, None] & ci_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs[None, :] + (ci * swc)[:, None], mask=ci_ok[:, None] & mask_n[None, :], other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_TYPE)
+
+    epilogue_store(
+        acc, n, oh, ow, mask_m, co, mask_n,
+        y_ptr, syn, syc, syh, syw,
+        bias_ptr, scale_ptr, shift_ptr,
+        res_ptr, srn, src, srh, srw,
+        HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, ACT,
+    )
+
+
+@triton.jit
+def _conv2d_dgrad_kernel(
+    dy_ptr, w_ptr, dx_ptr,
+    MP, H, W, OH, OW, HP, WP, CIN_G, COUT_G, KH, KW,
+    stride_h: tl.constexpr, stride_w: tl.constexpr, pad_h, pad_w, dil_h, dil_w,
+    sdyn, sdyc, sdyh, sdyw,
+    swo, swc, swh, sww,
+    sdxn, sdxc, sdxh, sdxw,
+    ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    IDX64: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dx[n, ci, h, w] = sum_{co, kh, kw} dy[n, co, oh, ow] * w[co, ci, kh, kw], where
+    h = oh*stride - pad + kh*dil.
+
+    Stride phases: input pixels are split into stride_h*stride_w classes (h % stride_h, w % stride_w).
+    Within one class, whether tap kh reaches an output row does not depend on the pixel, so each program
+    (one class, one tile) skips whole taps instead of masking (stride-1)/stride of its loads, and
+    oh = i + (rh + pad - kh*dil) / stride exactly. Every input pixel lies in exactly one class, so each
+    dx element is written once, zeros included.
+    """
+    pid_pg = tl.program_id(1)
+    phase = pid_pg % (stride_h * stride_w)
+    g = pid_pg // (stride_h * stride_w)
+    rh = phase // stride_w
+    rw = phase % stride_w
+    tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(MP, BLOCK_M), tl.cdiv(CIN_G, BLOCK_N), GROUP_M)
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+        g = g.to(tl.int64)
+    # m -> (n, i, j) over the phase's sub-grid; the pixel is (rh + i*stride_h, rw + j*stride_w).
+    n, i, j = split_rows(offs_m, HP, WP)
+    h = rh + i * stride_h
+    w = rw + j * stride_w
+    mask_m = (offs_m < MP) & (h < H) & (w < W)
+    mask_n = offs_n < CIN_G
+    ci = g * CIN_G + offs_n
+    dy_base = dy_ptr + n * sdyn + (g * COUT_G) * sdyc
+    w_base = w_ptr + (g * COUT_G) * swo + offs_n * swc
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_TYPE)
+    for kh in range(KH):
+        th = rh + pad_h - kh * dil_h
+        if th % stride_h == 0:
+            oh = i + th // stride_h
+            row_ok = mask_m & (oh >= 0) & (oh < OH)
+            for kw in range(KW):
+                tw = rw + pad_w - kw * dil_w
+                if tw % stride_w == 0:
+                    ow = j + tw // stride_w
+                    pix_ok = row_ok & (ow >= 0) & (ow < OW)
+                    a_ptrs = dy_base + oh * sdyh + ow * sdyw
+                    b_ptrs = w_base + kh * swh + kw * sww
+                    for c0 in range(0, COUT_G, BLOCK_K):
+                        co = c0 + offs_k
+                        co_ok = co < COUT_G
+                        a = tl.load(a_ptrs[:, None] + (co * sdyc)[None, :],
+                                    mask=pix_ok[:, None] & co_ok[None, :], other=0.0)
+                        b = tl.load(b_ptrs[None, :] + (co * swo)[:, None],
+                                    mask=co_ok[:, None] & mask_n[None, :], other=0.0)
+                        if UPCAST:
+                            a = a.to(tl.float32)
+                            b = b.to(tl.float32)
+                        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_TYPE)
+
+    dx_off = (n * sdxn + h * sdxh + w * sdxw)[:, None] + (ci * sdxc)[None, :]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _conv2d_wgrad_kernel(
+    dy_ptr, x_ptr, dw_ptr, db_ptr,
+    P, H, W, OH, OW, CIN_G, COUT_G, KH, KW, COUT, K_PER_SPLIT,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sdyn, sdyc, sdyh, sdyw,
+    sxn, sxc, sxh, sxw,
+    HAS_DBIAS: tl.constexpr, ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    IDX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Partial dw for one K split:  dw[co, (kh, kw, ci)] = sum_p dy[co, p] * x_col[p, (kh, kw, ci)], the
+    reduction over p = (n, oh, ow) cut into SPLIT contiguous chunks (grid axis 1) whose fp32 partials
+    land in dw_ptr[split, co, kh, kw, ci] and are summed afterwards (deterministic, no atomics).
+
+    The bias gradient is the same reduction of dy alone: the programs at (kh, kw, ci-tile) == 0 also sum
+    their dy tiles into db_ptr[split, co].
+    """
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    g = tl.program_id(2)
+    num_n = tl.cdiv(CIN_G, BLOCK_N)
+    tile_m = pid // (KH * KW * num_n)
+    rest = pid % (KH * KW * num_n)
+    tap = rest // num_n
+    tile_n = rest % num_n
+    kh = tap // KW
+    kw = tap % KW
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_lo = split * K_PER_SPLIT
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)
+        g = g.to(tl.int64)
+        k_lo = k_lo.to(tl.int64)
+    mask_m = offs_m < COUT_G
+    mask_n = offs_n < CIN_G
+    co = g * COUT_G + offs_m
+    ci = g * CIN_G + offs_n
+    with_bias = (tap == 0) & (tile_n == 0)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_TYPE)
+    db = tl.zeros((BLOCK_M,), dtype=ACC_TYPE)
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, P)
+    for p0 in range(k_lo, k_hi, BLOCK_K):
+        p = p0 + offs_k
+        p_ok = p < k_hi
+        n, oh, ow = split_rows(p, OH, OW)
+        ih = oh * stride_h - pad_h + kh * dil_h
+        iw = ow * stride_w - pad_w + kw * dil_w
+        x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(dy_ptr + (n * sdyn + oh * sdyh + ow * sdyw)[None, :] + (co * sdyc)[:, None],
+                    mask=mask_m[:, None] & p_ok[None, :], other=0.0)
+        b = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + (ci * sxc)[None, :],
+                    mask=x_ok[:, None] & mask_n[None, :], other=0.0)
+        if HAS_DBIAS:
+            if with_bias:
+                db += tl.sum(a.to(ACC_TYPE), axis=1)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_TYPE)
+
+    # partial layout [SPLIT, COUT, KH, KW, CIN_G]
+    row = (split * COUT + co) * (KH * KW) + tap
+    off = (row * CIN_G)[:, None] + offs_n[None, :]
+    tl.store(dw_ptr + off, acc.to(dw_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if HAS_DBIAS:
+        if with_bias:
+            tl.store(db_ptr + split * COUT + co, db.to(db_ptr.dtype.element_ty), mask=mask_m)
+
+
+_fwd = TunedKernel(_conv2d_fwd_kernel, "conv2d_fwd", _SHAPE_KEY)
+_dgrad = TunedKernel(_conv2d_dgrad_kernel, "conv2d_dgrad", ["MP", "COUT_G", "CIN_G", "KH", "KW"])
+_wgrad = TunedKernel(_conv2d_wgrad_kernel, "conv2d_wgrad", ["P", "COUT_G", "CIN_G", "KH", "KW", "K_PER_SPLIT"])
+
+GROUP_M = 8
+
+
+def workspace(shape, device, dtype) -> torch.Tensor:
+    """Scratch buffers the kernels fully overwrite (tests poison them with NaN through this hook)."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def pads(padding) -> tuple[int, int, int, int]:
+    """(pad_h, pad_w) or (top, bottom, left, right) -> (top, bottom, left, right)."""
+    padding = tuple(int(p) for p in padding)
+    return (padding[0], padding[0], padding[1], padding[1]) if len(padding) == 2 else padding
+
+
+def output_hw(H: int, W: int, KH: int, KW: int, stride, padding, dilation) -> tuple[int, int]:
+    top, bottom, left, right = pads(padding)
+    OH = (H + top + bottom - dilation[0] * (KH - 1) - 1) // stride[0] + 1
+    OW = (W + left + right - dilation[1] * (KW - 1) - 1) // stride[1] + 1
+    return OH, OW
+
+
+def conv2d_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    *,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    activation: str = "identity",
+    out: torch.Tensor | None = None,
+    force_int64: bool = False,
+) -> torch.Tensor:
+    """Implicit-GEMM conv2d on a 4-D NCHW-shaped x (any strides) with the fused epilogue.
+
+    padding is (pad_h, pad_w) or (top, bottom, left, right); the gradients only need top and left.
+    `out` (optional) is the preallocated [N, C_out, OH, OW] result in the memory format the caller wants;
+    residual has out's shape and any strides.
+    """
+    check_runnable(x, weight)
+    N, C, H, W = x.shape
+    C_out, cin_g, KH, KW = weight.shape
+    OH, OW = output_hw(H, W, KH, KW, stride, padding, dilation)
+    top, _, left, _ = pads(padding)
+    y = out if out is not None else x.new_empty((N, C_out, OH, OW))
+    M = N * OH * OW
+    if M == 0 or C_out == 0:
+        return y
+    cout_g = C_out // groups
+    res = residual if residual is not None else y
+    dummy = y  # never read when its HAS_* flag is off
+    args = (
+        x, weight, y,
+        bias if bias is not None else dummy,
+        scale if scale is not None else dummy,
+        shift if shift is not None else dummy,
+        res,
+        M, H, W, OH, OW, cin_g, cout_g, KH, KW,
+        stride[0], stride[1], top, left, dilation[0], dilation[1],
+        *x.stride(), *weight.stride(), *y.stride(), *res.stride(),
+    )
+    _fwd(
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]), groups),
+        *args,
+        device=x.device,
+        HAS_BIAS=bias is not None,
+        HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None,
+        HAS_RES=residual is not None,
+        ACT=ACTIVATIONS[activation],
+        ACC_TYPE=acc_dtype(x.dtype),
+        PRECISION=dot_precision(x.dtype),
+        UPCAST=upcast_dot_operands(x.dtype),
+        IDX64=force_int64 or needs_int64(x, weight, y, residual),
+        GROUP_M=GROUP_M,
+    )
+    return y
+
+
+def conv2d_input_grad(
+    grad_out: torch.Tensor,
+    weight: torch.Tensor,
+    input_shape: tuple[int, int, int, int],
+    stride, padding, dilation, groups: int,
+    *,
+    out: torch.Tensor | None = None,
+    force_int64: bool = False,
+) -> torch.Tensor:
+    """dgrad: the gradient of conv2d with respect to its input, as an implicit GEMM over stride phases."""
+    check_runnable(grad_out, weight)
+    N, C, H, W = input_shape
+    C_out, cin_g, KH, KW = weight.shape
+    OH, OW = grad_out.shape[2], grad_out.shape[3]
+    dx = out if out is not None else grad_out.new_empty(input_shape)
+    if dx.numel() == 0:
+        return dx
+    cout_g = C_out // groups
+    if cout_g == 0 or OH * OW == 0:
+        return dx.zero_()
+    sh, sw = stride
+    HP, WP = triton.cdiv(H, sh), triton.cdiv(W, sw)
+    MP = N * HP * WP
+    _dgrad(
+        lambda meta: (triton.cdiv(MP, meta["BLOCK_M"]) * triton.cdiv(cin_g, meta["BLOCK_N"]), groups * sh * sw),
+        grad_out, weight, dx,
+        MP, H, W, OH, OW, HP, WP, cin_g, cout_g, KH, KW,
+        sh, sw, pads(padding)[0], pads(padding)[2], dilation[0], dilation[1],
+        *grad_out.stride(), *weight.stride(), *dx.stride(),
+        device=grad_out.device,
+        ACC_TYPE=acc_dtype(grad_out.dtype),
+        PRECISION=dot_precision(grad_out.dtype),
+        UPCAST=upcast_dot_operands(grad_out.dtype),
+        IDX64=force_int64 or needs_int64(grad_out, weight, dx),
+        GROUP_M=GROUP_M,
+    )
+    return dx
+
+
+def _num_splits(P: int, tiles: int, device: torch.device) -> int:
+    """Split the N*OH*OW reduction until the grid fills the GPU (about 2 waves), but keep >= 256 pixels
+    per split so each program still streams real work."""
+    if device.type != "cuda":
+        return max(1, min(4, P // 256))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = max(1, (2 * sms) // max(tiles, 1))
+    return max(1, min(want, P // 256, 64))
+
+
+def conv2d_weight_grad(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight_shape: tuple[int, int, int, int],
+    stride, padding, dilation, groups: int,
+    *,
+    bias_grad: bool = False,
+    splits: int | None = None,
+    force_int64: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """wgrad (and optionally the bias gradient) by split-K GEMM over the N*OH*OW pixels."""
+    check_runnable(grad_out, x)
+    N, C, H, W = x.shape
+    C_out, cin_g, KH, KW = weight_shape
+    OH, OW = grad_out.shape[2], grad_out.shape[3]
+    P = N * OH * OW
+    cout_g = C_out // groups
+    if P == 0 or C_out == 0 or cin_g == 0:
+        dw = x.new_zeros(weight_shape)
+        return dw, (x.new_zeros(C_out) if bias_grad else None)
+    tiles_estimate = triton.cdiv(cout_g, 64) * KH * KW * triton.cdiv(cin_g, 64) * groups
+    split = splits or _num_splits(P, tiles_estimate, x.device)
+    # Chunks are whole multiples of the largest BLOCK_K so a K block never straddles two splits.
+    k_per_split = triton.cdiv(triton.cdiv(P, split), 64) * 64
+    split = triton.cdiv(P, k_per_split)
+    part_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    partial = workspace((split, C_out, KH, KW, cin_g), x.device, part_dtype)
+    db_partial = workspace((split, C_out), x.device, part_dtype) if bias_grad else partial
+    _wgrad(
+        lambda meta: (
+            triton.cdiv(cout_g, meta["BLOCK_M"]) * KH * KW * triton.cdiv(cin_g, meta["BLOCK_N"]),
+            split,
+            groups,
+        ),
+        grad_out, x, partial, db_partial,
+        P, H, W, OH, OW, cin_g, cout_g, KH, KW, C_out, k_per_split,
+        stride[0], stride[1], pads(padding)[0], pads(padding)[2], dilation[0], dilation[1],
+        *grad_out.stride(), *x.stride(),
+        device=x.device,
+        HAS_DBIAS=bias_grad,
+        ACC_TYPE=acc_dtype(x.dtype),
+        PRECISION=dot_precision(x.dtype),
+        UPCAST=upcast_dot_operands(x.dtype),
+        IDX64=force_int64 or needs_int64(grad_out, x, partial),
+    )
+    dw = partial.sum(0) if split > 1 else partial[0]
+    dw = dw.permute(0, 3, 1, 2).to(x.dtype).contiguous()
+    db = None
+    if bias_grad:
+        db = (db_partial.sum(0) if split > 1 else db_partial[0]).to(grad_out.dtype)
+    return dw, db

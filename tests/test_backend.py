@@ -1,0 +1,85 @@
+"""Backend selection: fastconv.backend(...), FASTCONV_BACKEND, 'auto', and clear 'not supported' errors."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastconv
+from fastconv import _backend
+from fastconv.functional import conv2d
+
+
+def test_default_is_auto(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    assert fastconv.current_backend() == "auto"
+
+
+def test_context_manager_nests_and_restores():
+    with fastconv.backend("torch"):
+        assert fastconv.current_backend() == "torch"
+        with fastconv.backend("triton"):
+            assert fastconv.current_backend() == "triton"
+        assert fastconv.current_backend() == "torch"
+
+
+def test_env_var(monkeypatch):
+    monkeypatch.setenv(_backend.ENV_VAR, "torch")
+    assert fastconv.current_backend() == "torch"
+    monkeypatch.setenv(_backend.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match="unknown fastconv backend 'nonsense'"):
+        fastconv.current_backend()
+
+
+def test_unknown_name():
+    with pytest.raises(ValueError, match="choose one of"):
+        with fastconv.backend("cudnn"):
+            pass
+
+
+def test_auto_picks_torch_for_cpu_and_triton_for_cuda():
+    assert _backend.resolve("conv2d", torch.device("cpu"), ("triton", "torch"), "auto") == "torch"
+    expected = "triton" if torch.cuda.is_available() else "torch"
+    assert _backend.resolve("conv2d", torch.device("cuda"), ("triton", "torch"), "auto") == expected
+
+
+def test_torch_backend_matches(device):
+    x, w = torch.randn(2, 3, 6, 6, dtype=torch.float64), torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    with fastconv.backend("torch"):
+        y = conv2d(x, w, None, 1, "same")
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, None, 1, "same"))
+
+
+def test_extension_backends_explain_why():
+    x, w = torch.randn(1, 2, 4, 4), torch.randn(2, 2, 3, 3)
+    for name in ("cpu", "cuda"):
+        with fastconv.backend(name):
+            with pytest.raises(fastconv.BackendNotSupported, match=f"backend '{name}' is not supported"):
+                conv2d(x, w)
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error():
+    code = (
+        "import torch, fastconv\n"
+        "from fastconv.functional import conv2d\n"
+        "try:\n"
+        "    with fastconv.backend('triton'):\n"
+        "        conv2d(torch.randn(1, 2, 4, 4), torch.randn(2, 2, 3, 3))\n"
+        "except fastconv.BackendNotSupported as e:\n"
+        "    print('RAISED', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "RAISED" in out.stdout, out.stderr
+    assert "TRITON_INTERPRET=1" in out.stdout and "not supported for cpu tensors" in out.stdout
+
+
+def test_info_cli_reports_backends():
+    out = subprocess.run([sys.executable, "-m", "fastconv.info"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for needle in ("torch ", "triton ", "backends for cuda tensors:", "backends for cpu tensors:", "conv2d",
+                   "fastconv._C"):
+        assert needle in out.stdout, needle

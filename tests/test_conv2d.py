@@ -1,0 +1,393 @@
+"""fastconv conv2d (Triton implicit GEMM and im2col GEMM) against F.conv2d evaluated in float64.
+
+Forward and every gradient (input, weight, bias), on fresh random configurations whose sizes cross the
+kernels' tile boundaries, for both algorithms, NCHW / channels_last / non-contiguous inputs, groups incl.
+depthwise, dilation, 'same' / 'valid', bias or not, batch 0 / 1 / unbatched, fp32 / fp16 / bf16 (fp64 for
+gradcheck). Without a GPU the real Triton kernels run through the interpreter.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastconv
+import fastconv.ops.conv2d as conv_ops
+import fastconv.triton.conv2d as tconv
+from fastconv.functional import conv2d, conv2d_fused
+
+from .helpers import assert_close, generator, nan_alloc, nan_workspace, randn, rng
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = ["contiguous", "channels_last", "noncontiguous"]
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend_exact_fp32():
+    """Run everything on the Triton kernels, fp32 without TF32 (its own test below covers TF32)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    with fastconv.backend("triton"):
+        yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
+def make_input(shape, dtype, device, layout, gen):
+    N, C, H, W = shape
+    if layout == "noncontiguous":
+        # a strided view that is neither NCHW- nor NHWC-contiguous: every other column of a wider NHCW buffer
+        base = randn((N, H, C, 2 * W), dtype, device, gen)
+        x = base[..., ::2].transpose(1, 2)
+        assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+        return x
+    x = randn(shape, dtype, device, gen)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def reference(x, w, b, stride, padding, dilation, groups, grad_out):
+    """F.conv2d and its gradients in float64 on CPU copies."""
+    xd = x.detach().cpu().double().requires_grad_()
+    wd = w.detach().cpu().double().requires_grad_()
+    bd = b.detach().cpu().double().requires_grad_() if b is not None else None
+    y = F.conv2d(xd, wd, bd, stride, padding, dilation, groups)
+    y.backward(grad_out.detach().cpu().double())
+    return y.detach(), xd.grad, wd.grad, (bd.grad if bd is not None else None)
+
+
+def check_conv(cfg, device, algo="implicit"):
+    """Run fastconv forward+backward for cfg and compare with the float64 reference."""
+    gen = generator("conv", repr(cfg))
+    N, C, H, W = cfg["input"]
+    K, KH, KW, groups = cfg["out_channels"], cfg["kernel"][0], cfg["kernel"][1], cfg["groups"]
+    dtype = cfg["dtype"]
+    x = make_input((N, C, H, W), dtype, device, cfg["layout"], gen).requires_grad_()
+    w = randn((K, C // groups, KH, KW), dtype, device, gen, scale=(C // groups * KH * KW) ** -0.5).requires_grad_()
+    b = randn((K,), dtype, device, gen).requires_grad_() if cfg["bias"] else None
+    args = (cfg["stride"], cfg["padding"], cfg["dilation"], groups)
+
+    y = conv2d(x, w, b, *args, algo=algo)
+    grad_out = randn(y.shape, dtype, device, gen)
+    y.backward(grad_out)
+    y_ref, dx_ref, dw_ref, db_ref = reference(x, w, b, *args, grad_out)
+
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    expected_format = F.conv2d(x.detach().cpu().float(), w.detach().cpu().float(), None, *args)
+    assert y.is_contiguous(memory_format=torch.channels_last) == expected_format.is_contiguous(
+        memory_format=torch.channels_last), f"output memory format differs from F.conv2d for {cfg}"
+    assert_close(y, y_ref, dtype, "forward", cfg)
+    assert_close(x.grad, dx_ref, dtype, "grad_input", cfg)
+    assert_close(w.grad, dw_ref, dtype, "grad_weight", cfg)
+    if b is not None:
+        assert_close(b.grad, db_ref, dtype, "grad_bias", cfg)
+
+
+# Interpreter cost grows with programs x taps x channel blocks; random configs stay under this budget.
+_BUDGET = 300
+
+
+def _cost(cfg) -> int:
+    N, C, H, W = cfg["input"]
+    KH, KW = cfg["kernel"]
+    g = cfg["groups"]
+    m = N * H * W
+    return -(-m // 32) * -(-(cfg["out_channels"] // g) // 32) * g * KH * KW * -(-(C // g) // 16)
+
+
+def random_config(r) -> dict:
+    while True:
+        depthwise = r.random() < 0.15
+        if depthwise:
+            groups = r.randint(2, 6)
+            cin_g, cout_g = 1, r.choice([1, 2])
+        else:
+            groups = r.choice([1, 1, 1, 2, 3])
+            cin_g = r.choice([r.randint(1, 8), r.randint(9, 40)])
+            cout_g = r.choice([r.randint(1, 12), r.randint(13, 40)])
+        kernel = r.choice([(1, 1), (3, 3), (3, 3), (2, 3), (5, 5), (3, 1), (4, 4)])
+        stride = r.choice([1, 1, 2, (2, 1), 3])
+        dilation = r.choice([1, 1, 1, 2, (1, 2)])
+        padding = r.choice([0, 1, (1, 2), 2, "valid", "same"])
+        if padding == "same":
+            stride = 1
+        d = dilation if isinstance(dilation, tuple) else (dilation, dilation)
+        p = padding if isinstance(padding, tuple) else ((padding, padding) if isinstance(padding, int) else (0, 0))
+        min_h = max(1, d[0] * (kernel[0] - 1) + 1 - 2 * p[0])
+        min_w = max(1, d[1] * (kernel[1] - 1) + 1 - 2 * p[1])
+        cfg = {
+            "input": (r.choice([1, 2, 3]), cin_g * groups, r.randint(min_h, min_h + 10), r.randint(min_w, min_w + 10)),
+            "out_channels": cout_g * groups,
+            "kernel": kernel,
+            "stride": stride,
+            "padding": padding,
+            "dilation": dilation,
+            "groups": groups,
+            "bias": r.random() < 0.6,
+            "dtype": r.choice(DTYPES),
+            "layout": r.choice(LAYOUTS),
+        }
+        if _cost(cfg) <= _BUDGET:
+            return cfg
+
+
+@pytest.mark.parametrize("algo", ["implicit", "im2col"])
+@pytest.mark.parametrize("case", range(10))
+def test_random_configs(case, algo, device):
+    cfg = random_config(rng("random", case, algo))
+    check_conv(cfg, device, algo)
+
+
+def _cfg(**kw):
+    base = dict(input=(2, 5, 9, 11), out_channels=7, kernel=(3, 3), stride=1, padding=1, dilation=1, groups=1,
+                bias=True, dtype=torch.float32, layout="contiguous")
+    base.update(kw)
+    return base
+
+
+NAMED = {
+    "batch1": _cfg(input=(1, 3, 8, 8)),
+    "tile_crossing_channels": _cfg(input=(2, 37, 7, 6), out_channels=35, dtype=torch.float16),
+    "depthwise_channels_last": _cfg(input=(2, 6, 7, 7), out_channels=6, groups=6, layout="channels_last"),
+    "grouped_bf16": _cfg(input=(2, 6, 9, 9), out_channels=9, groups=3, dtype=torch.bfloat16),
+    "same_even_kernel": _cfg(kernel=(4, 2), padding="same"),
+    "same_dilated": _cfg(kernel=(3, 3), padding="same", dilation=2),
+    "valid_rectangular": _cfg(kernel=(2, 5), padding="valid", bias=False),
+    "strided_dilated_asym": _cfg(input=(2, 6, 15, 12), stride=(3, 2), dilation=(2, 1), padding=(2, 1)),
+    "stride_larger_than_kernel": _cfg(kernel=(1, 1), stride=3, padding=0),
+    "pointwise_noncontiguous": _cfg(input=(3, 20, 6, 5), out_channels=40, kernel=(1, 1), padding=0,
+                                    layout="noncontiguous"),
+}
+
+
+@pytest.mark.parametrize("algo", ["implicit", "im2col"])
+@pytest.mark.parametrize("name", sorted(NAMED))
+def test_named_configs(name, algo, device):
+    check_conv(NAMED[name], device, algo)
+
+
+@pytest.mark.parametrize("algo", ["implicit", "im2col"])
+def test_batch_zero(algo, device):
+    x = torch.randn(0, 4, 6, 6, device=device, requires_grad=True)
+    w = torch.randn(5, 4, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(5, device=device, requires_grad=True)
+    y = conv2d(x, w, b, padding=1, algo=algo)
+    assert y.shape == (0, 5, 6, 6)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_unbatched_input(device):
+    gen = generator("unbatched")
+    x = randn((4, 7, 6), torch.float32, device, gen).requires_grad_()
+    w = randn((3, 4, 3, 3), torch.float32, device, gen).requires_grad_()
+    y = conv2d(x, w, None, 1, 1)
+    assert y.shape == (3, 7, 6)
+    y.backward(torch.ones_like(y))
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    F.conv2d(xd, wd, None, 1, 1).backward(torch.ones(3, 7, 6, dtype=torch.double))
+    assert_close(y, F.conv2d(xd, wd, None, 1, 1), torch.float32, "unbatched forward")
+    assert_close(x.grad, xd.grad, torch.float32, "unbatched grad_input")
+    assert_close(w.grad, wd.grad, torch.float32, "unbatched grad_weight")
+
+
+@pytest.mark.parametrize("algo", ["implicit", "im2col"])
+def test_every_output_element_written(algo, device, monkeypatch):
+    """Outputs and scratch buffers start as NaN; the kernels must overwrite every element."""
+    monkeypatch.setattr(conv_ops, "alloc", nan_alloc)
+    monkeypatch.setattr(tconv, "workspace", nan_workspace)
+    import fastconv.triton.im2col as tim2col
+
+    monkeypatch.setattr(tim2col, "workspace", nan_workspace)
+    cfg = _cfg(input=(2, 6, 13, 10), out_channels=9, kernel=(3, 2), stride=(2, 3), padding=(1, 2),
+               dilation=(2, 1), groups=3)
+    check_conv(cfg, device, algo)
+
+
+@pytest.mark.parametrize("algo", ["implicit", "im2col"])
+@pytest.mark.parametrize("activation", ["identity", "relu", "relu6", "silu", "hardswish"])
+def test_fused_epilogue(activation, algo, device):
+    """y = act((conv + bias) * scale + shift + residual) in one kernel, residual in another memory format."""
+    gen = generator("epilogue", activation, algo)
+    dtype = torch.float16 if activation in ("silu", "relu") else torch.float32
+    x = randn((2, 10, 9, 9), dtype, device, gen).contiguous(memory_format=torch.channels_last)
+    w = randn((36, 10, 3, 3), dtype, device, gen, scale=0.3)
+    b, scale, shift = randn((36,), dtype, device, gen), randn((36,), dtype, device, gen), randn((36,), dtype, device, gen)
+    residual = randn((2, 36, 5, 5), dtype, device, gen, scale=2.0)
+    y = conv2d_fused(x, w, b, 2, 1, scale=scale, shift=shift, residual=residual, activation=activation, algo=algo)
+    d = lambda t: t.detach().cpu().double()  # noqa: E731
+    z = F.conv2d(d(x), d(w), d(b), 2, 1) * d(scale)[:, None, None] + d(shift)[:, None, None] + d(residual)
+    act = {"identity": lambda t: t, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish}
+    assert_close(y, act[activation](z), dtype, f"fused {activation}")
+
+
+GRADCHECK_SHAPES = dict(x=(1, 4, 5, 4), w=(6, 2, 2, 3), groups=2, stride=(2, 1), padding=(1, 2), dilation=(2, 1))
+
+
+@pytest.mark.parametrize("algo", ["implicit", "im2col"])
+def test_gradcheck_conv2d(algo, device):
+    gen = generator("gradcheck", algo)
+    s = GRADCHECK_SHAPES
+    x = randn(s["x"], torch.float64, device, gen).requires_grad_()
+    w = randn(s["w"], torch.float64, device, gen).requires_grad_()
+    b = randn((6,), torch.float64, device, gen).requires_grad_()
+    fn = lambda x, w, b: conv2d(x, w, b, s["stride"], s["padding"], s["dilation"], s["groups"], algo=algo)  # noqa
+    assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=True)
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu", "hardswish"])
+def test_gradcheck_fused(activation, device):
+    gen = generator("gradcheck-fused", activation)
+    x = randn((1, 3, 4, 4), torch.float64, device, gen).requires_grad_()
+    w = randn((4, 3, 3, 3), torch.float64, device, gen).requires_grad_()
+    b, scale, shift = (randn((4,), torch.float64, device, gen).requires_grad_() for _ in range(3))
+    res = randn((1, 4, 2, 2), torch.float64, device, gen).requires_grad_()
+    fn = lambda *a: conv2d_fused(a[0], a[1], a[2], 2, 1, scale=a[3], shift=a[4], residual=a[5],  # noqa: E731
+                                 activation=activation)
+    assert torch.autograd.gradcheck(fn, (x, w, b, scale, shift, res), fast_mode=True)
+
+
+def test_opcheck(device):
+    from torch.library import opcheck
+
+    gen = generator("opcheck")
+    x = randn((2, 4, 6, 5), torch.float32, device, gen).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = randn((6, 2, 3, 3), torch.float32, device, gen).requires_grad_()
+    b = randn((6,), torch.float32, device, gen).requires_grad_()
+    geo = ([2, 1], [1, 1, 0, 1], [1, 2], 2)
+    opcheck(torch.ops.fastconv.conv2d.default, (x, w, b, *geo), {"backend": "triton"})
+    opcheck(torch.ops.fastconv.conv2d.default, (x, w, None, *geo),
+            {"shift": b.detach(), "activation": "relu", "algo": "im2col", "backend": "triton"})
+    y = torch.ops.fastconv.conv2d(x, w, b, *geo, backend="triton")
+    gy = torch.randn_like(y)
+    opcheck(torch.ops.fastconv.conv2d_input_grad.default, (gy, w.detach(), list(x.shape), *geo, "triton"))
+    opcheck(torch.ops.fastconv.conv2d_weight_grad.default, (gy, x.detach(), list(w.shape), *geo, True, "triton"))
+
+
+BAD_CALLS = {
+    "padding_string": (dict(), dict(padding="foo")),
+    "same_strided": (dict(), dict(padding="same", stride=2)),
+    "negative_padding": (dict(), dict(padding=-1)),
+    "zero_stride": (dict(), dict(stride=0)),
+    "zero_dilation": (dict(), dict(dilation=0)),
+    "zero_groups": (dict(), dict(groups=0)),
+    "channel_mismatch": (dict(w=(2, 3, 3, 3)), dict()),
+    "groups_not_dividing_out": (dict(w=(3, 2, 3, 3)), dict(groups=2)),
+    "kernel_too_large": (dict(x=(1, 4, 2, 2)), dict()),
+    "bias_shape": (dict(b=(3,)), dict()),
+    "input_2d": (dict(x=(4, 5)), dict()),
+    "stride_length": (dict(), dict(stride=(1, 1, 1))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CALLS))
+def test_errors_match_pytorch(name, device):
+    shapes, kwargs = BAD_CALLS[name]
+    x = torch.randn(shapes.get("x", (1, 4, 5, 5)), device=device)
+    w = torch.randn(shapes.get("w", (2, 4, 3, 3)), device=device)
+    b = torch.randn(shapes["b"], device=device) if "b" in shapes else None
+    with pytest.raises(Exception) as theirs:
+        F.conv2d(x, w, b, **kwargs)
+    with pytest.raises(type(theirs.value)) as ours:
+        conv2d(x, w, b, **kwargs)
+    assert str(ours.value).strip() != ""
+    if name not in ("stride_length",):
+        assert str(ours.value) == str(theirs.value), f"{name}: {ours.value!r} vs {theirs.value!r}"
+
+
+def test_dtype_mismatch_raises(device):
+    x = torch.randn(1, 4, 5, 5, device=device)
+    with pytest.raises(RuntimeError, match="weight type"):
+        conv2d(x, torch.randn(2, 4, 3, 3, device=device, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="bias type"):
+        conv2d(x, torch.randn(2, 4, 3, 3, device=device), torch.randn(2, device=device, dtype=torch.float64))
+
+
+def test_unknown_algo_and_activation(device):
+    x, w = torch.randn(1, 2, 4, 4, device=device), torch.randn(2, 2, 3, 3, device=device)
+    with pytest.raises(ValueError, match="unknown algo"):
+        conv2d(x, w, algo="winograd")
+    with pytest.raises(ValueError, match="unknown activation"):
+        conv2d_fused(x, w, activation="gelu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_matches_nn_conv2d(dtype):
+    """Under CPU autocast nn.Conv2d computes in the autocast dtype; so does fastconv (the dtype is read at
+    call time, fp16 or bf16, not fixed at registration)."""
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 7, 7)
+    with torch.autocast("cpu", dtype=dtype):
+        expected = conv(x)
+        got = conv2d(x, conv.weight, conv.bias, 1, 1)
+    assert got.dtype == expected.dtype == dtype
+    assert_close(got, expected.double(), dtype, "autocast forward")
+
+
+def test_tf32_follows_cudnn_flag():
+    from fastconv.triton._common import dot_precision
+
+    torch.backends.cudnn.allow_tf32 = True
+    assert dot_precision(torch.float32) == "tf32"
+    torch.backends.cudnn.allow_tf32 = False
+    assert dot_precision(torch.float32) == "ieee"
+    assert dot_precision(torch.float16) == "ieee"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 numerics need a GPU with tensor cores")
+def test_tf32_numerics_gpu(device):
+    torch.backends.cudnn.allow_tf32 = True
+    x, w = torch.randn(4, 64, 16, 16, device=device), torch.randn(64, 64, 3, 3, device=device)
+    expected = F.conv2d(x.double(), w.double(), None, 1, 1)
+    got = conv2d(x, w, None, 1, 1)
+    assert (got.double() - expected).abs().max() / expected.abs().max() < 5e-3
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "im2col", "dgrad", "wgrad"])
+def test_int64_indexing_path(kernel, device):
+    """The int64 index path (taken automatically past 2**31 elements) computes the same result."""
+    from fastconv.triton import im2col as tim2col
+
+    gen = generator("int64", kernel)
+    x = randn((2, 6, 9, 8), torch.float32, device, gen)
+    w = randn((8, 3, 3, 3), torch.float32, device, gen)
+    geo = ((2, 1), (1, 1), (1, 2), 2)
+    ref = F.conv2d(x.double().cpu(), w.double().cpu(), None, *geo)
+    if kernel == "fwd":
+        got = tconv.conv2d_forward(x, w, None, *geo, force_int64=True)
+    elif kernel == "im2col":
+        got = tim2col.conv2d_im2col(x, w, None, *geo, force_int64=True)
+    else:
+        gy = randn(ref.shape, torch.float32, device, gen)
+        xd, wd = x.double().cpu().requires_grad_(), w.double().cpu().requires_grad_()
+        F.conv2d(xd, wd, None, *geo).backward(gy.double().cpu())
+        if kernel == "dgrad":
+            got, ref = tconv.conv2d_input_grad(gy, w, tuple(x.shape), *geo, force_int64=True), xd.grad
+        else:
+            got, ref = tconv.conv2d_weight_grad(gy, x, tuple(w.shape), *geo, force_int64=True)[0], wd.grad
+    assert_close(got, ref, torch.float32, f"int64 {kernel}")
+
+
+def test_int64_selected_past_2_31_elements():
+    from fastconv.triton._common import needs_int64
+
+    small = torch.empty(4, 4)
+    assert not needs_int64(small)
+    huge = torch.empty(1).expand(2**31 + 5)  # numel past the limit without the memory
+    assert needs_int64(huge)
+    wide = torch.empty_strided((2, 2), (2**31, 1), device="meta")  # offsets past the limit
+    assert needs_int64(wide)
+
+
+def test_split_k_wgrad_matches_single_split(device):
+    gen = generator("splitk")
+    x = randn((3, 5, 12, 11), torch.float32, device, gen)
+    gy = randn((3, 4, 12, 11), torch.float32, device, gen)
+    one, db1 = tconv.conv2d_weight_grad(gy, x, (4, 5, 3, 3), (1, 1), (1, 1), (1, 1), 1, bias_grad=True, splits=1)
+    many, dbm = tconv.conv2d_weight_grad(gy, x, (4, 5, 3, 3), (1, 1), (1, 1), (1, 1), 1, bias_grad=True, splits=5)
+    xd = x.double().cpu().requires_grad_()
+    wd = torch.zeros(4, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    F.conv2d(xd, wd, None, 1, 1).backward(gy.double().cpu())
+    assert_close(one, wd.grad, torch.float32, "wgrad 1 split")
+    assert_close(many, wd.grad, torch.float32, "wgrad 5 splits")
+    assert_close(dbm, gy.double().cpu().sum((0, 2, 3)), torch.float32, "bias grad 5 splits")
