@@ -7,7 +7,7 @@ from . import _backend
 from ._args import ConvArgs, as_list
 from .ops import conv2d as _conv_ops
 
-__all__ = ["conv2d"]
+__all__ = ["conv2d", "conv2d_fused", "conv_bn_act", "conv_bn_relu"]
 
 
 def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
@@ -33,3 +33,54 @@ def conv2d_fused(input, weight, bias=None, stride=1, padding=0, dilation=1, grou
         scale, shift, residual, activation, algo, _backend.current(),
     )
     return out.squeeze(0) if unbatched else out
+
+
+def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, *, stride=1, padding=0,
+                dilation=1, groups: int = 1, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+                activation: str = "relu", residual=None, algo: str = "implicit") -> torch.Tensor:
+    """act(F.batch_norm(F.conv2d(input, weight, bias, ...), running_mean, running_var, bn_weight, bn_bias,
+    training, momentum, eps) + residual) with F.batch_norm's semantics: batch statistics when `training`
+    or when there are no running statistics, and then (when training) running_mean / running_var are
+    updated in place with `momentum` as the exponential factor (unbiased variance, as PyTorch).
+
+    Batch statistics: one conv kernel whose epilogue also reduces per-channel statistics, a finalize,
+    and one normalize+affine+activation pass. Running statistics (eval): BatchNorm folds into the conv
+    epilogue's per-channel scale/shift, so the whole block is one kernel."""
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+        if residual is not None and residual.dim() == 3:
+            residual = residual.unsqueeze(0)
+    args = ConvArgs(input, weight, bias, stride, padding, dilation, groups)
+    geometry = (as_list(args.stride), as_list(args.padding), as_list(args.dilation), groups)
+    use_batch_stats = training or running_mean is None or running_var is None
+    if use_batch_stats:
+        per_channel = input.shape[0] * args.out_hw[0] * args.out_hw[1]
+        if training and per_channel <= 1:
+            size = torch.Size([input.shape[0], weight.shape[0], *args.out_hw])
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+        y, _, mean, var = torch.ops.fastconv.conv_bn_act_train(
+            input, weight, bias, bn_weight, bn_bias, residual, *geometry, float(eps), activation, algo,
+            _backend.current())
+        if training and running_mean is not None and running_var is not None:
+            with torch.no_grad():
+                unbiased = var * (per_channel / max(per_channel - 1, 1))
+                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+                running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+    else:
+        # Fold: ((z - mean) * invstd) * gamma + beta == z * scale + shift, z = conv + bias.
+        scale = torch.rsqrt(running_var + eps)
+        if bn_weight is not None:
+            scale = scale * bn_weight
+        shift = -running_mean * scale
+        if bn_bias is not None:
+            shift = shift + bn_bias
+        y = torch.ops.fastconv.conv2d(input, weight, bias, *geometry, scale, shift, residual, activation, algo,
+                                      _backend.current())
+    return y.squeeze(0) if unbatched else y
+
+
+def conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, **kwargs) -> torch.Tensor:
+    """conv_bn_act with activation='relu'."""
+    return conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                       **{"activation": "relu", **kwargs})

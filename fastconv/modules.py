@@ -8,7 +8,7 @@ from torch import nn
 
 from . import functional as FC
 
-__all__ = ["Conv2d"]
+__all__ = ["Conv2d", "ConvBNReLU2d", "fused_conv_bn_forward"]
 
 
 class Conv2d(nn.Conv2d):
@@ -35,3 +35,75 @@ class Conv2d(nn.Conv2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", algo={self.algo}"
+
+
+_ACTIVATION_MODULES = {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU,
+                       "hardswish": nn.Hardswish}
+
+
+class ConvBNReLU2d(nn.Module):
+    """conv -> BatchNorm2d -> activation as one fused op, behaving exactly like
+    nn.Sequential(nn.Conv2d(...), nn.BatchNorm2d(...), act) in train() and eval(): outputs, gradients,
+    running statistics, num_batches_tracked (momentum=None = cumulative average), BatchNorm's errors.
+
+    Submodules `.conv` (fastconv.Conv2d) and `.bn` (nn.BatchNorm2d) hold the parameters, so state_dicts
+    read like that Sequential's with '0.'/'1.' renamed 'conv.'/'bn.'. forward(x, residual=None) adds
+    `residual` before the activation (ResNet's relu(bn2(conv2(x)) + shortcut)).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, padding_mode="zeros", eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 activation="relu", device=None, dtype=None, algo="implicit"):
+        super().__init__()
+        if activation not in _ACTIVATION_MODULES:
+            raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(_ACTIVATION_MODULES)}")
+        factory = {"device": device, "dtype": dtype}
+        self.conv = Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                           padding_mode, algo=algo, **factory)
+        self.bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, **factory)
+        self.activation = activation
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str = "relu",
+                     algo: str = "implicit") -> "ConvBNReLU2d":
+        """Fuse existing modules, sharing their parameters and buffers (no copies)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.conv = conv if isinstance(conv, Conv2d) else Conv2d.from_conv(conv, algo)
+        new.bn = bn
+        new.activation = activation
+        return new
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return fused_conv_bn_forward(self.conv, self.bn, self.activation, x, residual)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"
+
+
+def fused_conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str, x: torch.Tensor,
+                          residual: torch.Tensor | None = None) -> torch.Tensor:
+    """nn.BatchNorm2d.forward's bookkeeping (num_batches_tracked, momentum=None, bn_training) around
+    functional.conv_bn_act. Shared by ConvBNReLU2d and fastconv.convert()."""
+    if x.dim() != 4:  # what nn.BatchNorm2d says about the conv's output of an unbatched input
+        raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+    if bn.momentum is None:
+        factor = 0.0
+    else:
+        factor = bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    padding = conv.padding
+    if conv.padding_mode != "zeros":
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        padding = 0
+    return FC.conv_bn_act(
+        x, conv.weight, conv.bias, bn.weight, bn.bias,
+        bn.running_mean if track else None, bn.running_var if track else None,
+        stride=conv.stride, padding=padding, dilation=conv.dilation, groups=conv.groups,
+        training=bn_training, momentum=factor, eps=bn.eps, activation=activation, residual=residual,
+        algo=getattr(conv, "algo", "implicit"),
+    )

@@ -1,2 +1,3 @@
 """fastconv's custom ops (torch.ops.fastconv.*): importing this package registers them."""
 from . import conv2d  # noqa: F401
+from . import conv_bn_act  # noqa: F401

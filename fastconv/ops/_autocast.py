@@ -17,7 +17,9 @@ def _cast(value, dtype):
     return value
 
 
-def register_autocast(lib: torch.library.Library, qualname: str) -> None:
+def register_autocast(lib: torch.library.Library, qualname: str, cast_args: tuple[int, ...] | None = None) -> None:
+    """`cast_args`: positions of the arguments to cast (default: all). BatchNorm parameters, for instance,
+    stay in fp32 under autocast, as nn.BatchNorm2d's do."""
     namespace, name = qualname.split("::")
     op = getattr(getattr(torch.ops, namespace), name).default
     for device_type in ("cuda", "cpu"):
@@ -26,7 +28,11 @@ def register_autocast(lib: torch.library.Library, qualname: str) -> None:
 
         def kernel(_keyset, *args, _device_type=device_type, _key=key):
             dtype = torch.get_autocast_dtype(_device_type)
+            if cast_args is None:
+                args = _cast(args, dtype)
+            else:
+                args = tuple(_cast(a, dtype) if i in cast_args else a for i, a in enumerate(args))
             with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
-                return op(*_cast(args, dtype))
+                return op(*args)
 
         lib.impl(name, kernel, key_name, with_keyset=True)

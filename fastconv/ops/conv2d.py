@@ -290,4 +290,6 @@ def _backward(ctx, grad_y):
 conv2d.register_autograd(_backward, setup_context=_setup_context)
 
 _lib = torch.library.Library("fastconv", "IMPL")
-register_autocast(_lib, "fastconv::conv2d")
+# input, weight, bias and residual follow autocast like nn.Conv2d; the per-channel scale/shift (folded
+# BatchNorm) keep their precision and are applied to the fp32 accumulator.
+register_autocast(_lib, "fastconv::conv2d", cast_args=(0, 1, 2, 9))

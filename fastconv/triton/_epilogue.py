@@ -31,6 +31,39 @@ def activation(x, ACT: tl.constexpr):
 
 
 @triton.jit
+def activation_grad(u, ACT: tl.constexpr):
+    """d act(u) / du, evaluated at the pre-activation u."""
+    if ACT == 1:
+        d = tl.where(u > 0, 1.0, 0.0)
+    elif ACT == 2:
+        d = tl.where((u > 0) & (u < 6), 1.0, 0.0)
+    elif ACT == 3:
+        s = 1.0 / (1.0 + tl.exp(-u))
+        d = s * (1.0 + u * (1.0 - s))
+    elif ACT == 4:
+        d = tl.where(u <= -3.0, 0.0, tl.where(u >= 3.0, 1.0, (2.0 * u + 3.0) / 6.0))
+    else:
+        d = tl.full(u.shape, 1.0, u.dtype)
+    return d.to(u.dtype)
+
+
+@triton.jit
+def store_tile_stats(acc, mask_m, co, mask_n, tile, C, cnt_ptr, mean_ptr, m2_ptr):
+    """BatchNorm partials of this tile: per channel, the count, mean and M2 (sum of squared deviations
+    from the tile mean) of its valid rows. Stored at [tile, co]; _batch_norm_finalize_kernel combines
+    them with Chan's formula, which stays accurate where a naive sum of squares would cancel."""
+    rows = tl.sum(mask_m.to(acc.dtype), axis=0)
+    valid = mask_m[:, None]
+    mean = tl.sum(tl.where(valid, acc, 0.0), axis=0) / tl.maximum(rows, 1.0)
+    dev = tl.where(valid, acc - mean[None, :], 0.0)
+    m2 = tl.sum(dev * dev, axis=0)
+    off = tile * C + co
+    tl.store(cnt_ptr + off, tl.zeros_like(mean) + rows, mask=mask_n)
+    tl.store(mean_ptr + off, mean, mask=mask_n)
+    tl.store(m2_ptr + off, m2, mask=mask_n)
+
+
+@triton.jit
 def split_rows(offs_m, OH, OW):
     """GEMM row m -> output pixel (n, oh, ow) for a row-major (N, OH, OW) enumeration."""
     ow = offs_m % OW
@@ -48,13 +81,17 @@ def epilogue_store(
     res_ptr, srn, src, srh, srw,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr,
+    stats_tile, C, cnt_ptr, mean_ptr, m2_ptr, STATS: tl.constexpr,
 ):
-    """Apply bias/scale/shift/residual/activation to `acc` and store it, cast to y's dtype.
+    """Apply bias/scale/shift/residual/activation to `acc` and store it, cast to y's dtype. With STATS,
+    also store the tile's BatchNorm partials of acc + bias (training-mode conv+BN).
 
     n/oh/ow index the tile's rows (pixels), co its columns (global output channels); strides are in elements.
     """
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
+    if STATS:
+        store_tile_stats(acc, mask_m, co, mask_n, stats_tile, C, cnt_ptr, mean_ptr, m2_ptr)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + co, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
     if HAS_SHIFT:

@@ -38,9 +38,10 @@ def _conv2d_fwd_kernel(
     swo, swc, swh, sww,
     syn, syc, syh, syw,
     srn, src, srh, srw,
+    cnt_ptr, mean_ptr, m2_ptr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
-    ACT: tl.constexpr, ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    IDX64: tl.constexpr, GROUP_M: tl.constexpr,
+    ACT: tl.constexpr, STATS: tl.constexpr, ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, IDX64: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     g = tl.program_id(1)
@@ -84,6 +85,7 @@ def _conv2d_fwd_kernel(
         bias_ptr, scale_ptr, shift_ptr,
         res_ptr, srn, src, srh, srw,
         HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, ACT,
+        tile_m, COUT_G * tl.num_programs(1), cnt_ptr, mean_ptr, m2_ptr, STATS,
     )
 
 
@@ -242,6 +244,19 @@ _wgrad = TunedKernel(_conv2d_wgrad_kernel, "conv2d_wgrad", ["P", "COUT_G", "CIN_
 GROUP_M = 8
 
 
+def min_block_m(family: str) -> int:
+    from .configs import CONFIGS, INTERPRET
+
+    return min([c[0] for arch in CONFIGS[family].values() for c in arch] + [INTERPRET[family][0]])
+
+
+def stats_buffers(num_tiles: int, channels: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count, mean, M2) partials [num_tiles, channels] for the STATS epilogue. Zeroed: tiles a larger
+    autotuned BLOCK_M never reaches keep count 0 and drop out of the combination."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return tuple(torch.zeros((num_tiles, channels), device=device, dtype=acc) for _ in range(3))
+
+
 def workspace(shape, device, dtype) -> torch.Tensor:
     """Scratch buffers the kernels fully overwrite (tests poison them with NaN through this hook)."""
     return torch.empty(shape, device=device, dtype=dtype)
@@ -274,11 +289,13 @@ def conv2d_forward(
     residual: torch.Tensor | None = None,
     activation: str = "identity",
     out: torch.Tensor | None = None,
+    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     force_int64: bool = False,
 ) -> torch.Tensor:
     """Implicit-GEMM conv2d on a 4-D NCHW-shaped x (any strides) with the fused epilogue.
 
     padding is (pad_h, pad_w) or (top, bottom, left, right); the gradients only need top and left.
+    `stats` = stats_buffers(cdiv(M, min_block_m("conv2d_fwd")), C_out, ...) receives BatchNorm partials.
     `out` (optional) is the preallocated [N, C_out, OH, OW] result in the memory format the caller wants;
     residual has out's shape and any strides.
     """
@@ -303,6 +320,7 @@ def conv2d_forward(
         M, H, W, OH, OW, cin_g, cout_g, KH, KW,
         stride[0], stride[1], top, left, dilation[0], dilation[1],
         *x.stride(), *weight.stride(), *y.stride(), *res.stride(),
+        *(stats if stats is not None else (dummy, dummy, dummy)),
     )
     _fwd(
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]), groups),
@@ -313,6 +331,7 @@ def conv2d_forward(
         HAS_SHIFT=shift is not None,
         HAS_RES=residual is not None,
         ACT=ACTIVATIONS[activation],
+        STATS=stats is not None,
         ACC_TYPE=acc_dtype(x.dtype),
         PRECISION=dot_precision(x.dtype),
         UPCAST=upcast_dot_operands(x.dtype),

@@ -16,7 +16,7 @@ import triton.language as tl
 from ._common import ACTIVATIONS, acc_dtype, check_runnable, dot_precision, needs_int64, upcast_dot_operands
 from ._epilogue import epilogue_store, grouped_tile, split_rows
 from .configs import IM2COL_BLOCKS, TunedKernel
-from .conv2d import GROUP_M, output_hw, pads, workspace
+from .conv2d import GROUP_M, min_block_m, output_hw, pads, workspace
 
 DEFAULT_MAX_COL_BYTES = 512 * 2**20
 
@@ -57,9 +57,10 @@ def _im2col_gemm_kernel(
     M, KDIM, COUT_G, OH, OW,
     syn, syc, syh, syw,
     srn, src, srh, srw,
+    cnt_ptr, mean_ptr, m2_ptr, STATS_TILE0,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
-    ACT: tl.constexpr, ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    IDX64: tl.constexpr, GROUP_M: tl.constexpr,
+    ACT: tl.constexpr, STATS: tl.constexpr, ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, IDX64: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     g = tl.program_id(1)
@@ -95,6 +96,7 @@ def _im2col_gemm_kernel(
         bias_ptr, scale_ptr, shift_ptr,
         res_ptr, srn, src, srh, srw,
         HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, ACT,
+        STATS_TILE0 + tile_m, COUT_G * tl.num_programs(1), cnt_ptr, mean_ptr, m2_ptr, STATS,
     )
 
 
@@ -145,10 +147,14 @@ def conv2d_im2col(
     residual: torch.Tensor | None = None,
     activation: str = "identity",
     out: torch.Tensor | None = None,
+    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     max_col_bytes: int = DEFAULT_MAX_COL_BYTES,
     force_int64: bool = False,
 ) -> torch.Tensor:
-    """conv2d as im2col + GEMM with the same fused epilogue as the implicit-GEMM kernel."""
+    """conv2d as im2col + GEMM with the same fused epilogue as the implicit-GEMM kernel.
+
+    With batch chunks, chunk c's BatchNorm partials start at tile sum_{c' < c} cdiv(M_c', min BLOCK_M), so
+    `stats` needs num_stats_tiles(...) rows."""
     check_runnable(x, weight)
     N, C, H, W = x.shape
     C_out, cin_g, KH, KW = weight.shape
@@ -162,6 +168,7 @@ def conv2d_im2col(
     per_image = max(groups * OH * OW * KDIM * x.element_size(), 1)
     chunk = max(1, min(N, max_col_bytes // per_image))
     dummy = y
+    tile0 = 0
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
         col = im2col(x[n0:n1], (KH, KW), stride, padding, dilation, groups, force_int64=force_int64)
@@ -177,16 +184,31 @@ def conv2d_im2col(
             res_c,
             M, KDIM, cout_g, OH, OW,
             *y_c.stride(), *res_c.stride(),
+            *(stats if stats is not None else (dummy, dummy, dummy)), tile0,
             device=x.device,
             HAS_BIAS=bias is not None,
             HAS_SCALE=scale is not None,
             HAS_SHIFT=shift is not None,
             HAS_RES=residual is not None,
             ACT=ACTIVATIONS[activation],
+            STATS=stats is not None,
             ACC_TYPE=acc_dtype(x.dtype),
             PRECISION=dot_precision(x.dtype),
             UPCAST=upcast_dot_operands(x.dtype),
             IDX64=force_int64 or needs_int64(col, wpack, y_c, residual),
             GROUP_M=GROUP_M,
         )
+        tile0 += triton.cdiv(M, min_block_m("im2col_gemm"))
     return y
+
+
+def num_stats_tiles(x_shape, weight_shape, stride, padding, dilation, groups: int,
+                    max_col_bytes: int = DEFAULT_MAX_COL_BYTES, element_size: int = 4) -> int:
+    """Rows of BatchNorm partials conv2d_im2col writes (see its docstring)."""
+    N, _, H, W = x_shape
+    _, cin_g, KH, KW = weight_shape
+    OH, OW = output_hw(H, W, KH, KW, stride, padding, dilation)
+    per_image = max(groups * OH * OW * KH * KW * cin_g * element_size, 1)
+    chunk = max(1, min(N, max_col_bytes // per_image))
+    bm = min_block_m("im2col_gemm")
+    return sum(triton.cdiv((min(N, n0 + chunk) - n0) * OH * OW, bm) for n0 in range(0, N, chunk))

@@ -1,0 +1,204 @@
+"""Training-mode fused conv + BatchNorm + activation as custom ops.
+
+    fastconv::conv_bn_act_train(input, weight, bias?, bn_weight?, bn_bias?, residual?, stride, padding[4],
+                                dilation, groups, eps, activation, algo, backend) -> (y, z, mean, var)
+        z = conv(input) + bias, its batch statistics taken in the conv kernel's epilogue;
+        y = act((z - mean) / sqrt(var + eps) * bn_weight + bn_bias [+ residual]).
+        mean and biased var are per channel in fp32 (fp64 for fp64 input); z, mean, var are outputs so the
+        caller can update running statistics; they carry no gradient.
+    fastconv::batch_norm_act_backward(grad_y, z, mean, var, bn_weight?, bn_bias?, residual?, eps, activation,
+                                      want_grad_residual, backend) -> (grad_z, sum_g, sum_gx, grad_residual)
+        with g = grad_y * act'(u): grad_bn_bias = sum_g, grad_bn_weight = sum_gx (sum of g * xhat).
+
+Autograd saves input, weight, z, mean, var (and residual when an activation mask needs it); xhat, u and
+the mask are recomputed in backward, never stored. Eval mode needs no op of its own: BatchNorm folds into
+the conv epilogue's scale/shift (see functional.conv_bn_act).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _backend
+from .conv2d import (
+    SUPPORTED_BACKENDS,
+    _check_choice,
+    _fake_alloc,
+    _new_output,
+    _torch_activation,
+    _torch_conv_forward,
+    ACTIVATIONS,
+    ALGOS,
+    alloc,
+    conv2d_input_grad,
+    conv2d_weight_grad,
+)
+from ._autocast import register_autocast
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _torch_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation):
+    acc = _stat_dtype(z.dtype)
+    shape = (1, -1, 1, 1)
+    u = (z.to(acc) - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
+    if bn_weight is not None:
+        u = u * bn_weight.to(acc).view(shape) + bn_bias.to(acc).view(shape)
+    if residual is not None:
+        u = u + residual.to(acc)
+    return _torch_activation(u, activation).to(z.dtype)
+
+
+@torch.library.custom_op("fastconv::conv_bn_act_train", mutates_args=())
+def conv_bn_act_train(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    bn_weight: Optional[torch.Tensor],
+    bn_bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    eps: float,
+    activation: str = "relu",
+    algo: str = "implicit",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_choice(activation, ACTIVATIONS, "activation")
+    _check_choice(algo, ALGOS, "algo")
+    name = _backend.resolve("conv_bn_act", input.device, SUPPORTED_BACKENDS, backend)
+    z = _new_output(input, weight, stride, padding, dilation)
+    y = alloc(z.shape, z.dtype, z.device, _memory_format(z))
+    if name == "torch":
+        z.copy_(_torch_conv_forward(input, weight, bias, stride, padding, dilation, groups, None, None, None,
+                                    "identity"))
+        zf = z.to(_stat_dtype(z.dtype))
+        mean = zf.mean((0, 2, 3))
+        var = zf.var((0, 2, 3), unbiased=False)
+        y.copy_(_torch_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation))
+        return y, z, mean, var
+    from ..triton import batch_norm as tbn, conv2d as tconv, im2col as tim2col
+
+    if algo == "implicit":
+        tiles = -(-z.shape[0] * z.shape[2] * z.shape[3] // tconv.min_block_m("conv2d_fwd"))
+        stats = tconv.stats_buffers(tiles, z.shape[1], z.device, z.dtype)
+        tconv.conv2d_forward(input, weight, bias, stride, padding, dilation, groups, out=z, stats=stats)
+    else:
+        tiles = tim2col.num_stats_tiles(input.shape, weight.shape, stride, padding, dilation, groups,
+                                        element_size=input.element_size())
+        stats = tconv.stats_buffers(tiles, z.shape[1], z.device, z.dtype)
+        tim2col.conv2d_im2col(input, weight, bias, stride, padding, dilation, groups, out=z, stats=stats)
+    mean, var = tbn.finalize(stats, z.shape[1])
+    tbn.batch_norm_act_forward(z, mean, var, bn_weight, bn_bias, eps, activation, residual, out=y)
+    return y, z, mean, var
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    cl = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+@conv_bn_act_train.register_fake
+def _(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps,
+      activation="relu", algo="implicit", backend="auto"):
+    z = _new_output(input, weight, stride, padding, dilation, _fake_alloc)
+    y = torch.empty_like(z)
+    c = weight.shape[0]
+    stat = input.new_empty(c, dtype=_stat_dtype(input.dtype))
+    return y, z, stat, torch.empty_like(stat)
+
+
+@torch.library.custom_op("fastconv::batch_norm_act_backward", mutates_args=())
+def batch_norm_act_backward(
+    grad_y: torch.Tensor,
+    z: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    bn_weight: Optional[torch.Tensor],
+    bn_bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    eps: float,
+    activation: str,
+    want_grad_residual: bool,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    name = _backend.resolve("conv_bn_act", z.device, SUPPORTED_BACKENDS, backend)
+    if name == "torch":
+        acc = _stat_dtype(z.dtype)
+        shape = (1, -1, 1, 1)
+        invstd = torch.rsqrt(var + eps).view(shape)
+        xhat = (z.to(acc) - mean.view(shape)) * invstd
+        gamma = bn_weight.to(acc).view(shape) if bn_weight is not None else torch.ones_like(invstd)
+        beta = bn_bias.to(acc).view(shape) if bn_bias is not None else torch.zeros_like(invstd)
+        u = (xhat * gamma + beta + (residual.to(acc) if residual is not None else 0)).requires_grad_()
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(_torch_activation(u, activation), u, grad_y.to(acc))
+        P = z.shape[0] * z.shape[2] * z.shape[3]
+        sum_g, sum_gx = g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))
+        grad_z = gamma * invstd * (g - sum_g.view(shape) / P - xhat * sum_gx.view(shape) / P)
+        grad_res = g.to(z.dtype) if want_grad_residual else z.new_empty(0)
+        return grad_z.to(z.dtype).contiguous(memory_format=_memory_format(z)), sum_g, sum_gx, grad_res
+    from ..triton import batch_norm as tbn
+
+    grad_z = alloc(z.shape, z.dtype, z.device, _memory_format(z))
+    grad_res = alloc(z.shape, z.dtype, z.device, _memory_format(z)) if want_grad_residual else None
+    _, sum_g, sum_gx, grad_res = tbn.batch_norm_act_backward(
+        grad_y, z, mean, var, bn_weight, bn_bias, eps, activation, residual, want_dres=want_grad_residual,
+        grad_z=grad_z, grad_res=grad_res)
+    return grad_z, sum_g, sum_gx, (grad_res if grad_res is not None else z.new_empty(0))
+
+
+@batch_norm_act_backward.register_fake
+def _(grad_y, z, mean, var, bn_weight, bn_bias, residual, eps, activation, want_grad_residual, backend="auto"):
+    grad_z = torch.empty_like(z)
+    grad_res = torch.empty_like(z) if want_grad_residual else z.new_empty(0)
+    return grad_z, torch.empty_like(mean), torch.empty_like(mean), grad_res
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, activation, algo,
+     backend) = inputs
+    _, z, mean, var = output
+    ctx.mark_non_differentiable(z, mean, var)
+    ctx.geometry = (list(stride), list(padding), list(dilation), groups)
+    ctx.eps, ctx.activation = eps, activation
+    ctx.backend = _backend.resolve("conv_bn_act", x.device, SUPPORTED_BACKENDS, backend)
+    ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+    ctx.input_size, ctx.weight_size = list(x.shape), list(weight.shape)
+    keep_residual = residual is not None and activation != "identity"
+    ctx.save_for_backward(x, weight, bn_weight, bn_bias, residual if keep_residual else None, z, mean, var)
+
+
+def _backward(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
+    x, weight, bn_weight, bn_bias, residual, z, mean, var = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.geometry
+    needs = ctx.needs_input_grad
+    want_res = ctx.has_residual and needs[5]
+    grad_z, sum_g, sum_gx, grad_res = batch_norm_act_backward(
+        grad_y.contiguous(memory_format=_memory_format(z)), z, mean, var, bn_weight, bn_bias, residual, ctx.eps,
+        ctx.activation, want_res, ctx.backend)
+    grad_x = grad_w = grad_b = None
+    if needs[0]:
+        grad_x = conv2d_input_grad(grad_z, weight, ctx.input_size, stride, padding, dilation, groups, ctx.backend)
+    want_db = ctx.has_bias and needs[2]
+    if needs[1] or want_db:
+        grad_w, db = conv2d_weight_grad(grad_z, x, ctx.weight_size, stride, padding, dilation, groups, want_db,
+                                        ctx.backend)
+        grad_w = grad_w if needs[1] else None
+        grad_b = db if want_db else None
+    grad_gamma = sum_gx.to(bn_weight.dtype) if (bn_weight is not None and needs[3]) else None
+    grad_beta = sum_g.to(bn_bias.dtype) if (bn_bias is not None and needs[4]) else None
+    return (grad_x, grad_w, grad_b, grad_gamma, grad_beta, grad_res if want_res else None,
+            None, None, None, None, None, None, None, None)
+
+
+conv_bn_act_train.register_autograd(_backward, setup_context=_setup_context)
+
+_lib = torch.library.Library("fastconv", "IMPL")
+# input, weight, bias and residual follow autocast like nn.Conv2d; BatchNorm parameters stay as they are.
+register_autocast(_lib, "fastconv::conv_bn_act_train", cast_args=(0, 1, 2, 5))

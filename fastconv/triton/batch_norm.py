@@ -1,0 +1,246 @@
+"""Triton BatchNorm (training mode) around the conv kernels: statistics finalize, normalize+affine+act,
+and the backward's two passes.
+
+Forward:   z = conv(x) + bias            conv kernel, STATS epilogue writes per-tile (count, mean, M2)
+           mean, var = finalize(...)      Chan's parallel combination of the tile partials
+           y = act((z - mean) * invstd * gamma + beta [+ residual])
+Backward (only z, mean, var are kept; xhat, u and the activation mask are recomputed from z):
+           g = dy * act'(u),  xhat = (z - mean) * invstd
+           sum_g, sum_gx = sum over (n, h, w) of g and g * xhat      (reduce pass)
+           dz = gamma * invstd * (g - sum_g / P - xhat * sum_gx / P)  (apply pass; also writes g as the
+                                                                        residual's gradient when asked)
+Tensors are [N, C, H, W] read through their strides; a tile is [BLOCK_P pixels, BLOCK_C channels].
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import ACTIVATIONS, acc_dtype, check_runnable, needs_int64
+from ._epilogue import activation, activation_grad, split_rows
+
+BLOCK_P, BLOCK_C = 64, 32
+
+
+@triton.jit
+def _batch_norm_finalize_kernel(cnt_ptr, mean_ptr, m2_ptr, mean_out_ptr, var_out_ptr, T, C,
+                                BLOCK: tl.constexpr):
+    """Combine T rows of (count, mean, M2) partials per channel:
+        n = na + nb, d = mb - ma, mean = ma + d * nb / n, M2 = M2a + M2b + d^2 * na * nb / n."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < C
+    n_a = tl.zeros((BLOCK,), dtype=mean_out_ptr.dtype.element_ty)
+    mean_a = tl.zeros((BLOCK,), dtype=mean_out_ptr.dtype.element_ty)
+    m2_a = tl.zeros((BLOCK,), dtype=mean_out_ptr.dtype.element_ty)
+    for t in range(T):
+        n_b = tl.load(cnt_ptr + t * C + c, mask=mask, other=0.0)
+        mean_b = tl.load(mean_ptr + t * C + c, mask=mask, other=0.0)
+        m2_b = tl.load(m2_ptr + t * C + c, mask=mask, other=0.0)
+        n = n_a + n_b
+        frac = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
+        delta = mean_b - mean_a
+        mean_a += delta * frac
+        m2_a += tl.where(n_b > 0, m2_b + delta * delta * n_a * frac, 0.0)
+        n_a = n
+    tl.store(mean_out_ptr + c, mean_a, mask=mask)
+    tl.store(var_out_ptr + c, m2_a / tl.maximum(n_a, 1.0), mask=mask)
+
+
+@triton.jit
+def _bn_tile(p0, c0, P, C, H, W, IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    p = p0 + tl.arange(0, BLOCK_P)
+    c = c0 + tl.arange(0, BLOCK_C)
+    if IDX64:
+        p = p.to(tl.int64)
+        c = c.to(tl.int64)
+    n, h, w = split_rows(p, H, W)
+    mask = (p < P)[:, None] & (c < C)[None, :]
+    return n, h, w, c, mask
+
+
+@triton.jit
+def _bn_coefficients(c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_AFFINE: tl.constexpr, ACC: tl.constexpr):
+    """Per channel: mean, invstd, gamma, beta in the accumulation type."""
+    cm = c < C
+    mean = tl.load(mean_ptr + c, mask=cm, other=0.0).to(ACC)
+    invstd = 1.0 / tl.sqrt(tl.load(var_ptr + c, mask=cm, other=1.0).to(ACC) + eps)
+    if HAS_AFFINE:
+        gamma = tl.load(w_ptr + c, mask=cm, other=1.0).to(ACC)
+        beta = tl.load(b_ptr + c, mask=cm, other=0.0).to(ACC)
+    else:
+        gamma = tl.full(mean.shape, 1.0, ACC)
+        beta = tl.zeros(mean.shape, ACC)
+    return mean, invstd, gamma, beta
+
+
+@triton.jit
+def _batch_norm_act_fwd_kernel(
+    z_ptr, y_ptr, res_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
+    P, C, H, W, eps,
+    szn, szc, szh, szw, syn, syc, syh, syw, srn, src, srh, srw,
+    HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+    IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    n, h, w, c, mask = _bn_tile(tl.program_id(0) * BLOCK_P, tl.program_id(1) * BLOCK_C, P, C, H, W,
+                                IDX64, BLOCK_P, BLOCK_C)
+    mean, invstd, gamma, beta = _bn_coefficients(c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_AFFINE, ACC)
+    scale = invstd * gamma
+    shift = beta - mean * scale
+    z = tl.load(z_ptr + (n * szn + h * szh + w * szw)[:, None] + (c * szc)[None, :], mask=mask, other=0.0)
+    u = z.to(ACC) * scale[None, :] + shift[None, :]
+    if HAS_RES:
+        u += tl.load(res_ptr + (n * srn + h * srh + w * srw)[:, None] + (c * src)[None, :], mask=mask,
+                     other=0.0).to(ACC)
+    y = activation(u, ACT)
+    tl.store(y_ptr + (n * syn + h * syh + w * syw)[:, None] + (c * syc)[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _bn_grad_u(dy_ptr, z_ptr, res_ptr, n, h, w, c, mask, mean, invstd, gamma, beta,
+               sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw,
+               HAS_RES: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr):
+    """Recompute xhat and u from z, and return (g = dy * act'(u), xhat) for one tile."""
+    z = tl.load(z_ptr + (n * szn + h * szh + w * szw)[:, None] + (c * szc)[None, :], mask=mask, other=0.0)
+    xhat = (z.to(ACC) - mean[None, :]) * invstd[None, :]
+    dy = tl.load(dy_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + (c * sdc)[None, :], mask=mask, other=0.0)
+    g = dy.to(ACC)
+    if ACT != 0:
+        u = xhat * gamma[None, :] + beta[None, :]
+        if HAS_RES:
+            u += tl.load(res_ptr + (n * srn + h * srh + w * srw)[:, None] + (c * src)[None, :], mask=mask,
+                         other=0.0).to(ACC)
+        g = g * activation_grad(u, ACT)
+    g = tl.where(mask, g, 0.0)
+    return g, xhat
+
+
+@triton.jit
+def _batch_norm_act_bwd_reduce_kernel(
+    dy_ptr, z_ptr, res_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, sum_g_ptr, sum_gx_ptr,
+    P, C, H, W, eps, P_PER_SPLIT,
+    sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw,
+    HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+    IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Partial sums of g and g * xhat over pixels [split * P_PER_SPLIT, ...) -> [split, C]."""
+    split = tl.program_id(1)
+    c0 = tl.program_id(0) * BLOCK_C
+    c = c0 + tl.arange(0, BLOCK_C)
+    mean, invstd, gamma, beta = _bn_coefficients(c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_AFFINE, ACC)
+    acc_g = tl.zeros((BLOCK_C,), ACC)
+    acc_gx = tl.zeros((BLOCK_C,), ACC)
+    p_lo = split * P_PER_SPLIT
+    p_hi = tl.minimum(p_lo + P_PER_SPLIT, P)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        n, h, w, cc, mask = _bn_tile(p0, c0, p_hi, C, H, W, IDX64, BLOCK_P, BLOCK_C)
+        g, xhat = _bn_grad_u(dy_ptr, z_ptr, res_ptr, n, h, w, cc, mask, mean, invstd, gamma, beta,
+                             sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw, HAS_RES, ACT, ACC)
+        acc_g += tl.sum(g, axis=0)
+        acc_gx += tl.sum(g * xhat, axis=0)
+    cm = c < C
+    tl.store(sum_g_ptr + split * C + c, acc_g, mask=cm)
+    tl.store(sum_gx_ptr + split * C + c, acc_gx, mask=cm)
+
+
+@triton.jit
+def _batch_norm_act_bwd_apply_kernel(
+    dy_ptr, z_ptr, res_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, sum_g_ptr, sum_gx_ptr, dz_ptr, dres_ptr,
+    P, C, H, W, eps,
+    sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw, sxn, sxc, sxh, sxw, sqn, sqc, sqh, sqw,
+    HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, WANT_DRES: tl.constexpr, ACT: tl.constexpr,
+    ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    n, h, w, c, mask = _bn_tile(tl.program_id(0) * BLOCK_P, tl.program_id(1) * BLOCK_C, P, C, H, W,
+                                IDX64, BLOCK_P, BLOCK_C)
+    mean, invstd, gamma, beta = _bn_coefficients(c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_AFFINE, ACC)
+    g, xhat = _bn_grad_u(dy_ptr, z_ptr, res_ptr, n, h, w, c, mask, mean, invstd, gamma, beta,
+                         sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw, HAS_RES, ACT, ACC)
+    cm = c < C
+    mean_g = tl.load(sum_g_ptr + c, mask=cm, other=0.0).to(ACC) / P
+    mean_gx = tl.load(sum_gx_ptr + c, mask=cm, other=0.0).to(ACC) / P
+    dz = (gamma * invstd)[None, :] * (g - mean_g[None, :] - xhat * mean_gx[None, :])
+    tl.store(dz_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + (c * sxc)[None, :], dz.to(dz_ptr.dtype.element_ty),
+             mask=mask)
+    if WANT_DRES:
+        tl.store(dres_ptr + (n * sqn + h * sqh + w * sqw)[:, None] + (c * sqc)[None, :],
+                 g.to(dres_ptr.dtype.element_ty), mask=mask)
+
+
+def finalize(stats, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, mean, M2) partials [T, C] -> per-channel batch mean and biased variance."""
+    cnt, mean_p, m2_p = stats
+    check_runnable(cnt)
+    mean = torch.empty(channels, device=cnt.device, dtype=cnt.dtype)
+    var = torch.empty_like(mean)
+    block = 64
+    _batch_norm_finalize_kernel[(triton.cdiv(channels, block),)](cnt, mean_p, m2_p, mean, var, cnt.shape[0],
+                                                                 channels, BLOCK=block)
+    return mean, var
+
+
+def _affine_args(weight, bias, fallback):
+    return (weight if weight is not None else fallback), (bias if bias is not None else fallback)
+
+
+def batch_norm_act_forward(z, mean, var, weight, bias, eps: float, activation: str,
+                           residual: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
+                           force_int64: bool = False) -> torch.Tensor:
+    """y = act((z - mean) / sqrt(var + eps) * weight + bias [+ residual]) over [N, C, H, W] z."""
+    check_runnable(z)
+    N, C, H, W = z.shape
+    y = out if out is not None else torch.empty_like(z)
+    P = N * H * W
+    if y.numel() == 0:
+        return y
+    res = residual if residual is not None else z
+    w, b = _affine_args(weight, bias, mean)
+    _batch_norm_act_fwd_kernel[(triton.cdiv(P, BLOCK_P), triton.cdiv(C, BLOCK_C))](
+        z, y, res, mean, var, w, b, P, C, H, W, eps,
+        *z.stride(), *y.stride(), *res.stride(),
+        HAS_AFFINE=weight is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS[activation],
+        ACC=acc_dtype(z.dtype), IDX64=force_int64 or needs_int64(z, y, residual),
+        BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
+    )
+    return y
+
+
+def batch_norm_act_backward(grad_y, z, mean, var, weight, bias, eps: float, activation: str,
+                            residual: torch.Tensor | None = None, *, want_dres: bool = False,
+                            grad_z: torch.Tensor | None = None, grad_res: torch.Tensor | None = None,
+                            splits: int | None = None, force_int64: bool = False):
+    """Returns (grad_z, sum_g, sum_gx, grad_residual or None); dgamma = sum_gx, dbeta = sum_g."""
+    check_runnable(grad_y, z)
+    N, C, H, W = z.shape
+    P = N * H * W
+    dz = grad_z if grad_z is not None else torch.empty_like(z)
+    dres = (grad_res if grad_res is not None else torch.empty_like(z)) if want_dres else None
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    if P == 0:
+        zeros = torch.zeros(C, device=z.device, dtype=acc)
+        return dz, zeros, zeros.clone(), dres
+    if splits is None:
+        sms = torch.cuda.get_device_properties(z.device).multi_processor_count if z.is_cuda else 2
+        splits = max(1, min(triton.cdiv(P, 4 * BLOCK_P), (4 * sms) // triton.cdiv(C, BLOCK_C)))
+    per_split = triton.cdiv(triton.cdiv(P, splits), BLOCK_P) * BLOCK_P
+    splits = triton.cdiv(P, per_split)
+    sum_g_p = torch.empty((splits, C), device=z.device, dtype=acc)
+    sum_gx_p = torch.empty_like(sum_g_p)
+    res = residual if residual is not None else z
+    w, b = _affine_args(weight, bias, mean)
+    common = dict(HAS_AFFINE=weight is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS[activation],
+                  ACC=acc_dtype(z.dtype), IDX64=force_int64 or needs_int64(z, grad_y, residual),
+                  BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    _batch_norm_act_bwd_reduce_kernel[(triton.cdiv(C, BLOCK_C), splits)](
+        grad_y, z, res, mean, var, w, b, sum_g_p, sum_gx_p, P, C, H, W, eps, per_split,
+        *grad_y.stride(), *z.stride(), *res.stride(), **common,
+    )
+    sum_g, sum_gx = sum_g_p.sum(0), sum_gx_p.sum(0)
+    dres_t = dres if dres is not None else dz
+    _batch_norm_act_bwd_apply_kernel[(triton.cdiv(P, BLOCK_P), triton.cdiv(C, BLOCK_C))](
+        grad_y, z, res, mean, var, w, b, sum_g, sum_gx, dz, dres_t, P, C, H, W, eps,
+        *grad_y.stride(), *z.stride(), *res.stride(), *dz.stride(), *dres_t.stride(),
+        WANT_DRES=want_dres, **common,
+    )
+    return dz, sum_g, sum_gx, dres
