@@ -240,13 +240,16 @@ def _setup_context(ctx, inputs, output):
     ctx.residual_given = residual is not None
 
 
-def _activation_grad(grad_y, activation, y, u):
+def activation_grad(grad_y, activation, y=None, u=None):
+    """grad of act at pre-activation u; relu/relu6 masks also read off the output y (0 < y (< 6) iff
+    0 < u (< 6)), whichever is given."""
     if activation == "identity":
         return grad_y
+    v = y if y is not None else u
     if activation == "relu":
-        return grad_y * (y > 0)
+        return grad_y * (v > 0)
     if activation == "relu6":
-        return grad_y * ((y > 0) & (y < 6))
+        return grad_y * ((v > 0) & (v < 6))
     if activation == "silu":
         s = torch.sigmoid(u)
         return grad_y * (s * (1 + u * (1 - s)))
@@ -262,7 +265,7 @@ def _backward(ctx, grad_y):
     if ctx.activation not in _MASK_FROM_OUTPUT:
         u = conv2d(x, weight, bias, stride, padding, dilation, groups, scale, shift, residual, "identity",
                    ctx.algo, ctx.backend)
-    grad_u = _activation_grad(grad_y, ctx.activation, y, u)
+    grad_u = activation_grad(grad_y, ctx.activation, y, u)
     grad_residual = grad_u if (ctx.residual_given and needs[9]) else None
     grad_shift = grad_u.sum((0, 2, 3)) if (shift is not None and needs[8]) else None
     grad_scale = None

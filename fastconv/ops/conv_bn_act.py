@@ -27,6 +27,7 @@ from .conv2d import (
     _fake_alloc,
     _new_output,
     _torch_activation,
+    activation_grad,
     _torch_conv_forward,
     ACTIVATIONS,
     ALGOS,
@@ -135,9 +136,8 @@ def batch_norm_act_backward(
         xhat = (z.to(acc) - mean.view(shape)) * invstd
         gamma = bn_weight.to(acc).view(shape) if bn_weight is not None else torch.ones_like(invstd)
         beta = bn_bias.to(acc).view(shape) if bn_bias is not None else torch.zeros_like(invstd)
-        u = (xhat * gamma + beta + (residual.to(acc) if residual is not None else 0)).requires_grad_()
-        with torch.enable_grad():
-            (g,) = torch.autograd.grad(_torch_activation(u, activation), u, grad_y.to(acc))
+        u = xhat * gamma + beta + (residual.to(acc) if residual is not None else 0)
+        g = activation_grad(grad_y.to(acc), activation, u=u)
         P = z.shape[0] * z.shape[2] * z.shape[3]
         sum_g, sum_gx = g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))
         grad_z = gamma * invstd * (g - sum_g.view(shape) / P - xhat * sum_gx.view(shape) / P)

@@ -1,0 +1,247 @@
+"""Fused conv + BatchNorm + activation against nn.Sequential(nn.Conv2d, nn.BatchNorm2d, act) in float64:
+outputs, every gradient and the running statistics over several steps, in train() and eval()."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fastconv
+import fastconv.ops.conv2d as conv_ops
+import fastconv.triton.conv2d as tconv
+from fastconv.functional import conv_bn_act
+
+from .helpers import assert_close, generator, nan_alloc, nan_workspace, randn
+
+ACTS = {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish}
+
+
+@pytest.fixture(autouse=True)
+def _triton():
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    with fastconv.backend("triton"):
+        yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
+def _pair(cin, cout, k, activation, dtype, device, gen, **kw):
+    bn_kw = {n: kw.pop(n) for n in ("eps", "momentum", "affine", "track_running_stats") if n in kw}
+    algo = kw.pop("algo", "implicit")
+    ref = nn.Sequential(nn.Conv2d(cin, cout, k, **kw), nn.BatchNorm2d(cout, **bn_kw), ACTS[activation]())
+    ref = ref.to(device=device, dtype=torch.float64)
+    with torch.no_grad():  # non-trivial affine parameters and running stats; conv params exact in `dtype`
+        for p in ref[0].parameters():
+            p.copy_(p.to(dtype).double())
+        if ref[1].affine:
+            ref[1].weight.copy_(torch.rand(cout, generator=gen, dtype=torch.float64) + 0.5)
+            ref[1].bias.copy_(torch.randn(cout, generator=gen, dtype=torch.float64))
+        if ref[1].track_running_stats:
+            ref[1].running_mean.copy_(torch.randn(cout, generator=gen, dtype=torch.float64) * 0.1)
+            ref[1].running_var.copy_(torch.rand(cout, generator=gen, dtype=torch.float64) + 0.5)
+    ours = fastconv.ConvBNReLU2d(cin, cout, k, activation=activation, algo=algo, **kw, **bn_kw,
+                                 dtype=torch.float64).to(device)
+    ours.conv.load_state_dict(ref[0].state_dict())
+    ours.bn.load_state_dict(ref[1].state_dict())
+    return ref, ours.to(dtype)
+
+
+def _compare_steps(ref, ours, x_shape, dtype, device, gen, steps=2, residual=False, channels_last=False):
+    for step in range(steps):
+        x = randn(x_shape, dtype, device, gen)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x_ref = x.detach().double().requires_grad_()
+        x_our = x.detach().clone().requires_grad_()
+        res_our = res_ref = None
+        with torch.no_grad():
+            out_shape = ref[0](x_ref).shape
+        if residual:
+            r = randn(out_shape, dtype, device, gen)
+            res_ref, res_our = r.detach().double().clone().requires_grad_(), r.detach().clone().requires_grad_()
+        z = ref[1](ref[0](x_ref))
+        y_ref = ref[2](z + res_ref) if residual else ref[2](z)
+        y = ours(x_our, res_our)
+        grad = randn(y_ref.shape, dtype, device, gen)
+        y_ref.backward(grad.double())
+        y.backward(grad)
+        what = f"step {step}"
+        assert_close(y, y_ref, dtype, f"{what} output")
+        assert_close(x_our.grad, x_ref.grad, dtype, f"{what} grad_input")
+        assert_close(ours.conv.weight.grad, ref[0].weight.grad, dtype, f"{what} grad conv.weight")
+        if ref[0].bias is not None:
+            assert_close(ours.conv.bias.grad, ref[0].bias.grad, dtype, f"{what} grad conv.bias")
+        if ref[1].affine:
+            assert_close(ours.bn.weight.grad, ref[1].weight.grad, dtype, f"{what} grad bn.weight")
+            assert_close(ours.bn.bias.grad, ref[1].bias.grad, dtype, f"{what} grad bn.bias")
+        if residual:
+            assert_close(res_our.grad, res_ref.grad, dtype, f"{what} grad residual")
+        if ref[1].track_running_stats:
+            assert_close(ours.bn.running_mean, ref[1].running_mean, torch.float32, f"{what} running_mean")
+            assert_close(ours.bn.running_var, ref[1].running_var, torch.float32, f"{what} running_var")
+            assert int(ours.bn.num_batches_tracked) == int(ref[1].num_batches_tracked)
+        for p in list(ref.parameters()) + list(ours.parameters()):
+            p.grad = None
+
+
+@pytest.mark.parametrize("algo", ["implicit", "im2col"])
+@pytest.mark.parametrize("activation", sorted(ACTS))
+def test_train_mode_matches_sequential(activation, algo, device):
+    gen = generator("bn-train", activation, algo)
+    ref, ours = _pair(6, 36, 3, activation, torch.float64, device, gen, padding=1, algo=algo)
+    _compare_steps(ref, ours, (2, 6, 9, 7), torch.float64, device, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_train_mode_low_precision(dtype, device):
+    """In fp32/fp16/bf16 (BatchNorm parameters in fp32, as under AMP) every result is within the dtype's
+    tolerance of the float64 truth, or at most 2x as far from it as PyTorch's own computation in that
+    dtype (BatchNorm's backward cancels, so low-precision gradients carry PyTorch's error too)."""
+    import copy
+
+    gen = generator("bn-lowp", str(dtype))
+    ref, ours = _pair(8, 20, 3, "relu", dtype, device, gen, stride=2, padding=1, bias=False)
+    ours.bn.float()
+    torch_lp = copy.deepcopy(ref).to(dtype)
+    torch_lp[1].float()
+    x = randn((3, 8, 11, 10), dtype, device, gen).contiguous(memory_format=torch.channels_last)
+    grad = randn((3, 20, 6, 5), dtype, device, gen)
+    results = {}
+    for name, model, inp in (("truth", ref, x.double()), ("torch", torch_lp, x), ("ours", ours, x)):
+        inp = inp.detach().clone().requires_grad_()
+        y = model(inp)
+        y.backward(grad.to(y.dtype))
+        conv, bn = (model.conv, model.bn) if name == "ours" else (model[0], model[1])
+        results[name] = dict(out=y, grad_input=inp.grad, grad_weight=conv.weight.grad, grad_gamma=bn.weight.grad,
+                             grad_beta=bn.bias.grad, running_mean=bn.running_mean, running_var=bn.running_var)
+    from .helpers import TOL, rel_err
+
+    for key, truth in results["truth"].items():
+        ours_err = rel_err(results["ours"][key], truth)
+        torch_err = rel_err(results["torch"][key], truth)
+        assert ours_err <= max(TOL[dtype], 2 * torch_err), f"{key}: ours {ours_err:.3g}, torch {torch_err:.3g}"
+
+
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_momentum_and_cumulative_average(momentum, device):
+    gen = generator("bn-momentum", str(momentum))
+    ref, ours = _pair(3, 5, 3, "relu", torch.float64, device, gen, momentum=momentum, groups=1)
+    _compare_steps(ref, ours, (2, 3, 6, 6), torch.float64, device, gen, steps=3)
+
+
+def test_residual_before_activation(device):
+    gen = generator("bn-residual")
+    ref, ours = _pair(4, 8, 3, "relu", torch.float64, device, gen, padding=1, bias=False)
+    _compare_steps(ref, ours, (2, 4, 7, 7), torch.float64, device, gen, residual=True)
+
+
+@pytest.mark.parametrize("case", ["no_affine", "no_running_stats", "grouped_dilated"])
+def test_batchnorm_variants(case, device):
+    gen = generator("bn-variant", case)
+    kw = {"no_affine": dict(affine=False), "no_running_stats": dict(track_running_stats=False),
+          "grouped_dilated": dict(groups=2, dilation=2, padding=2, stride=(1, 2))}[case]
+    ref, ours = _pair(4, 6, 3, "relu6", torch.float64, device, gen, **kw)
+    _compare_steps(ref, ours, (2, 4, 8, 9), torch.float64, device, gen)
+    ref.eval()
+    ours.eval()
+    x = randn((1, 4, 8, 9), torch.float64, device, gen)
+    assert_close(ours(x), ref(x), torch.float64, f"{case} eval")
+
+
+@pytest.mark.parametrize("algo", ["implicit", "im2col"])
+def test_eval_mode_folds_into_one_conv(algo, device, monkeypatch):
+    gen = generator("bn-eval", algo)
+    ref, ours = _pair(5, 12, 3, "hardswish", torch.float64, device, gen, padding=1, algo=algo)
+    ref.eval()
+    ours.eval()
+    calls = []
+    real = torch.ops.fastconv.conv_bn_act_train
+    monkeypatch.setattr(torch.ops.fastconv, "conv_bn_act_train",
+                        lambda *a, **k: calls.append(1) or real(*a, **k), raising=False)
+    x = randn((2, 5, 8, 8), torch.float64, device, gen).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), ref(xr)
+    assert not calls, "eval mode must not compute batch statistics"
+    assert_close(y, y_ref, torch.float64, "eval output")
+    y.sum().backward()
+    y_ref.sum().backward()
+    assert_close(x.grad, xr.grad, torch.float64, "eval grad_input")
+    assert_close(ours.bn.weight.grad, ref[1].weight.grad, torch.float64, "eval grad bn.weight")
+
+
+def test_one_value_per_channel_raises_like_batchnorm(device):
+    ref = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3))
+    ours = fastconv.ConvBNReLU2d(2, 3, 3, activation="identity")
+    x = torch.randn(1, 2, 3, 3, device=device)
+    with pytest.raises(ValueError) as theirs:
+        ref.to(device)(x)
+    with pytest.raises(ValueError) as mine:
+        ours.to(device)(x)
+    assert str(mine.value) == str(theirs.value)
+
+
+def test_gradcheck(device):
+    gen = generator("bn-gradcheck")
+    x = randn((2, 2, 4, 4), torch.float64, device, gen).requires_grad_()
+    w = randn((3, 2, 3, 3), torch.float64, device, gen).requires_grad_()
+    b = randn((3,), torch.float64, device, gen).requires_grad_()
+    gamma = (torch.rand(3, dtype=torch.float64, generator=gen) + 0.5).to(device).requires_grad_()
+    beta = randn((3,), torch.float64, device, gen).requires_grad_()
+    res = randn((2, 3, 4, 4), torch.float64, device, gen).requires_grad_()
+    fn = lambda x, w, b, g, be, r: conv_bn_act(x, w, b, g, be, None, None, padding=1, training=True,  # noqa
+                                               activation="silu", residual=r)
+    assert torch.autograd.gradcheck(fn, (x, w, b, gamma, beta, res), fast_mode=True)
+
+
+def test_every_element_written(device, monkeypatch):
+    monkeypatch.setattr(conv_ops, "alloc", nan_alloc)
+    import fastconv.ops.conv_bn_act as bn_ops
+
+    monkeypatch.setattr(bn_ops, "alloc", nan_alloc)
+    monkeypatch.setattr(tconv, "workspace", nan_workspace)
+    gen = generator("bn-poison")
+    ref, ours = _pair(3, 33, 3, "relu", torch.float64, device, gen, stride=2, padding=1)
+    _compare_steps(ref, ours, (2, 3, 9, 11), torch.float64, device, gen, steps=1, residual=True)
+
+
+def test_statistics_robust_to_large_mean(device):
+    """Chan-combined tile partials keep the variance exact where E[z^2] - E[z]^2 would cancel."""
+    gen = generator("bn-large-mean")
+    x = randn((4, 3, 8, 8), torch.float32, device, gen)
+    w = randn((5, 3, 1, 1), torch.float32, device, gen) * 0.01
+    b = torch.full((5,), 3000.0, device=device)  # mean 3000, std ~0.02
+    _, z, mean, var = torch.ops.fastconv.conv_bn_act_train(x, w, b, None, None, None, [1, 1], [0, 0, 0, 0],
+                                                           [1, 1], 1, 1e-5, "identity", "implicit", "triton")
+    zd = torch.nn.functional.conv2d(x.double().cpu(), w.double().cpu(), b.double().cpu())
+    assert_close(mean, zd.mean((0, 2, 3)), torch.float32, "mean")
+    ref_var = zd.var((0, 2, 3), unbiased=False)
+    naive = (zd.float() ** 2).mean((0, 2, 3)) - zd.float().mean((0, 2, 3)) ** 2  # what cancellation gives
+    assert (naive.double() - ref_var).abs().max() > 0.1 * ref_var.max()
+    assert (var.double().cpu() - ref_var).abs().max() <= 1e-3 * ref_var.max(), (var, ref_var)
+
+
+def test_opcheck(device):
+    from torch.library import opcheck
+
+    gen = generator("bn-opcheck")
+    x = randn((2, 3, 5, 5), torch.float32, device, gen).requires_grad_()
+    w = randn((4, 3, 3, 3), torch.float32, device, gen).requires_grad_()
+    g = (torch.rand(4, generator=gen) + 0.5).to(device).requires_grad_()
+    be = randn((4,), torch.float32, device, gen).requires_grad_()
+    args = (x, w, None, g, be, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, 1e-5, "relu", "implicit", "triton")
+    opcheck(torch.ops.fastconv.conv_bn_act_train.default, args)
+    y, z, mean, var = torch.ops.fastconv.conv_bn_act_train(*args)
+    opcheck(torch.ops.fastconv.batch_norm_act_backward.default,
+            (torch.randn_like(y), z, mean, var, g.detach(), be.detach(), None, 1e-5, "relu", False, "triton"))
+
+
+def test_autocast_keeps_bn_parameters_fp32():
+    m = fastconv.ConvBNReLU2d(3, 4, 3, padding=1)
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    ref[0].load_state_dict(m.conv.state_dict())
+    x = torch.randn(2, 3, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = m(x), ref(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert m.bn.weight.dtype == torch.float32
+    assert_close(y, y_ref.double(), torch.bfloat16, "autocast output")
