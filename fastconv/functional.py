@@ -59,9 +59,11 @@ def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_v
         if training and per_channel <= 1:
             size = torch.Size([input.shape[0], weight.shape[0], *args.out_hw])
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
-        y, _, mean, var = torch.ops.fastconv.conv_bn_act_train(
+        y, z, mean, var = torch.ops.fastconv.conv_bn_act_train(
             input, weight, bias, bn_weight, bn_bias, residual, *geometry, float(eps), activation, algo,
             _backend.current())
+        if y.requires_grad:
+            _mark_producer(y, z, mean, var, bn_weight, bn_bias, residual, eps, activation)
         if training and running_mean is not None and running_var is not None:
             with torch.no_grad():
                 unbiased = var * (per_channel / max(per_channel - 1, 1))
@@ -78,6 +80,14 @@ def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_v
         y = torch.ops.fastconv.conv2d(input, weight, bias, *geometry, scale, shift, residual, activation, algo,
                                       _backend.current())
     return y.squeeze(0) if unbatched else y
+
+
+def _mark_producer(y, z, mean, var, bn_weight, bn_bias, residual, eps, activation):
+    from .ops.conv_bn_act import PRODUCER_ATTR, Producer
+
+    detach = lambda t: t.detach() if t is not None else None  # noqa: E731 - references, not graph edges
+    setattr(y, PRODUCER_ATTR, Producer(z, mean, var, detach(bn_weight), detach(bn_bias), detach(residual),
+                                       float(eps), activation, y._version))
 
 
 def conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, **kwargs) -> torch.Tensor:

@@ -245,3 +245,67 @@ def test_autocast_keeps_bn_parameters_fp32():
     assert y.dtype == y_ref.dtype == torch.bfloat16
     assert m.bn.weight.dtype == torch.float32
     assert_close(y, y_ref.double(), torch.bfloat16, "autocast output")
+
+
+def _chain(fused: bool, channels=(3, 12, 12, 12), dtype=torch.float64):
+    torch.manual_seed(0)
+    if fused:
+        return nn.Sequential(*[fastconv.ConvBNReLU2d(a, b, 3, padding=1, dtype=dtype)
+                               for a, b in zip(channels[:-1], channels[1:])])
+    layers = []
+    for a, b in zip(channels[:-1], channels[1:]):
+        layers += [nn.Conv2d(a, b, 3, padding=1, dtype=dtype), nn.BatchNorm2d(b, dtype=dtype), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def _load_chain(fused_model, plain_model):
+    for i, block in enumerate(fused_model):
+        block.conv.load_state_dict(plain_model[3 * i].state_dict())
+        block.bn.load_state_dict(plain_model[3 * i + 1].state_dict())
+
+
+@pytest.mark.parametrize("modify_between", [False, True])
+def test_chain_rebuilds_inputs_in_backward(modify_between, device, monkeypatch):
+    """A fused block whose input is the previous fused block's untouched output keeps the producer's
+    (z, mean, var) instead of that output and rebuilds it in backward; an in-place change in between
+    makes it keep its real input instead. Both must give PyTorch's gradients."""
+    import fastconv.ops.conv_bn_act as bn_ops
+
+    plain, fused = _chain(False).to(device), _chain(True).to(device)
+    _load_chain(fused, plain)
+    rebuilt = []
+    real = bn_ops.batch_norm_act
+    monkeypatch.setattr(bn_ops, "batch_norm_act", lambda *a: rebuilt.append(1) or real(*a))
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64, device=device)
+
+    def run(model, fused_blocks):
+        h = x
+        step = 1 if fused_blocks else 3
+        for i in range(0, len(model), step):
+            h = model[i](h) if fused_blocks else model[i + 2](model[i + 1](model[i](h)))
+            if modify_between:
+                h = h.mul_(1.5) if fused_blocks else h * 1.5
+        return h
+
+    y_ref = run(plain, False)
+    y = run(fused, True)
+    y_ref.square().sum().backward()
+    y.square().sum().backward()
+    assert_close(y, y_ref, torch.float64, "chain output")
+    for (name, p_ref), p in zip(plain.named_parameters(), fused.parameters()):
+        assert_close(p.grad, p_ref.grad, torch.float64, f"chain grad {name}")
+    assert len(rebuilt) == (0 if modify_between else 2)
+
+
+def test_saved_bytes_half_of_pytorch(device):
+    """What autograd keeps for a chain of conv-BN-ReLU blocks: PyTorch saves each block's conv output and
+    ReLU output; fastconv keeps the conv output only (plus the network input, which both save)."""
+    from fastconv.memory import saved_bytes
+
+    channels = (3, 32, 32, 32, 32)
+    x = torch.randn(2, 3, 16, 16, device=device)
+    plain = saved_bytes(_chain(False, channels, torch.float32).to(device), x)
+    fused = saved_bytes(_chain(True, channels, torch.float32).to(device), x)
+    input_bytes = x.numel() * x.element_size()
+    assert fused - input_bytes <= 0.5 * (plain - input_bytes) * 1.01, (fused, plain)
+    assert fused / plain < 0.51, (fused, plain)

@@ -160,10 +160,58 @@ def _(grad_y, z, mean, var, bn_weight, bn_bias, residual, eps, activation, want_
     return grad_z, torch.empty_like(mean), torch.empty_like(mean), grad_res
 
 
+@torch.library.custom_op("fastconv::batch_norm_act", mutates_args=())
+def batch_norm_act(
+    z: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    bn_weight: Optional[torch.Tensor],
+    bn_bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    eps: float,
+    activation: str,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """y = act((z - mean) / sqrt(var + eps) * bn_weight + bn_bias [+ residual]); used by backward to
+    rebuild a fused block's output instead of keeping it."""
+    name = _backend.resolve("conv_bn_act", z.device, SUPPORTED_BACKENDS, backend)
+    y = alloc(z.shape, z.dtype, z.device, _memory_format(z))
+    if name == "torch":
+        return y.copy_(_torch_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation))
+    from ..triton import batch_norm as tbn
+
+    return tbn.batch_norm_act_forward(z, mean, var, bn_weight, bn_bias, eps, activation, residual, out=y)
+
+
+@batch_norm_act.register_fake
+def _(z, mean, var, bn_weight, bn_bias, residual, eps, activation, backend="auto"):
+    return torch.empty_like(z)
+
+
+class Producer:
+    """What produced a fused block's output y: enough to rebuild y = act(bn(z) + residual) exactly.
+    Attached to y (eager mode); a consumer block whose input is this same, unmodified y saves these
+    (already saved by the producer) instead of y, so a chain of fused blocks keeps one tensor per block."""
+
+    __slots__ = ("tensors", "eps", "activation", "version")
+
+    def __init__(self, z, mean, var, bn_weight, bn_bias, residual, eps, activation, version):
+        self.tensors = (z, mean, var, bn_weight, bn_bias, residual)
+        self.eps, self.activation, self.version = eps, activation, version
+
+
+PRODUCER_ATTR = "_fastconv_producer"
+
+
+def _producer_of(x: torch.Tensor):
+    rec = getattr(x, PRODUCER_ATTR, None)
+    return rec if (rec is not None and rec.version == x._version) else None
+
+
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, activation, algo,
      backend) = inputs
-    _, z, mean, var = output
+    y, z, mean, var = output
     ctx.mark_non_differentiable(z, mean, var)
     ctx.geometry = (list(stride), list(padding), list(dilation), groups)
     ctx.eps, ctx.activation = eps, activation
@@ -171,11 +219,21 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
     ctx.input_size, ctx.weight_size = list(x.shape), list(weight.shape)
     keep_residual = residual is not None and activation != "identity"
-    ctx.save_for_backward(x, weight, bn_weight, bn_bias, residual if keep_residual else None, z, mean, var)
+    producer = _producer_of(x) if not isinstance(x, torch._subclasses.FakeTensor) else None
+    ctx.input_producer = None
+    saved_x = x
+    if producer is not None:  # rebuild x in backward from what its producer keeps anyway
+        ctx.input_producer = (producer.eps, producer.activation, len(producer.tensors))
+        saved_x = None
+    ctx.save_for_backward(saved_x, weight, bn_weight, bn_bias, residual if keep_residual else None, z, mean, var,
+                          *(producer.tensors if producer is not None else ()))
 
 
 def _backward(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
-    x, weight, bn_weight, bn_bias, residual, z, mean, var = ctx.saved_tensors
+    x, weight, bn_weight, bn_bias, residual, z, mean, var, *producer = ctx.saved_tensors
+    if ctx.input_producer is not None:
+        p_eps, p_activation, _ = ctx.input_producer
+        x = batch_norm_act(*producer, p_eps, p_activation, ctx.backend)
     stride, padding, dilation, groups = ctx.geometry
     needs = ctx.needs_input_grad
     want_res = ctx.has_residual and needs[5]
