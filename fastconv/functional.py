@@ -7,7 +7,7 @@ from . import _backend
 from ._args import ConvArgs, as_list
 from .ops import conv2d as _conv_ops
 
-__all__ = ["conv2d", "conv2d_fused", "conv_bn_act", "conv_bn_relu"]
+__all__ = ["conv2d", "conv2d_fused", "conv_bn_act", "conv_bn_relu", "max_pool2d"]
 
 
 def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
@@ -18,15 +18,20 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return conv2d_fused(input, weight, bias, stride, padding, dilation, groups, algo=algo)
 
 
+def _batched(input, residual):
+    """Unbatched (C, H, W) input (and residual) -> a batch of one; returns (input, residual, unbatched)."""
+    if input.dim() != 3:
+        return input, residual, False
+    if residual is not None and residual.dim() == 3:
+        residual = residual.unsqueeze(0)
+    return input.unsqueeze(0), residual, True
+
+
 def conv2d_fused(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, scale=None, shift=None,
                  residual=None, activation: str = "identity", algo: str = "implicit") -> torch.Tensor:
     """act((conv2d(input, weight) + bias) * scale + shift + residual) in one kernel: scale/shift are
     per-output-channel vectors, residual has the output's shape."""
-    unbatched = input.dim() == 3
-    if unbatched:
-        input = input.unsqueeze(0)
-        if residual is not None and residual.dim() == 3:
-            residual = residual.unsqueeze(0)
+    input, residual, unbatched = _batched(input, residual)
     args = ConvArgs(input, weight, bias, stride, padding, dilation, groups)
     out = torch.ops.fastconv.conv2d(
         input, weight, bias, as_list(args.stride), as_list(args.padding), as_list(args.dilation), groups,
@@ -46,11 +51,7 @@ def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_v
     Batch statistics: one conv kernel whose epilogue also reduces per-channel statistics, a finalize,
     and one normalize+affine+activation pass. Running statistics (eval): BatchNorm folds into the conv
     epilogue's per-channel scale/shift, so the whole block is one kernel."""
-    unbatched = input.dim() == 3
-    if unbatched:
-        input = input.unsqueeze(0)
-        if residual is not None and residual.dim() == 3:
-            residual = residual.unsqueeze(0)
+    input, residual, unbatched = _batched(input, residual)
     args = ConvArgs(input, weight, bias, stride, padding, dilation, groups)
     geometry = (as_list(args.stride), as_list(args.padding), as_list(args.dilation), groups)
     use_batch_stats = training or running_mean is None or running_var is None
@@ -94,3 +95,75 @@ def conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_
     """conv_bn_act with activation='relu'."""
     return conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                        **{"activation": "relu", **kwargs})
+
+
+def _pool_ints(value, arg: str, position: int, fname: str) -> list[int]:
+    """PyTorch's argument parser for an int[2] argument: a single int (broadcast to 2) or a sequence of ints
+    (kept as given; ATen checks its length). Same TypeError messages."""
+    import operator
+
+    def as_int(v):
+        if isinstance(v, bool) or (isinstance(v, torch.Tensor) and (v.dim() != 0 or v.is_floating_point())):
+            raise TypeError
+        return operator.index(v)
+
+    try:
+        v = as_int(value)
+        return [v, v]
+    except TypeError:
+        pass
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{fname}(): argument '{arg}' (position {position}) must be tuple of ints, "
+                        f"not {type(value).__name__}")
+    out = []
+    for i, v in enumerate(value):
+        try:
+            out.append(as_int(v))
+        except TypeError:
+            raise TypeError(f"{fname}(): argument '{arg}' failed to unpack the object at pos {i + 1} with error "
+                            f"\"type must be tuple of ints,but got {type(v).__name__}\"") from None
+    return out
+
+
+def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
+               return_indices: bool = False):
+    """Exactly F.max_pool2d (int/tuple arguments, stride None = kernel_size, unbatched 3-D input, batch 0,
+    same errors, same output memory format; return_indices gives PyTorch's int64 indices) on fastconv's
+    kernels. Autograd saves only the compact argmax (int8 for windows up to 11x11), never the input."""
+    from .ops import max_pool2d as _pool_ops
+
+    fname = "max_pool2d_with_indices" if return_indices else "max_pool2d"
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{fname}(): argument 'input' (position 1) must be Tensor, not {type(input).__name__}")
+    kernel = _pool_ints(kernel_size, "kernel_size", 2, fname)
+    stride = [] if stride is None else _pool_ints(stride, "stride", 3, fname)
+    padding = _pool_ints(padding, "padding", 4, fname)
+    dilation = _pool_ints(dilation, "dilation", 5, fname)
+    if not isinstance(ceil_mode, bool):
+        raise TypeError(f"{fname}(): argument 'ceil_mode' (position 6) must be bool, not {type(ceil_mode).__name__}")
+    # ATen's max_pool2d_with_indices meta function, in its order
+    if len(kernel) not in (1, 2):
+        raise RuntimeError("max_pool2d: kernel_size must either be a single int, or a tuple of two ints")
+    kernel = (kernel[0], kernel[-1])
+    if len(stride) not in (0, 1, 2):
+        raise RuntimeError("max_pool2d: stride must either be omitted, a single int, or a tuple of two ints")
+    stride = kernel if not stride else (stride[0], stride[-1])
+    if len(padding) not in (1, 2):
+        raise RuntimeError("max_pool2d: padding must either be a single int, or a tuple of two ints")
+    padding = (padding[0], padding[-1])
+    if len(dilation) not in (1, 2):
+        raise RuntimeError("max_pool2d: dilation must be either a single int, or a tuple of two ints")
+    dilation = (dilation[0], dilation[-1])
+    if input.dim() not in (3, 4):
+        raise RuntimeError("non-empty 3D or 4D (batch mode) tensor expected for input")
+    geo = (kernel, stride, padding, dilation)
+    _pool_ops.check_pool_args(input.shape, *geo, ceil_mode)
+
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    out, offsets = torch.ops.fastconv.max_pool2d(x, *map(list, geo), ceil_mode, _backend.current())
+    indices = _pool_ops.offsets_to_indices(offsets, x.shape, *geo) if return_indices else None
+    if unbatched:  # PyTorch's unbatched outputs are contiguous
+        out = out.squeeze(0).contiguous()
+        indices = indices.squeeze(0).contiguous() if return_indices else None
+    return (out, indices) if return_indices else out

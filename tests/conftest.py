@@ -15,3 +15,15 @@ import pytest  # noqa: E402
 def device() -> torch.device:
     """Where the Triton kernels under test run: the GPU when there is one, else the CPU interpreter."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def triton_backend():
+    """Run the test on fastconv's Triton kernels, fp32 without TF32 (TF32 has tests of its own)."""
+    import fastconv
+
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    with fastconv.backend("triton"):
+        yield
+    torch.backends.cudnn.allow_tf32 = old

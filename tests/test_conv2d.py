@@ -22,14 +22,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["contiguous", "channels_last", "noncontiguous"]
 
 
-@pytest.fixture(autouse=True)
-def _triton_backend_exact_fp32():
-    """Run everything on the Triton kernels, fp32 without TF32 (its own test below covers TF32)."""
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    with fastconv.backend("triton"):
-        yield
-    torch.backends.cudnn.allow_tf32 = old
+pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
 def make_input(shape, dtype, device, layout, gen):

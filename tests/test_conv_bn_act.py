@@ -16,13 +16,7 @@ from .helpers import assert_close, generator, nan_alloc, nan_workspace, randn
 ACTS = {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish}
 
 
-@pytest.fixture(autouse=True)
-def _triton():
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    with fastconv.backend("triton"):
-        yield
-    torch.backends.cudnn.allow_tf32 = old
+pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
 def _pair(cin, cout, k, activation, dtype, device, gen, **kw):

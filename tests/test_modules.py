@@ -10,13 +10,7 @@ import fastconv
 from .helpers import assert_close
 
 
-@pytest.fixture(autouse=True)
-def _triton():
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    with fastconv.backend("triton"):
-        yield
-    torch.backends.cudnn.allow_tf32 = old
+pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
 def test_is_nn_conv2d_with_same_state_dict():
