@@ -102,13 +102,14 @@ def _pool_ints(value, arg: str, position: int, fname: str) -> list[int]:
     (kept as given; ATen checks its length). Same TypeError messages."""
     import operator
 
-    def as_int(v):
-        if isinstance(v, bool) or (isinstance(v, torch.Tensor) and (v.dim() != 0 or v.is_floating_point())):
+    def as_int(v, top_level):  # a bare bool is refused, a bool inside a tuple counts as 0 / 1
+        if (top_level and isinstance(v, bool)) or (
+                isinstance(v, torch.Tensor) and (v.dim() != 0 or v.is_floating_point())):
             raise TypeError
         return operator.index(v)
 
     try:
-        v = as_int(value)
+        v = as_int(value, True)
         return [v, v]
     except TypeError:
         pass
@@ -118,7 +119,7 @@ def _pool_ints(value, arg: str, position: int, fname: str) -> list[int]:
     out = []
     for i, v in enumerate(value):
         try:
-            out.append(as_int(v))
+            out.append(as_int(v, False))
         except TypeError:
             raise TypeError(f"{fname}(): argument '{arg}' failed to unpack the object at pos {i + 1} with error "
                             f"\"type must be tuple of ints,but got {type(v).__name__}\"") from None

@@ -8,7 +8,7 @@ from torch import nn
 
 from . import functional as FC
 
-__all__ = ["Conv2d", "ConvBNReLU2d", "fused_conv_bn_forward"]
+__all__ = ["Conv2d", "ConvBNReLU2d", "MaxPool2d", "fused_conv_bn_forward"]
 
 
 class Conv2d(nn.Conv2d):
@@ -107,3 +107,13 @@ def fused_conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str, 
         training=bn_training, momentum=factor, eps=bn.eps, activation=activation, residual=residual,
         algo=getattr(conv, "algo", "implicit"),
     )
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """nn.MaxPool2d on fastconv kernels: same constructor, attributes, repr and (empty) state_dict. Its
+    backward keeps only the compact argmax (int8 per output element for windows up to 11x11), not the
+    input and int64 indices that nn.MaxPool2d keeps."""
+
+    def forward(self, input: torch.Tensor):
+        return FC.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                             ceil_mode=self.ceil_mode, return_indices=self.return_indices)
