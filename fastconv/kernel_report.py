@@ -1,0 +1,436 @@
+"""Ahead-of-time compile report for fastconv's Triton kernels, no GPU needed.
+
+    python -m fastconv.kernel_report [--json] [--arch sm_80|sm_90] [--quick] [--jobs N]
+
+Every module-level ``@triton.jit`` function named ``_*_kernel`` in ``fastconv/triton/*.py`` is compiled
+for real GPU targets (sm_80, sm_90a) with each tile config of its family in ``configs.CONFIGS`` and each
+dtype, and per compile the report gives registers and spill bytes (ptxas -v), shared memory (Triton's
+metadata) and the tensor-core instructions in the SASS (cuobjdump). ``--quick`` (what CI runs) compiles the
+first config of each list plus one IDX64=True case; the full report adds every config and, on the first
+config, the variants listed in CASES.
+
+The constexprs and scalar values mirror the launchers on a representative problem (a channels_last ResNet-50
+layer, 64 channels), and the scalars are specialised as Triton's launcher would (stride 1 -> constexpr,
+multiples of 16 -> divisibility hints): the numbers are those of the fast path that problem actually runs.
+
+Compiles run in spawned worker processes whose environment has TRITON_INTERPRET removed before triton is
+imported, so the report works (and the kernels are real JITFunctions) even when the calling process runs
+under the interpreter. The calling process never imports triton.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import multiprocessing
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+ARCHES = {"sm_80": 80, "sm_90": 90}
+# Opt-in dynamic shared memory per block: A100 / H100. Consumer Ampere/Ada (sm_86/sm_89), which also get the
+# sm_80 config list, allow only 99 KiB.
+SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
+SM86_SHARED_LIMIT = 99 * 1024
+DTYPES = ("fp32", "tf32", "fp16", "bf16")
+KEYS = ("kernel", "config", "dtype", "arch", "registers", "spills", "shared_bytes", "tensor_cores", "gemm", "note")
+FAILED = "compile failed"
+TC_RE = re.compile(r"\b((?:HMMA|HGMMA|IMMA|IGMMA|DMMA|QGMMA|UTCHMMA|UTCMMA)\.[\w.]+)")
+
+
+def _strides(prefix, C, H, W, channels_last=True, dims="nchw"):
+    """Element strides of a dense [N, C, H, W] tensor, named prefix + dims (e.g. sxn, sxc, sxh, sxw)."""
+    s = (H * W * C, 1, W * C, C) if channels_last else (C * H * W, H * W, W, 1)
+    return {prefix + d: v for d, v in zip(dims, s)}
+
+
+def _conv_args(N=32, C=64, K=64, H=56, W=56, R=3, S=3, stride=1, pad=1, dil=1, channels_last=True):
+    """Scalar args of the conv kernels for a ResNet-50 3x3 layer (channels_last by default)."""
+    OH = (H + 2 * pad - dil * (R - 1) - 1) // stride + 1
+    OW = (W + 2 * pad - dil * (S - 1) - 1) // stride + 1
+    HP, WP = -(-H // stride), -(-W // stride)
+    cl = channels_last
+    return dict(M=N * OH * OW, MP=N * HP * WP, P=N * OH * OW, H=H, W=W, OH=OH, OW=OW, HP=HP, WP=WP,
+                CIN_G=C, COUT_G=K, COUT=K, KH=R, KW=S, KDIM=R * S * C, K_PER_SPLIT=64 * 49, STATS_TILE0=0,
+                stride_h=stride, stride_w=stride, pad_h=pad, pad_w=pad, dil_h=dil, dil_w=dil,
+                **_strides("sx", C, H, W, cl), **_strides("sw", C, R, S, cl, "ochw"),
+                **_strides("sy", K, OH, OW, cl), **_strides("sr", K, OH, OW, cl),
+                **_strides("sdy", K, OH, OW, cl), **_strides("sdx", C, H, W, cl))
+
+
+def _pool_args(channels_last=True, N=32, C=64, H=112, W=112, OH=56, OW=56):
+    """ResNet stem max-pool, 3x3 stride 2 pad 1. TOTAL is set per kernel (elements of what it writes)."""
+    cl = channels_last
+    return dict(C=C, H=H, W=W, OH=OH, OW=OW, KH=3, KW=3, NH=2, NW=2,
+                stride_h=2, stride_w=2, pad_h=1, pad_w=1, dil_h=1, dil_w=1, **_strides("sx", C, H, W, cl),
+                **_strides("sdy", C, OH, OW, cl), **_strides("so", C, OH, OW, cl))
+
+
+def _bn_args(N=32, C=64, H=56, W=56):
+    strides = {}
+    for prefix in ("sz", "sy", "sr", "sd", "sx", "sq"):
+        strides.update(_strides(prefix, C, H, W))
+    return dict(P=N * H * W, C=C, H=H, W=W, eps=1e-5, P_PER_SPLIT=64 * 98, T=-(-N * H * W // 32), **strides)
+
+
+_FWD_BASE = dict(HAS_BIAS=True, HAS_SCALE=False, HAS_SHIFT=False, HAS_RES=False, ACT=0, STATS=False, GROUP_M=8)
+_FWD_VARIANTS = {
+    "bn_res_silu": dict(HAS_SCALE=True, HAS_SHIFT=True, HAS_RES=True, ACT=3),  # eval BN + residual + SiLU
+    "stats": dict(HAS_BIAS=False, STATS=True),  # training BN: per-tile (count, mean, M2) partials
+    "NCHW": dict(args=_conv_args(channels_last=False)),
+}
+_FP32_STATS = dict(cnt_ptr="fp32", mean_ptr="fp32", m2_ptr="fp32")
+_BN_TYPES = dict(mean_ptr="fp32", var_ptr="fp32", w_ptr="fp32", b_ptr="fp32", sum_g_ptr="fp32", sum_gx_ptr="fp32")
+_BN_BASE = dict(HAS_AFFINE=True, HAS_RES=False, ACT=1)
+_BN_RES_SILU = dict(HAS_RES=True, ACT=3)
+
+# Per kernel, mirroring its launcher:
+#   family   key of configs.CONFIGS giving the (BM, BN, BK, warps, stages) tiles; or `tiles`, a function of the
+#            kernel's module returning fixed (constexprs, warps, stages) tiles (launches without num_warps /
+#            num_stages get Triton's defaults, 4 and 3)
+#   base     constexprs of the common call (ACC_TYPE/ACC, PRECISION, UPCAST, IDX64 come from _common_constexprs)
+#   args     values of the non-constexpr scalars for a representative problem. They decide Triton's launch-time
+#            specialization exactly as a real call would: 1 becomes a constexpr, multiples of 16 get a
+#            divisibility hint (vectorised, pipelined loads); scalars not listed get neither (worst case).
+#            Floats are fp32; every pointer is 16-byte aligned, as torch allocations are.
+#   variants name -> constexpr overrides (num_warps and `args` too), compiled on the first tile only (full
+#            report); a dict or a function of the kernel's module. IDX64=True is added to every kernel with IDX64.
+#   types    pointer args whose element type does not follow the case's dtype
+#   dtypes   the dtypes the kernel is launched with, when not all of DTYPES (tf32 only for GEMMs anyway)
+
+
+def _pool_case(base, total, **more_variants):
+    # BLOCK and warps from the launcher's own gpu_launch(idx64, dtype); a 3x3 window's taps are int8.
+    def tile(m, idx64):
+        block, warps = m.gpu_launch(idx64, m.torch.float32)
+        return dict(BLOCK=block, IDX64=idx64), warps
+
+    def variants(m):
+        meta, warps = tile(m, True)
+        nchw = dict(CHANNELS_LAST=False, args=dict(_pool_args(channels_last=False), TOTAL=total))
+        return {"NCHW": nchw, "IDX64": dict(meta, num_warps=warps), **more_variants}
+
+    return dict(tiles=lambda m: [(*tile(m, False), 3)], base=base, args=dict(_pool_args(), TOTAL=total),
+                types=dict(off_ptr="i8"), variants=variants)
+
+
+def _bn_tiles(m):
+    return [(dict(BLOCK_P=m.BLOCK_P, BLOCK_C=m.BLOCK_C), 4, 3)]
+
+
+_CONV = _conv_args()
+_BN = _bn_args()
+CASES = {
+    "_conv2d_fwd_kernel": dict(family="conv2d_fwd", base=_FWD_BASE, args=_CONV, variants=_FWD_VARIANTS,
+                               types=_FP32_STATS),
+    "_conv2d_dgrad_kernel": dict(family="conv2d_dgrad", base=dict(stride_h=1, stride_w=1, GROUP_M=8), args=_CONV,
+                                 variants={"stride2": dict(stride_h=2, stride_w=2, args=_conv_args(stride=2))}),
+    "_conv2d_wgrad_kernel": dict(family="conv2d_wgrad", base=dict(HAS_DBIAS=False), args=_CONV,
+                                 variants={"dbias": dict(HAS_DBIAS=True)},
+                                 types=dict(dw_ptr="fp32", db_ptr="fp32")),  # fp32 split-K partials
+    "_im2col_gemm_kernel": dict(family="im2col_gemm", base=_FWD_BASE, args=_CONV, variants=_FWD_VARIANTS,
+                                types=_FP32_STATS),
+    "_im2col_gather_kernel": dict(tiles=lambda m: [(dict(BLOCK_M=m.IM2COL_BLOCKS[0], BLOCK_K=m.IM2COL_BLOCKS[1]),
+                                                    m.IM2COL_BLOCKS[2], 3)], args=_CONV),
+    # 3x3 windows are unrolled (KH*KW <= MAX_UNROLL_TAPS); 7x7 takes the loop.
+    "_max_pool2d_fwd_kernel": _pool_case(dict(KH=3, KW=3, UNROLL=True, CHANNELS_LAST=True), total=32 * 64 * 56 * 56,
+                                         k7_loop=dict(KH=7, KW=7, UNROLL=False)),
+    "_max_pool2d_bwd_kernel": _pool_case(dict(CHANNELS_LAST=True), total=32 * 64 * 112 * 112),
+    "_batch_norm_finalize_kernel": dict(tiles=lambda m: [(dict(BLOCK=64), 4, 3)], args=_BN,
+                                        dtypes=("fp32",)),  # fp32 statistics whatever the model's dtype
+    "_batch_norm_act_fwd_kernel": dict(tiles=_bn_tiles, base=_BN_BASE, args=_BN, types=_BN_TYPES,
+                                       variants={"res_silu": _BN_RES_SILU}),
+    "_batch_norm_act_bwd_reduce_kernel": dict(tiles=_bn_tiles, base=_BN_BASE, args=_BN, types=_BN_TYPES,
+                                              variants={"res_silu": _BN_RES_SILU}),
+    "_batch_norm_act_bwd_apply_kernel": dict(tiles=_bn_tiles, base=dict(_BN_BASE, WANT_DRES=False), args=_BN,
+                                             types=_BN_TYPES,
+                                             variants={"res_silu_dres": dict(_BN_RES_SILU, WANT_DRES=True)}),
+}
+QUICK_IDX64 = ("_conv2d_fwd_kernel", "fp16")  # the one IDX64=True case of --quick
+
+
+# ---------------------------------------------------------------------------------------------- workers
+
+
+def _worker_init():
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton prints its ptxas -v log: no second ptxas run
+    os.dup2(2, 1)  # Triton prints failing PTX to stdout; keep the parent's stdout (JSON) clean
+
+
+def _kernels():
+    """(module name, kernel name, JITFunction or the import error) for every `_*_kernel` of fastconv.triton."""
+    import triton
+    import fastconv.triton as pkg
+
+    found = []
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        name = f"{pkg.__name__}.{info.name}"
+        try:
+            mod = importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - a broken module is a failed row, not a crash
+            found.append((name, "(import)", e))
+            continue
+        for kname, obj in vars(mod).items():
+            if (kname.startswith("_") and kname.endswith("_kernel") and isinstance(obj, triton.runtime.JITFunction)
+                    and obj.__module__ == name):
+                found.append((name, kname, obj))
+    return found
+
+
+def _common_constexprs(dtype):
+    import triton.language as tl
+
+    return dict(ACC_TYPE=tl.float32, ACC=tl.float32, PRECISION="tf32" if dtype == "tf32" else "ieee", UPCAST=False,
+                IDX64=False, GROUP_M=8)
+
+
+def _tiles(case, name, mod, arch):
+    if "tiles" in case:
+        return case["tiles"](mod)
+    from fastconv.triton.configs import CONFIGS
+
+    family = case.get("family") or name.strip("_").removesuffix("_kernel")
+    if family not in CONFIGS:
+        return [({}, 4, 3)]
+    return [(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), w, s) for bm, bn, bk, w, s in CONFIGS[family][arch]]
+
+
+def _label(constexprs, warps, stages):
+    """BM128_BN64_BK32_w4_s4 from the BLOCK_* constexprs."""
+    short = {"BLOCK_M": "BM", "BLOCK_N": "BN", "BLOCK_K": "BK"}
+    blocks = [f"{short.get(k, k)}{v}" for k, v in constexprs.items() if k.startswith("BLOCK")]
+    return "_".join(blocks + [f"w{warps}", f"s{stages}"])
+
+
+def _plan(arches, quick):
+    """The compile jobs (plain dicts), and rows for what cannot be compiled: failed imports or tables."""
+    jobs, rows = [], []
+    for module, name, fn in _kernels():
+        if isinstance(fn, Exception):
+            rows += [_row(module, "", "", a, note=f"{FAILED}: import: {type(fn).__name__}: {fn}"[:300]) for a in arches]
+            continue
+        try:
+            jobs += _kernel_jobs(module, name, fn, arches, quick, rows)
+        except Exception as e:  # noqa: BLE001 - CASES out of step with the kernel or its launcher
+            rows += [_row(name, "", "", a, note=f"{FAILED}: CASES entry: {type(e).__name__}: {e}"[:300])
+                     for a in arches]
+    return jobs, rows
+
+
+def _kernel_jobs(module, name, fn, arches, quick, skipped):
+    case = CASES.get(name, {})
+    mod = importlib.import_module(module)
+    consts = [n for n, p in zip(fn.arg_names, fn.params) if p.is_constexpr]
+    gemm = "tl.dot" in fn.src
+    dtypes = [d for d in case.get("dtypes", DTYPES) if gemm or d != "tf32"]
+    variants = case.get("variants", {})
+    variants = dict(variants(mod) if callable(variants) else variants)
+    if "IDX64" in consts:
+        variants.setdefault("IDX64", dict(IDX64=True))
+    jobs = []
+    for arch in arches:
+        tiles = _tiles(case, name, mod, arch)
+        runs = [(t, "", {}) for t in (tiles[:1] if quick else tiles)]
+        if not quick:
+            runs += [(tiles[0], flag, over) for flag, over in variants.items()]
+        for dtype in dtypes:
+            extra = [(tiles[0], "IDX64", variants["IDX64"])] if quick and (name, dtype) == QUICK_IDX64 else []
+            for (meta, warps, stages), flag, over in runs + extra:
+                over = dict(over)
+                warps = over.pop("num_warps", warps)
+                args = over.pop("args", case.get("args", {}))
+                constexprs = {k: v for k, v in _common_constexprs(dtype).items() if k in consts}
+                for layer in (case.get("base", {}), meta, over):
+                    constexprs.update(layer)
+                config = f"{_label(constexprs, warps, stages)} {flag}".strip()
+                missing = [c for c in consts if c not in constexprs]
+                if missing:
+                    skipped.append(_row(name, config, dtype, arch, gemm=gemm,
+                                        note=f"skipped: no value for constexpr {','.join(missing)}; "
+                                             "add the kernel to kernel_report.CASES"))
+                    continue
+                sig, attrs = _signature(fn, "fp32" if dtype == "tf32" else dtype, case.get("types", {}), args,
+                                        constexprs)
+                jobs.append(dict(module=module, kernel=name, config=config, dtype=dtype, arch=arch, signature=sig,
+                                 constexprs=constexprs, attrs=attrs, num_warps=warps, num_stages=stages))
+    return jobs
+
+
+def _signature(fn, elem, types, args, constexprs):
+    """Signature and attributes as Triton's launcher would specialize them for these scalar values; scalars
+    equal to 1 are added to `constexprs`."""
+    sig, attrs = {}, {}
+    for i, (n, p) in enumerate(zip(fn.arg_names, fn.params)):
+        v = args.get(n)
+        if p.is_constexpr:
+            sig[n] = "constexpr"
+        elif n.endswith("_ptr"):
+            sig[n] = "*" + types.get(n, elem)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[n] = "fp32"
+        elif v == 1 and not p.do_not_specialize:
+            sig[n] = "constexpr"
+            constexprs[n] = 1
+        else:
+            sig[n] = "i32" if v is None or -2**31 <= v < 2**31 else "i64"
+            if v is not None and v % 16 == 0 and not p.do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def _row(kernel, config, dtype, arch, **kw):
+    row = dict(kernel=kernel, config=config, dtype=dtype, arch=arch, registers=0, spills=0, shared_bytes=0,
+               tensor_cores="", gemm=False, note="")
+    row.update(kw)
+    return row
+
+
+def _compile(job):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+    from triton import knobs
+
+    arch, cc = job["arch"], ARCHES[job["arch"]]
+    row = _row(job["kernel"], job["config"], job["dtype"], arch)
+    log = io.StringIO()
+    try:
+        fn = getattr(importlib.import_module(job["module"]), job["kernel"])
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(ASTSource(fn, signature=job["signature"], constexprs=job["constexprs"],
+                                         attrs=job["attrs"]),
+                               target=GPUTarget("cuda", cc, 32),
+                               options=dict(num_warps=job["num_warps"], num_stages=job["num_stages"]))
+    except Exception as e:  # noqa: BLE001 - every failure becomes a row
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        if type(e).__name__ == "OutOfResources":
+            row["note"] = f"out of resources: {lines[0] if lines else e!r}"
+        else:
+            row["note"] = f"{FAILED}: {type(e).__name__}: {lines[0] if lines else ''}"[:300]
+        return row
+
+    row["gemm"] = "tt.dot" in k.asm["ttir"]
+    row["shared_bytes"] = int(k.metadata.shared)
+    log = log.getvalue()
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(k.asm["ptx"])
+        with open(cubin, "wb") as f:
+            f.write(k.asm["cubin"])
+        # On a Triton cache hit ptxas did not run: use the log kept from the first compile, or run ptxas as
+        # Triton's make_cubin does.
+        saved = os.path.join(knobs.cache.dir, "kernel_report", f"{k.hash}.ptxas.log")
+        if "Used" not in log and os.path.exists(saved):
+            with open(saved) as f:
+                log = f.read()
+        if "Used" not in log:
+            gpu = re.search(r"^\.target\s+(sm_\w+)", k.asm["ptx"], re.M).group(1)  # sm_90a on Hopper
+            log = subprocess.run([get_ptxas(cc).path, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}",
+                                  ptx, "-o", os.path.join(tmp, "v.cubin")], capture_output=True, text=True).stderr
+        with contextlib.suppress(OSError):
+            os.makedirs(os.path.dirname(saved), exist_ok=True)
+            with open(f"{saved}.{os.getpid()}", "w") as f:
+                f.write(log)
+            os.replace(f"{saved}.{os.getpid()}", saved)
+        sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", cubin], capture_output=True, text=True).stdout
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    row["registers"] = int(regs.group(1)) if regs else 0
+    row["spills"] = int(spill.group(1)) + int(spill.group(2)) if spill else 0
+    row["tensor_cores"] = ",".join(sorted(set(TC_RE.findall(sass))))
+    notes = []
+    if row["shared_bytes"] > SHARED_LIMIT[arch]:
+        notes.append(f"shared {row['shared_bytes']} > {arch} limit {SHARED_LIMIT[arch]}: never fits")
+    elif arch == "sm_80" and row["shared_bytes"] > SM86_SHARED_LIMIT:
+        notes.append(f"shared > {SM86_SHARED_LIMIT} (too big for sm_86/sm_89)")
+    if row["spills"]:
+        notes.append(f"spills {spill.group(1)}B st/{spill.group(2)}B ld")
+    if not regs:
+        notes.append(f"{FAILED}: no ptxas register count")
+    row["note"] = "; ".join(notes)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def report(arches=("sm_80", "sm_90"), quick=False, jobs=2) -> list[dict]:
+    """Compile the kernels and return one row per compile (dicts with KEYS)."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx, initializer=_worker_init) as pool:
+        work, unplanned = pool.submit(_plan, tuple(arches), quick).result()
+        # Slowest compiles first so the workers finish together; rows keep plan order.
+        order = sorted(range(len(work)), key=lambda i: -_cost(work[i]))
+        done = dict(zip(order, pool.map(_compile, [work[i] for i in order])))
+    return [done[i] for i in range(len(work))] + unplanned
+
+
+def _cost(job):
+    """Rough relative compile time: big tiles and fp32 (FMA or tf32) GEMMs take longest."""
+    c = job["constexprs"]
+    area = c.get("BLOCK_M", 1) * c.get("BLOCK_N", 1) * c.get("BLOCK_K", 1) * job["num_stages"]
+    return area * (2 if job["dtype"] in ("fp32", "tf32") else 1) * (2 if c.get("IDX64") else 1)
+
+
+def summary(rows) -> list[str]:
+    def fails(r):
+        return r["note"].startswith(FAILED)
+
+    half = [r for r in rows if r["gemm"] and r["dtype"] in ("fp16", "bf16") and not fails(r)]
+    on_tc = [r for r in half if r["tensor_cores"]]
+    spills = [r for r in rows if r["spills"]]
+    too_big = [r for r in rows if r["shared_bytes"] > SHARED_LIMIT[r["arch"]] or r["note"].startswith("out of res")]
+    sm86 = [r for r in rows if r["arch"] == "sm_80" and SM86_SHARED_LIMIT < r["shared_bytes"] <= SHARED_LIMIT["sm_80"]]
+    failed = [r for r in rows if fails(r)]
+    skipped = [r for r in rows if r["note"].startswith("skipped")]
+    lines = [f"{len(rows)} rows; GEMM fp16/bf16 rows on tensor cores: {len(on_tc)}/{len(half)}; "
+             f"rows with spills: {len(spills)}; over shared-memory limit: {len(too_big)} "
+             f"(+{len(sm86)} sm_80 rows too big for sm_86/sm_89 only); "
+             f"compile failures: {len(failed)}; skipped: {len(skipped)}"]
+    for title, group in (("NOT ON TENSOR CORES", [r for r in half if not r["tensor_cores"]]),
+                         ("NEVER FITS SHARED MEMORY (prune from autotune list)", too_big),
+                         ("COMPILE FAILED", failed), ("SKIPPED", skipped)):
+        lines += [f"{title}: {r['kernel']} {r['config']} {r['dtype']} {r['arch']} {r['note']}" for r in group]
+    return lines
+
+
+def format_table(rows) -> str:
+    table = [list(KEYS)] + [[str(r[k]) for k in KEYS] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(KEYS))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastconv.kernel_report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", action="store_true", help="print a JSON list of rows (summary goes to stderr)")
+    p.add_argument("--arch", choices=sorted(ARCHES), action="append", help="target (repeatable; default: all)")
+    p.add_argument("--quick", action="store_true", help="first config per kernel x dtype x arch, plus one IDX64")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes (default 2)")
+    args = p.parse_args(argv)
+
+    t0 = time.time()
+    rows = report(tuple(args.arch or ARCHES), quick=args.quick, jobs=args.jobs)
+    lines = summary(rows) + [f"compiled in {time.time() - t0:.0f} s"]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        print("\n".join(lines), file=sys.stderr)
+    else:
+        print(format_table(rows))
+        print("\n".join(lines))
+    return 1 if any(r["note"].startswith(FAILED) for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
