@@ -17,8 +17,14 @@ Where fusion happens:
     Each matched conv -> bn -> [add] -> [act] chain becomes one call of the conv module, with the
     residual as its second argument, and the generated code becomes that module's `forward` (an instance
     attribute, see _InstanceForward): the module keeps its class and methods, and calling any submodule
-    directly gives the converted model's result. A module that does not trace keeps its forward
-    (convs and max-pools are still swapped) and convert() warns why.
+    directly gives the converted model's result. A module that does not trace, or whose forward branches
+    on self.training (a traced graph would freeze the branch), keeps its forward (convs and max-pools are
+    still swapped) and convert() warns why. As with any fx tracing, other Python-level state the forward
+    reads (flags, sizes) is frozen at conversion time.
+
+Backend pinning: convert(backend=...) wraps the returned model's forward (the same instance-attribute
+forward) in `fastconv.backend(name)`, so its ops, and their backward, run on that backend whatever the
+caller's context.
 """
 from __future__ import annotations
 
@@ -141,14 +147,12 @@ def convert(model: nn.Module, *, fuse: bool = True, backend: str | None = None, 
             if _is_plain_sequential(module):
                 _fuse_sequential(module, shared)
             elif _should_trace(module):
-                try:
-                    graph = _OwnCodeTracer().trace(module)
-                except Exception as e:  # noqa: BLE001 - whatever fx raises means: this forward does not trace
+                graph, why_not = _trace(module)
+                if graph is None:
                     warnings.warn(
-                        f"fastconv.convert: fusion via torch.fx tracing was skipped for "
-                        f"{name or 'the model'} ({type(module).__name__}) because its forward does not trace: "
-                        f"{type(e).__name__}: {e}. Its convolutions and max-pools are still swapped, and "
-                        f"nn.Sequential conv-BatchNorm-activation runs inside it are still fused.",
+                        f"fastconv.convert: fusion via torch.fx tracing was skipped for {name or 'the model'} "
+                        f"({type(module).__name__}) because {why_not}. Its convolutions and max-pools are still "
+                        f"swapped, and nn.Sequential conv-BatchNorm-activation runs inside it are still fused.",
                         stacklevel=2)
                 else:
                     _fuse_graph(module, graph, shared)
@@ -237,6 +241,25 @@ class _OwnCodeTracer(torch.fx.Tracer):
         return m is not self.root
 
 
+def _trace(module: nn.Module) -> tuple[torch.fx.Graph | None, str]:
+    """(graph of the module's own forward, "") or (None, why it cannot be fused through tracing). The
+    code is traced in both training modes: fx bakes `if self.training:` into the graph, so a forward that
+    branches on it is not replaced."""
+    mode, sources = module.training, []
+    try:
+        for training in (not mode, mode):
+            module.training = training
+            graph = _OwnCodeTracer().trace(module)
+            sources.append(graph.python_code(root_module="self").src)
+    except Exception as e:  # noqa: BLE001 - whatever fx raises means: this forward does not trace
+        return None, f"its forward does not trace: {type(e).__name__}: {e}"
+    finally:
+        module.training = mode
+    if sources[0] != sources[1]:
+        return None, "its forward depends on self.training, which a traced graph would freeze"
+    return graph, ""
+
+
 def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
@@ -273,12 +296,11 @@ def _written_between(value, first, last, submodules) -> bool:
     """Whether a node between `first` and `last` may write `value` in place (conservatively)."""
     node = first.next
     while node is not last:
-        if node.args and node.args[0] is value and (
-                (node.op == "call_method" and node.target.endswith("_"))
-                or (node.op == "call_function" and (getattr(node.target, "__name__", "").endswith("_")
-                                                    or any(a is True for a in node.args[1:]) or node.kwargs.get("inplace")))
-                or (node.op == "call_module" and getattr(submodules[node.target], "inplace", False))):
-            return True
+        if node.args and node.args[0] is value:
+            name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+            if (name.endswith("_") or node.kwargs.get("inplace") or any(a is True for a in node.args[1:])
+                    or (node.op == "call_module" and getattr(submodules[node.target], "inplace", False))):
+                return True
         node = node.next
     return False
 
@@ -288,9 +310,9 @@ def _fuse_graph(module: nn.Module, graph: torch.fx.Graph, shared) -> None:
     module (residual as its 2nd argument); if any, install the new code as the module's forward."""
     submodules = dict(module.named_modules())
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-    fusions = []
+    fusions, erased = [], set()
     for conv_node in list(graph.nodes):
-        if conv_node.op != "call_module" or len(conv_node.args) != 1 or conv_node.kwargs:
+        if conv_node in erased or conv_node.op != "call_module" or len(conv_node.args) != 1 or conv_node.kwargs:
             continue
         bn_node = _only_user(conv_node)
         if (bn_node is None or bn_node.op != "call_module" or bn_node.args != (conv_node,) or bn_node.kwargs
@@ -317,6 +339,7 @@ def _fuse_graph(module: nn.Module, graph: torch.fx.Graph, shared) -> None:
         chain[-1].replace_all_uses_with(fused_node)
         for node in reversed(chain):
             graph.erase_node(node)
+        erased.update(chain)
         fusions.append((conv, bn, activation or "identity"))
     if fusions:
         graph.lint()

@@ -93,6 +93,12 @@ def test_train_mode_low_precision(dtype, device):
     dtype (BatchNorm's backward cancels, so low-precision gradients carry PyTorch's error too)."""
     import copy
 
+    from fastconv.triton._common import interpreting
+
+    if dtype == torch.bfloat16 and interpreting():
+        pytest.skip("the Triton interpreter truncates fp32->bf16 stores (GPUs round to nearest); BatchNorm's "
+                    "backward cancellation turns that one-sided bias into errors beyond PyTorch's own bf16 "
+                    "error, so bf16 BN-backward numerics are only judged on a GPU")
     gen = generator("bn-lowp", str(dtype))
     ref, ours = _pair(8, 20, 3, "relu", dtype, device, gen, stride=2, padding=1, bias=False)
     ours.bn.float()
