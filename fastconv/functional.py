@@ -5,7 +5,6 @@ import torch
 
 from . import _backend
 from ._args import ConvArgs, as_list
-from .ops import conv2d as _conv_ops
 
 __all__ = ["conv2d", "conv2d_fused", "conv_bn_act", "conv_bn_relu", "max_pool2d"]
 

@@ -143,7 +143,7 @@ CASES = {
     "_max_pool2d_fwd_kernel": _pool_case(dict(KH=3, KW=3, UNROLL=True, CHANNELS_LAST=True), total=32 * 64 * 56 * 56,
                                          k7_loop=dict(KH=7, KW=7, UNROLL=False)),
     "_max_pool2d_bwd_kernel": _pool_case(dict(CHANNELS_LAST=True), total=32 * 64 * 112 * 112),
-    "_batch_norm_finalize_kernel": dict(tiles=lambda m: [(dict(BLOCK=64), 4, 3)], args=_BN,
+    "_batch_norm_finalize_kernel": dict(tiles=lambda m: [(dict(BLOCK=64), 4, 3)], base=dict(HAS_BIAS=True), args=_BN,
                                         dtypes=("fp32",)),  # fp32 statistics whatever the model's dtype
     "_batch_norm_act_fwd_kernel": dict(tiles=_bn_tiles, base=_BN_BASE, args=_BN, types=_BN_TYPES,
                                        variants={"res_silu": _BN_RES_SILU}),

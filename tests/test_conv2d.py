@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastconv
 import fastconv.ops.conv2d as conv_ops
 import fastconv.triton.conv2d as tconv
 from fastconv.functional import conv2d, conv2d_fused

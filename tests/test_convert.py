@@ -19,13 +19,7 @@ from fastconv.convert import FusedConv2d, PassThroughBatchNorm2d, convert
 from .helpers import SESSION_SEED, assert_close, generator, randn
 
 
-@pytest.fixture(autouse=True)
-def _triton():
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    with fastconv.backend("triton"):
-        yield
-    torch.backends.cudnn.allow_tf32 = old
+pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -163,7 +157,7 @@ MODELS = {
     "resnet18_head": (_resnet18_head, 16, 6, "triton"),
     "mobilenet_v2_head": (lambda: _tv.mobilenet_v2(weights=None, width_mult=0.25).features[:3], 16, 6, "triton"),
     "resnet18": (lambda: _tv.resnet18(weights=None, num_classes=10), 64, 20, "torch"),
-    "mobilenet_v2": (lambda: _tv.mobilenet_v2(weights=None, num_classes=10), 64, 52, "torch"),
+    "mobilenet_v2": (lambda: _tv.mobilenet_v2(weights=None, num_classes=10), 48, 52, "torch"),
     "vgg11_bn": (lambda: _tv.vgg11_bn(weights=None, num_classes=10), 64, 8, "torch"),
     "alexnet": (lambda: _tv.alexnet(weights=None, num_classes=10), 64, 0, "torch"),  # needs >= 63x63
     "googlenet": (lambda: _tv.googlenet(weights=None, num_classes=10, aux_logits=False, init_weights=False),

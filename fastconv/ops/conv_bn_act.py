@@ -94,7 +94,7 @@ def conv_bn_act_train(
                                         element_size=input.element_size())
         stats = tconv.stats_buffers(tiles, z.shape[1], z.device, z.dtype)
         tim2col.conv2d_im2col(input, weight, bias, stride, padding, dilation, groups, out=z, stats=stats)
-    mean, var = tbn.finalize(stats, z.shape[1])
+    mean, var = tbn.finalize(stats, z.shape[1], bias)
     tbn.batch_norm_act_forward(z, mean, var, bn_weight, bn_bias, eps, activation, residual, out=y)
     return y, z, mean, var
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
+from .._pool_args import offsets_dtype, suggest_memory_format  # noqa: F401 (re-exported)
 
 SUPPORTED_BACKENDS = ("triton", "torch")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -38,30 +39,6 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # ----------------------------------------------------------------------------------------------------------
 # Geometry, formats and the offsets encoding (pure PyTorch: no Triton needed)
 
-def offsets_dtype(kernel_size) -> torch.dtype:
-    """The offsets' dtype: the narrowest signed integer dtype holding every tap kh*KW + kw (the same rule
-    as fastconv.triton.max_pool2d.offsets_dtype, restated here so that this module needs no Triton)."""
-    taps = int(kernel_size[0]) * int(kernel_size[1])
-    if taps <= 2**7:
-        return torch.int8
-    if taps <= 2**15:
-        return torch.int16
-    return torch.int32
-
-
-def suggest_memory_format(t: torch.Tensor) -> torch.memory_format:
-    """Tensor.suggest_memory_format() for a 4-D strided tensor (ATen's is_channels_last_strides_2d)."""
-    sizes, strides = t.shape, t.stride()
-    if strides[1] == 0:
-        return torch.contiguous_format
-    lo = 0
-    for d in (1, 3, 2, 0):
-        if sizes[d] == 0 or strides[d] < lo:
-            return torch.contiguous_format
-        if d == 0 and lo == strides[1]:
-            return torch.contiguous_format
-        lo = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
-    return torch.channels_last
 
 
 def _c_div(a: int, b: int) -> int:

@@ -48,12 +48,12 @@ def activation_grad(u, ACT: tl.constexpr):
 
 
 @triton.jit
-def store_tile_stats(acc, bias, mask_m, co, mask_n, tile, C, cnt_ptr, mean_ptr, m2_ptr):
+def store_tile_stats(acc, mask_m, co, mask_n, tile, C, cnt_ptr, mean_ptr, m2_ptr):
     """BatchNorm partials of this tile: per channel, the count, mean and M2 (sum of squared deviations
-    from the tile mean) of its valid rows of acc + bias. Stored at [tile, co]; _batch_norm_finalize_kernel
-    combines them with Chan's formula, which stays accurate where a naive sum of squares would cancel.
-    Taken on the accumulator before the bias is added (the bias shifts the mean only), so a large bias
-    costs no variance precision."""
+    from the tile mean) of its valid rows. Stored at [tile, co]; _batch_norm_finalize_kernel combines them
+    with Chan's formula, which stays accurate where a naive sum of squares would cancel. Taken on the
+    accumulator before the bias is added, and the bias joins the mean only after the combination, so a
+    large bias costs no variance precision."""
     rows = tl.sum(mask_m.to(acc.dtype), axis=0)
     valid = mask_m[:, None]
     mean = tl.sum(tl.where(valid, acc, 0.0), axis=0) / tl.maximum(rows, 1.0)
@@ -61,7 +61,7 @@ def store_tile_stats(acc, bias, mask_m, co, mask_n, tile, C, cnt_ptr, mean_ptr, 
     m2 = tl.sum(dev * dev, axis=0)
     off = tile * C + co
     tl.store(cnt_ptr + off, tl.zeros_like(mean) + rows, mask=mask_n)
-    tl.store(mean_ptr + off, mean + bias, mask=mask_n)
+    tl.store(mean_ptr + off, mean, mask=mask_n)
     tl.store(m2_ptr + off, m2, mask=mask_n)
 
 
@@ -90,13 +90,10 @@ def epilogue_store(
 
     n/oh/ow index the tile's rows (pixels), co its columns (global output channels); strides are in elements.
     """
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + co, mask=mask_n, other=0.0).to(acc.dtype)
-    else:
-        bias = tl.zeros((acc.shape[1],), acc.dtype)
     if STATS:
-        store_tile_stats(acc, bias, mask_m, co, mask_n, stats_tile, C, cnt_ptr, mean_ptr, m2_ptr)
-    acc += bias[None, :]
+        store_tile_stats(acc, mask_m, co, mask_n, stats_tile, C, cnt_ptr, mean_ptr, m2_ptr)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + co, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + co, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
     if HAS_SHIFT:

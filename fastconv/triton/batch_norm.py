@@ -24,10 +24,11 @@ BLOCK_P, BLOCK_C = 64, 32
 
 
 @triton.jit
-def _batch_norm_finalize_kernel(cnt_ptr, mean_ptr, m2_ptr, mean_out_ptr, var_out_ptr, T, C,
-                                BLOCK: tl.constexpr):
+def _batch_norm_finalize_kernel(cnt_ptr, mean_ptr, m2_ptr, bias_ptr, mean_out_ptr, var_out_ptr, T, C,
+                                HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """Combine T rows of (count, mean, M2) partials per channel:
-        n = na + nb, d = mb - ma, mean = ma + d * nb / n, M2 = M2a + M2b + d^2 * na * nb / n."""
+        n = na + nb, d = mb - ma, mean = ma + d * nb / n, M2 = M2a + M2b + d^2 * na * nb / n,
+    then add the conv bias (left out of the partials) to the mean."""
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = c < C
     n_a = tl.zeros((BLOCK,), dtype=mean_out_ptr.dtype.element_ty)
@@ -43,6 +44,8 @@ def _batch_norm_finalize_kernel(cnt_ptr, mean_ptr, m2_ptr, mean_out_ptr, var_out
         mean_a += delta * frac
         m2_a += tl.where(n_b > 0, m2_b + delta * delta * n_a * frac, 0.0)
         n_a = n
+    if HAS_BIAS:
+        mean_a += tl.load(bias_ptr + c, mask=mask, other=0.0).to(mean_a.dtype)
     tl.store(mean_out_ptr + c, mean_a, mask=mask)
     tl.store(var_out_ptr + c, m2_a / tl.maximum(n_a, 1.0), mask=mask)
 
@@ -168,15 +171,17 @@ def _batch_norm_act_bwd_apply_kernel(
                  g.to(dres_ptr.dtype.element_ty), mask=mask)
 
 
-def finalize(stats, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(count, mean, M2) partials [T, C] -> per-channel batch mean and biased variance."""
+def finalize(stats, channels: int, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, mean, M2) partials [T, C] of the bias-free conv output -> per-channel batch mean (bias
+    added) and biased variance."""
     cnt, mean_p, m2_p = stats
     check_runnable(cnt)
     mean = torch.empty(channels, device=cnt.device, dtype=cnt.dtype)
     var = torch.empty_like(mean)
     block = 64
-    _batch_norm_finalize_kernel[(triton.cdiv(channels, block),)](cnt, mean_p, m2_p, mean, var, cnt.shape[0],
-                                                                 channels, BLOCK=block)
+    _batch_norm_finalize_kernel[(triton.cdiv(channels, block),)](
+        cnt, mean_p, m2_p, bias if bias is not None else mean, mean, var, cnt.shape[0], channels,
+        HAS_BIAS=bias is not None, BLOCK=block)
     return mean, var
 
 

@@ -31,12 +31,11 @@ channels_last; the 1-D run serves both layouts with one kernel.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 import triton
 import triton.language as tl
 
+from .._pool_args import offsets_dtype, suggest_memory_format  # noqa: F401 (re-exported)
 from ._common import acc_dtype, check_runnable, interpreting, needs_int64
 
 # GPU launch: BLOCK elements per program. 512 with 4 warps (4 elements per thread: 16-byte fp32 / 8-byte
@@ -193,29 +192,6 @@ def pool_output_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool)
     return out
 
 
-def offsets_dtype(kernel_size: Sequence[int]) -> torch.dtype:
-    """Narrowest signed integer dtype that holds every tap kh*KW + kw of the window."""
-    taps = int(kernel_size[0]) * int(kernel_size[1])
-    if taps <= 2**7:
-        return torch.int8
-    if taps <= 2**15:
-        return torch.int16
-    return torch.int32
-
-
-def suggest_memory_format(t: torch.Tensor) -> torch.memory_format:
-    """Tensor.suggest_memory_format() for a 4-D strided tensor (ATen's is_channels_last_strides_2d)."""
-    sizes, strides = t.shape, t.stride()
-    if strides[1] == 0:
-        return torch.contiguous_format
-    lo = 0
-    for d in (1, 3, 2, 0):
-        if sizes[d] == 0 or strides[d] < lo:
-            return torch.contiguous_format
-        if d == 0 and lo == strides[1]:
-            return torch.contiguous_format
-        lo = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
-    return torch.channels_last
 
 
 def _check_args(shape, kernel_size, stride, padding, dilation) -> None:
