@@ -153,3 +153,17 @@ def test_converted_matches_plain_and_state_dicts_load_both_ways(name, device):
             assert torch.equal(fresh_plain.state_dict()[key], value), key
         else:
             assert_close(fresh_plain.state_dict()[key], value, torch.float32, f"{name} {key} after the step")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_whole_model_under_autocast(dtype):
+    """Inside torch.autocast every conv after the first gets a low-precision input and fp32 weights;
+    the converted model runs like the plain one (which nn.Conv2d allows)."""
+    torch.manual_seed(SESSION_SEED)
+    plain = _randomise_batch_norm(models.build("simple_cnn_bn", fastconv=False), "autocast").eval()
+    converted = fastconv.convert(copy.deepcopy(plain))
+    x = randn((2, 3, 32, 32), torch.float32, "cpu", generator("autocast"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        expected, got = plain(x), converted(x)
+    assert got.dtype == expected.dtype
+    assert_close(got.float(), expected.float(), dtype, f"simple_cnn_bn under {dtype} autocast")
