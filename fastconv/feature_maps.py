@@ -11,17 +11,16 @@ hooked layer's output is exactly what that layer computes in the plain model.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from torch import nn
 
-from . import models  # noqa: E402
+from . import models
 
 
 def default_layers(model: nn.Module) -> list[str]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-import fastconv.models as models
+from fastconv import models
 from fastconv.feature_maps import feature_maps, main
 
 from .helpers import SESSION_SEED, assert_close, generator, randn

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import fastconv
-import fastconv.models as models
+from fastconv import models
 from fastconv.convert import FusedConv2d
 
 from .helpers import SESSION_SEED, assert_close, generator, randn

@@ -7,8 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-import fastconv.models as models
-from fastconv import predict
+from fastconv import models, predict
 from fastconv.train import checkpoint
 
 from .helpers import SESSION_SEED

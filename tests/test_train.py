@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
-import fastconv.models as models
+from fastconv import models
 from fastconv.train import main, metrics, synthetic
 
 TRAIN, TEST = 32, 24  # synthetic images: 4 steps per epoch at batch 8
@@ -140,7 +140,7 @@ def test_torchrun_two_processes_gloo(data_dir, tmp_path):
            "--data", "synthetic", "--data-dir", str(data_dir), "--synthetic-train", str(TRAIN), "--synthetic-test",
            str(TEST), "--model", "lenet5", "--batch-size", "4", "--epochs", "1", "--max-steps", "3", "--workers", "0",
            "--device", "cpu", "--no-progress", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["steps"] == 3 and len(m["train_loss"]) == 3

@@ -8,17 +8,29 @@ A converted model keeps the plain model's state_dict keys, so checkpoints load i
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
 from .alexnet import AlexNet
 from .resnet import ResidualBlock, ResNet18
 from .tutorial import LeNet5, NeuralNet, SimpleCNN, SimpleCNNBN
-from .vgg import VGG16, CIFAR10CNN
+from .vgg import CIFAR10CNN, VGG16
 
-__all__ = ["AlexNet", "CIFAR10CNN", "LeNet5", "NeuralNet", "ResNet18", "ResidualBlock", "SimpleCNN", "SimpleCNNBN",
-           "VGG16", "build", "input_size", "names"]
+__all__ = [
+    "CIFAR10CNN",
+    "VGG16",
+    "AlexNet",
+    "LeNet5",
+    "NeuralNet",
+    "ResNet18",
+    "ResidualBlock",
+    "SimpleCNN",
+    "SimpleCNNBN",
+    "build",
+    "input_size",
+    "names",
+]
 
 # name -> (class, input size (C, H, W))
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], tuple[int, int, int]]] = {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import random
 import sys
 import time
@@ -17,7 +16,8 @@ from torch.profiler import record_function
 from tqdm import tqdm
 
 from .. import models
-from . import checkpoint, data as data_lib, distributed, metrics, optim, profiling
+from . import checkpoint, distributed, metrics, optim, profiling
+from . import data as data_lib
 
 AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -10,7 +10,12 @@ from pathlib import Path
 
 import torch
 from torch.autograd.profiler_util import EventList
-from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+from torch.profiler import (
+    ProfilerActivity,
+    profile,
+    schedule,
+    tensorboard_trace_handler,
+)
 
 
 @contextlib.contextmanager
