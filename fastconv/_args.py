@@ -92,11 +92,15 @@ class ConvArgs:
                 f"Given weight of size {list(weight.shape)}, expected bias to be 1-dimensional with {c_out} "
                 f"elements, but got bias of size {list(bias.shape)} instead"
             )
-        if x.dtype != weight.dtype:
+        # Under autocast the op's Autocast kernel casts input, weight and bias to one dtype (as ATen does for
+        # nn.Conv2d), so mixed dtypes are fine there: a bf16 activation meets fp32 weights in every layer
+        # after the first.
+        mixed_ok = torch.is_autocast_enabled(x.device.type)
+        if x.dtype != weight.dtype and not mixed_ok:
             raise RuntimeError(
                 f"Input type ({x.dtype}) and weight type ({weight.dtype}) should be the same"
             )
-        if bias is not None and bias.dtype != x.dtype:
+        if bias is not None and bias.dtype != x.dtype and not mixed_ok:
             raise RuntimeError(f"Input type ({x.dtype}) and bias type ({bias.dtype}) should be the same")
         for name, t in (("weight", weight), ("bias", bias)):
             if t is not None and t.device != x.device:
