@@ -24,7 +24,7 @@ HOST_ROUNDS_GPU = 5
 
 
 def cpu_rounds() -> int:
-    return int(os.environ.get("FASTCONV_BENCH_CPU_ROUNDS", "5"))
+    return int(os.environ.get("FASTCONV_BENCH_CPU_ROUNDS", "3"))
 
 
 def _cuda_events_median_ms(fn, grad_to_none=()) -> float:

@@ -28,7 +28,9 @@ def pytest_addoption(parser):
 
 
 def pytest_collect_file(file_path, parent):
-    if file_path.name.startswith("bench_") and file_path.suffix == ".py":
+    # a file named on the command line is collected by pytest's python plugin already
+    if (file_path.name.startswith("bench_") and file_path.suffix == ".py"
+            and not parent.session.isinitpath(file_path)):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
