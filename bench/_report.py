@@ -73,6 +73,7 @@ class Recorder:
         self.device, self.set_name, self.command, self.notes = device, set_name, command, notes
         self.rows: list[dict] = []
         self.model_rows: list[dict] = []
+        self.memory_rows: list[dict] = []
         self.skipped: dict[tuple[str, str, str], int] = {}  # (op, provider, reason) -> rows
         self.providers_skipped: dict[str, str] = {}  # provider not timed on this device at all -> why
         self.peaks: dict | None = None
@@ -110,6 +111,7 @@ class Recorder:
             "peaks": self.peaks,
             "rows": self.with_speedups(),
             "models": self.model_rows,
+            "memory": self.memory_rows,
             "providers_skipped": self.providers_skipped,
             "skipped": [{"op": op, "provider": p, "reason": why, "rows": n}
                         for (op, p, why), n in sorted(self.skipped.items())],
@@ -161,6 +163,15 @@ def markdown(doc: dict) -> str:
                          f"{m['layout']} | {m['median_ms']:.4g} | {m['images_per_s']:.4g} | "
                          f"{_f(m.get('saved_bytes'), '{:,}')} |")
         lines.append("")
+    if doc["memory"]:
+        lines += ["## bytes saved for backward per training step", "",
+                  "fastconv.memory.saved_bytes (parameters excluded), one forward in train mode.", "",
+                  "| model | batch | dtype | layout | plain PyTorch | converted | converted / plain | "
+                  "converted ran on |", "|" + "---|" * 8]
+        for m in doc["memory"]:
+            lines.append(f"| {m['model']} | {m['batch']} | {m['dtype']} | {m['layout']} | {m['plain_bytes']:,} | "
+                         f"{m['fastconv_bytes']:,} | {m['ratio']:.3f} | {m['fastconv_backend']} |")
+        lines.append("")
     if doc["providers_skipped"]:
         lines += ["## providers not run on this device", "", "| provider | reason |", "|---|---|"]
         lines += [f"| {p} | {why} |" for p, why in doc["providers_skipped"].items()]
@@ -204,7 +215,7 @@ def charts(doc: dict, out: pathlib.Path, set_name: str) -> None:
         axes[0][0].legend(fontsize=7)
         fig.suptitle(f"{doc['environment']['device']} — torch {doc['environment']['torch']}", fontsize=9)
         fig.tight_layout()
-        fig.savefig(out / f"{set_name}-{op}.png", dpi=90)
+        fig.savefig(out / f"{set_name}-{op}.png", dpi=90, bbox_inches="tight")
         plt.close(fig)
     if doc["models"]:
         ms = doc["models"]
@@ -222,7 +233,7 @@ def charts(doc: dict, out: pathlib.Path, set_name: str) -> None:
         ax.legend(fontsize=7)
         ax.set_title(f"models — {doc['environment']['device']}", fontsize=9)
         fig.tight_layout()
-        fig.savefig(out / f"{set_name}-models.png", dpi=90)
+        fig.savefig(out / f"{set_name}-models.png", dpi=90, bbox_inches="tight")
         plt.close(fig)
 
 

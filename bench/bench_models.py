@@ -52,10 +52,9 @@ class ModelCase:
 CASES = [ModelCase(m, v, p) for m in NAMES if m in SELECTION[SET] for p in ("train", "infer") for v in VARIANTS]
 
 
-def _setup(case: ModelCase):
-    backend = VARIANTS[case.variant]
-    model = models.build(case.model, num_classes=10, fastconv=backend is not None).to(DEVICE)
-    x = torch.randn(BATCH, *models.input_size(case.model), device=DEVICE)
+def _setup(name: str, converted: bool, backend: str | None):
+    model = models.build(name, num_classes=10, fastconv=converted).to(DEVICE)
+    x = torch.randn(BATCH, *models.input_size(name), device=DEVICE)
     y = torch.randint(0, 10, (BATCH,), device=DEVICE)
     if LAYOUT == "channels_last":
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -75,7 +74,8 @@ def test_model(case, benchmark, recorder):
     if MISSING:
         recorder.skip("models", case.variant, MISSING)
         pytest.skip(MISSING)
-    model, x, y, ctx = _setup(case)
+    backend = VARIANTS[case.variant]
+    model, x, y, ctx = _setup(case.model, backend is not None, backend)
     saved = None
     if case.phase == "train":
         model.train()
@@ -106,3 +106,23 @@ def test_model(case, benchmark, recorder):
            "layout": LAYOUT, **timing, "images_per_s": BATCH / (timing["median_ms"] / 1e3), "saved_bytes": saved}
     benchmark.extra_info.update(row)
     recorder.model_rows.append(row)
+
+
+# What a converted model saves does not depend on which kernels run (the fused ops' autograd decides it), so
+# this is measured on every device, with backend 'auto' (Triton on a GPU, PyTorch's kernels behind fastconv's
+# ops on CPU), even where a fastconv backend cannot be timed.
+@pytest.mark.parametrize("name", [m for m in NAMES if m in SELECTION[SET]])
+def test_model_saved_bytes(name, recorder):
+    if MISSING:
+        recorder.skip("models-memory", "plain vs fastconv", MISSING)
+        pytest.skip(MISSING)
+    saved = {}
+    for variant, converted in (("plain", False), ("fastconv", True)):
+        model, x, _, ctx = _setup(name, converted, "auto" if converted else None)
+        with ctx():
+            saved[variant] = saved_bytes(model.train(), x)
+    recorder.memory_rows.append({
+        "model": name, "batch": BATCH, "dtype": DTYPE, "layout": LAYOUT,
+        "fastconv_backend": "triton" if DEVICE.type == "cuda" else "torch (PyTorch kernels behind fastconv's ops)",
+        "plain_bytes": saved["plain"], "fastconv_bytes": saved["fastconv"],
+        "ratio": saved["fastconv"] / saved["plain"]})

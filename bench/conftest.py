@@ -80,7 +80,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_sessionfinish(session, exitstatus):
     rec = session.config.stash.get(RECORDER, None)
-    if rec is None or not (rec.rows or rec.model_rows or rec.skipped):
+    if rec is None or not (rec.rows or rec.model_rows or rec.memory_rows or rec.skipped):
         return
     if hasattr(session.config, "workerinput"):  # an xdist worker: rows are per worker, write nothing
         return
@@ -94,7 +94,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr = terminalreporter
     tr.section("fastconv benchmarks")
     tr.write_line(f"set {rec.set_name} on {_report.device_name(rec.device)}: {len(rec.rows)} op rows, "
-                  f"{len(rec.model_rows)} model rows")
+                  f"{len(rec.model_rows)} model rows, {len(rec.memory_rows)} memory rows")
     for note in rec.notes[:2]:
         tr.write_line(note)
     for prov, why in rec.providers_skipped.items():

@@ -80,9 +80,13 @@ def test_benchmark_flag_runs_tiny_set_and_writes_results(tmp_path):
     assert plain["train"]["saved_bytes"] > 0 and plain["infer"]["saved_bytes"] is None
     assert any(m["variant"] == "fastconv-cpu" for m in models) or skipped.get(("models", "fastconv-cpu"))
 
+    (mem,) = doc["memory"]
+    assert mem["model"] == "lenet5" and mem["plain_bytes"] > 0 and mem["fastconv_bytes"] > 0
+    assert mem["ratio"] == pytest.approx(mem["fastconv_bytes"] / mem["plain_bytes"])
+
     md = (res / "tiny.md").read_text()
     assert doc["environment"]["device"] in md and "| median ms |" in md
-    assert all(r["shape"] in md for r in rows)
+    assert all(r["shape"] in md for r in rows) and "bytes saved for backward per training step" in md
     for op in OPS + ("models",):
         assert (res / f"tiny-{op}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
