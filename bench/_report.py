@@ -152,8 +152,9 @@ def markdown(doc: dict) -> str:
         lines += [f"## {op}", "", head, "|" + "---|" * 11]
         for r in (r for r in doc["rows"] if r["op"] == op):
             lines.append(f"| {r['shape']} | {r['mode']} | {r['dtype']} | {r['layout']} | {r['provider']} | "
-                         f"{r['median_ms']:.4g} | {_f(r['tflops'])} | {_f(r['gbps'])} | {_f(r['roofline_pct'], '{:.1f}')} "
-                         f"| {_f(r['speedup_vs_eager'], '{:.2f}')} | {_f(r['speedup_vs_compile'], '{:.2f}')} |")
+                         f"{r['median_ms']:.4g} | {_f(r['tflops'])} | {_f(r['gbps'])} | "
+                         f"{_f(r['roofline_pct'], '{:.1f}')} | {_f(r['speedup_vs_eager'], '{:.2f}')} | "
+                         f"{_f(r['speedup_vs_compile'], '{:.2f}')} |")
         lines.append("")
     if doc["models"]:
         lines += ["## models", "", "| model | variant | phase | batch | dtype | layout | median ms/step | images/s "

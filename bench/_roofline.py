@@ -64,13 +64,11 @@ def measure_peaks(device: torch.device, dtypes) -> dict:
         a = torch.randn(n, n, device=device, dtype=_inputs.DTYPES[name])
         b = torch.randn(n, n, device=device, dtype=_inputs.DTYPES[name])
         with _inputs.tf32(name == "tf32"):
-            flops[name] = 2.0 * n ** 3 / _median_s(lambda: torch.mm(a, b), device)
-        del a, b
+            flops[name] = 2.0 * n ** 3 / _median_s(lambda: torch.mm(a, b), device)  # noqa: B023
     size = GPU_COPY_BYTES if device.type == "cuda" else CPU_COPY_BYTES
     src = torch.empty(size // 4, device=device, dtype=torch.float32).uniform_()
     dst = torch.empty_like(src)
     bw = 2.0 * size / _median_s(lambda: dst.copy_(src), device)
-    del src, dst
     how = (f"torch.mm {n}×{n}×{n} per dtype; copy of {size / 2**20:.0f} MiB (read + write counted)")
     return {"flops": flops, "bytes_per_s": bw, "how": how}
 

@@ -30,7 +30,8 @@ class Layer:
 
     @property
     def out_hw(self) -> tuple[int, int]:
-        return ((self.H + 2 * self.pad - self.R) // self.stride + 1, (self.W + 2 * self.pad - self.S) // self.stride + 1)
+        return ((self.H + 2 * self.pad - self.R) // self.stride + 1,
+                (self.W + 2 * self.pad - self.S) // self.stride + 1)
 
     def at(self, batch: int) -> "Problem":
         return Problem(self, batch)

@@ -26,9 +26,11 @@ def build(case: _cases.Case, device: torch.device):
         bn.running_var.uniform_(0.5, 2.0)
     amp = _inputs.DTYPES[case.dtype] if case.dtype in ("fp16", "bf16") else None
 
+    act_dtype = torch.float32 if amp is None else amp
+
     def make_set():
-        x = _inputs.randn((N, L.C, L.H, L.W), torch.float32 if amp is None else amp, case.layout, device, grad)
-        g = _inputs.randn((N, L.K, OH, OW), torch.float32 if amp is None else amp, case.layout, device) if grad else None
+        x = _inputs.randn((N, L.C, L.H, L.W), act_dtype, case.layout, device, grad)
+        g = _inputs.randn((N, L.K, OH, OW), act_dtype, case.layout, device) if grad else None
         return (x,), g
 
     if case.layout == "channels_last":
