@@ -41,7 +41,7 @@ def work(op: str, mode: str, problem, dtype: str) -> tuple[float, float]:
     return flops * passes, traffic  # backward = dgrad + wgrad, each the forward's FLOPs
 
 
-def _best_s(fn, device, repeats=20) -> float:
+def _best_s(fn, device, repeats=40) -> float:
     """Fastest of several timed calls: a peak is what the device can do, so noise is dropped, not averaged."""
     if device.type == "cuda":
         try:
@@ -76,6 +76,13 @@ def measure_peaks(device: torch.device, dtypes) -> dict:
     how = (f"fastest of repeated torch.mm {n}×{n}×{n} per dtype and copies of {size / 2**20:.0f} MiB "
            f"(read + write counted)")
     return {"flops": flops, "bytes_per_s": bw, "how": how}
+
+
+def higher(a: dict, b: dict) -> dict:
+    """The higher of two peak measurements, per figure."""
+    return {"flops": {k: max(v, b["flops"].get(k, 0.0)) for k, v in a["flops"].items()},
+            "bytes_per_s": max(a["bytes_per_s"], b["bytes_per_s"]),
+            "how": a["how"] + "; measured at the start and the end of the session, the higher kept"}
 
 
 def metrics(flops: float, nbytes: float, ms: float, dtype: str, peaks: dict) -> dict:
