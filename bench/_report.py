@@ -144,8 +144,9 @@ def markdown(doc: dict) -> str:
         p = doc["peaks"]
         peaks = ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in p["flops"].items())
         lines += [f"- Roofline peaks measured this session: {peaks}; bandwidth {p['bytes_per_s'] / 1e9:.3g} GB/s "
-                  f"({p['how']}). A row above 100 % beat the measured peak: on CPU, data that stays in cache "
-                  f"moves faster than the DRAM copy, and on a shared machine the peak itself is noisy."]
+                  f"({p['how']}). A row above 100 % beat the measured peak: FLOPs are counted for direct "
+                  f"convolution, which Winograd/FFT algorithms undercut; on CPU, data that stays in cache moves "
+                  f"faster than the DRAM copy; and on a shared machine the peak itself is noisy."]
     lines.append("")
     head = ("| shape N,C,H,W→K,R×S,stride,pad,groups | mode | dtype | layout | provider | median ms | TFLOP/s "
             "| GB/s | % roofline | × vs eager | × vs compile |")
