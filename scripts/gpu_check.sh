@@ -131,7 +131,7 @@ fi
 
 # --- profiler trace of CIFAR10CNN training steps ------------------------------------------------------------
 if "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('fastconv.train') else 1)" 2>/dev/null; then
-    run_step profile 50 "$OUT/profile/" "'$PY' -m fastconv.train --model cifar10_cnn --data synthetic --max-steps 8 \
+    run_step profile 90 "$OUT/profile/" "'$PY' -m fastconv.train --model cifar10_cnn --data synthetic --max-steps 8 \
         --profile '$OUT/profile' --out '$OUT/train'"
 else
     skip profile "fastconv.train (issue 5) is not in this checkout"
