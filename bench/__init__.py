@@ -1,0 +1,1 @@
+"""fastconv throughput benchmarks: `pytest bench --benchmark` (see conftest.py and README "Benchmarks")."""
