@@ -193,7 +193,7 @@ def _common_constexprs(dtype):
                 IDX64=False, GROUP_M=8)
 
 
-def _tiles(case, name, mod, arch):
+def _tiles(case, name, mod, arch, dtype):
     if "tiles" in case:
         return case["tiles"](mod)
     from fastconv.triton.configs import CONFIGS
@@ -201,7 +201,8 @@ def _tiles(case, name, mod, arch):
     family = case.get("family") or name.strip("_").removesuffix("_kernel")
     if family not in CONFIGS:
         return [({}, 4, 3)]
-    return [(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), w, s) for bm, bn, bk, w, s in CONFIGS[family][arch]]
+    kind = {"fp16": "half", "bf16": "half"}.get(dtype, dtype)  # the launcher's configs.operand_kind
+    return [(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), w, s) for bm, bn, bk, w, s in CONFIGS[family][kind][arch]]
 
 
 def _label(constexprs, warps, stages):
@@ -238,11 +239,11 @@ def _kernel_jobs(module, name, fn, arches, quick, skipped):
         variants.setdefault("IDX64", dict(IDX64=True))
     jobs = []
     for arch in arches:
-        tiles = _tiles(case, name, mod, arch)
-        runs = [(t, "", {}) for t in (tiles[:1] if quick else tiles)]
-        if not quick:
-            runs += [(tiles[0], flag, over) for flag, over in variants.items()]
         for dtype in dtypes:
+            tiles = _tiles(case, name, mod, arch, dtype)
+            runs = [(t, "", {}) for t in (tiles[:1] if quick else tiles)]
+            if not quick:
+                runs += [(tiles[0], flag, over) for flag, over in variants.items()]
             extra = [(tiles[0], "IDX64", variants["IDX64"])] if quick and (name, dtype) == QUICK_IDX64 else []
             for (meta, warps, stages), flag, over in runs + extra:
                 over = dict(over)

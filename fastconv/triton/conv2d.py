@@ -235,33 +235,42 @@ def _conv2d_wgrad_kernel(
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    k_lo = split * K_PER_SPLIT
     if IDX64:
-        offs_m = offs_m.to(tl.int64)
-        offs_n = offs_n.to(tl.int64)
-        offs_k = offs_k.to(tl.int64)
         g = g.to(tl.int64)
-        k_lo = k_lo.to(tl.int64)
+        split = split.to(tl.int64)
     mask_m = offs_m < COUT_G
     mask_n = offs_n < CIN_G
     co = g * COUT_G + offs_m
     ci = g * CIN_G + offs_n
+    dy_cols = co * sdyc
+    x_cols = ci * sxc
+    dh = kh * dil_h - pad_h
+    dw = kw * dil_w - pad_w
     with_bias = (tap == 0) & (tile_n == 0)
+    # Pixel indices p = (n, oh, ow) take P's width (int64 only once P itself passes 2**31, which Triton's
+    # launcher passes as i64): P * 0 promotes the chunk start without a 64-bit division per K step.
+    k_lo = (P * 0 + split) * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, P)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_TYPE)
     db = tl.zeros((BLOCK_M,), dtype=ACC_TYPE)
-    k_hi = tl.minimum(k_lo + K_PER_SPLIT, P)
     for p0 in range(k_lo, k_hi, BLOCK_K):
         p = p0 + offs_k
         p_ok = p < k_hi
         n, oh, ow = split_rows(p, OH, OW)
-        ih = oh * stride_h - pad_h + kh * dil_h
-        iw = ow * stride_w - pad_w + kw * dil_w
+        ih = oh * stride_h + dh
+        iw = ow * stride_w + dw
         x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(dy_ptr + (n * sdyn + oh * sdyh + ow * sdyw)[None, :] + (co * sdyc)[:, None],
-                    mask=mask_m[:, None] & p_ok[None, :], other=0.0)
-        b = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + (ci * sxc)[None, :],
-                    mask=x_ok[:, None] & mask_n[None, :], other=0.0)
+        if IDX64:
+            n = n.to(tl.int64)
+            oh = oh.to(tl.int64)
+            ow = ow.to(tl.int64)
+            ih = ih.to(tl.int64)
+            iw = iw.to(tl.int64)
+        dy_p = n * sdyn + oh * sdyh + ow * sdyw
+        x_p = n * sxn + ih * sxh + iw * sxw
+        a = tl.load(dy_ptr + dy_cols[:, None] + dy_p[None, :], mask=mask_m[:, None] & p_ok[None, :], other=0.0)
+        b = tl.load(x_ptr + x_p[:, None] + x_cols[None, :], mask=x_ok[:, None] & mask_n[None, :], other=0.0)
         if HAS_DBIAS:
             if with_bias:
                 db += tl.sum(a.to(ACC_TYPE), axis=1)
@@ -289,7 +298,8 @@ GROUP_M = 8
 def min_block_m(family: str) -> int:
     from .configs import CONFIGS, INTERPRET
 
-    return min([c[0] for arch in CONFIGS[family].values() for c in arch] + [INTERPRET[family][0]])
+    tiles = [c for kind in CONFIGS[family].values() for arch in kind.values() for c in arch]
+    return min([c[0] for c in tiles] + [INTERPRET[family][0]])
 
 
 def stats_buffers(num_tiles: int, channels: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
