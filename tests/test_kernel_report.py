@@ -84,10 +84,6 @@ def test_shared_memory_fits(rows):
         r for r in rows if r["shared_bytes"] > limit[r["arch"]]]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap (issue 2): ptxas reports register spills for most conv tile configs, e.g. the first sm_80 "
-    "config 128x128x32/4 warps; the kernels' 2-D pointer and mask tiles need restructuring. strict: this "
-    "turns into a failure as soon as the quick configs stop spilling, so the marker must then go."))
 def test_no_spills(rows):
     spilling = [f"{r['kernel']} {r['config']} {r['dtype']} {r['arch']}: {r['registers']} regs, {r['spills']} B spilled"
                 for r in rows if r["spills"]]
