@@ -6,8 +6,9 @@ Every module-level ``@triton.jit`` function named ``_*_kernel`` in ``fastconv/tr
 for real GPU targets (sm_80, sm_90a) with each tile config of its family in ``configs.CONFIGS`` and each
 dtype, and per compile the report gives registers and spill bytes (ptxas -v), shared memory (Triton's
 metadata) and the tensor-core instructions in the SASS (cuobjdump). ``--quick`` (what CI runs) compiles the
-first config of each list plus one IDX64=True case; the full report adds every config and, on the first
-config, the variants listed in CASES.
+first config of each list for the dtypes in QUICK_DTYPES (every kernel on both targets; every kernel family
+with fp16, bf16 and fp32, the GEMM families with tf32 too) plus one IDX64=True case; the full report adds
+every dtype, every config and, on the first config, the variants listed in CASES.
 
 The constexprs and scalar values mirror the launchers on a representative problem (a channels_last ResNet-50
 layer, 64 channels), and the scalars are specialised as Triton's launcher would (stride 1 -> constexpr,
@@ -154,6 +155,22 @@ CASES = {
                                              variants={"res_silu_dres": dict(_BN_RES_SILU, WANT_DRES=True)}),
 }
 QUICK_IDX64 = ("_conv2d_fwd_kernel", "fp16")  # the one IDX64=True case of --quick
+# --quick: the dtypes compiled per kernel (first config, each arch), spread so that each family (conv2d,
+# im2col, batch_norm, max_pool2d) sees fp16, bf16 and fp32 and each GEMM family tf32 once. Kernels not
+# listed get their first dtype.
+QUICK_DTYPES = {
+    "_conv2d_fwd_kernel": ("fp16", "bf16", "tf32", "fp32"),
+    "_conv2d_dgrad_kernel": ("bf16", "tf32"),
+    "_conv2d_wgrad_kernel": ("fp16", "fp32"),
+    "_im2col_gemm_kernel": ("fp16", "tf32", "fp32"),
+    "_im2col_gather_kernel": ("bf16",),
+    "_max_pool2d_fwd_kernel": ("fp16", "fp32"),
+    "_max_pool2d_bwd_kernel": ("bf16",),
+    "_batch_norm_act_fwd_kernel": ("fp16",),
+    "_batch_norm_act_bwd_reduce_kernel": ("bf16",),
+    "_batch_norm_act_bwd_apply_kernel": ("fp32",),
+    "_batch_norm_finalize_kernel": ("fp32",),
+}
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -193,7 +210,7 @@ def _common_constexprs(dtype):
                 IDX64=False, GROUP_M=8)
 
 
-def _tiles(case, name, mod, arch):
+def _tiles(case, name, mod, arch, dtype):
     if "tiles" in case:
         return case["tiles"](mod)
     from fastconv.triton.configs import CONFIGS
@@ -201,7 +218,8 @@ def _tiles(case, name, mod, arch):
     family = case.get("family") or name.strip("_").removesuffix("_kernel")
     if family not in CONFIGS:
         return [({}, 4, 3)]
-    return [(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), w, s) for bm, bn, bk, w, s in CONFIGS[family][arch]]
+    kind = {"fp16": "half", "bf16": "half"}.get(dtype, dtype)  # the launcher's configs.operand_kind
+    return [(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), w, s) for bm, bn, bk, w, s in CONFIGS[family][kind][arch]]
 
 
 def _label(constexprs, warps, stages):
@@ -232,17 +250,19 @@ def _kernel_jobs(module, name, fn, arches, quick, skipped):
     consts = [n for n, p in zip(fn.arg_names, fn.params) if p.is_constexpr]
     gemm = "tl.dot" in fn.src
     dtypes = [d for d in case.get("dtypes", DTYPES) if gemm or d != "tf32"]
+    if quick:
+        dtypes = [d for d in dtypes if d in QUICK_DTYPES.get(name, dtypes[:1])]
     variants = case.get("variants", {})
     variants = dict(variants(mod) if callable(variants) else variants)
     if "IDX64" in consts:
         variants.setdefault("IDX64", dict(IDX64=True))
     jobs = []
     for arch in arches:
-        tiles = _tiles(case, name, mod, arch)
-        runs = [(t, "", {}) for t in (tiles[:1] if quick else tiles)]
-        if not quick:
-            runs += [(tiles[0], flag, over) for flag, over in variants.items()]
         for dtype in dtypes:
+            tiles = _tiles(case, name, mod, arch, dtype)
+            runs = [(t, "", {}) for t in (tiles[:1] if quick else tiles)]
+            if not quick:
+                runs += [(tiles[0], flag, over) for flag, over in variants.items()]
             extra = [(tiles[0], "IDX64", variants["IDX64"])] if quick and (name, dtype) == QUICK_IDX64 else []
             for (meta, warps, stages), flag, over in runs + extra:
                 over = dict(over)
@@ -416,7 +436,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastconv.kernel_report", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print a JSON list of rows (summary goes to stderr)")
     p.add_argument("--arch", choices=sorted(ARCHES), action="append", help="target (repeatable; default: all)")
-    p.add_argument("--quick", action="store_true", help="first config per kernel x dtype x arch, plus one IDX64")
+    p.add_argument("--quick", action="store_true", help="first config per kernel x arch for the QUICK_DTYPES, plus one IDX64")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes (default 2)")
     args = p.parse_args(argv)
 

@@ -77,7 +77,7 @@ def split_rows(offs_m, OH, OW):
 
 @triton.jit
 def epilogue_store(
-    acc, n, oh, ow, mask_m, co, mask_n,
+    acc, offs_m, OH, OW, mask_m, co, mask_n,
     y_ptr, syn, syc, syh, syw,
     bias_ptr, scale_ptr, shift_ptr,
     res_ptr, srn, src, srh, srw,
@@ -86,9 +86,11 @@ def epilogue_store(
     stats_tile, C, cnt_ptr, mean_ptr, m2_ptr, STATS: tl.constexpr,
 ):
     """Apply bias/scale/shift/residual/activation to `acc` and store it, cast to y's dtype. With STATS,
-    also store the tile's BatchNorm partials of acc + bias (training-mode conv+BN).
+    also store the tile's BatchNorm partials of the bias-free acc (training-mode conv+BN).
 
-    n/oh/ow index the tile's rows (pixels), co its columns (global output channels); strides are in elements.
+    offs_m are the tile's GEMM rows (pixels m = (n, oh, ow) of an (N, OH, OW) grid), co its columns (global
+    output channels); strides are in elements. The pixel decomposition happens here, after the main loop,
+    so that it is not live across it; addresses are 1-D row and column parts broadcast only at the access.
     """
     if STATS:
         store_tile_stats(acc, mask_m, co, mask_n, stats_tile, C, cnt_ptr, mean_ptr, m2_ptr)
@@ -98,13 +100,14 @@ def epilogue_store(
         acc *= tl.load(scale_ptr + co, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
     if HAS_SHIFT:
         acc += tl.load(shift_ptr + co, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
+    n, oh, ow = split_rows(offs_m, OH, OW)
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_RES:
-        r_off = (n * srn + oh * srh + ow * srw)[:, None] + (co * src)[None, :]
-        acc += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(acc.dtype)
+        r_rows = n * srn + oh * srh + ow * srw
+        acc += tl.load(res_ptr + r_rows[:, None] + (co * src)[None, :], mask=mask, other=0.0).to(acc.dtype)
     acc = activation(acc, ACT)
-    y_off = (n * syn + oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    y_rows = n * syn + oh * syh + ow * syw
+    tl.store(y_ptr + y_rows[:, None] + (co * syc)[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -12,8 +12,13 @@ import triton
 
 from ._common import interpreting
 
-_GEMM_SM80 = [
-    (128, 128, 32, 4, 4),
+# Tensor-core tiles for 16-bit operands (fp16, bf16). Every tile keeps its fp32 accumulator at <= 64
+# registers per thread on sm_80 (BLOCK_M * BLOCK_N / (32 * num_warps)): 128x128 takes 8 warps, since with 4
+# the accumulator (128 registers) plus double-buffered MMA operands leaves too little for the addresses
+# and the fused epilogue and ptxas spills. Hopper's wgmma keeps operands in shared memory, so it affords
+# larger tiles per warp.
+_HALF_SM80 = [
+    (128, 128, 32, 8, 4),
     (128, 64, 32, 4, 4),
     (64, 128, 32, 4, 4),
     (64, 64, 32, 4, 4),
@@ -24,7 +29,7 @@ _GEMM_SM80 = [
     (256, 64, 32, 8, 3),
     (64, 256, 32, 8, 3),
 ]
-_GEMM_SM90 = [
+_HALF_SM90 = [
     (128, 128, 64, 8, 3),
     (128, 128, 32, 4, 4),
     (128, 256, 64, 8, 3),
@@ -35,15 +40,60 @@ _GEMM_SM90 = [
     (128, 32, 64, 4, 4),
     (64, 32, 32, 2, 5),
 ]
+# TF32 tensor cores (fp32 with allow_tf32): operands are twice as wide, so K blocks are half as deep.
+_TF32_SM80 = [
+    (128, 128, 32, 8, 4),
+    (128, 64, 32, 4, 4),
+    (64, 128, 32, 4, 4),
+    (64, 64, 32, 4, 4),
+    (128, 32, 32, 4, 4),
+    (64, 32, 32, 2, 5),
+    (256, 64, 32, 8, 3),
+    (64, 256, 32, 8, 3),
+]
+_TF32_SM90 = [
+    (128, 128, 32, 8, 3),
+    (128, 256, 32, 8, 3),
+    (256, 128, 32, 8, 3),
+    (128, 64, 32, 4, 4),
+    (64, 128, 32, 4, 4),
+    (64, 64, 32, 4, 4),
+    (128, 32, 32, 4, 4),
+    (64, 32, 32, 2, 5),
+]
+# Exact fp32 (allow_tf32 off) runs on FMA units: each thread holds its rows of the A tile and columns of
+# the B tile for the whole K block in registers, so K blocks stay shallow (8-16).
+_FP32 = [
+    (128, 64, 16, 8, 3),
+    (64, 128, 16, 4, 3),
+    (64, 64, 16, 4, 3),
+    (128, 32, 16, 4, 3),
+    (128, 64, 8, 4, 3),
+    (32, 64, 16, 2, 3),
+    (32, 32, 16, 2, 3),
+]
 # Narrow reductions (few input channels per group, e.g. the RGB stem or depthwise convs) waste most of a
 # wide K block, so those problems also try K=16.
 _SMALL_K = [(64, 64, 16, 4, 3), (128, 32, 16, 4, 3), (32, 32, 16, 2, 3)]
 
-CONFIGS: dict[str, dict[str, list[tuple[int, int, int, int, int]]]] = {
-    "conv2d_fwd": {"sm_80": _GEMM_SM80 + _SMALL_K, "sm_90": _GEMM_SM90 + _SMALL_K},
-    "conv2d_dgrad": {"sm_80": _GEMM_SM80 + _SMALL_K, "sm_90": _GEMM_SM90 + _SMALL_K},
-    "conv2d_wgrad": {"sm_80": _GEMM_SM80 + _SMALL_K, "sm_90": _GEMM_SM90 + _SMALL_K},
-    "im2col_gemm": {"sm_80": _GEMM_SM80, "sm_90": _GEMM_SM90},
+# family -> operand kind ("half": fp16/bf16, "tf32", "fp32": exact fp32 and fp64) -> arch -> tiles
+KINDS = ("half", "tf32", "fp32")
+
+
+def _family(small_k: bool) -> dict[str, dict[str, list[tuple[int, int, int, int, int]]]]:
+    extra = _SMALL_K if small_k else []
+    return {
+        "half": {"sm_80": _HALF_SM80 + extra, "sm_90": _HALF_SM90 + extra},
+        "tf32": {"sm_80": _TF32_SM80 + extra, "sm_90": _TF32_SM90 + extra},
+        "fp32": {"sm_80": _FP32, "sm_90": _FP32},
+    }
+
+
+CONFIGS = {
+    "conv2d_fwd": _family(small_k=True),
+    "conv2d_dgrad": _family(small_k=True),
+    "conv2d_wgrad": _family(small_k=True),
+    "im2col_gemm": _family(small_k=False),
 }
 
 # One config per family under the interpreter: small enough that test shapes cross tile boundaries, large
@@ -67,8 +117,15 @@ def to_triton(cfg: tuple[int, int, int, int, int]) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-def configs_for(family: str, arch: str) -> list[triton.Config]:
-    return [to_triton(c) for c in CONFIGS[family][arch]]
+def operand_kind(dtype: torch.dtype, precision: str) -> str:
+    """Which tile table a launch uses: 16-bit tensor cores, TF32 tensor cores, or exact fp32/fp64 FMA."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return "half"
+    return "tf32" if precision == "tf32" else "fp32"
+
+
+def configs_for(family: str, arch: str, kind: str = "half") -> list[triton.Config]:
+    return [to_triton(c) for c in CONFIGS[family][kind][arch]]
 
 
 def interpret_meta(family: str) -> dict:
@@ -84,7 +141,7 @@ class TunedKernel:
         self.kernel = kernel
         self.family = family
         self.key = key
-        self._tuned: dict[str, object] = {}
+        self._tuned: dict[tuple[str, str], object] = {}
 
     def __call__(self, grid, *args, device: torch.device, **kwargs):
         if interpreting():
@@ -92,8 +149,9 @@ class TunedKernel:
             self.kernel[grid(meta)](*args, **kwargs, **meta)
             return
         arch = arch_key(device)
-        tuned = self._tuned.get(arch)
+        kind = operand_kind(args[0].dtype, kwargs.get("PRECISION", "ieee"))
+        tuned = self._tuned.get((arch, kind))
         if tuned is None:
-            tuned = triton.autotune(configs=configs_for(self.family, arch), key=self.key)(self.kernel)
-            self._tuned[arch] = tuned
+            tuned = triton.autotune(configs=configs_for(self.family, arch, kind), key=self.key)(self.kernel)
+            self._tuned[(arch, kind)] = tuned
         tuned[grid](*args, **kwargs)

@@ -46,47 +46,79 @@ def _conv2d_fwd_kernel(
 ):
     g = tl.program_id(1)
     tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(COUT_G, BLOCK_N), GROUP_M)
+    if IDX64:
+        tile_m = tile_m.to(tl.int64)
+        g = g.to(tl.int64)
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    if IDX64:
-        offs_m = offs_m.to(tl.int64)
-        offs_n = offs_n.to(tl.int64)
-        g = g.to(tl.int64)
     mask_m = offs_m < M
     mask_n = offs_n < COUT_G
     n, oh, ow = split_rows(offs_m, OH, OW)
     co = g * COUT_G + offs_n
-    x_base = x_ptr + n * sxn + (g * CIN_G) * sxc
-    w_base = w_ptr + co * swo
+    # Row (pixel) and column (output channel) parts of the addresses are 1-D vectors built once; each step
+    # of the flat (kh, kw, ci-block) loop adds a scalar to them and broadcasts to the 2-D tile at the load.
+    # Coordinates stay int32 (|ih| < H + pad); only the address sums go int64 on the IDX64 path.
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_rows = n * sxn + ih0 * sxh + iw0 * sxw + (g * CIN_G) * sxc
+    w_cols = co * swo
+    ih0 = ih0.to(tl.int32)
+    iw0 = iw0.to(tl.int32)
+    k_xc = offs_k * sxc
+    k_wc = offs_k * swc
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_TYPE)
-    for kh in range(KH):
-        ih = oh * stride_h - pad_h + kh * dil_h
-        row_ok = mask_m & (ih >= 0) & (ih < H)
-        for kw in range(KW):
-            iw = ow * stride_w - pad_w + kw * dil_w
-            pix_ok = row_ok & (iw >= 0) & (iw < W)
-            a_ptrs = x_base + ih * sxh + iw * sxw
-            b_ptrs = w_base + kh * swh + kw * sww
-            for c0 in range(0, CIN_G, BLOCK_K):
-                ci = c0 + offs_k
-                ci_ok = ci < CIN_G
-                a = tl.load(a_ptrs[:, None] + (ci * sxc)[None, :], mask=pix_ok[:, None] & ci_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs[None, :] + (ci * swc)[:, None], mask=ci_ok[:, None] & mask_n[None, :], other=0.0)
-                if UPCAST:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_TYPE)
+    num_cb = tl.cdiv(CIN_G, BLOCK_K)
+    for t in range(KH * KW * num_cb):
+        tap = t // num_cb
+        c0 = (t - tap * num_cb) * BLOCK_K
+        kh = tap // KW
+        kw = tap - kh * KW
+        dh = kh * dil_h
+        dw = kw * dil_w
+        ih = ih0 + dh
+        iw = iw0 + dw
+        row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ci_ok = offs_k < CIN_G - c0
+        if IDX64:
+            dh = dh.to(tl.int64)
+            dw = dw.to(tl.int64)
+            kh = kh.to(tl.int64)
+            kw = kw.to(tl.int64)
+            c0 = c0.to(tl.int64)
+        a_rows = x_rows + (dh * sxh + dw * sxw + c0 * sxc)
+        b_cols = w_cols + (kh * swh + kw * sww + c0 * swc)
+        a = tl.load(x_ptr + a_rows[:, None] + k_xc[None, :], mask=row_ok[:, None] & ci_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + b_cols[None, :] + k_wc[:, None], mask=ci_ok[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_TYPE)
 
     epilogue_store(
-        acc, n, oh, ow, mask_m, co, mask_n,
+        acc, offs_m, OH, OW, mask_m, co, mask_n,
         y_ptr, syn, syc, syh, syw,
         bias_ptr, scale_ptr, shift_ptr,
         res_ptr, srn, src, srh, srw,
         HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, ACT,
         tile_m, COUT_G * tl.num_programs(1), cnt_ptr, mean_ptr, m2_ptr, STATS,
     )
+
+
+@triton.jit
+def _first_tap(r, pad, dil, K, STRIDE: tl.constexpr):
+    """The taps k in [0, K) with (r + pad - k*dil) % STRIDE == 0 are k0, k0 + step, ...: returns
+    (k0, step, count). The solutions form one residue class modulo step = STRIDE / gcd(STRIDE, dil), so
+    the first lies below STRIDE."""
+    k0 = K
+    for t in tl.static_range(STRIDE - 1, -1, -1):
+        k0 = tl.where(((r + pad - t * dil) % STRIDE == 0) & (t < K), t, k0)
+    step = STRIDE
+    for t in tl.static_range(STRIDE - 1, 0, -1):
+        step = tl.where((t * dil) % STRIDE == 0, t, step)
+    count = tl.where(k0 < K, (K - k0 + step - 1) // step, 0)
+    return k0, step, count
 
 
 @triton.jit
@@ -106,9 +138,9 @@ def _conv2d_dgrad_kernel(
 
     Stride phases: input pixels are split into stride_h*stride_w classes (h % stride_h, w % stride_w).
     Within one class, whether tap kh reaches an output row does not depend on the pixel, so each program
-    (one class, one tile) skips whole taps instead of masking (stride-1)/stride of its loads, and
-    oh = i + (rh + pad - kh*dil) / stride exactly. Every input pixel lies in exactly one class, so each
-    dx element is written once, zeros included.
+    (one class, one tile) walks only the taps that do (an arithmetic progression, see _first_tap) instead of
+    masking (stride-1)/stride of its loads, and oh = i + (rh + pad - kh*dil) / stride exactly. Every input
+    pixel lies in exactly one class, so each dx element is written once, zeros included.
     """
     pid_pg = tl.program_id(1)
     phase = pid_pg % (stride_h * stride_w)
@@ -116,50 +148,60 @@ def _conv2d_dgrad_kernel(
     rh = phase // stride_w
     rw = phase % stride_w
     tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(MP, BLOCK_M), tl.cdiv(CIN_G, BLOCK_N), GROUP_M)
+    if IDX64:
+        tile_m = tile_m.to(tl.int64)
+        g = g.to(tl.int64)
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    if IDX64:
-        offs_m = offs_m.to(tl.int64)
-        offs_n = offs_n.to(tl.int64)
-        g = g.to(tl.int64)
     # m -> (n, i, j) over the phase's sub-grid; the pixel is (rh + i*stride_h, rw + j*stride_w).
     n, i, j = split_rows(offs_m, HP, WP)
-    h = rh + i * stride_h
-    w = rw + j * stride_w
-    mask_m = (offs_m < MP) & (h < H) & (w < W)
+    mask_m = (offs_m < MP) & (rh + i * stride_h < H) & (rw + j * stride_w < W)
     mask_n = offs_n < CIN_G
-    ci = g * CIN_G + offs_n
-    dy_base = dy_ptr + n * sdyn + (g * COUT_G) * sdyc
-    w_base = w_ptr + (g * COUT_G) * swo + offs_n * swc
+    # 1-D address parts, built once: dy at (n, oh = i, ow = j) and w at (g*COUT_G, offs_n); each step of the
+    # flat (tap, co-block) loop adds scalars and broadcasts to the 2-D tiles at the load.
+    dy_rows = n * sdyn + i * sdyh + j * sdyw + (g * COUT_G) * sdyc
+    w_cols = (g * COUT_G) * swo + offs_n * swc
+    i = i.to(tl.int32)
+    j = j.to(tl.int32)
+    k_dyc = offs_k * sdyc
+    k_wo = offs_k * swo
+    kh0, step_h, count_h = _first_tap(rh, pad_h, dil_h, KH, stride_h)
+    kw0, step_w, count_w = _first_tap(rw, pad_w, dil_w, KW, stride_w)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_TYPE)
-    for kh in range(KH):
-        th = rh + pad_h - kh * dil_h
-        if th % stride_h == 0:
-            oh = i + th // stride_h
-            row_ok = mask_m & (oh >= 0) & (oh < OH)
-            for kw in range(KW):
-                tw = rw + pad_w - kw * dil_w
-                if tw % stride_w == 0:
-                    ow = j + tw // stride_w
-                    pix_ok = row_ok & (ow >= 0) & (ow < OW)
-                    a_ptrs = dy_base + oh * sdyh + ow * sdyw
-                    b_ptrs = w_base + kh * swh + kw * sww
-                    for c0 in range(0, COUT_G, BLOCK_K):
-                        co = c0 + offs_k
-                        co_ok = co < COUT_G
-                        a = tl.load(a_ptrs[:, None] + (co * sdyc)[None, :],
-                                    mask=pix_ok[:, None] & co_ok[None, :], other=0.0)
-                        b = tl.load(b_ptrs[None, :] + (co * swo)[:, None],
-                                    mask=co_ok[:, None] & mask_n[None, :], other=0.0)
-                        if UPCAST:
-                            a = a.to(tl.float32)
-                            b = b.to(tl.float32)
-                        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_TYPE)
+    num_cb = tl.cdiv(COUT_G, BLOCK_K)
+    for t in range(count_h * count_w * num_cb):
+        tap = t // num_cb
+        c0 = (t - tap * num_cb) * BLOCK_K
+        th = tap // count_w
+        kh = kh0 + th * step_h
+        kw = kw0 + (tap - th * count_w) * step_w
+        dh = (rh + pad_h - kh * dil_h) // stride_h  # exact: the tap belongs to this phase
+        dw = (rw + pad_w - kw * dil_w) // stride_w
+        oh = i + dh
+        ow = j + dw
+        row_ok = mask_m & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+        co_ok = offs_k < COUT_G - c0
+        if IDX64:
+            dh = dh.to(tl.int64)
+            dw = dw.to(tl.int64)
+            kh = kh.to(tl.int64)
+            kw = kw.to(tl.int64)
+            c0 = c0.to(tl.int64)
+        a_rows = dy_rows + (dh * sdyh + dw * sdyw + c0 * sdyc)
+        b_cols = w_cols + (kh * swh + kw * sww + c0 * swo)
+        a = tl.load(dy_ptr + a_rows[:, None] + k_dyc[None, :], mask=row_ok[:, None] & co_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + b_cols[None, :] + k_wo[:, None], mask=co_ok[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_TYPE)
 
-    dx_off = (n * sdxn + h * sdxh + w * sdxw)[:, None] + (ci * sdxc)[None, :]
-    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    n, i, j = split_rows(offs_m, HP, WP)
+    dx_rows = n * sdxn + (rh + i * stride_h) * sdxh + (rw + j * stride_w) * sdxw
+    dx_ptrs = dx_ptr + dx_rows[:, None] + ((g * CIN_G + offs_n) * sdxc)[None, :]
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -193,33 +235,42 @@ def _conv2d_wgrad_kernel(
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    k_lo = split * K_PER_SPLIT
     if IDX64:
-        offs_m = offs_m.to(tl.int64)
-        offs_n = offs_n.to(tl.int64)
-        offs_k = offs_k.to(tl.int64)
         g = g.to(tl.int64)
-        k_lo = k_lo.to(tl.int64)
+        split = split.to(tl.int64)
     mask_m = offs_m < COUT_G
     mask_n = offs_n < CIN_G
     co = g * COUT_G + offs_m
     ci = g * CIN_G + offs_n
+    dy_cols = co * sdyc
+    x_cols = ci * sxc
+    dh = kh * dil_h - pad_h
+    dw = kw * dil_w - pad_w
     with_bias = (tap == 0) & (tile_n == 0)
+    # Pixel indices p = (n, oh, ow) take P's width (int64 only once P itself passes 2**31, which Triton's
+    # launcher passes as i64): P * 0 promotes the chunk start without a 64-bit division per K step.
+    k_lo = (P * 0 + split) * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, P)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_TYPE)
     db = tl.zeros((BLOCK_M,), dtype=ACC_TYPE)
-    k_hi = tl.minimum(k_lo + K_PER_SPLIT, P)
     for p0 in range(k_lo, k_hi, BLOCK_K):
         p = p0 + offs_k
         p_ok = p < k_hi
         n, oh, ow = split_rows(p, OH, OW)
-        ih = oh * stride_h - pad_h + kh * dil_h
-        iw = ow * stride_w - pad_w + kw * dil_w
+        ih = oh * stride_h + dh
+        iw = ow * stride_w + dw
         x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(dy_ptr + (n * sdyn + oh * sdyh + ow * sdyw)[None, :] + (co * sdyc)[:, None],
-                    mask=mask_m[:, None] & p_ok[None, :], other=0.0)
-        b = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + (ci * sxc)[None, :],
-                    mask=x_ok[:, None] & mask_n[None, :], other=0.0)
+        if IDX64:
+            n = n.to(tl.int64)
+            oh = oh.to(tl.int64)
+            ow = ow.to(tl.int64)
+            ih = ih.to(tl.int64)
+            iw = iw.to(tl.int64)
+        dy_p = n * sdyn + oh * sdyh + ow * sdyw
+        x_p = n * sxn + ih * sxh + iw * sxw
+        a = tl.load(dy_ptr + dy_cols[:, None] + dy_p[None, :], mask=mask_m[:, None] & p_ok[None, :], other=0.0)
+        b = tl.load(x_ptr + x_p[:, None] + x_cols[None, :], mask=x_ok[:, None] & mask_n[None, :], other=0.0)
         if HAS_DBIAS:
             if with_bias:
                 db += tl.sum(a.to(ACC_TYPE), axis=1)
@@ -247,7 +298,8 @@ GROUP_M = 8
 def min_block_m(family: str) -> int:
     from .configs import CONFIGS, INTERPRET
 
-    return min([c[0] for arch in CONFIGS[family].values() for c in arch] + [INTERPRET[family][0]])
+    tiles = [c for kind in CONFIGS[family].values() for arch in kind.values() for c in arch]
+    return min([c[0] for c in tiles] + [INTERPRET[family][0]])
 
 
 def stats_buffers(num_tiles: int, channels: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -89,9 +89,8 @@ def _im2col_gemm_kernel(
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * COUT_G
 
-    n, oh, ow = split_rows(offs_m, OH, OW)
     epilogue_store(
-        acc, n, oh, ow, mask_m, g * COUT_G + offs_n, mask_n,
+        acc, offs_m, OH, OW, mask_m, g * COUT_G + offs_n, mask_n,
         y_ptr, syn, syc, syh, syw,
         bias_ptr, scale_ptr, shift_ptr,
         res_ptr, srn, src, srh, srw,
