@@ -71,7 +71,7 @@ void forward_cpu(const at::Tensor& x, at::Tensor& y, at::Tensor& off, const Pool
       for (int64_t oh = 0; oh < s.OH; ++oh) {
         for (int64_t ow = 0; ow < s.OW; ++ow) {
           Acc best;
-          const int64_t t = window_argmax<Acc>(xplane, sxh, sxw, s.H, s.W, oh, ow, g, best);
+          const int64_t t = window_argmax(xplane, sxh, sxw, s.H, s.W, oh, ow, g, CastLoad<Acc>(), best);
           yp[o + oh * syh + ow * syw] = static_cast<T>(best);
           op[o + oh * syh + ow * syw] = static_cast<Off>(t);
         }

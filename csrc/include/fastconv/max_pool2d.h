@@ -61,10 +61,19 @@ FASTCONV_HD inline void tap_range(int64_t origin, int64_t size, int64_t K, int64
   if (k_hi < k_lo) k_hi = k_lo;
 }
 
+// Reads one element as the accumulation type: the plain cast, for host code and the CPU twin. CUDA code
+// passes its own loader (torch builds .cu files with __CUDA_NO_HALF_CONVERSIONS__, so half/bfloat16 need
+// intrinsics there).
+template <typename Acc>
+struct CastLoad {
+  template <typename T>
+  FASTCONV_HD Acc operator()(const T* p) const { return static_cast<Acc>(*p); }
+};
+
 // Max and argmax tap of window (oh, ow) of one input plane read through strides (sh, sw).
-template <typename Acc, typename T>
+template <typename Acc, typename T, typename Load>
 FASTCONV_HD inline int64_t window_argmax(const T* plane, int64_t sh, int64_t sw, int64_t H, int64_t W,
-                                         int64_t oh, int64_t ow, const PoolGeometry& g, Acc& best) {
+                                         int64_t oh, int64_t ow, const PoolGeometry& g, const Load& load, Acc& best) {
   const int64_t h0 = oh * g.SH - g.PH, w0 = ow * g.SW - g.PW;
   int64_t best_tap = initial_tap(h0, w0, g);
   best = -static_cast<Acc>(INFINITY);
@@ -74,7 +83,7 @@ FASTCONV_HD inline int64_t window_argmax(const T* plane, int64_t sh, int64_t sw,
   for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
     const T* row = plane + (h0 + kh * g.DH) * sh;
     for (int64_t kw = kw_lo; kw < kw_hi; ++kw) {
-      fold_tap(static_cast<Acc>(row[(w0 + kw * g.DW) * sw]), kh * g.KW + kw, best, best_tap);
+      fold_tap(static_cast<Acc>(load(row + (w0 + kw * g.DW) * sw)), kh * g.KW + kw, best, best_tap);
     }
   }
   return best_tap;
