@@ -2,7 +2,8 @@
 // (csrc/cpu/batch_norm.cpp) and CUDA (csrc/cuda/batch_norm_cuda.cpp) registrations.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <string>

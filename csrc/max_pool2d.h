@@ -2,8 +2,9 @@
 // CPU (csrc/cpu/max_pool2d.cpp) and CUDA (csrc/cuda/max_pool2d_cuda.cpp) registrations.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
-#include <ATen/ATen.h>
 
 #include "fastconv/max_pool2d.h"
 

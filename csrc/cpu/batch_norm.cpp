@@ -5,6 +5,7 @@
 // Reductions run over tiles of kTileRows pixels into [T, C] partials combined in a fixed order, so results do
 // not depend on the thread count. Inside a tile, and in the elementwise passes, the channel loop is innermost
 // for channels_last tensors and outermost for the others, so memory is walked in order.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

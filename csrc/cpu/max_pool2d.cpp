@@ -4,6 +4,7 @@
 // Loop order follows the output's memory format: NCHW parallelises over (n, c) planes; channels_last over
 // (n, row) with the channel loop innermost, so both read and write memory in order. Inputs are read through
 // their strides (non-contiguous views need no copy).
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

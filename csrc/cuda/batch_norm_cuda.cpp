@@ -1,5 +1,6 @@
 // CUDA registration of the fastconv::ext_batch_norm_* ops: checks, device guard, current stream, params,
 // launch (csrc/cuda/batch_norm.cu), launch-error check.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>

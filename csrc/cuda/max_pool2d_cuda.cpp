@@ -1,5 +1,6 @@
 // CUDA registration of fastconv::ext_max_pool2d(_input_grad): checks, device guard, current stream, params,
 // launch (csrc/cuda/max_pool2d.cu), launch-error check.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
