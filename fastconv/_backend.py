@@ -62,11 +62,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def extension_status() -> tuple[bool, str]:
-    """(loaded, reason) for the C++/CUDA extension fastconv._C."""
-    if importlib.util.find_spec("fastconv._C") is None:
-        return False, "the C++ extension fastconv._C is not built in this install"
-    return True, ""
+def extension_status(device_type: str = "cpu") -> tuple[bool, str]:
+    """(usable, reason) for the C++/CUDA extension fastconv._C: for 'cuda' also whether it holds CUDA kernels."""
+    from . import _ext
+
+    if device_type == "cuda":
+        return _ext.cuda_kernels_status()
+    return (True, "") if _ext.load() else (False, _ext.reason())
 
 
 def availability(device_type: str) -> dict[str, tuple[bool, str]]:
@@ -81,12 +83,14 @@ def availability(device_type: str) -> dict[str, tuple[bool, str]]:
     elif ok and device_type not in ("cuda", "cpu"):
         ok, why = False, f"Triton kernels do not run on {device_type} tensors"
     out["triton"] = (ok, why)
-    ext_ok, ext_why = extension_status()
     if device_type == "cuda":
+        ext_ok, ext_why = extension_status("cuda")
+        if ext_ok and not torch.cuda.is_available():
+            ext_ok, ext_why = False, "no CUDA device is visible to torch"
         out["cuda"] = (ext_ok, ext_why)
         out["cpu"] = (False, "the cpu backend runs CPU tensors; these are cuda tensors")
     else:
-        out["cpu"] = (ext_ok, ext_why) if device_type == "cpu" else (False, f"no kernels for {device_type}")
+        out["cpu"] = extension_status("cpu") if device_type == "cpu" else (False, f"no kernels for {device_type}")
         out["cuda"] = (False, f"the cuda backend runs CUDA tensors; these are {device_type} tensors")
     return out
 
