@@ -9,6 +9,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <initializer_list>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../max_pool2d.h"
@@ -18,6 +21,38 @@ namespace {
 
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Calls f(std::true_type) when every stride is 1 (so the channel loops below vectorise), else f(std::false_type).
+template <typename F>
+void with_unit_strides(std::initializer_list<int64_t> strides, const F& f) {
+  for (int64_t s : strides) {
+    if (s != 1) return f(std::false_type{});
+  }
+  f(std::true_type{});
+}
+
+// The windows containing each input position along one axis, from the shared mapping (window_range,
+// window_tap), tabulated once per call: position i has windows o[j], taps k[j] for j in [start[i], start[i+1]),
+// in increasing o. The backward then needs no division per element.
+struct AxisWindows {
+  std::vector<int64_t> start, o, k;
+  AxisWindows(int64_t size, int64_t K, int64_t S, int64_t P, int64_t D, int64_t O) {
+    start.reserve(size + 1);
+    for (int64_t i = 0; i < size; ++i) {
+      start.push_back(static_cast<int64_t>(o.size()));
+      int64_t lo, hi;
+      window_range(i, K, S, P, D, O, lo, hi);
+      for (int64_t w = lo; w <= hi; ++w) {
+        const int64_t t = window_tap(i, w, S, P, D);
+        if (t >= 0) {
+          o.push_back(w);
+          k.push_back(t);
+        }
+      }
+    }
+    start.push_back(static_cast<int64_t>(o.size()));
+  }
+};
 
 template <typename T, typename Off>
 void forward_cpu(const at::Tensor& x, at::Tensor& y, at::Tensor& off, const PoolShape& s) {
@@ -29,38 +64,44 @@ void forward_cpu(const at::Tensor& x, at::Tensor& y, at::Tensor& off, const Pool
   const int64_t syn = y.stride(0), syc = y.stride(1), syh = y.stride(2), syw = y.stride(3);  // off: same strides
   const PoolGeometry g = s.g;
   if (s.format == at::MemoryFormat::ChannelsLast) {
-    at::parallel_for(0, s.N * s.OH, 1, [&](int64_t begin, int64_t end) {
-      std::vector<Acc> best(s.C);
-      std::vector<int64_t> tap(s.C);
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t n = row / s.OH, oh = row % s.OH;
-        const int64_t h0 = oh * g.SH - g.PH;
-        int64_t kh_lo, kh_hi;
-        tap_range(h0, s.H, g.KH, g.DH, kh_lo, kh_hi);
-        for (int64_t ow = 0; ow < s.OW; ++ow) {
-          const int64_t w0 = ow * g.SW - g.PW;
-          int64_t kw_lo, kw_hi;
-          tap_range(w0, s.W, g.KW, g.DW, kw_lo, kw_hi);
-          const int64_t start = initial_tap(h0, w0, g);
-          for (int64_t c = 0; c < s.C; ++c) {
-            best[c] = -std::numeric_limits<Acc>::infinity();
-            tap[c] = start;
-          }
-          // taps outer, channels inner: every tap reads C consecutive values of a channels_last input
-          for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
-            for (int64_t kw = kw_lo; kw < kw_hi; ++kw) {
-              const T* src = xp + n * sxn + (h0 + kh * g.DH) * sxh + (w0 + kw * g.DW) * sxw;
-              const int64_t t = kh * g.KW + kw;
-              for (int64_t c = 0; c < s.C; ++c) fold_tap(static_cast<Acc>(src[c * sxc]), t, best[c], tap[c]);
+    with_unit_strides({sxc, syc}, [&](auto unit) {
+      const int64_t xc = unit ? 1 : sxc, yc = unit ? 1 : syc;
+      at::parallel_for(0, s.N * s.OH, 1, [&](int64_t begin, int64_t end) {
+        std::vector<Acc> best_v(s.C);
+        std::vector<int32_t> tap_v(s.C);
+        Acc* __restrict best = best_v.data();
+        int32_t* __restrict tap = tap_v.data();
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t n = row / s.OH, oh = row % s.OH;
+          const int64_t h0 = oh * g.SH - g.PH;
+          int64_t kh_lo, kh_hi;
+          tap_range(h0, s.H, g.KH, g.DH, kh_lo, kh_hi);
+          for (int64_t ow = 0; ow < s.OW; ++ow) {
+            const int64_t w0 = ow * g.SW - g.PW;
+            int64_t kw_lo, kw_hi;
+            tap_range(w0, s.W, g.KW, g.DW, kw_lo, kw_hi);
+            const int32_t start = static_cast<int32_t>(initial_tap(h0, w0, g));
+            for (int64_t c = 0; c < s.C; ++c) {
+              best[c] = -std::numeric_limits<Acc>::infinity();
+              tap[c] = start;
+            }
+            // taps outer, channels inner: every tap reads C consecutive values of a channels_last input
+            for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
+              for (int64_t kw = kw_lo; kw < kw_hi; ++kw) {
+                const T* __restrict src = xp + n * sxn + (h0 + kh * g.DH) * sxh + (w0 + kw * g.DW) * sxw;
+                const int32_t t = static_cast<int32_t>(kh * g.KW + kw);
+                for (int64_t c = 0; c < s.C; ++c) fold_tap(static_cast<Acc>(src[c * xc]), t, best[c], tap[c]);
+              }
+            }
+            T* __restrict dst = yp + n * syn + oh * syh + ow * syw;
+            Off* __restrict odst = op + n * syn + oh * syh + ow * syw;
+            for (int64_t c = 0; c < s.C; ++c) {
+              dst[c * yc] = static_cast<T>(best[c]);
+              odst[c * yc] = static_cast<Off>(tap[c]);
             }
           }
-          const int64_t o = n * syn + oh * syh + ow * syw;
-          for (int64_t c = 0; c < s.C; ++c) {
-            yp[o + c * syc] = static_cast<T>(best[c]);
-            op[o + c * syc] = static_cast<Off>(tap[c]);
-          }
         }
-      }
+      });
     });
     return;
   }
@@ -91,36 +132,33 @@ void backward_cpu(const at::Tensor& dy, const at::Tensor& off, at::Tensor& dx, c
   const int64_t son = off.stride(0), soc = off.stride(1), soh = off.stride(2), sow = off.stride(3);
   const int64_t sxn = dx.stride(0), sxc = dx.stride(1), sxh = dx.stride(2), sxw = dx.stride(3);
   const PoolGeometry g = s.g;
+  const AxisWindows rows(s.H, g.KH, g.SH, g.PH, g.DH, s.OH), cols(s.W, g.KW, g.SW, g.PW, g.DW, s.OW);
   // Each dx element gathers, in (oh, ow) raster order, the grads of the windows whose argmax tap is it.
   if (s.format == at::MemoryFormat::ChannelsLast) {
-    at::parallel_for(0, s.N * s.H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<Acc> acc(s.C);
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t n = row / s.H, h = row % s.H;
-        int64_t oh_lo, oh_hi;
-        window_range(h, g.KH, g.SH, g.PH, g.DH, s.OH, oh_lo, oh_hi);
-        for (int64_t w = 0; w < s.W; ++w) {
-          int64_t ow_lo, ow_hi;
-          window_range(w, g.KW, g.SW, g.PW, g.DW, s.OW, ow_lo, ow_hi);
-          std::fill(acc.begin(), acc.end(), Acc(0));
-          for (int64_t oh = oh_lo; oh <= oh_hi; ++oh) {
-            const int64_t kh = window_tap(h, oh, g.SH, g.PH, g.DH);
-            if (kh < 0) continue;
-            for (int64_t ow = ow_lo; ow <= ow_hi; ++ow) {
-              const int64_t kw = window_tap(w, ow, g.SW, g.PW, g.DW);
-              if (kw < 0) continue;
-              const Off t = static_cast<Off>(kh * g.KW + kw);
-              const Off* o = op + n * son + oh * soh + ow * sow;
-              const T* d = dyp + n * sdn + oh * sdh + ow * sdw;
-              for (int64_t c = 0; c < s.C; ++c) {
-                if (o[c * soc] == t) acc[c] += static_cast<Acc>(d[c * sdc]);
+    with_unit_strides({sdc, soc, sxc}, [&](auto unit) {
+      const int64_t dc = unit ? 1 : sdc, oc = unit ? 1 : soc, xc = unit ? 1 : sxc;
+      at::parallel_for(0, s.N * s.H, 1, [&](int64_t begin, int64_t end) {
+        std::vector<Acc> acc_v(s.C);
+        Acc* __restrict acc = acc_v.data();
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t n = row / s.H, h = row % s.H;
+          for (int64_t w = 0; w < s.W; ++w) {
+            for (int64_t c = 0; c < s.C; ++c) acc[c] = Acc(0);
+            for (int64_t a = rows.start[h]; a < rows.start[h + 1]; ++a) {
+              const int64_t oh = rows.o[a], kh = rows.k[a];
+              for (int64_t b = cols.start[w]; b < cols.start[w + 1]; ++b) {
+                const int64_t ow = cols.o[b];
+                const Off t = static_cast<Off>(kh * g.KW + cols.k[b]);
+                const Off* __restrict o = op + n * son + oh * soh + ow * sow;
+                const T* __restrict d = dyp + n * sdn + oh * sdh + ow * sdw;
+                for (int64_t c = 0; c < s.C; ++c) acc[c] += o[c * oc] == t ? static_cast<Acc>(d[c * dc]) : Acc(0);
               }
             }
+            T* __restrict dst = dxp + n * sxn + h * sxh + w * sxw;
+            for (int64_t c = 0; c < s.C; ++c) dst[c * xc] = static_cast<T>(acc[c]);
           }
-          T* dst = dxp + n * sxn + h * sxh + w * sxw;
-          for (int64_t c = 0; c < s.C; ++c) dst[c * sxc] = static_cast<T>(acc[c]);
         }
-      }
+      });
     });
     return;
   }
@@ -131,18 +169,13 @@ void backward_cpu(const at::Tensor& dy, const at::Tensor& off, at::Tensor& dx, c
       const T* d = dyp + n * sdn + c * sdc;
       T* dst = dxp + n * sxn + c * sxc;
       for (int64_t h = 0; h < s.H; ++h) {
-        int64_t oh_lo, oh_hi;
-        window_range(h, g.KH, g.SH, g.PH, g.DH, s.OH, oh_lo, oh_hi);
         for (int64_t w = 0; w < s.W; ++w) {
-          int64_t ow_lo, ow_hi;
-          window_range(w, g.KW, g.SW, g.PW, g.DW, s.OW, ow_lo, ow_hi);
           Acc acc = 0;
-          for (int64_t oh = oh_lo; oh <= oh_hi; ++oh) {
-            const int64_t kh = window_tap(h, oh, g.SH, g.PH, g.DH);
-            if (kh < 0) continue;
-            for (int64_t ow = ow_lo; ow <= ow_hi; ++ow) {
-              const int64_t kw = window_tap(w, ow, g.SW, g.PW, g.DW);
-              if (kw >= 0 && o[oh * soh + ow * sow] == kh * g.KW + kw) acc += static_cast<Acc>(d[oh * sdh + ow * sdw]);
+          for (int64_t a = rows.start[h]; a < rows.start[h + 1]; ++a) {
+            const int64_t oh = rows.o[a], kh = rows.k[a];
+            for (int64_t b = cols.start[w]; b < cols.start[w + 1]; ++b) {
+              const int64_t ow = cols.o[b];
+              if (o[oh * soh + ow * sow] == kh * g.KW + cols.k[b]) acc += static_cast<Acc>(d[oh * sdh + ow * sdw]);
             }
           }
           dst[h * sxh + w * sxw] = static_cast<T>(acc);

@@ -44,12 +44,12 @@ FASTCONV_HD inline int64_t initial_tap(int64_t h0, int64_t w0, const PoolGeometr
 
 // Fold one in-image value into the running (max, tap): strict > keeps the first maximum, v != v lets every
 // NaN through.
-template <typename Acc>
-FASTCONV_HD inline void fold_tap(Acc v, int64_t tap, Acc& best, int64_t& best_tap) {
-  if (v > best || v != v) {
-    best = v;
-    best_tap = tap;
-  }
+// (Written as selects, not a branch, so that CPU channel loops vectorise.)
+template <typename Acc, typename Tap>
+FASTCONV_HD inline void fold_tap(Acc v, Tap tap, Acc& best, Tap& best_tap) {
+  const bool take = v > best || v != v;
+  best = take ? v : best;
+  best_tap = take ? tap : best_tap;
 }
 
 // Range of taps k (0 <= k_lo <= k < k_hi <= K) along one axis whose position origin + k*dil lies in [0, size).
