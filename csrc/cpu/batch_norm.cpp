@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "../batch_norm.h"
@@ -28,6 +29,24 @@ struct Strides {
   Strides() : n(0), c(0), h(0), w(0) {}
   int64_t at(int64_t n_, int64_t c_, int64_t h_, int64_t w_) const { return n_ * n + c_ * c + h_ * h + w_ * w; }
 };
+
+// Calls f(std::integral_constant<Act, a>) for the runtime activation a: the per-element activation then
+// compiles to straight-line code instead of a switch in every inner loop.
+template <typename F>
+void with_act(Act act, const F& f) {
+  switch (act) {
+    case Act::relu:
+      return f(std::integral_constant<Act, Act::relu>{});
+    case Act::relu6:
+      return f(std::integral_constant<Act, Act::relu6>{});
+    case Act::silu:
+      return f(std::integral_constant<Act, Act::silu>{});
+    case Act::hardswish:
+      return f(std::integral_constant<Act, Act::hardswish>{});
+    default:
+      return f(std::integral_constant<Act, Act::identity>{});
+  }
+}
 
 // Visit pixels p in [p0, p1) of an (N, H, W) raster as (n, h, w) without divisions per pixel.
 template <typename F>
@@ -186,7 +205,8 @@ void act_cpu(const at::Tensor& z, const BnInputs& in, double eps, at::Tensor& y)
   const T* rp = in.residual.defined() ? in.residual.const_data_ptr<T>() : nullptr;
   T* yp = y.data_ptr<T>();
   const Strides sz(z), sy(y), sr = rp ? Strides(in.residual) : Strides();
-  const Act act = in.act;
+  with_act(in.act, [&](auto act_c) {
+  constexpr Act act = decltype(act_c)::value;
   if (bn_format(y) == at::MemoryFormat::ChannelsLast) {
     at::parallel_for(0, N * H * W, 256, [&](int64_t begin, int64_t end) {
       for_pixels(begin, end, H, W, [&](int64_t n, int64_t h, int64_t w) {
@@ -213,6 +233,7 @@ void act_cpu(const at::Tensor& z, const BnInputs& in, double eps, at::Tensor& y)
         ys[w * sy.w] = static_cast<T>(bn_act_value(static_cast<Acc>(zs[w * sz.w]), k, r, act));
       }
     }
+  });
   });
 }
 
@@ -243,7 +264,8 @@ void backward_cpu(const at::Tensor& dy, const at::Tensor& z, const BnInputs& in,
   const T* dp = dy.const_data_ptr<T>();
   const T* rp = in.residual.defined() ? in.residual.const_data_ptr<T>() : nullptr;
   const Strides sz(z), sd(dy), sr = rp ? Strides(in.residual) : Strides();
-  const Act act = in.act;
+  with_act(in.act, [&](auto act_c) {
+  constexpr Act act = decltype(act_c)::value;
   auto grad = [&](int64_t n, int64_t c, int64_t h, int64_t w, Acc& xhat) {
     const Acc r = rp ? static_cast<Acc>(rp[sr.at(n, c, h, w)]) : Acc(0);
     return bn_act_grad(static_cast<Acc>(dp[sd.at(n, c, h, w)]), static_cast<Acc>(zp[sz.at(n, c, h, w)]), ch[c], r,
@@ -319,6 +341,7 @@ void backward_cpu(const at::Tensor& dy, const at::Tensor& z, const BnInputs& in,
       }
     });
   }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ext_batch_norm_act_backward_cpu(
