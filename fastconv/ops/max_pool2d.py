@@ -37,7 +37,6 @@ from .._pool_args import offsets_dtype, suggest_memory_format  # noqa: F401 (re-
 SUPPORTED_BACKENDS = ("triton", "cuda", "cpu", "torch")
 # What the fastconv kernels (Triton, CUDA C++ and the C++ CPU twin alike) pool; other dtypes run on PyTorch.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-TRITON_DTYPES = KERNEL_DTYPES
 
 
 # ----------------------------------------------------------------------------------------------------------
