@@ -42,7 +42,10 @@ def build_info() -> dict:
         return {}
     import torch
 
-    return json.loads(torch.ops.fastconv.ext_build_info())
+    info = json.loads(torch.ops.fastconv.ext_build_info())
+    if isinstance(info.get("archs"), str):  # nvcc passes the list as "sm_80,sm_90"
+        info["archs"] = [a for a in info["archs"].split(",") if a]
+    return info
 
 
 def cuda_kernels_status() -> tuple[bool, str]:
