@@ -72,7 +72,8 @@ def lines() -> list[str]:
         out.append(f"  auto -> {picked}")
     out += ["", "ops:"]
     for op, backends in OPS.items():
-        out.append(f"  {op}: backends {", ".join(backends)}; triton algorithms implicit (default), im2col; cpu/cuda: im2col GEMM")
+        out.append(f"  {op}: backends {', '.join(backends)}; triton algorithms implicit (default), im2col; "
+                   "cpu/cuda: im2col GEMM")
     out += ["", "dtypes (triton backend):"]
     for dt in DTYPES:
         note = _dtype_note("triton", "cuda" if torch.cuda.is_available() else "cpu", dt)
