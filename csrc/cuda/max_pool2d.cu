@@ -84,20 +84,23 @@ __global__ void __launch_bounds__(kThreads) max_pool2d_bwd_kernel(MaxPool2dBackw
   for (Index i = blockIdx.x * Index(blockDim.x) + threadIdx.x; i < total; i += Index(gridDim.x) * blockDim.x) {
     Index n, c, h, w;
     split_flat<Index, CL>(i, static_cast<Index>(p.C), static_cast<Index>(p.H), static_cast<Index>(p.W), n, c, h, w);
-    int64_t oh_lo, oh_hi, ow_lo, ow_hi;
-    window_range(h, g.KH, g.SH, g.PH, g.DH, p.OH, oh_lo, oh_hi);
-    window_range(w, g.KW, g.SW, g.PW, g.DW, p.OW, ow_lo, ow_hi);
+    // window geometry in Index width: 32-bit divisions on the int32 path
+    const Index KH = Index(g.KH), KW = Index(g.KW), SH = Index(g.SH), SW = Index(g.SW);
+    const Index PH = Index(g.PH), PW = Index(g.PW), DH = Index(g.DH), DW = Index(g.DW);
+    Index oh_lo, oh_hi, ow_lo, ow_hi;
+    window_range<Index>(h, KH, SH, PH, DH, Index(p.OH), oh_lo, oh_hi);
+    window_range<Index>(w, KW, SW, PW, DW, Index(p.OW), ow_lo, ow_hi);
     const Index dy_base = static_cast<Index>(n * p.sdy[0] + c * p.sdy[1]);
     const Index off_base = static_cast<Index>(n * p.soff[0] + c * p.soff[1]);
     Acc acc = 0;
     // raster (oh, ow) order: every dx element is written once, deterministically (no atomics)
-    for (int64_t oh = oh_lo; oh <= oh_hi; ++oh) {
-      const int64_t kh = window_tap(h, oh, g.SH, g.PH, g.DH);
+    for (Index oh = oh_lo; oh <= oh_hi; ++oh) {
+      const Index kh = window_tap<Index>(h, oh, SH, PH, DH);
       if (kh < 0) continue;
-      for (int64_t ow = ow_lo; ow <= ow_hi; ++ow) {
-        const int64_t kw = window_tap(w, ow, g.SW, g.PW, g.DW);
+      for (Index ow = ow_lo; ow <= ow_hi; ++ow) {
+        const Index kw = window_tap<Index>(w, ow, SW, PW, DW);
         if (kw < 0) continue;
-        if (static_cast<int64_t>(off[off_base + static_cast<Index>(oh * p.soff[2] + ow * p.soff[3])]) == kh * g.KW + kw)
+        if (static_cast<Index>(off[off_base + static_cast<Index>(oh * p.soff[2] + ow * p.soff[3])]) == kh * KW + kw)
           acc += load(dy + dy_base + static_cast<Index>(oh * p.sdy[2] + ow * p.sdy[3]));
       }
     }

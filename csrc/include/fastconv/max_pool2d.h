@@ -92,20 +92,23 @@ FASTCONV_HD inline int64_t window_argmax(const T* plane, int64_t sh, int64_t sw,
 // The windows along one axis that contain input position i: output o with o*S = i + P - k*D for a tap
 // 0 <= k < K, i.e. ceil((i + P - (K-1)*D) / S) <= o <= floor((i + P) / S), clipped to [0, O).
 // Candidates in [o_lo, o_hi] with (i + P - o*S) % D != 0 are not windows of i (see window_tap).
-FASTCONV_HD inline void window_range(int64_t i, int64_t K, int64_t S, int64_t P, int64_t D, int64_t O,
-                                     int64_t& o_lo, int64_t& o_hi) {
-  const int64_t t = i + P;  // >= 0
-  const int64_t lo = t - (K - 1) * D;
-  o_lo = lo > 0 ? (lo + S - 1) / S : 0;
+// I: int64_t on the CPU; the CUDA kernels pass int32_t when every index fits (32-bit division is inline code,
+// 64-bit division a subroutine call).
+template <typename I>
+FASTCONV_HD inline void window_range(I i, I K, I S, I P, I D, I O, I& o_lo, I& o_hi) {
+  const I t = i + P;  // >= 0
+  const I lo = t - (K - 1) * D;
+  o_lo = lo > 0 ? (lo + S - 1) / S : I(0);
   o_hi = min_of(t / S, O - 1);
 }
 
 // The tap index k of position i in window o (-1 if window o does not read position i).
-FASTCONV_HD inline int64_t window_tap(int64_t i, int64_t o, int64_t S, int64_t P, int64_t D) {
-  const int64_t r = i + P - o * S;
-  if (r < 0) return -1;
-  const int64_t k = r / D;
-  return k * D == r ? k : -1;
+template <typename I>
+FASTCONV_HD inline I window_tap(I i, I o, I S, I P, I D) {
+  const I r = i + P - o * S;
+  if (r < 0) return I(-1);
+  const I k = r / D;
+  return k * D == r ? k : I(-1);
 }
 
 }  // namespace fastconv
