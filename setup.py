@@ -67,7 +67,8 @@ def _extensions():
         os.environ.setdefault("CUDA_HOME", toolkit)
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        archs = ",".join("sm_" + a.split("+")[0].replace(".", "")
+        # "+"-separated: nvcc splits -D values at commas
+        archs = "+".join("sm_" + a.split("+")[0].replace(".", "")
                          for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";") if a)
         nvcc = ["-O3", "--threads", os.environ.get("FASTCONV_NVCC_THREADS", "2"),
                 "--expt-relaxed-constexpr", "-lineinfo", f"-DFASTCONV_CUDA_ARCHS={archs}"]

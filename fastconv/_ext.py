@@ -43,8 +43,8 @@ def build_info() -> dict:
     import torch
 
     info = json.loads(torch.ops.fastconv.ext_build_info())
-    if isinstance(info.get("archs"), str):  # nvcc passes the list as "sm_80,sm_90"
-        info["archs"] = [a for a in info["archs"].split(",") if a]
+    if isinstance(info.get("archs"), str):  # setup.py passes the list as "sm_80+sm_90"
+        info["archs"] = [a for a in info["archs"].split("+") if a]
     return info
 
 
