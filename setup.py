@@ -48,8 +48,13 @@ def _extensions():
     if not _flag("FASTCONV_BUILD_EXT"):
         print("fastconv: FASTCONV_BUILD_EXT=0, skipping the C++/CUDA extension (pure-Python install)")
         return [], {}
-    import torch
-    from torch.utils import cpp_extension
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("fastconv: WARNING: torch is not importable in the build environment (pip's build isolation?), so "
+              "the C++/CUDA extension is NOT built; install torch first and use `pip install --no-build-isolation`")
+        return [], {}
 
     os.environ.setdefault("MAX_JOBS", str(max(1, min(8, os.cpu_count() or 1))))
     cpu_sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
