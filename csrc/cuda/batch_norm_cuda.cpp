@@ -1,7 +1,7 @@
 // CUDA registration of the fastconv::ext_batch_norm_* ops: checks, device guard, current stream, params,
 // launch (csrc/cuda/batch_norm.cu), launch-error check.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -59,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ext_batch_norm_stats_cuda(const a
   at::Tensor cnt = at::empty({T, C}, opts), mean = at::empty({T, C}, opts), m2 = at::empty({T, C}, opts);
   BatchNormStatsParams p{view(z), z.size(0), C, z.size(2), z.size(3), T, cnt.data_ptr(), mean.data_ptr(),
                          m2.data_ptr(), bn_dtype(z.scalar_type()), channels_fast(z)};
-  check_launch(op, launch_batch_norm_stats(p, at::cuda::getCurrentCUDAStream()));
+  check_launch(op, launch_batch_norm_stats(p, c10::cuda::getCurrentCUDAStream().stream()));
   return {cnt, mean, m2};
 }
 
@@ -82,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor> ext_batch_norm_finalize_cuda(const at::Tensor
   BatchNormFinalizeParams p{c.const_data_ptr(), mp.const_data_ptr(), qp.const_data_ptr(), ptr_or_null(b),
                             mean_out.data_ptr(), var_out.data_ptr(), count.size(0), C,
                             count.scalar_type() == at::kDouble};
-  check_launch(op, launch_batch_norm_finalize(p, at::cuda::getCurrentCUDAStream()));
+  check_launch(op, launch_batch_norm_finalize(p, c10::cuda::getCurrentCUDAStream().stream()));
   return {mean_out, var_out};
 }
 
@@ -99,7 +99,7 @@ at::Tensor ext_batch_norm_act_cuda(const at::Tensor& z, const at::Tensor& mean, 
   at::Tensor y = at::empty(z.sizes(), z.options().memory_format(fmt));
   BatchNormActParams p{view(z), view(in.residual), y.data_ptr(), z.size(0), z.size(1), z.size(2), z.size(3),
                        channel_params(in, eps), bn_dtype(z.scalar_type()), fmt == at::MemoryFormat::ChannelsLast};
-  check_launch(op, launch_batch_norm_act(p, at::cuda::getCurrentCUDAStream()));
+  check_launch(op, launch_batch_norm_act(p, c10::cuda::getCurrentCUDAStream().stream()));
   return y;
 }
 
@@ -125,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ext_batch_norm_act_ba
                             channel_params(in, eps), part_g.data_ptr(), part_gx.data_ptr(), sum_g.data_ptr(),
                             sum_gx.data_ptr(), dz.data_ptr(), want_grad_residual ? dres.data_ptr() : nullptr,
                             bn_dtype(z.scalar_type()), channels_fast(z), fmt == at::MemoryFormat::ChannelsLast};
-  check_launch(op, launch_batch_norm_backward(p, at::cuda::getCurrentCUDAStream()));
+  check_launch(op, launch_batch_norm_backward(p, c10::cuda::getCurrentCUDAStream().stream()));
   return {dz, sum_g, sum_gx, dres};
 }
 

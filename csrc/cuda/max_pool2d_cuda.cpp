@@ -1,7 +1,7 @@
 // CUDA registration of fastconv::ext_max_pool2d(_input_grad): checks, device guard, current stream, params,
 // launch (csrc/cuda/max_pool2d.cu), launch-error check.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor> ext_max_pool2d_cuda(const at::Tensor& input, 
   p.channels_last = s.format == at::MemoryFormat::ChannelsLast;
   p.dtype = pool_dtype(input.scalar_type());
   p.offsets_bytes = static_cast<int>(off.element_size());
-  check_launch(op, launch_max_pool2d_forward(p, at::cuda::getCurrentCUDAStream()));
+  check_launch(op, launch_max_pool2d_forward(p, c10::cuda::getCurrentCUDAStream().stream()));
   return {y, off};
 }
 
@@ -75,7 +75,7 @@ at::Tensor ext_max_pool2d_input_grad_cuda(const at::Tensor& grad_output, const a
   p.channels_last = channels_last;
   p.dtype = pool_dtype(grad_output.scalar_type());
   p.offsets_bytes = static_cast<int>(offsets.element_size());
-  check_launch(op, launch_max_pool2d_backward(p, at::cuda::getCurrentCUDAStream()));
+  check_launch(op, launch_max_pool2d_backward(p, c10::cuda::getCurrentCUDAStream().stream()));
   return dx;
 }
 
