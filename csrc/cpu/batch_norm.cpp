@@ -254,6 +254,18 @@ at::Tensor ext_batch_norm_act_cpu(const at::Tensor& z, const at::Tensor& mean, c
 // ---------------------------------------------------------------------------------------------------------
 // backward: reduce (sum_g, sum_gx) over tiles, then apply
 
+// Visit the pixels [p0, p1) of an (N, H, W) raster as row segments (n, h, w0, w1).
+template <typename F>
+inline void for_row_segments(int64_t p0, int64_t p1, int64_t H, int64_t W, const F& f) {
+  int64_t p = p0;
+  while (p < p1) {
+    const int64_t w0 = p % W, nh = p / W;
+    const int64_t w1 = std::min(W, w0 + (p1 - p));
+    f(nh / H, nh % H, w0, w1);
+    p += w1 - w0;
+  }
+}
+
 template <typename T>
 void backward_cpu(const at::Tensor& dy, const at::Tensor& z, const BnInputs& in, double eps, at::Tensor& sum_g,
                   at::Tensor& sum_gx, at::Tensor& dz, at::Tensor* dres) {
@@ -264,83 +276,95 @@ void backward_cpu(const at::Tensor& dy, const at::Tensor& z, const BnInputs& in,
   const T* dp = dy.const_data_ptr<T>();
   const T* rp = in.residual.defined() ? in.residual.const_data_ptr<T>() : nullptr;
   const Strides sz(z), sd(dy), sr = rp ? Strides(in.residual) : Strides();
-  with_act(in.act, [&](auto act_c) {
-  constexpr Act act = decltype(act_c)::value;
-  auto grad = [&](int64_t n, int64_t c, int64_t h, int64_t w, Acc& xhat) {
-    const Acc r = rp ? static_cast<Acc>(rp[sr.at(n, c, h, w)]) : Acc(0);
-    return bn_act_grad(static_cast<Acc>(dp[sd.at(n, c, h, w)]), static_cast<Acc>(zp[sz.at(n, c, h, w)]), ch[c], r,
-                       act, xhat);
-  };
   const bool inner = channels_inner(z);
   const int64_t T_ = std::max<int64_t>(1, (P + kTileRows - 1) / kTileRows);
   std::vector<Acc> part_g(T_ * C, Acc(0)), part_gx(T_ * C, Acc(0));
-  at::parallel_for(0, T_, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t p0 = t * kTileRows, p1 = std::min(P, p0 + kTileRows);
-      Acc* pg = part_g.data() + t * C;
-      Acc* pgx = part_gx.data() + t * C;
-      if (inner) {
-        for_pixels(p0, p1, H, W, [&](int64_t n, int64_t h, int64_t w) {
-          for (int64_t c = 0; c < C; ++c) {
-            Acc xhat;
-            const Acc g = grad(n, c, h, w, xhat);
-            pg[c] += g;
-            pgx[c] += g * xhat;
-          }
-        });
-      } else {
-        for (int64_t c = 0; c < C; ++c) {
-          Acc sg = 0, sgx = 0;
-          for_pixels(p0, p1, H, W, [&](int64_t n, int64_t h, int64_t w) {
-            Acc xhat;
-            const Acc g = grad(n, c, h, w, xhat);
-            sg += g;
-            sgx += g * xhat;
-          });
-          pg[c] = sg;
-          pgx[c] = sgx;
-        }
-      }
-    }
-  });
-  Acc* sg = sum_g.data_ptr<Acc>();
-  Acc* sgx = sum_gx.data_ptr<Acc>();
   std::vector<Acc> mean_g(C), mean_gx(C);
-  for (int64_t c = 0; c < C; ++c) {
-    Acc a = 0, b = 0;
-    for (int64_t t = 0; t < T_; ++t) {
-      a += part_g[t * C + c];
-      b += part_gx[t * C + c];
-    }
-    sg[c] = a;
-    sgx[c] = b;
-    mean_g[c] = P > 0 ? a / static_cast<Acc>(P) : Acc(0);
-    mean_gx[c] = P > 0 ? b / static_cast<Acc>(P) : Acc(0);
-  }
-  if (P == 0) return;
   T* dzp = dz.data_ptr<T>();
   T* drp = dres ? dres->data_ptr<T>() : nullptr;
   const Strides sx(dz), sq = dres ? Strides(*dres) : Strides();
-  auto apply = [&](int64_t n, int64_t c, int64_t h, int64_t w) {
-    Acc xhat;
-    const Acc g = grad(n, c, h, w, xhat);
-    dzp[sx.at(n, c, h, w)] = static_cast<T>(bn_grad_z(g, xhat, ch[c], mean_g[c], mean_gx[c]));
-    if (drp) drp[sq.at(n, c, h, w)] = static_cast<T>(g);
-  };
-  if (bn_format(dz) == at::MemoryFormat::ChannelsLast) {
-    at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
-      for_pixels(begin, end, H, W, [&](int64_t n, int64_t h, int64_t w) {
-        for (int64_t c = 0; c < C; ++c) apply(n, c, h, w);
-      });
-    });
-  } else {
-    at::parallel_for(0, N * C * H, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t h = row % H, c = (row / H) % C, n = row / (H * C);
-        for (int64_t w = 0; w < W; ++w) apply(n, c, h, w);
+  with_act(in.act, [&](auto act_c) {
+    constexpr Act act = decltype(act_c)::value;
+    // g and xhat of the `count` elements of a run starting at (n, c, h, w) and advancing along `axis`
+    // (1: channels, 3: columns): row pointers once, one multiply-add per element.
+    auto run = [&](int64_t n, int64_t c, int64_t h, int64_t w, int64_t count, int axis, auto&& body) {
+      const int64_t zs = axis == 1 ? sz.c : sz.w, ds = axis == 1 ? sd.c : sd.w, rs = axis == 1 ? sr.c : sr.w;
+      const T* zb = zp + sz.at(n, c, h, w);
+      const T* db = dp + sd.at(n, c, h, w);
+      const T* rb = rp ? rp + sr.at(n, c, h, w) : nullptr;
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t cc = axis == 1 ? c + j : c;
+        const Acc r = rb ? static_cast<Acc>(rb[j * rs]) : Acc(0);
+        Acc xhat;
+        const Acc g = bn_act_grad(static_cast<Acc>(db[j * ds]), static_cast<Acc>(zb[j * zs]), ch[cc], r, act, xhat);
+        body(j, cc, g, xhat);
+      }
+    };
+    at::parallel_for(0, T_, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t p0 = t * kTileRows, p1 = std::min(P, p0 + kTileRows);
+        Acc* pg = part_g.data() + t * C;
+        Acc* pgx = part_gx.data() + t * C;
+        if (inner) {
+          for_pixels(p0, p1, H, W, [&](int64_t n, int64_t h, int64_t w) {
+            run(n, 0, h, w, C, 1, [&](int64_t, int64_t c, Acc g, Acc xhat) {
+              pg[c] += g;
+              pgx[c] += g * xhat;
+            });
+          });
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            Acc sg = 0, sgx = 0;
+            for_row_segments(p0, p1, H, W, [&](int64_t n, int64_t h, int64_t w0, int64_t w1) {
+              run(n, c, h, w0, w1 - w0, 3, [&](int64_t, int64_t, Acc g, Acc xhat) {
+                sg += g;
+                sgx += g * xhat;
+              });
+            });
+            pg[c] = sg;
+            pgx[c] = sgx;
+          }
+        }
       }
     });
-  }
+    Acc* sg = sum_g.data_ptr<Acc>();
+    Acc* sgx = sum_gx.data_ptr<Acc>();
+    for (int64_t c = 0; c < C; ++c) {
+      Acc a = 0, b = 0;
+      for (int64_t t = 0; t < T_; ++t) {
+        a += part_g[t * C + c];
+        b += part_gx[t * C + c];
+      }
+      sg[c] = a;
+      sgx[c] = b;
+      mean_g[c] = P > 0 ? a / static_cast<Acc>(P) : Acc(0);
+      mean_gx[c] = P > 0 ? b / static_cast<Acc>(P) : Acc(0);
+    }
+    if (P == 0) return;
+    if (bn_format(dz) == at::MemoryFormat::ChannelsLast) {
+      at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
+        for_pixels(begin, end, H, W, [&](int64_t n, int64_t h, int64_t w) {
+          T* xo = dzp + sx.at(n, 0, h, w);
+          T* qo = drp ? drp + sq.at(n, 0, h, w) : nullptr;
+          run(n, 0, h, w, C, 1, [&](int64_t j, int64_t c, Acc g, Acc xhat) {
+            xo[j * sx.c] = static_cast<T>(bn_grad_z(g, xhat, ch[c], mean_g[c], mean_gx[c]));
+            if (qo) qo[j * sq.c] = static_cast<T>(g);
+          });
+        });
+      });
+    } else {
+      at::parallel_for(0, N * C * H, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t h = row % H, c = (row / H) % C, n = row / (H * C);
+          T* xo = dzp + sx.at(n, c, h, 0);
+          T* qo = drp ? drp + sq.at(n, c, h, 0) : nullptr;
+          run(n, c, h, 0, W, 3, [&](int64_t j, int64_t, Acc g, Acc xhat) {
+            xo[j * sx.w] = static_cast<T>(bn_grad_z(g, xhat, ch[c], mean_g[c], mean_gx[c]));
+            if (qo) qo[j * sq.w] = static_cast<T>(g);
+          });
+        }
+      });
+    }
   });
 }
 
