@@ -8,7 +8,7 @@ import torch
 
 from . import _backend
 
-OPS = {"conv2d": ("triton", "torch")}
+OPS = {"conv2d": ("triton", "torch", "cuda", "cpu")}
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
@@ -51,19 +51,29 @@ def lines() -> list[str]:
     else:
         out.append("  cuda: none visible to torch")
     out.append("  cpu")
-    ext_ok, ext_why = _backend.extension_status()
-    out += ["", f"C++/CUDA extension fastconv._C: {'loaded' if ext_ok else 'missing: ' + ext_why}", ""]
+    from . import _ext
+
+    ext_ok, ext_why = _backend.extension_status("cpu")
+    built = _ext.build_info()
+    detail = (f"loaded; CUDA kernels {'built for ' + ','.join(built['archs']) + ' (CUDA ' + str(built['cuda_version']) + ')' if built.get('cuda') else 'not built'}; "
+              f"{built.get('cxx')}" if ext_ok else "missing: " + ext_why)
+    out += ["", f"C++/CUDA extension fastconv._C: {detail}", ""]
     for device_type in ("cuda", "cpu"):
         out.append(f"backends for {device_type} tensors:")
         avail = _backend.availability(device_type)
         for name in ("triton", "torch", "cuda", "cpu"):
             ok, why = avail[name]
             out.append(f"  {name:7s} {'available' if ok else 'unavailable: ' + why}")
-        picked = "triton" if device_type == "cuda" and avail["triton"][0] else "torch"
+        if device_type == "cuda":
+            picked = "triton" if avail["triton"][0] else "torch"
+        else:
+            picked = ", ".join(f"{op}: {_backend.resolve(op, torch.device('cpu'), backends, 'auto')}"
+                               for op, backends in OPS.items())
         out.append(f"  auto -> {picked}")
     out += ["", "ops:"]
     for op, backends in OPS.items():
-        out.append(f"  {op}: backends {', '.join(backends)}; algorithms implicit (default), im2col")
+        out.append(f"  {op}: backends {', '.join(backends)}; triton algorithms implicit (default), im2col; "
+                   "cpu/cuda: im2col GEMM")
     out += ["", "dtypes (triton backend):"]
     for dt in DTYPES:
         note = _dtype_note("triton", "cuda" if torch.cuda.is_available() else "cpu", dt)

@@ -1,6 +1,9 @@
 """Ahead-of-time compile report for fastconv's Triton kernels, no GPU needed.
 
-    python -m fastconv.kernel_report [--json] [--arch sm_80|sm_90] [--quick] [--jobs N]
+    python -m fastconv.kernel_report [--json] [--arch sm_80|sm_90] [--quick] [--jobs N] [--family all|triton|cuda]
+
+The CUDA C++ kernels of csrc/cuda (family "cuda") are reported by fastconv/_cuda_report.py (nvcc + ptxas -v +
+cuobjdump); every row names its family.
 
 Every module-level ``@triton.jit`` function named ``_*_kernel`` in ``fastconv/triton/*.py`` is compiled
 for real GPU targets (sm_80, sm_90a) with each tile config of its family in ``configs.CONFIGS`` and each
@@ -41,7 +44,8 @@ ARCHES = {"sm_80": 80, "sm_90": 90}
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 SM86_SHARED_LIMIT = 99 * 1024
 DTYPES = ("fp32", "tf32", "fp16", "bf16")
-KEYS = ("kernel", "config", "dtype", "arch", "registers", "spills", "shared_bytes", "tensor_cores", "gemm", "note")
+KEYS = ("kernel", "config", "dtype", "arch", "registers", "spills", "shared_bytes", "tensor_cores", "gemm", "note",
+        "family")
 FAILED = "compile failed"
 TC_RE = re.compile(r"\b((?:HMMA|HGMMA|IMMA|IGMMA|DMMA|QGMMA|UTCHMMA|UTCMMA)\.[\w.]+)")
 
@@ -438,10 +442,18 @@ def main(argv=None) -> int:
     p.add_argument("--arch", choices=sorted(ARCHES), action="append", help="target (repeatable; default: all)")
     p.add_argument("--quick", action="store_true", help="first config per kernel x arch for the QUICK_DTYPES, plus one IDX64")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes (default 2)")
+    p.add_argument("--family", choices=("all", "triton", "cuda"), default="all",
+                   help="Triton kernels, CUDA C++ kernels (csrc/cuda), or both (default)")
     args = p.parse_args(argv)
 
     t0 = time.time()
-    rows = report(tuple(args.arch or ARCHES), quick=args.quick, jobs=args.jobs)
+    rows = []
+    if args.family in ("all", "triton"):
+        rows += [dict(r, family="triton") for r in report(tuple(args.arch or ARCHES), quick=args.quick, jobs=args.jobs)]
+    if args.family in ("all", "cuda"):
+        from . import _cuda_report
+
+        rows += _cuda_report.report(tuple(args.arch or ARCHES), jobs=args.jobs)
     lines = summary(rows) + [f"compiled in {time.time() - t0:.0f} s"]
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -54,10 +54,18 @@ def test_torch_backend_matches(device):
 
 
 def test_extension_backends_explain_why():
+    """'cuda' on CPU tensors always names the reason; 'cpu' runs where fastconv._C is built, else says why."""
     x, w = torch.randn(1, 2, 4, 4), torch.randn(2, 2, 3, 3)
-    for name in ("cpu", "cuda"):
-        with fastconv.backend(name):
-            with pytest.raises(fastconv.BackendNotSupported, match=f"backend '{name}' is not supported"):
+    with fastconv.backend("cuda"):
+        with pytest.raises(fastconv.BackendNotSupported, match="backend 'cuda' is not supported for cpu tensors"):
+            conv2d(x, w)
+    ok, why = _backend.extension_status("cpu")
+    with fastconv.backend("cpu"):
+        if ok:
+            torch.testing.assert_close(conv2d(x, w), torch.nn.functional.conv2d(x, w))
+        else:
+            assert "fastconv._C" in why
+            with pytest.raises(fastconv.BackendNotSupported, match=f"backend 'cpu' is not supported.*{why[:30]}"):
                 conv2d(x, w)
 
 

@@ -1,4 +1,9 @@
-"""fastconv conv2d (Triton implicit GEMM and im2col GEMM) against F.conv2d evaluated in float64.
+"""fastconv conv2d (Triton implicit GEMM and im2col GEMM; the C++ extension's CPU and CUDA kernels) against
+F.conv2d evaluated in float64.
+
+Every test taking `device` runs once per backend: triton (both algorithms; the GPU, else the interpreter),
+cpu (the C++ CPU twin in fastconv._C) and cuda (the CUDA C++ kernels, marked gpu); a backend that cannot run
+here is skipped with the reason. Triton-only tests take `triton_device`.
 
 Forward and every gradient (input, weight, bias), on fresh random configurations whose sizes cross the
 kernels' tile boundaries, for both algorithms, NCHW / channels_last / non-contiguous inputs, groups incl.
@@ -21,7 +26,49 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["contiguous", "channels_last", "noncontiguous"]
 
 
-pytestmark = pytest.mark.usefixtures("triton_backend")
+ALGOS = ["implicit", "im2col"]
+BACKENDS = ["triton", "cpu", "cuda"]
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrize `device` tests over BACKENDS, and `algo` over ALGOS for triton only (the C++ backends
+    have one algorithm, im2col GEMM)."""
+    if "device" not in metafunc.fixturenames:
+        return
+    marks = {"cuda": [pytest.mark.gpu]}
+    if "algo" in metafunc.fixturenames:
+        combos = [pytest.param(b, a, marks=marks.get(b, []), id=f"{b}-{a}")
+                  for b in BACKENDS for a in (ALGOS if b == "triton" else ["implicit"])]
+        metafunc.parametrize("conv_backend,algo", combos)
+    else:
+        metafunc.parametrize("conv_backend", [pytest.param(b, marks=marks.get(b, []), id=b) for b in BACKENDS])
+
+
+@pytest.fixture
+def device(conv_backend, request):
+    """The device the backend under test runs on, with that backend selected and TF32 off."""
+    import fastconv
+    from fastconv import _backend
+
+    if conv_backend == "triton":
+        dev = request.getfixturevalue("triton_device")
+        yield dev
+        return
+    dev = torch.device(conv_backend)
+    ok, why = _backend.availability(dev.type)[conv_backend]
+    if not ok:
+        pytest.skip(f"backend {conv_backend!r} unavailable: {why}")
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    with fastconv.backend(conv_backend):
+        yield dev
+    torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.fixture
+def triton_device(triton_backend):
+    """Where the Triton kernels run (GPU, else the CPU interpreter), with the triton backend selected."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def make_input(shape, dtype, device, layout, gen):
@@ -121,7 +168,6 @@ def random_config(r) -> dict:
             return cfg
 
 
-@pytest.mark.parametrize("algo", ["implicit", "im2col"])
 @pytest.mark.parametrize("case", range(10))
 def test_random_configs(case, algo, device):
     cfg = random_config(rng("random", case, algo))
@@ -150,13 +196,11 @@ NAMED = {
 }
 
 
-@pytest.mark.parametrize("algo", ["implicit", "im2col"])
 @pytest.mark.parametrize("name", sorted(NAMED))
 def test_named_configs(name, algo, device):
     check_conv(NAMED[name], device, algo)
 
 
-@pytest.mark.parametrize("algo", ["implicit", "im2col"])
 def test_batch_zero(algo, device):
     x = torch.randn(0, 4, 6, 6, device=device, requires_grad=True)
     w = torch.randn(5, 4, 3, 3, device=device, requires_grad=True)
@@ -182,7 +226,6 @@ def test_unbatched_input(device):
     assert_close(w.grad, wd.grad, torch.float32, "unbatched grad_weight")
 
 
-@pytest.mark.parametrize("algo", ["implicit", "im2col"])
 def test_every_output_element_written(algo, device, monkeypatch):
     """Outputs and scratch buffers start as NaN; the kernels must overwrite every element."""
     monkeypatch.setattr(conv_ops, "alloc", nan_alloc)
@@ -195,7 +238,6 @@ def test_every_output_element_written(algo, device, monkeypatch):
     check_conv(cfg, device, algo)
 
 
-@pytest.mark.parametrize("algo", ["implicit", "im2col"])
 @pytest.mark.parametrize("activation", ["identity", "relu", "relu6", "silu", "hardswish"])
 def test_fused_epilogue(activation, algo, device):
     """y = act((conv + bias) * scale + shift + residual) in one kernel, residual in another memory format."""
@@ -215,7 +257,6 @@ def test_fused_epilogue(activation, algo, device):
 GRADCHECK_SHAPES = dict(x=(1, 4, 5, 4), w=(6, 2, 2, 3), groups=2, stride=(2, 1), padding=(1, 2), dilation=(2, 1))
 
 
-@pytest.mark.parametrize("algo", ["implicit", "im2col"])
 def test_gradcheck_conv2d(algo, device):
     gen = generator("gradcheck", algo)
     s = GRADCHECK_SHAPES
@@ -238,7 +279,7 @@ def test_gradcheck_fused(activation, device):
     assert torch.autograd.gradcheck(fn, (x, w, b, scale, shift, res), fast_mode=True)
 
 
-def test_opcheck(device):
+def test_opcheck(device, conv_backend):
     from torch.library import opcheck
 
     gen = generator("opcheck")
@@ -247,13 +288,14 @@ def test_opcheck(device):
     w = randn((6, 2, 3, 3), torch.float32, device, gen).requires_grad_()
     b = randn((6,), torch.float32, device, gen).requires_grad_()
     geo = ([2, 1], [1, 1, 0, 1], [1, 2], 2)
-    opcheck(torch.ops.fastconv.conv2d.default, (x, w, b, *geo), {"backend": "triton"})
+    opcheck(torch.ops.fastconv.conv2d.default, (x, w, b, *geo), {"backend": conv_backend})
     opcheck(torch.ops.fastconv.conv2d.default, (x, w, None, *geo),
-            {"shift": b.detach(), "activation": "relu", "algo": "im2col", "backend": "triton"})
-    y = torch.ops.fastconv.conv2d(x, w, b, *geo, backend="triton")
+            {"shift": b.detach(), "activation": "relu", "algo": "im2col", "backend": conv_backend})
+    y = torch.ops.fastconv.conv2d(x, w, b, *geo, backend=conv_backend)
     gy = torch.randn_like(y)
-    opcheck(torch.ops.fastconv.conv2d_input_grad.default, (gy, w.detach(), list(x.shape), *geo, "triton"))
-    opcheck(torch.ops.fastconv.conv2d_weight_grad.default, (gy, x.detach(), list(w.shape), *geo, True, "triton"))
+    opcheck(torch.ops.fastconv.conv2d_input_grad.default, (gy, w.detach(), list(x.shape), *geo, conv_backend))
+    opcheck(torch.ops.fastconv.conv2d_weight_grad.default,
+            (gy, x.detach(), list(w.shape), *geo, True, conv_backend))
 
 
 BAD_CALLS = {
@@ -304,7 +346,7 @@ def test_unknown_algo_and_activation(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_autocast_matches_nn_conv2d(dtype):
+def test_autocast_matches_nn_conv2d(dtype, triton_backend):
     """Under CPU autocast nn.Conv2d computes in the autocast dtype; so does fastconv (the dtype is read at
     call time, fp16 or bf16, not fixed at registration)."""
     conv = torch.nn.Conv2d(4, 6, 3, padding=1)
@@ -327,7 +369,8 @@ def test_tf32_follows_cudnn_flag():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 numerics need a GPU with tensor cores")
-def test_tf32_numerics_gpu(device):
+def test_tf32_numerics_gpu(triton_device):
+    device = triton_device
     torch.backends.cudnn.allow_tf32 = True
     x, w = torch.randn(4, 64, 16, 16, device=device), torch.randn(64, 64, 3, 3, device=device)
     expected = F.conv2d(x.double(), w.double(), None, 1, 1)
@@ -336,8 +379,9 @@ def test_tf32_numerics_gpu(device):
 
 
 @pytest.mark.parametrize("kernel", ["fwd", "im2col", "dgrad", "wgrad"])
-def test_int64_indexing_path(kernel, device):
+def test_int64_indexing_path(kernel, triton_device):
     """The int64 index path (taken automatically past 2**31 elements) computes the same result."""
+    device = triton_device
     from fastconv.triton import im2col as tim2col
 
     gen = generator("int64", kernel)
@@ -371,7 +415,8 @@ def test_int64_selected_past_2_31_elements():
     assert needs_int64(wide)
 
 
-def test_split_k_wgrad_matches_single_split(device):
+def test_split_k_wgrad_matches_single_split(triton_device):
+    device = triton_device
     gen = generator("splitk")
     x = randn((3, 5, 12, 11), torch.float32, device, gen)
     gy = randn((3, 4, 12, 11), torch.float32, device, gen)

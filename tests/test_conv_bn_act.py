@@ -1,5 +1,7 @@
 """Fused conv + BatchNorm + activation against nn.Sequential(nn.Conv2d, nn.BatchNorm2d, act) in float64:
-outputs, every gradient and the running statistics over several steps, in train() and eval()."""
+outputs, every gradient and the running statistics over several steps, in train() and eval(), on every
+kernel backend (`kernel_backend`: triton, cpu, cuda; 'cpu' skips with the reason where fastconv._C is not
+built, 'cuda' where there is no GPU). The test_ext_* cases check the C++ BatchNorm ops themselves."""
 from __future__ import annotations
 
 import pytest
@@ -11,12 +13,36 @@ import fastconv.ops.conv2d as conv_ops
 import fastconv.triton.conv2d as tconv
 from fastconv.functional import conv_bn_act
 
+from .backends import KERNEL_BACKENDS, skip_unless_runnable, tensor_device
 from .helpers import assert_close, generator, nan_alloc, nan_workspace, randn
 
 ACTS = {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish}
 
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
+EXT_BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_backend(request):
+    """The kernels under test, in force for the whole test (tensors go to `kdevice`)."""
+    skip_unless_runnable(request.param)
+    with fastconv.backend(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def kdevice(kernel_backend, device):
+    return tensor_device(kernel_backend, device)
+
+
+@pytest.fixture
+def poisoned():
+    """PyTorch's deterministic mode fills at::empty's memory (NaN): what the C++ ops leave unwritten shows."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(was)
 
 
 def _pair(cin, cout, k, activation, dtype, device, gen, **kw):
@@ -80,14 +106,14 @@ def _compare_steps(ref, ours, x_shape, dtype, device, gen, steps=2, residual=Fal
 
 @pytest.mark.parametrize("algo", ["implicit", "im2col"])
 @pytest.mark.parametrize("activation", sorted(ACTS))
-def test_train_mode_matches_sequential(activation, algo, device):
+def test_train_mode_matches_sequential(activation, algo, kdevice):
     gen = generator("bn-train", activation, algo)
-    ref, ours = _pair(6, 36, 3, activation, torch.float64, device, gen, padding=1, algo=algo)
-    _compare_steps(ref, ours, (2, 6, 9, 7), torch.float64, device, gen)
+    ref, ours = _pair(6, 36, 3, activation, torch.float64, kdevice, gen, padding=1, algo=algo)
+    _compare_steps(ref, ours, (2, 6, 9, 7), torch.float64, kdevice, gen)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_train_mode_low_precision(dtype, device):
+def test_train_mode_low_precision(dtype, kernel_backend, kdevice):
     """In fp32/fp16/bf16 (BatchNorm parameters in fp32, as under AMP) every result is within the dtype's
     tolerance of the float64 truth, or at most 2x as far from it as PyTorch's own computation in that
     dtype (BatchNorm's backward cancels, so low-precision gradients carry PyTorch's error too)."""
@@ -95,17 +121,17 @@ def test_train_mode_low_precision(dtype, device):
 
     from fastconv.triton._common import interpreting
 
-    if dtype == torch.bfloat16 and interpreting():
+    if dtype == torch.bfloat16 and kernel_backend == "triton" and interpreting():
         pytest.skip("the Triton interpreter truncates fp32->bf16 stores (GPUs round to nearest); BatchNorm's "
                     "backward cancellation turns that one-sided bias into errors beyond PyTorch's own bf16 "
                     "error, so bf16 BN-backward numerics are only judged on a GPU")
     gen = generator("bn-lowp", str(dtype))
-    ref, ours = _pair(8, 20, 3, "relu", dtype, device, gen, stride=2, padding=1, bias=False)
+    ref, ours = _pair(8, 20, 3, "relu", dtype, kdevice, gen, stride=2, padding=1, bias=False)
     ours.bn.float()
     torch_lp = copy.deepcopy(ref).to(dtype)
     torch_lp[1].float()
-    x = randn((3, 8, 11, 10), dtype, device, gen).contiguous(memory_format=torch.channels_last)
-    grad = randn((3, 20, 6, 5), dtype, device, gen)
+    x = randn((3, 8, 11, 10), dtype, kdevice, gen).contiguous(memory_format=torch.channels_last)
+    grad = randn((3, 20, 6, 5), dtype, kdevice, gen)
     results = {}
     for name, model, inp in (("truth", ref, x.double()), ("torch", torch_lp, x), ("ours", ours, x)):
         inp = inp.detach().clone().requires_grad_()
@@ -123,42 +149,42 @@ def test_train_mode_low_precision(dtype, device):
 
 
 @pytest.mark.parametrize("momentum", [0.3, None])
-def test_momentum_and_cumulative_average(momentum, device):
+def test_momentum_and_cumulative_average(momentum, kdevice):
     gen = generator("bn-momentum", str(momentum))
-    ref, ours = _pair(3, 5, 3, "relu", torch.float64, device, gen, momentum=momentum, groups=1)
-    _compare_steps(ref, ours, (2, 3, 6, 6), torch.float64, device, gen, steps=3)
+    ref, ours = _pair(3, 5, 3, "relu", torch.float64, kdevice, gen, momentum=momentum, groups=1)
+    _compare_steps(ref, ours, (2, 3, 6, 6), torch.float64, kdevice, gen, steps=3)
 
 
-def test_residual_before_activation(device):
+def test_residual_before_activation(kdevice):
     gen = generator("bn-residual")
-    ref, ours = _pair(4, 8, 3, "relu", torch.float64, device, gen, padding=1, bias=False)
-    _compare_steps(ref, ours, (2, 4, 7, 7), torch.float64, device, gen, residual=True)
+    ref, ours = _pair(4, 8, 3, "relu", torch.float64, kdevice, gen, padding=1, bias=False)
+    _compare_steps(ref, ours, (2, 4, 7, 7), torch.float64, kdevice, gen, residual=True)
 
 
 @pytest.mark.parametrize("case", ["no_affine", "no_running_stats", "grouped_dilated"])
-def test_batchnorm_variants(case, device):
+def test_batchnorm_variants(case, kdevice):
     gen = generator("bn-variant", case)
     kw = {"no_affine": dict(affine=False), "no_running_stats": dict(track_running_stats=False),
           "grouped_dilated": dict(groups=2, dilation=2, padding=2, stride=(1, 2))}[case]
-    ref, ours = _pair(4, 6, 3, "relu6", torch.float64, device, gen, **kw)
-    _compare_steps(ref, ours, (2, 4, 8, 9), torch.float64, device, gen)
+    ref, ours = _pair(4, 6, 3, "relu6", torch.float64, kdevice, gen, **kw)
+    _compare_steps(ref, ours, (2, 4, 8, 9), torch.float64, kdevice, gen)
     ref.eval()
     ours.eval()
-    x = randn((1, 4, 8, 9), torch.float64, device, gen)
+    x = randn((1, 4, 8, 9), torch.float64, kdevice, gen)
     assert_close(ours(x), ref(x), torch.float64, f"{case} eval")
 
 
 @pytest.mark.parametrize("algo", ["implicit", "im2col"])
-def test_eval_mode_folds_into_one_conv(algo, device, monkeypatch):
+def test_eval_mode_folds_into_one_conv(algo, kdevice, monkeypatch):
     gen = generator("bn-eval", algo)
-    ref, ours = _pair(5, 12, 3, "hardswish", torch.float64, device, gen, padding=1, algo=algo)
+    ref, ours = _pair(5, 12, 3, "hardswish", torch.float64, kdevice, gen, padding=1, algo=algo)
     ref.eval()
     ours.eval()
     calls = []
     real = torch.ops.fastconv.conv_bn_act_train
     monkeypatch.setattr(torch.ops.fastconv, "conv_bn_act_train",
                         lambda *a, **k: calls.append(1) or real(*a, **k), raising=False)
-    x = randn((2, 5, 8, 8), torch.float64, device, gen).requires_grad_()
+    x = randn((2, 5, 8, 8), torch.float64, kdevice, gen).requires_grad_()
     xr = x.detach().clone().requires_grad_()
     y, y_ref = ours(x), ref(xr)
     assert not calls, "eval mode must not compute batch statistics"
@@ -169,49 +195,59 @@ def test_eval_mode_folds_into_one_conv(algo, device, monkeypatch):
     assert_close(ours.bn.weight.grad, ref[1].weight.grad, torch.float64, "eval grad bn.weight")
 
 
-def test_one_value_per_channel_raises_like_batchnorm(device):
+def test_one_value_per_channel_raises_like_batchnorm(kdevice):
     ref = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3))
     ours = fastconv.ConvBNReLU2d(2, 3, 3, activation="identity")
-    x = torch.randn(1, 2, 3, 3, device=device)
+    x = torch.randn(1, 2, 3, 3, device=kdevice)
     with pytest.raises(ValueError) as theirs:
-        ref.to(device)(x)
+        ref.to(kdevice)(x)
     with pytest.raises(ValueError) as mine:
-        ours.to(device)(x)
+        ours.to(kdevice)(x)
     assert str(mine.value) == str(theirs.value)
 
 
-def test_gradcheck(device):
+def test_gradcheck(kdevice):
     gen = generator("bn-gradcheck")
-    x = randn((2, 2, 4, 4), torch.float64, device, gen).requires_grad_()
-    w = randn((3, 2, 3, 3), torch.float64, device, gen).requires_grad_()
-    b = randn((3,), torch.float64, device, gen).requires_grad_()
-    gamma = (torch.rand(3, dtype=torch.float64, generator=gen) + 0.5).to(device).requires_grad_()
-    beta = randn((3,), torch.float64, device, gen).requires_grad_()
-    res = randn((2, 3, 4, 4), torch.float64, device, gen).requires_grad_()
+    x = randn((2, 2, 4, 4), torch.float64, kdevice, gen).requires_grad_()
+    w = randn((3, 2, 3, 3), torch.float64, kdevice, gen).requires_grad_()
+    b = randn((3,), torch.float64, kdevice, gen).requires_grad_()
+    gamma = (torch.rand(3, dtype=torch.float64, generator=gen) + 0.5).to(kdevice).requires_grad_()
+    beta = randn((3,), torch.float64, kdevice, gen).requires_grad_()
+    res = randn((2, 3, 4, 4), torch.float64, kdevice, gen).requires_grad_()
     fn = lambda x, w, b, g, be, r: conv_bn_act(x, w, b, g, be, None, None, padding=1, training=True,  # noqa
                                                activation="silu", residual=r)
     assert torch.autograd.gradcheck(fn, (x, w, b, gamma, beta, res), fast_mode=True)
 
 
-def test_every_element_written(device, monkeypatch):
+def test_every_element_written(kernel_backend, kdevice, monkeypatch, request):
+    """NaN-poisoned outputs: the Python layer's and the Triton launchers' through their allocation hooks, the
+    C++ ops' (backends cpu/cuda) through PyTorch's deterministic mode, which fills at::empty with NaN."""
+    if kernel_backend in ("cpu", "cuda"):
+        request.getfixturevalue("poisoned")
+        assert torch.empty(4, device=kdevice).isnan().all()  # the poisoning is in force
+    _poisoned_steps(kdevice, monkeypatch)
+
+
+def _poisoned_steps(kdevice, monkeypatch):
     monkeypatch.setattr(conv_ops, "alloc", nan_alloc)
     import fastconv.ops.conv_bn_act as bn_ops
 
     monkeypatch.setattr(bn_ops, "alloc", nan_alloc)
     monkeypatch.setattr(tconv, "workspace", nan_workspace)
     gen = generator("bn-poison")
-    ref, ours = _pair(3, 33, 3, "relu", torch.float64, device, gen, stride=2, padding=1)
-    _compare_steps(ref, ours, (2, 3, 9, 11), torch.float64, device, gen, steps=1, residual=True)
+    ref, ours = _pair(3, 33, 3, "relu", torch.float64, kdevice, gen, stride=2, padding=1)
+    _compare_steps(ref, ours, (2, 3, 9, 11), torch.float64, kdevice, gen, steps=1, residual=True)
 
 
-def test_statistics_robust_to_large_mean(device):
+def test_statistics_robust_to_large_mean(kernel_backend, kdevice):
     """Chan-combined tile partials keep the variance exact where E[z^2] - E[z]^2 would cancel."""
     gen = generator("bn-large-mean")
-    x = randn((4, 3, 8, 8), torch.float32, device, gen)
-    w = randn((5, 3, 1, 1), torch.float32, device, gen) * 0.01
-    b = torch.full((5,), 3000.0, device=device)  # mean 3000, std ~0.02
+    x = randn((4, 3, 8, 8), torch.float32, kdevice, gen)
+    w = randn((5, 3, 1, 1), torch.float32, kdevice, gen) * 0.01
+    b = torch.full((5,), 3000.0, device=kdevice)  # mean 3000, std ~0.02
     _, z, mean, var = torch.ops.fastconv.conv_bn_act_train(x, w, b, None, None, None, [1, 1], [0, 0, 0, 0],
-                                                           [1, 1], 1, 1e-5, "identity", "implicit", "triton")
+                                                           [1, 1], 1, 1e-5, "identity", "implicit",
+                                                           kernel_backend)
     zd = torch.nn.functional.conv2d(x.double().cpu(), w.double().cpu(), b.double().cpu())
     assert_close(mean, zd.mean((0, 2, 3)), torch.float32, "mean")
     ref_var = zd.var((0, 2, 3), unbiased=False)
@@ -220,19 +256,19 @@ def test_statistics_robust_to_large_mean(device):
     assert (var.double().cpu() - ref_var).abs().max() <= 1e-3 * ref_var.max(), (var, ref_var)
 
 
-def test_opcheck(device):
+def test_opcheck(kernel_backend, kdevice):
     from torch.library import opcheck
 
     gen = generator("bn-opcheck")
-    x = randn((2, 3, 5, 5), torch.float32, device, gen).requires_grad_()
-    w = randn((4, 3, 3, 3), torch.float32, device, gen).requires_grad_()
-    g = (torch.rand(4, generator=gen) + 0.5).to(device).requires_grad_()
-    be = randn((4,), torch.float32, device, gen).requires_grad_()
-    args = (x, w, None, g, be, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, 1e-5, "relu", "implicit", "triton")
+    x = randn((2, 3, 5, 5), torch.float32, kdevice, gen).requires_grad_()
+    w = randn((4, 3, 3, 3), torch.float32, kdevice, gen).requires_grad_()
+    g = (torch.rand(4, generator=gen) + 0.5).to(kdevice).requires_grad_()
+    be = randn((4,), torch.float32, kdevice, gen).requires_grad_()
+    args = (x, w, None, g, be, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, 1e-5, "relu", "implicit", kernel_backend)
     opcheck(torch.ops.fastconv.conv_bn_act_train.default, args)
     y, z, mean, var = torch.ops.fastconv.conv_bn_act_train(*args)
     opcheck(torch.ops.fastconv.batch_norm_act_backward.default,
-            (torch.randn_like(y), z, mean, var, g.detach(), be.detach(), None, 1e-5, "relu", False, "triton"))
+            (torch.randn_like(y), z, mean, var, g.detach(), be.detach(), None, 1e-5, "relu", False, kernel_backend))
 
 
 def test_autocast_keeps_bn_parameters_fp32():
@@ -265,18 +301,18 @@ def _load_chain(fused_model, plain_model):
 
 
 @pytest.mark.parametrize("modify_between", [False, True])
-def test_chain_rebuilds_inputs_in_backward(modify_between, device, monkeypatch):
+def test_chain_rebuilds_inputs_in_backward(modify_between, kdevice, monkeypatch):
     """A fused block whose input is the previous fused block's untouched output keeps the producer's
     (z, mean, var) instead of that output and rebuilds it in backward; an in-place change in between
     makes it keep its real input instead. Both must give PyTorch's gradients."""
     import fastconv.ops.conv_bn_act as bn_ops
 
-    plain, fused = _chain(False).to(device), _chain(True).to(device)
+    plain, fused = _chain(False).to(kdevice), _chain(True).to(kdevice)
     _load_chain(fused, plain)
     rebuilt = []
     real = bn_ops.batch_norm_act
     monkeypatch.setattr(bn_ops, "batch_norm_act", lambda *a: rebuilt.append(1) or real(*a))
-    x = torch.randn(2, 3, 7, 6, dtype=torch.float64, device=device)
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64, device=kdevice)
 
     def run(model, fused_blocks):
         h = x
@@ -297,15 +333,15 @@ def test_chain_rebuilds_inputs_in_backward(modify_between, device, monkeypatch):
     assert len(rebuilt) == (0 if modify_between else 2)
 
 
-def test_saved_bytes_half_of_pytorch(device):
+def test_saved_bytes_half_of_pytorch(kdevice):
     """What autograd keeps for a chain of conv-BN-ReLU blocks: PyTorch saves each block's conv output and
     ReLU output; fastconv keeps the conv output only (plus the network input, which both save)."""
     from fastconv.memory import saved_bytes
 
     channels = (3, 32, 32, 32, 32)
-    x = torch.randn(2, 3, 16, 16, device=device)
-    plain = saved_bytes(_chain(False, channels, torch.float32).to(device), x)
-    fused = saved_bytes(_chain(True, channels, torch.float32).to(device), x)
+    x = torch.randn(2, 3, 16, 16, device=kdevice)
+    plain = saved_bytes(_chain(False, channels, torch.float32).to(kdevice), x)
+    fused = saved_bytes(_chain(True, channels, torch.float32).to(kdevice), x)
     input_bytes = x.numel() * x.element_size()
     assert fused - input_bytes <= 0.5 * (plain - input_bytes) * 1.01, (fused, plain)
     assert fused / plain < 0.51, (fused, plain)
@@ -329,3 +365,154 @@ def test_saved_bytes_cifar10cnn_below_half():
     with fastconv.backend("torch"):
         got = saved_bytes(fastconv.convert(plain), x)
     assert got <= 0.5 * expected, (got, expected, got / expected)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The C++ BatchNorm ops themselves (backends 'cpu' / 'cuda'): statistics partials, finalize, normalize +
+# affine + activation, backward, against float64 autograd on the same (dtype-rounded) values, on outputs
+# poisoned by PyTorch's deterministic mode. 3 x 17 x 23 = 1173 pixels cross the statistics tiles
+# (1024 rows on CPU, 512 on CUDA).
+
+_ACT_FNS = {"identity": lambda t: t, "relu": torch.relu, "relu6": torch.nn.functional.relu6,
+            "silu": torch.nn.functional.silu, "hardswish": torch.nn.functional.hardswish}
+EXT_BN_CASES = [  # dtype, layout, activation, affine, residual
+    (torch.float64, "nchw", "identity", True, False),
+    (torch.float64, "channels_last", "relu", True, True),
+    (torch.float64, "noncontiguous", "silu", False, True),
+    (torch.float64, "nchw", "hardswish", True, True),
+    (torch.float64, "channels_last", "relu6", False, False),
+    (torch.float32, "nchw", "silu", True, True),
+    (torch.float32, "channels_last", "relu", True, False),
+    (torch.float16, "channels_last", "hardswish", True, True),
+    (torch.bfloat16, "nchw", "relu", True, True),
+    (torch.bfloat16, "noncontiguous", "identity", False, False),
+]
+
+
+def _layout_bn(t, layout):
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "noncontiguous":  # every other column of a wider buffer
+        return torch.cat([t, t], 3)[..., ::2]
+    return t
+
+
+@pytest.mark.parametrize("case", EXT_BN_CASES, ids=lambda c: f"{str(c[0])[6:]}-{c[1]}-{c[2]}-"
+                         f"{'affine' if c[3] else 'plain'}{'-res' if c[4] else ''}")
+@pytest.mark.parametrize("ext_backend", EXT_BACKENDS)
+def test_ext_batch_norm_ops_match_float64(case, ext_backend, poisoned):
+    import fastconv.ops.conv_bn_act as bn_ops
+
+    skip_unless_runnable(ext_backend)
+    dtype, layout, act, affine, with_res = case
+    ops = bn_ops.ext_ops()
+    gen = generator("ext-bn", str(case))
+    shape, C, eps = (3, 5, 17, 23), 5, 1e-5
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    z = _layout_bn(randn(shape, dtype, "cpu", gen, scale=2.0) + 1.5, layout).to(ext_backend)
+    bias = randn((C,), stat, ext_backend, gen)
+    w = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(stat).to(ext_backend) if affine else None
+    b = randn((C,), stat, ext_backend, gen) if affine else None
+    res = _layout_bn(randn(shape, dtype, "cpu", gen), layout).to(ext_backend) if with_res else None
+    gy = randn(shape, dtype, ext_backend, gen)
+
+    # statistics: partials of z, Chan-combined, + bias
+    cnt, mean_p, m2_p = ops.ext_batch_norm_stats(z)
+    rows = bn_ops.EXT_STATS_TILE_ROWS[ext_backend]
+    assert cnt.shape == (-(-3 * 17 * 23 // rows), C) and cnt.dtype == stat and cnt.shape[0] > 1
+    mean, var = ops.ext_batch_norm_finalize(cnt, mean_p, m2_p, bias)
+    zd = z.detach().cpu().double()
+    assert_close(mean, zd.mean((0, 2, 3)) + bias.cpu().double(), stat, "mean")
+    assert_close(var, zd.var((0, 2, 3), unbiased=False), stat, "var")
+
+    # forward and backward against float64 autograd (mean/var as functions of z)
+    zr = zd.clone().requires_grad_()
+    rr = res.detach().cpu().double().requires_grad_() if with_res else None
+    wr = w.cpu().double().requires_grad_() if affine else None
+    br = b.cpu().double().requires_grad_() if affine else None
+    mu, v = zr.mean((0, 2, 3), keepdim=True), zr.var((0, 2, 3), unbiased=False, keepdim=True)
+    u = (zr - mu) / torch.sqrt(v + eps)
+    if affine:
+        u = u * wr.view(1, -1, 1, 1) + br.view(1, -1, 1, 1)
+    y_ref = _ACT_FNS[act](u + rr if with_res else u)
+    y_ref.backward(gy.cpu().double())
+    batch_mean, batch_var = zd.mean((0, 2, 3)).to(stat).to(ext_backend), var
+    y = ops.ext_batch_norm_act(z, batch_mean, batch_var, w, b, res, eps, act)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
+    assert_close(y, y_ref, dtype, "y", case)
+    dz, sum_g, sum_gx, dres = ops.ext_batch_norm_act_backward(gy, z, batch_mean, batch_var, w, b, res, eps, act,
+                                                              with_res)
+    assert dz.is_contiguous(memory_format=fmt) and sum_g.dtype == stat
+    assert_close(dz, zr.grad, dtype, "grad_z", case)
+    g_scale = gy.abs().max().item() * zd.numel() / C  # sums over N*H*W values
+    if affine:
+        assert_close(sum_gx / g_scale, wr.grad / g_scale, dtype, "grad weight (sum_gx)", case)
+        assert_close(sum_g / g_scale, br.grad / g_scale, dtype, "grad bias (sum_g)", case)
+    if with_res:
+        assert dres.is_contiguous(memory_format=fmt)
+        assert_close(dres, rr.grad, dtype, "grad residual", case)
+    else:
+        assert dres.numel() == 0
+
+
+@pytest.mark.parametrize("ext_backend", EXT_BACKENDS)
+def test_ext_batch_norm_batch_zero(ext_backend, poisoned):
+    import fastconv.ops.conv_bn_act as bn_ops
+
+    skip_unless_runnable(ext_backend)
+    ops = bn_ops.ext_ops()
+    z = torch.empty((0, 4, 5, 5), device=ext_backend)
+    cnt, mean_p, m2_p = ops.ext_batch_norm_stats(z)
+    assert cnt.shape == (1, 4) and (cnt == 0).all()
+    bias = torch.arange(4.0, device=ext_backend)
+    mean, var = ops.ext_batch_norm_finalize(cnt, mean_p, m2_p, bias)
+    assert torch.equal(mean, bias) and torch.equal(var, torch.zeros_like(var))
+    y = ops.ext_batch_norm_act(z, mean, var + 1, None, None, None, 1e-5, "relu")
+    assert y.shape == z.shape
+    dz, sum_g, sum_gx, _ = ops.ext_batch_norm_act_backward(z, z, mean, var + 1, None, None, None, 1e-5, "relu", False)
+    assert dz.shape == z.shape and (sum_g == 0).all() and (sum_gx == 0).all()
+
+
+@pytest.mark.parametrize("ext_backend", EXT_BACKENDS)
+def test_ext_batch_norm_opcheck(ext_backend):
+    """Schemas, the fake kernels registered in Python (the statistics' tile count included) and dispatch."""
+    import fastconv.ops.conv_bn_act as bn_ops
+    from torch.library import opcheck
+
+    skip_unless_runnable(ext_backend)
+    ops = bn_ops.ext_ops()
+    gen = generator("ext-bn-opcheck")
+    z = randn((2, 3, 30, 20), torch.float32, ext_backend, gen).contiguous(memory_format=torch.channels_last)
+    w, b = randn((3,), torch.float32, ext_backend, gen), randn((3,), torch.float32, ext_backend, gen)
+    res = randn((2, 3, 30, 20), torch.float32, ext_backend, gen)
+    opcheck(ops.ext_batch_norm_stats.default, (z,))
+    cnt, mean_p, m2_p = ops.ext_batch_norm_stats(z)
+    opcheck(ops.ext_batch_norm_finalize.default, (cnt, mean_p, m2_p, b))
+    mean, var = ops.ext_batch_norm_finalize(cnt, mean_p, m2_p, None)
+    opcheck(ops.ext_batch_norm_act.default, (z, mean, var, w, b, res, 1e-5, "silu"))
+    opcheck(ops.ext_batch_norm_act_backward.default, (torch.randn_like(z), z, mean, var, w, b, res, 1e-5, "silu", True))
+
+
+@pytest.mark.parametrize("ext_backend", EXT_BACKENDS)
+def test_ext_batch_norm_errors(ext_backend):
+    import fastconv.ops.conv_bn_act as bn_ops
+
+    skip_unless_runnable(ext_backend)
+    ops = bn_ops.ext_ops()
+    z = torch.randn(2, 3, 4, 4, device=ext_backend)
+    mean, var = torch.zeros(3, device=ext_backend), torch.ones(3, device=ext_backend)
+    with pytest.raises(RuntimeError, match="unknown activation 'gelu'"):
+        ops.ext_batch_norm_act(z, mean, var, None, None, None, 1e-5, "gelu")
+    with pytest.raises(RuntimeError, match=r"mean must have shape \[3\]"):
+        ops.ext_batch_norm_act(z, mean[:2], var, None, None, None, 1e-5, "relu")
+    with pytest.raises(RuntimeError, match="weight and bias must be given together"):
+        ops.ext_batch_norm_act(z, mean, var, var, None, None, 1e-5, "relu")
+    with pytest.raises(RuntimeError, match="residual must have z's shape"):
+        ops.ext_batch_norm_act(z, mean, var, None, None, z[:1], 1e-5, "relu")
+    with pytest.raises(RuntimeError, match="4-D"):
+        ops.ext_batch_norm_stats(z[0])
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        ops.ext_batch_norm_stats(z.to(torch.int32))
+    with pytest.raises(RuntimeError, match=r"\[T, C\] tensors of one shape"):
+        ops.ext_batch_norm_finalize(mean.view(1, 3), mean.view(1, 3), var, None)

@@ -28,7 +28,7 @@ def rows():
     # setting is, and its stdout must be pure JSON.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-m", "fastconv.kernel_report", "--quick", "--json"],
+    proc = subprocess.run([sys.executable, "-m", "fastconv.kernel_report", "--quick", "--json", "--family", "triton"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     print(proc.stderr[-4000:])
     failed = [r for r in json.loads(proc.stdout or "[]") if r["note"].startswith("compile failed")]
@@ -37,7 +37,8 @@ def rows():
 
 
 def test_keys(rows):
-    keys = {"kernel", "config", "dtype", "arch", "registers", "spills", "shared_bytes", "tensor_cores", "gemm", "note"}
+    keys = {"kernel", "config", "dtype", "arch", "registers", "spills", "shared_bytes", "tensor_cores", "gemm", "note",
+            "family"}
     assert rows and all(set(r) == keys for r in rows)
 
 

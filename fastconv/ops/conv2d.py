@@ -8,7 +8,9 @@
                                  bias_grad, backend) -> (grad_weight, grad_bias or an empty tensor)
 
 padding is (top, bottom, left, right). `backend` is a name from fastconv._backend ('auto' resolves per
-device); the forward's choice is saved and reused by its backward.
+device); the forward's choice is saved and reused by its backward. Backends 'cpu' and 'cuda' run the C++
+ops torch.ops.fastconv.ext_conv2d / ext_conv2d_input_grad / ext_conv2d_weight_grad (csrc/), whose fake
+kernels are registered here.
 """
 from __future__ import annotations
 
@@ -17,13 +19,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _backend
+from .. import _backend, _ext
 from .._args import output_memory_format
 from ._autocast import register_autocast
 
 ALGOS = ("implicit", "im2col")
 ACTIVATIONS = ("identity", "relu", "relu6", "silu", "hardswish")
+# SUPPORTED_BACKENDS: the backends of the ops that still only have Triton and PyTorch kernels (conv_bn_act
+# imports it); CONV2D_BACKENDS: conv2d's, which also runs on the C++ extension (fastconv._C).
 SUPPORTED_BACKENDS = ("triton", "torch")
+CONV2D_BACKENDS = ("triton", "torch", "cuda", "cpu")
 
 
 def _out_hw(x_hw, w_hw, stride, padding, dilation):
@@ -112,6 +117,69 @@ def _torch_weight_grad(grad_out, x, weight_size, stride, padding, dilation, grou
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The C++ extension's ops (backends 'cpu' and 'cuda'); their schemas are in csrc/conv2d.cpp.
+
+_EXT_BACKENDS = ("cpu", "cuda")
+STATS_ROWS = 64  # rows per BatchNorm-partials tile of ext_conv2d (kStatsRows in csrc/include/fastconv/epilogue.h)
+
+
+def _allow_tf32(t: torch.Tensor) -> bool:
+    """fp32 GEMMs may use TF32 tensor cores exactly when nn.Conv2d would (torch.backends.cudnn.allow_tf32)."""
+    return bool(t.is_cuda and t.dtype == torch.float32 and torch.backends.cudnn.allow_tf32)
+
+
+def stats_tiles(n: int, oh: int, ow: int) -> int:
+    return -(-n * oh * ow // STATS_ROWS)
+
+
+def ext_conv2d(x, weight, bias, stride, padding, dilation, groups, scale=None, shift=None, residual=None,
+               activation="identity", out=None, stats=False):
+    """Run torch.ops.fastconv.ext_conv2d into `out` (allocated like the Python op's output if None).
+    Returns out, or (out, (count, mean, M2)) with stats=True: BatchNorm partials [stats_tiles, C_out] of
+    the conv before the bias, for fastconv::ext_batch_norm_finalize."""
+    ops = ext_ops()
+    if out is None:
+        out = _new_output(x, weight, stride, padding, dilation)
+    partials = ops.ext_conv2d(x, weight, bias, list(stride), list(padding), list(dilation), groups,
+                                             scale, shift, residual, ACTIVATIONS.index(activation), stats,
+                                             _allow_tf32(x), out)
+    return (out, tuple(partials)) if stats else out
+
+
+_ext_fakes_registered = False
+
+
+def ext_ops():
+    """torch.ops.fastconv with the C++ conv ops loaded (fastconv._C) and their fake kernels registered (an
+    op must exist before register_fake accepts it, and fastconv imports without the extension)."""
+    global _ext_fakes_registered
+    if not _ext.load():
+        raise _backend.BackendNotSupported(f"fastconv.conv2d: the C++ extension is unavailable: {_ext.reason()}")
+    if not _ext_fakes_registered:
+        torch.library.register_fake("fastconv::ext_conv2d", _fake_ext_conv2d)
+        torch.library.register_fake("fastconv::ext_conv2d_input_grad", _fake_ext_conv2d_input_grad)
+        torch.library.register_fake("fastconv::ext_conv2d_weight_grad", _fake_ext_conv2d_weight_grad)
+        _ext_fakes_registered = True
+    return torch.ops.fastconv
+
+
+def _fake_ext_conv2d(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual, activation,
+                     stats, allow_tf32, out):
+    tiles = stats_tiles(out.shape[0], out.shape[2], out.shape[3]) if stats else 0
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    return tuple(input.new_empty((tiles, weight.shape[0]), dtype=acc) for _ in range(3))
+
+
+def _fake_ext_conv2d_input_grad(grad_output, weight, stride, padding, dilation, groups, allow_tf32, out):
+    return None
+
+
+def _fake_ext_conv2d_weight_grad(grad_output, input, weight_size, stride, padding, dilation, groups, bias_grad,
+                                 allow_tf32):
+    return input.new_empty(weight_size), input.new_empty(weight_size[0] if bias_grad else 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Custom ops
 
 def _check_choice(value: str, choices, what: str) -> None:
@@ -137,8 +205,11 @@ def conv2d(
 ) -> torch.Tensor:
     _check_choice(activation, ACTIVATIONS, "activation")
     _check_choice(algo, ALGOS, "algo")
-    name = _backend.resolve("conv2d", input.device, SUPPORTED_BACKENDS, backend)
+    name = _backend.resolve("conv2d", input.device, CONV2D_BACKENDS, backend)
     y = _new_output(input, weight, stride, padding, dilation)
+    if name in _EXT_BACKENDS:
+        ext_conv2d(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual, activation, y)
+        return y
     if name == "torch":
         z = _torch_conv_forward(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual,
                                 activation)
@@ -169,8 +240,12 @@ def conv2d_input_grad(
     groups: int,
     backend: str = "auto",
 ) -> torch.Tensor:
-    name = _backend.resolve("conv2d", grad_output.device, SUPPORTED_BACKENDS, backend)
+    name = _backend.resolve("conv2d", grad_output.device, CONV2D_BACKENDS, backend)
     dx = alloc(input_size, grad_output.dtype, grad_output.device, _channels_last_like(grad_output))
+    if name in _EXT_BACKENDS:
+        ext_ops().ext_conv2d_input_grad(grad_output, weight, stride, padding, dilation, groups,
+                                        _allow_tf32(grad_output), dx)
+        return dx
     if name == "torch":
         dx.copy_(_torch_input_grad(grad_output, weight, input_size, stride, padding, dilation, groups))
         return dx
@@ -197,7 +272,10 @@ def conv2d_weight_grad(
     bias_grad: bool,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    name = _backend.resolve("conv2d", grad_output.device, SUPPORTED_BACKENDS, backend)
+    name = _backend.resolve("conv2d", grad_output.device, CONV2D_BACKENDS, backend)
+    if name in _EXT_BACKENDS:
+        return ext_ops().ext_conv2d_weight_grad(grad_output, input, weight_size, stride, padding, dilation, groups,
+                                                bias_grad, _allow_tf32(input))
     if name == "torch":
         dw = _torch_weight_grad(grad_output, input, weight_size, stride, padding, dilation, groups)
         db = grad_output.sum((0, 2, 3)) if bias_grad else grad_output.new_empty(0)
@@ -228,7 +306,7 @@ def _setup_context(ctx, inputs, output):
     ctx.geometry = (list(stride), list(padding), list(dilation), groups)
     ctx.activation = activation
     ctx.algo = algo
-    ctx.backend = _backend.resolve("conv2d", x.device, SUPPORTED_BACKENDS, backend)
+    ctx.backend = _backend.resolve("conv2d", x.device, CONV2D_BACKENDS, backend)
     ctx.has_bias = bias is not None
     ctx.input_size = list(x.shape)
     ctx.weight_size = list(weight.shape)

@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 
 from .. import _backend
+from . import conv2d as conv_ops
 from .conv2d import (
-    SUPPORTED_BACKENDS,
     _check_choice,
     _fake_alloc,
     _new_output,
@@ -36,6 +36,11 @@ from .conv2d import (
     conv2d_weight_grad,
 )
 from ._autocast import register_autocast
+
+SUPPORTED_BACKENDS = ("triton", "cuda", "cpu", "torch")
+# Pixels per row of the [T, C] statistics partials that fastconv::ext_batch_norm_stats returns, per device
+# (csrc/cpu/batch_norm.cpp kTileRows, csrc/cuda/batch_norm_launch.h kBnTileRows); the fake kernel needs T.
+EXT_STATS_TILE_ROWS = {"cpu": 1024, "cuda": 512}
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -73,6 +78,9 @@ def conv_bn_act_train(
     _check_choice(activation, ACTIVATIONS, "activation")
     _check_choice(algo, ALGOS, "algo")
     name = _backend.resolve("conv_bn_act", input.device, SUPPORTED_BACKENDS, backend)
+    if name in ("cuda", "cpu"):
+        return _ext_forward(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups,
+                            eps, activation, algo, name)
     z = _new_output(input, weight, stride, padding, dilation)
     y = alloc(z.shape, z.dtype, z.device, _memory_format(z))
     if name == "torch":
@@ -97,6 +105,76 @@ def conv_bn_act_train(
     mean, var = tbn.finalize(stats, z.shape[1], bias)
     tbn.batch_norm_act_forward(z, mean, var, bn_weight, bn_bias, eps, activation, residual, out=y)
     return y, z, mean, var
+
+
+def _ext_forward(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps,
+                 activation, algo, name):
+    """Backends 'cuda' / 'cpu': z = conv(x) + bias with the BatchNorm partials taken in the C++ conv's epilogue
+    (before the bias), their Chan combination plus the bias, then normalize + affine + activation in one
+    pass. Where the conv op has no C++ kernels, z comes from its own backend and ext_batch_norm_stats
+    takes the partials from z."""
+    ops = ext_ops()
+    conv_name = _conv_backend(name)
+    if conv_name == name and hasattr(conv_ops, "ext_conv2d"):
+        z, (cnt, mean_p, m2_p) = conv_ops.ext_conv2d(input, weight, bias, stride, padding, dilation, groups,
+                                                    stats=True)
+        mean, var = ops.ext_batch_norm_finalize(cnt, mean_p, m2_p, bias)
+    else:
+        z = conv_ops.conv2d(input, weight, bias, stride, padding, dilation, groups, algo=algo, backend=conv_name)
+        cnt, mean_p, m2_p = ops.ext_batch_norm_stats(z)
+        mean, var = ops.ext_batch_norm_finalize(cnt, mean_p, m2_p, None)
+    y = ops.ext_batch_norm_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation)
+    return y, z, mean, var
+
+
+def _conv_backend(name: str) -> str:
+    """The conv op's backend inside a fused block on backend `name`: the same when the conv op has it."""
+    conv_backends = getattr(conv_ops, "CONV2D_BACKENDS", conv_ops.SUPPORTED_BACKENDS)
+    return name if name in conv_backends else "torch"
+
+
+def ext_ops():
+    """torch.ops.fastconv with the C++ BatchNorm ops loaded (fastconv._C) and their fake kernels registered."""
+    from .. import _ext
+
+    if not _ext.load():
+        raise _backend.BackendNotSupported(f"fastconv.conv_bn_act: the C++ kernels are unavailable because "
+                                           f"{_ext.reason()}")
+    if not _EXT_FAKES:
+        _register_ext_fakes()
+        _EXT_FAKES.append(True)
+    return torch.ops.fastconv
+
+
+_EXT_FAKES: list = []
+
+
+def _register_ext_fakes() -> None:
+    @torch.library.register_fake("fastconv::ext_batch_norm_stats")
+    def _(z):
+        N, C, H, W = z.shape
+        rows = EXT_STATS_TILE_ROWS[z.device.type]
+        tiles = max(1, -(-(N * H * W) // rows))
+        stat = z.new_empty((tiles, C), dtype=_stat_dtype(z.dtype))
+        return stat, torch.empty_like(stat), torch.empty_like(stat)
+
+    @torch.library.register_fake("fastconv::ext_batch_norm_finalize")
+    def _(count, mean, m2, bias):
+        stat = count.new_empty(count.shape[1])
+        return stat, torch.empty_like(stat)
+
+    @torch.library.register_fake("fastconv::ext_batch_norm_act")
+    def _(z, mean, var, weight, bias, residual, eps, activation):
+        return torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=_memory_format(z))
+
+    @torch.library.register_fake("fastconv::ext_batch_norm_act_backward")
+    def _(grad_y, z, mean, var, weight, bias, residual, eps, activation, want_grad_residual):
+        fmt = _memory_format(z)
+        grad_z = torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=fmt)
+        grad_res = (torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=fmt) if want_grad_residual
+                    else z.new_empty(0))
+        stat = z.new_empty(z.shape[1], dtype=_stat_dtype(z.dtype))
+        return grad_z, stat, torch.empty_like(stat), grad_res
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
@@ -143,6 +221,9 @@ def batch_norm_act_backward(
         grad_z = gamma * invstd * (g - sum_g.view(shape) / P - xhat * sum_gx.view(shape) / P)
         grad_res = g.to(z.dtype) if want_grad_residual else z.new_empty(0)
         return grad_z.to(z.dtype).contiguous(memory_format=_memory_format(z)), sum_g, sum_gx, grad_res
+    if name in ("cuda", "cpu"):
+        return ext_ops().ext_batch_norm_act_backward(grad_y, z, mean, var, bn_weight, bn_bias, residual, eps,
+                                                     activation, want_grad_residual)
     from ..triton import batch_norm as tbn
 
     grad_z = alloc(z.shape, z.dtype, z.device, _memory_format(z))
@@ -178,6 +259,8 @@ def batch_norm_act(
     y = alloc(z.shape, z.dtype, z.device, _memory_format(z))
     if name == "torch":
         return y.copy_(_torch_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation))
+    if name in ("cuda", "cpu"):
+        return ext_ops().ext_batch_norm_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation)
     from ..triton import batch_norm as tbn
 
     return tbn.batch_norm_act_forward(z, mean, var, bn_weight, bn_bias, eps, activation, residual, out=y)
@@ -242,11 +325,12 @@ def _backward(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
         ctx.activation, want_res, ctx.backend)
     grad_x = grad_w = grad_b = None
     if needs[0]:
-        grad_x = conv2d_input_grad(grad_z, weight, ctx.input_size, stride, padding, dilation, groups, ctx.backend)
+        grad_x = conv2d_input_grad(grad_z, weight, ctx.input_size, stride, padding, dilation, groups,
+                                   _conv_backend(ctx.backend))
     want_db = ctx.has_bias and needs[2]
     if needs[1] or want_db:
         grad_w, db = conv2d_weight_grad(grad_z, x, ctx.weight_size, stride, padding, dilation, groups, want_db,
-                                        ctx.backend)
+                                        _conv_backend(ctx.backend))
         grad_w = grad_w if needs[1] else None
         grad_b = db if want_db else None
     grad_gamma = sum_gx.to(bn_weight.dtype) if (bn_weight is not None and needs[3]) else None

@@ -15,6 +15,8 @@ element ih = oh*stride_h - pad_h + kh*dil_h, iw = ow*stride_w - pad_w + kw*dil_w
 `offsets_dtype(kernel_size)`: the narrowest of int8 / int16 / int32 holding KH*KW - 1 (int8 up to 11x11
 windows). `offsets_to_indices` turns it into F.max_pool2d(return_indices=True)'s int64 indices.
     triton  the Triton forward writes the taps directly (fastconv.triton.max_pool2d).
+    cuda    the CUDA C++ kernels (csrc/cuda/max_pool2d.cu) through torch.ops.fastconv.ext_max_pool2d.
+    cpu     their C++ CPU twin (csrc/cpu/max_pool2d.cpp), the same op for CPU tensors.
     torch   aten.max_pool2d_with_indices, its int64 indices converted to taps (`indices_to_offsets`).
 
 Memory: autograd saves ONLY the offsets, never the input. The gradient needs just the argmax positions,
@@ -32,8 +34,9 @@ import torch
 from .. import _backend
 from .._pool_args import offsets_dtype, suggest_memory_format  # noqa: F401 (re-exported)
 
-SUPPORTED_BACKENDS = ("triton", "torch")
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SUPPORTED_BACKENDS = ("triton", "cuda", "cpu", "torch")
+# What the fastconv kernels (Triton, CUDA C++ and the C++ CPU twin alike) pool; other dtypes run on PyTorch.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -160,16 +163,44 @@ def _fake_alloc(shape, dtype, device, memory_format):
 
 def _resolve(device: torch.device, dtype: torch.dtype, backend: str) -> str:
     """The backend that runs: `backend` resolved per device; 'auto' falls back to PyTorch for dtypes the
-    Triton kernels do not pool (integers), an explicit 'triton' refuses them."""
+    fastconv kernels do not pool (integers), an explicit 'triton' / 'cuda' / 'cpu' refuses them."""
     requested = backend or _backend.current()
     name = _backend.resolve("max_pool2d", device, SUPPORTED_BACKENDS, requested)
-    if name == "triton" and dtype not in TRITON_DTYPES:
+    if name != "torch" and dtype not in KERNEL_DTYPES:
         if requested == "auto":
             return "torch"
+        kind = "Triton" if name == "triton" else "C++"
         raise _backend.BackendNotSupported(
-            f"fastconv.max_pool2d: backend 'triton' is not supported for {dtype} tensors because the Triton "
+            f"fastconv.max_pool2d: backend {name!r} is not supported for {dtype} tensors because the {kind} "
             f"kernels pool floating-point tensors (float16, bfloat16, float32, float64)")
     return name
+
+
+def ext_ops():
+    """torch.ops.fastconv with the C++ max-pool ops loaded (fastconv._C) and their fake kernels registered."""
+    from .. import _ext
+
+    if not _ext.load():
+        raise _backend.BackendNotSupported(f"fastconv.max_pool2d: the C++ kernels are unavailable because "
+                                           f"{_ext.reason()}")
+    if not _EXT_FAKES:
+        _register_ext_fakes()
+        _EXT_FAKES.append(True)
+    return torch.ops.fastconv
+
+
+_EXT_FAKES: list = []
+
+
+def _register_ext_fakes() -> None:
+    @torch.library.register_fake("fastconv::ext_max_pool2d")
+    def _(input, kernel_size, stride, padding, dilation, ceil_mode):
+        return _fake_forward(input, kernel_size, stride, padding, dilation, ceil_mode)
+
+    @torch.library.register_fake("fastconv::ext_max_pool2d_input_grad")
+    def _(grad_output, offsets, input_size, kernel_size, stride, padding, dilation, ceil_mode, channels_last):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return _fake_alloc(list(input_size), grad_output.dtype, grad_output.device, fmt)
 
 
 def _check_input(input: torch.Tensor) -> None:
@@ -197,6 +228,8 @@ def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, backend
         from ..triton import max_pool2d as tpool
 
         return tpool.max_pool2d_forward(input, *geo, ceil_mode)
+    if name in ("cuda", "cpu"):
+        return ext_ops().ext_max_pool2d(input, *map(list, geo), ceil_mode)
     y_ref, idx = torch.ops.aten.max_pool2d_with_indices(input, *geo, ceil_mode)
     fmt = suggest_memory_format(input)
     y = alloc(y_ref.shape, input.dtype, input.device, fmt)
@@ -206,8 +239,7 @@ def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, backend
     return y, offsets
 
 
-@max_pool2d.register_fake
-def _(input, kernel_size, stride, padding, dilation, ceil_mode, backend="auto"):
+def _fake_forward(input, kernel_size, stride, padding, dilation, ceil_mode, backend="auto"):
     _check_input(input)
     N, C, H, W = input.shape
     oh = pool_output_size(H, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
@@ -215,6 +247,9 @@ def _(input, kernel_size, stride, padding, dilation, ceil_mode, backend="auto"):
     fmt = suggest_memory_format(input)
     return (_fake_alloc((N, C, oh, ow), input.dtype, input.device, fmt),
             _fake_alloc((N, C, oh, ow), offsets_dtype(kernel_size), input.device, fmt))
+
+
+max_pool2d.register_fake(_fake_forward)  # also the fake kernel of fastconv::ext_max_pool2d
 
 
 def _torch_input_grad(grad_output, offsets, input_size, geo, ceil_mode, dx):
@@ -243,6 +278,9 @@ def max_pool2d_input_grad(grad_output, offsets, input_size, kernel_size, stride,
         from ..triton import max_pool2d as tpool
 
         return tpool.max_pool2d_backward(grad_output, list(input_size), offsets, *geo, ceil_mode, memory_format=fmt)
+    if name in ("cuda", "cpu"):
+        return ext_ops().ext_max_pool2d_input_grad(grad_output, offsets, [int(s) for s in input_size],
+                                                   *map(list, geo), ceil_mode, channels_last)
     dx = alloc(list(input_size), grad_output.dtype, grad_output.device, fmt)
     return _torch_input_grad(grad_output, offsets, input_size, geo, ceil_mode, dx)
 

@@ -1,0 +1,94 @@
+// Torch-side argument checks and conversions of the fastconv::ext_batch_norm_* ops, shared by the CPU
+// (csrc/cpu/batch_norm.cpp) and CUDA (csrc/cuda/batch_norm_cuda.cpp) registrations.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "fastconv/batch_norm.h"
+
+namespace fastconv {
+
+inline Act bn_parse_act(const char* op, const std::string& name) {
+  if (name == "identity") return Act::identity;
+  if (name == "relu") return Act::relu;
+  if (name == "relu6") return Act::relu6;
+  if (name == "silu") return Act::silu;
+  if (name == "hardswish") return Act::hardswish;
+  TORCH_CHECK(false, op, ": unknown activation '", name, "'; choose one of identity, relu, relu6, silu, hardswish");
+}
+
+// fp32 statistics, fp64 for fp64 tensors.
+inline at::ScalarType bn_stat_dtype(const at::Tensor& z) {
+  return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The outputs' memory format: channels_last when z is channels_last-dense and not NCHW-dense (the rule of
+// fastconv.ops.conv_bn_act._memory_format).
+inline at::MemoryFormat bn_format(const at::Tensor& z) {
+  return (!z.is_contiguous() && z.is_contiguous(at::MemoryFormat::ChannelsLast)) ? at::MemoryFormat::ChannelsLast
+                                                                                  : at::MemoryFormat::Contiguous;
+}
+
+inline void bn_check_z(const char* op, const at::Tensor& z, bool allow_double) {
+  TORCH_CHECK(z.dim() == 4, op, ": expects a 4-D [N, C, H, W] tensor, got shape ", z.sizes());
+  const auto st = z.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || (allow_double && st == at::kDouble), op,
+              ": tensors must be float32, float16 or bfloat16", allow_double ? " or float64" : "", ", got ", st);
+}
+
+// A per-channel vector as a contiguous [C] tensor of the statistics dtype on z's device (nullopt stays empty).
+inline at::Tensor bn_channel_vector(const char* op, const c10::optional<at::Tensor>& t, const at::Tensor& z,
+                                    const char* what) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  const int64_t C = z.size(1);
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == C, op, ": ", what, " must have shape [", C, "], got ", t->sizes());
+  TORCH_CHECK(t->device() == z.device(), op, ": ", what, " is on ", t->device(), " but z is on ", z.device());
+  TORCH_CHECK(t->is_floating_point(), op, ": ", what, " must be a floating-point tensor, got ", t->scalar_type());
+  return t->to(bn_stat_dtype(z)).contiguous();
+}
+
+// A tensor shaped like z (residual, grad_y) in z's dtype; any strides.
+inline at::Tensor bn_like_z(const char* op, const c10::optional<at::Tensor>& t, const at::Tensor& z,
+                            const char* what) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK(t->sizes() == z.sizes(), op, ": ", what, " must have z's shape ", z.sizes(), ", got ", t->sizes());
+  TORCH_CHECK(t->device() == z.device(), op, ": ", what, " is on ", t->device(), " but z is on ", z.device());
+  return t->scalar_type() == z.scalar_type() ? *t : t->to(z.scalar_type());
+}
+
+struct BnInputs {
+  at::Tensor mean, var, weight, bias, residual;  // weight/bias/residual undefined when absent
+  Act act;
+};
+
+inline BnInputs bn_inputs(const char* op, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& var,
+                          const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                          const c10::optional<at::Tensor>& residual, const std::string& activation) {
+  BnInputs in;
+  in.mean = bn_channel_vector(op, mean, z, "mean");
+  in.var = bn_channel_vector(op, var, z, "var");
+  in.weight = bn_channel_vector(op, weight, z, "weight");
+  in.bias = bn_channel_vector(op, bias, z, "bias");
+  TORCH_CHECK(in.weight.defined() == in.bias.defined(), op, ": weight and bias must be given together");
+  in.residual = bn_like_z(op, residual, z, "residual");
+  in.act = bn_parse_act(op, activation);
+  return in;
+}
+
+// [T, C] partials of the finalize op: three contiguous tensors of one statistics dtype.
+inline void bn_check_partials(const char* op, const at::Tensor& cnt, const at::Tensor& mean, const at::Tensor& m2) {
+  TORCH_CHECK(cnt.dim() == 2 && cnt.sizes() == mean.sizes() && cnt.sizes() == m2.sizes(), op,
+              ": count, mean and M2 must be [T, C] tensors of one shape, got ", cnt.sizes(), ", ", mean.sizes(),
+              ", ", m2.sizes());
+  const auto st = cnt.scalar_type();
+  TORCH_CHECK((st == at::kFloat || st == at::kDouble) && mean.scalar_type() == st && m2.scalar_type() == st, op,
+              ": partials must all be float32 or all float64, got ", st, ", ", mean.scalar_type(), ", ",
+              m2.scalar_type());
+  TORCH_CHECK(mean.device() == cnt.device() && m2.device() == cnt.device(), op, ": partials on different devices");
+}
+
+}  // namespace fastconv

@@ -1,0 +1,400 @@
+// CPU twin of the training-mode BatchNorm kernels (fastconv::ext_batch_norm_*) for CPU tensors. The per-element
+// and per-channel math (Welford/Chan moments, normalize + affine + activation, the backward's g and dz) comes
+// from fastconv/batch_norm.h, the header the CUDA kernels use.
+//
+// Reductions run over tiles of kTileRows pixels into [T, C] partials combined in a fixed order, so results do
+// not depend on the thread count. Inside a tile, and in the elementwise passes, the channel loop is innermost
+// for channels_last tensors and outermost for the others, so memory is walked in order.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "../batch_norm.h"
+
+namespace fastconv {
+namespace {
+
+constexpr int64_t kTileRows = 1024;
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+struct Strides {
+  int64_t n, c, h, w;
+  explicit Strides(const at::Tensor& t) : n(t.stride(0)), c(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
+  Strides() : n(0), c(0), h(0), w(0) {}
+  int64_t at(int64_t n_, int64_t c_, int64_t h_, int64_t w_) const { return n_ * n + c_ * c + h_ * h + w_ * w; }
+};
+
+// Calls f(std::integral_constant<Act, a>) for the runtime activation a: the per-element activation then
+// compiles to straight-line code instead of a switch in every inner loop.
+template <typename F>
+void with_act(Act act, const F& f) {
+  switch (act) {
+    case Act::relu:
+      return f(std::integral_constant<Act, Act::relu>{});
+    case Act::relu6:
+      return f(std::integral_constant<Act, Act::relu6>{});
+    case Act::silu:
+      return f(std::integral_constant<Act, Act::silu>{});
+    case Act::hardswish:
+      return f(std::integral_constant<Act, Act::hardswish>{});
+    default:
+      return f(std::integral_constant<Act, Act::identity>{});
+  }
+}
+
+// Visit pixels p in [p0, p1) of an (N, H, W) raster as (n, h, w) without divisions per pixel.
+template <typename F>
+inline void for_pixels(int64_t p0, int64_t p1, int64_t H, int64_t W, const F& f) {
+  int64_t w = p0 % W, t = p0 / W, h = t % H, n = t / H;
+  for (int64_t p = p0; p < p1; ++p) {
+    f(n, h, w);
+    if (++w == W) {
+      w = 0;
+      if (++h == H) {
+        h = 0;
+        ++n;
+      }
+    }
+  }
+}
+
+// The channel loop innermost pays when z's channel stride is its smallest (channels_last).
+inline bool channels_inner(const at::Tensor& z) {
+  return z.size(1) > 1 && z.stride(1) < z.stride(3) && z.stride(1) < z.stride(2);
+}
+
+template <typename Acc>
+std::vector<BnChannel<Acc>> channels(const BnInputs& in, int64_t C, double eps) {
+  std::vector<BnChannel<Acc>> ch(C);
+  const Acc* w = in.weight.defined() ? in.weight.const_data_ptr<Acc>() : nullptr;
+  const Acc* b = in.bias.defined() ? in.bias.const_data_ptr<Acc>() : nullptr;
+  for (int64_t c = 0; c < C; ++c)
+    ch[c] = bn_channel<Acc>(in.mean.const_data_ptr<Acc>(), in.var.const_data_ptr<Acc>(), w, b, static_cast<Acc>(eps), c);
+  return ch;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// statistics partials
+
+template <typename T>
+void stats_cpu(const at::Tensor& z, at::Tensor& cnt, at::Tensor& mean, at::Tensor& m2) {
+  using Acc = acc_t<T>;
+  const int64_t N = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3), P = N * H * W;
+  const T* zp = z.const_data_ptr<T>();
+  const Strides sz(z);
+  Acc* cp = cnt.data_ptr<Acc>();
+  Acc* mp = mean.data_ptr<Acc>();
+  Acc* qp = m2.data_ptr<Acc>();
+  const bool inner = channels_inner(z);
+  const int64_t T_ = cnt.size(0);
+  at::parallel_for(0, T_, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> sum(C), sq(C);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t p0 = t * kTileRows, p1 = std::min(P, p0 + kTileRows);
+      const Acc rows = static_cast<Acc>(std::max<int64_t>(p1 - p0, 0));
+      std::fill(sum.begin(), sum.end(), Acc(0));
+      std::fill(sq.begin(), sq.end(), Acc(0));
+      // two passes over the (cache-resident) tile: the mean, then squared deviations from it
+      if (inner) {
+        for_pixels(p0, p1, H, W, [&](int64_t n, int64_t h, int64_t w) {
+          const T* src = zp + sz.at(n, 0, h, w);
+          for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<Acc>(src[c * sz.c]);
+        });
+        for (int64_t c = 0; c < C; ++c) sum[c] = rows > 0 ? sum[c] / rows : Acc(0);
+        for_pixels(p0, p1, H, W, [&](int64_t n, int64_t h, int64_t w) {
+          const T* src = zp + sz.at(n, 0, h, w);
+          for (int64_t c = 0; c < C; ++c) {
+            const Acc d = static_cast<Acc>(src[c * sz.c]) - sum[c];
+            sq[c] += d * d;
+          }
+        });
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          Acc s = 0;
+          for_pixels(p0, p1, H, W, [&](int64_t n, int64_t h, int64_t w) { s += static_cast<Acc>(zp[sz.at(n, c, h, w)]); });
+          const Acc mu = rows > 0 ? s / rows : Acc(0);
+          Acc q = 0;
+          for_pixels(p0, p1, H, W, [&](int64_t n, int64_t h, int64_t w) {
+            const Acc d = static_cast<Acc>(zp[sz.at(n, c, h, w)]) - mu;
+            q += d * d;
+          });
+          sum[c] = mu;
+          sq[c] = q;
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        cp[t * C + c] = rows;
+        mp[t * C + c] = sum[c];
+        qp[t * C + c] = sq[c];
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ext_batch_norm_stats_cpu(const at::Tensor& z) {
+  constexpr const char* op = "fastconv::ext_batch_norm_stats (cpu)";
+  TORCH_CHECK(z.device().is_cpu(), op, ": expects a CPU tensor, got ", z.device());
+  bn_check_z(op, z, true);
+  const int64_t P = z.size(0) * z.size(2) * z.size(3), C = z.size(1);
+  const int64_t T = std::max<int64_t>(1, (P + kTileRows - 1) / kTileRows);
+  auto opts = z.options().dtype(bn_stat_dtype(z));
+  at::Tensor cnt = at::empty({T, C}, opts), mean = at::empty({T, C}, opts), m2 = at::empty({T, C}, opts);
+  if (C == 0) return {cnt, mean, m2};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ext_batch_norm_stats_cpu",
+                                  [&] { stats_cpu<scalar_t>(z, cnt, mean, m2); });
+  return {cnt, mean, m2};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// finalize
+
+template <typename Acc>
+void finalize_cpu(const at::Tensor& cnt, const at::Tensor& mean_p, const at::Tensor& m2_p, const at::Tensor& bias,
+                  at::Tensor& mean, at::Tensor& var) {
+  const int64_t T = cnt.size(0), C = cnt.size(1);
+  const Acc *cp = cnt.const_data_ptr<Acc>(), *mp = mean_p.const_data_ptr<Acc>(), *qp = m2_p.const_data_ptr<Acc>();
+  const Acc* bp = bias.defined() ? bias.const_data_ptr<Acc>() : nullptr;
+  Acc *mo = mean.data_ptr<Acc>(), *vo = var.data_ptr<Acc>();
+  at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      Moments<Acc> a{0, 0, 0};
+      for (int64_t t = 0; t < T; ++t) moments_merge(a, cp[t * C + c], mp[t * C + c], qp[t * C + c]);
+      mo[c] = a.mean + (bp ? bp[c] : Acc(0));
+      vo[c] = moments_var(a);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> ext_batch_norm_finalize_cpu(const at::Tensor& count, const at::Tensor& mean,
+                                                               const at::Tensor& m2,
+                                                               const c10::optional<at::Tensor>& bias) {
+  constexpr const char* op = "fastconv::ext_batch_norm_finalize (cpu)";
+  bn_check_partials(op, count, mean, m2);
+  TORCH_CHECK(count.device().is_cpu(), op, ": expects CPU tensors, got ", count.device());
+  const int64_t C = count.size(1);
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, op, ": bias must have shape [", C, "], got ", bias->sizes());
+    TORCH_CHECK(bias->device() == count.device(), op, ": bias is on ", bias->device());
+    b = bias->to(count.scalar_type()).contiguous();
+  }
+  at::Tensor c = count.contiguous(), mp = mean.contiguous(), qp = m2.contiguous();
+  at::Tensor mean_out = at::empty({C}, count.options()), var_out = at::empty({C}, count.options());
+  if (count.scalar_type() == at::kDouble)
+    finalize_cpu<double>(c, mp, qp, b, mean_out, var_out);
+  else
+    finalize_cpu<float>(c, mp, qp, b, mean_out, var_out);
+  return {mean_out, var_out};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// y = act(bn(z) + residual)
+
+template <typename T>
+void act_cpu(const at::Tensor& z, const BnInputs& in, double eps, at::Tensor& y) {
+  using Acc = acc_t<T>;
+  const int64_t N = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3);
+  const auto ch = channels<Acc>(in, C, eps);
+  const T* zp = z.const_data_ptr<T>();
+  const T* rp = in.residual.defined() ? in.residual.const_data_ptr<T>() : nullptr;
+  T* yp = y.data_ptr<T>();
+  const Strides sz(z), sy(y), sr = rp ? Strides(in.residual) : Strides();
+  with_act(in.act, [&](auto act_c) {
+  constexpr Act act = decltype(act_c)::value;
+  if (bn_format(y) == at::MemoryFormat::ChannelsLast) {
+    at::parallel_for(0, N * H * W, 256, [&](int64_t begin, int64_t end) {
+      for_pixels(begin, end, H, W, [&](int64_t n, int64_t h, int64_t w) {
+        const T* zs = zp + sz.at(n, 0, h, w);
+        const T* rs = rp ? rp + sr.at(n, 0, h, w) : nullptr;
+        T* ys = yp + sy.at(n, 0, h, w);
+        for (int64_t c = 0; c < C; ++c) {
+          const Acc r = rs ? static_cast<Acc>(rs[c * sr.c]) : Acc(0);
+          ys[c * sy.c] = static_cast<T>(bn_act_value(static_cast<Acc>(zs[c * sz.c]), ch[c], r, act));
+        }
+      });
+    });
+    return;
+  }
+  at::parallel_for(0, N * C * H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t h = row % H, c = (row / H) % C, n = row / (H * C);
+      const T* zs = zp + sz.at(n, c, h, 0);
+      const T* rs = rp ? rp + sr.at(n, c, h, 0) : nullptr;
+      T* ys = yp + sy.at(n, c, h, 0);
+      const BnChannel<Acc> k = ch[c];
+      for (int64_t w = 0; w < W; ++w) {
+        const Acc r = rs ? static_cast<Acc>(rs[w * sr.w]) : Acc(0);
+        ys[w * sy.w] = static_cast<T>(bn_act_value(static_cast<Acc>(zs[w * sz.w]), k, r, act));
+      }
+    }
+  });
+  });
+}
+
+at::Tensor ext_batch_norm_act_cpu(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& var,
+                                  const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                                  const c10::optional<at::Tensor>& residual, double eps, c10::string_view activation) {
+  constexpr const char* op = "fastconv::ext_batch_norm_act (cpu)";
+  TORCH_CHECK(z.device().is_cpu(), op, ": expects CPU tensors, got ", z.device());
+  bn_check_z(op, z, true);
+  const BnInputs in = bn_inputs(op, z, mean, var, weight, bias, residual, std::string(activation));
+  at::Tensor y = at::empty(z.sizes(), z.options().memory_format(bn_format(z)));
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ext_batch_norm_act_cpu",
+                                  [&] { act_cpu<scalar_t>(z, in, eps, y); });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// backward: reduce (sum_g, sum_gx) over tiles, then apply
+
+// Visit the pixels [p0, p1) of an (N, H, W) raster as row segments (n, h, w0, w1).
+template <typename F>
+inline void for_row_segments(int64_t p0, int64_t p1, int64_t H, int64_t W, const F& f) {
+  int64_t p = p0;
+  while (p < p1) {
+    const int64_t w0 = p % W, nh = p / W;
+    const int64_t w1 = std::min(W, w0 + (p1 - p));
+    f(nh / H, nh % H, w0, w1);
+    p += w1 - w0;
+  }
+}
+
+template <typename T>
+void backward_cpu(const at::Tensor& dy, const at::Tensor& z, const BnInputs& in, double eps, at::Tensor& sum_g,
+                  at::Tensor& sum_gx, at::Tensor& dz, at::Tensor* dres) {
+  using Acc = acc_t<T>;
+  const int64_t N = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3), P = N * H * W;
+  const auto ch = channels<Acc>(in, C, eps);
+  const T* zp = z.const_data_ptr<T>();
+  const T* dp = dy.const_data_ptr<T>();
+  const T* rp = in.residual.defined() ? in.residual.const_data_ptr<T>() : nullptr;
+  const Strides sz(z), sd(dy), sr = rp ? Strides(in.residual) : Strides();
+  const bool inner = channels_inner(z);
+  const int64_t T_ = std::max<int64_t>(1, (P + kTileRows - 1) / kTileRows);
+  std::vector<Acc> part_g(T_ * C, Acc(0)), part_gx(T_ * C, Acc(0));
+  std::vector<Acc> mean_g(C), mean_gx(C);
+  T* dzp = dz.data_ptr<T>();
+  T* drp = dres ? dres->data_ptr<T>() : nullptr;
+  const Strides sx(dz), sq = dres ? Strides(*dres) : Strides();
+  with_act(in.act, [&](auto act_c) {
+    constexpr Act act = decltype(act_c)::value;
+    // g and xhat of the `count` elements of a run starting at (n, c, h, w) and advancing along `axis`
+    // (1: channels, 3: columns): row pointers once, one multiply-add per element.
+    auto run = [&](int64_t n, int64_t c, int64_t h, int64_t w, int64_t count, int axis, auto&& body) {
+      const int64_t zs = axis == 1 ? sz.c : sz.w, ds = axis == 1 ? sd.c : sd.w, rs = axis == 1 ? sr.c : sr.w;
+      const T* zb = zp + sz.at(n, c, h, w);
+      const T* db = dp + sd.at(n, c, h, w);
+      const T* rb = rp ? rp + sr.at(n, c, h, w) : nullptr;
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t cc = axis == 1 ? c + j : c;
+        const Acc r = rb ? static_cast<Acc>(rb[j * rs]) : Acc(0);
+        Acc xhat;
+        const Acc g = bn_act_grad(static_cast<Acc>(db[j * ds]), static_cast<Acc>(zb[j * zs]), ch[cc], r, act, xhat);
+        body(j, cc, g, xhat);
+      }
+    };
+    at::parallel_for(0, T_, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t p0 = t * kTileRows, p1 = std::min(P, p0 + kTileRows);
+        Acc* pg = part_g.data() + t * C;
+        Acc* pgx = part_gx.data() + t * C;
+        if (inner) {
+          for_pixels(p0, p1, H, W, [&](int64_t n, int64_t h, int64_t w) {
+            run(n, 0, h, w, C, 1, [&](int64_t, int64_t c, Acc g, Acc xhat) {
+              pg[c] += g;
+              pgx[c] += g * xhat;
+            });
+          });
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            Acc sg = 0, sgx = 0;
+            for_row_segments(p0, p1, H, W, [&](int64_t n, int64_t h, int64_t w0, int64_t w1) {
+              run(n, c, h, w0, w1 - w0, 3, [&](int64_t, int64_t, Acc g, Acc xhat) {
+                sg += g;
+                sgx += g * xhat;
+              });
+            });
+            pg[c] = sg;
+            pgx[c] = sgx;
+          }
+        }
+      }
+    });
+    Acc* sg = sum_g.data_ptr<Acc>();
+    Acc* sgx = sum_gx.data_ptr<Acc>();
+    for (int64_t c = 0; c < C; ++c) {
+      Acc a = 0, b = 0;
+      for (int64_t t = 0; t < T_; ++t) {
+        a += part_g[t * C + c];
+        b += part_gx[t * C + c];
+      }
+      sg[c] = a;
+      sgx[c] = b;
+      mean_g[c] = P > 0 ? a / static_cast<Acc>(P) : Acc(0);
+      mean_gx[c] = P > 0 ? b / static_cast<Acc>(P) : Acc(0);
+    }
+    if (P == 0) return;
+    if (bn_format(dz) == at::MemoryFormat::ChannelsLast) {
+      at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
+        for_pixels(begin, end, H, W, [&](int64_t n, int64_t h, int64_t w) {
+          T* xo = dzp + sx.at(n, 0, h, w);
+          T* qo = drp ? drp + sq.at(n, 0, h, w) : nullptr;
+          run(n, 0, h, w, C, 1, [&](int64_t j, int64_t c, Acc g, Acc xhat) {
+            xo[j * sx.c] = static_cast<T>(bn_grad_z(g, xhat, ch[c], mean_g[c], mean_gx[c]));
+            if (qo) qo[j * sq.c] = static_cast<T>(g);
+          });
+        });
+      });
+    } else {
+      at::parallel_for(0, N * C * H, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t h = row % H, c = (row / H) % C, n = row / (H * C);
+          T* xo = dzp + sx.at(n, c, h, 0);
+          T* qo = drp ? drp + sq.at(n, c, h, 0) : nullptr;
+          run(n, c, h, 0, W, 3, [&](int64_t j, int64_t, Acc g, Acc xhat) {
+            xo[j * sx.w] = static_cast<T>(bn_grad_z(g, xhat, ch[c], mean_g[c], mean_gx[c]));
+            if (qo) qo[j * sq.w] = static_cast<T>(g);
+          });
+        }
+      });
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ext_batch_norm_act_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& var,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual, double eps, c10::string_view activation, bool want_grad_residual) {
+  constexpr const char* op = "fastconv::ext_batch_norm_act_backward (cpu)";
+  TORCH_CHECK(z.device().is_cpu(), op, ": expects CPU tensors, got ", z.device());
+  bn_check_z(op, z, true);
+  const BnInputs in = bn_inputs(op, z, mean, var, weight, bias, residual, std::string(activation));
+  const at::Tensor dy = bn_like_z(op, grad_y, z, "grad_y");
+  const auto fmt = bn_format(z);
+  at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(fmt));
+  at::Tensor dres = want_grad_residual ? at::empty(z.sizes(), z.options().memory_format(fmt)) : z.new_empty({0});
+  auto sopts = z.options().dtype(bn_stat_dtype(z));
+  at::Tensor sum_g = at::empty({z.size(1)}, sopts), sum_gx = at::empty({z.size(1)}, sopts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ext_batch_norm_act_backward_cpu", [&] {
+    backward_cpu<scalar_t>(dy, z, in, eps, sum_g, sum_gx, dz, want_grad_residual ? &dres : nullptr);
+  });
+  return {dz, sum_g, sum_gx, dres};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastconv, CPU, m) {
+  m.impl("ext_batch_norm_stats", &ext_batch_norm_stats_cpu);
+  m.impl("ext_batch_norm_finalize", &ext_batch_norm_finalize_cpu);
+  m.impl("ext_batch_norm_act", &ext_batch_norm_act_cpu);
+  m.impl("ext_batch_norm_act_backward", &ext_batch_norm_act_backward_cpu);
+}
+
+}  // namespace fastconv

@@ -1,0 +1,141 @@
+// CUDA registration of the fastconv::ext_batch_norm_* ops: checks, device guard, current stream, params,
+// launch (csrc/cuda/batch_norm.cu), launch-error check.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../batch_norm.h"
+#include "batch_norm_launch.h"
+
+namespace fastconv {
+namespace {
+
+BnDType bn_dtype(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat:
+      return BnDType::f32;
+    case at::kHalf:
+      return BnDType::f16;
+    case at::kBFloat16:
+      return BnDType::bf16;
+    default:
+      return BnDType::f64;
+  }
+}
+
+void check_launch(const char* op, cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+BnView view(const at::Tensor& t) {
+  BnView v{nullptr, {0, 0, 0, 0}};
+  if (!t.defined()) return v;
+  v.ptr = t.const_data_ptr();
+  for (int d = 0; d < 4; ++d) v.s[d] = t.stride(d);
+  return v;
+}
+
+bool channels_fast(const at::Tensor& z) {
+  return z.size(1) > 1 && z.stride(1) < z.stride(3) && z.stride(1) < z.stride(2);
+}
+
+const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+BatchNormChannelParams channel_params(const BnInputs& in, double eps) {
+  return BatchNormChannelParams{in.mean.const_data_ptr(), in.var.const_data_ptr(), ptr_or_null(in.weight),
+                                ptr_or_null(in.bias), eps, in.act};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ext_batch_norm_stats_cuda(const at::Tensor& z) {
+  constexpr const char* op = "fastconv::ext_batch_norm_stats (cuda)";
+  TORCH_CHECK(z.is_cuda(), op, ": expects a CUDA tensor, got ", z.device());
+  bn_check_z(op, z, true);
+  c10::cuda::CUDAGuard guard(z.device());
+  const int64_t P = z.size(0) * z.size(2) * z.size(3), C = z.size(1);
+  const int64_t T = std::max<int64_t>(1, (P + kBnTileRows - 1) / kBnTileRows);
+  TORCH_CHECK(T < (int64_t(1) << 31), op, ": too many pixels (", P, ")");
+  auto opts = z.options().dtype(bn_stat_dtype(z));
+  at::Tensor cnt = at::empty({T, C}, opts), mean = at::empty({T, C}, opts), m2 = at::empty({T, C}, opts);
+  BatchNormStatsParams p{view(z), z.size(0), C, z.size(2), z.size(3), T, cnt.data_ptr(), mean.data_ptr(),
+                         m2.data_ptr(), bn_dtype(z.scalar_type()), channels_fast(z)};
+  check_launch(op, launch_batch_norm_stats(p, c10::cuda::getCurrentCUDAStream().stream()));
+  return {cnt, mean, m2};
+}
+
+std::tuple<at::Tensor, at::Tensor> ext_batch_norm_finalize_cuda(const at::Tensor& count, const at::Tensor& mean,
+                                                                const at::Tensor& m2,
+                                                                const c10::optional<at::Tensor>& bias) {
+  constexpr const char* op = "fastconv::ext_batch_norm_finalize (cuda)";
+  bn_check_partials(op, count, mean, m2);
+  TORCH_CHECK(count.is_cuda(), op, ": expects CUDA tensors, got ", count.device());
+  c10::cuda::CUDAGuard guard(count.device());
+  const int64_t C = count.size(1);
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, op, ": bias must have shape [", C, "], got ", bias->sizes());
+    TORCH_CHECK(bias->device() == count.device(), op, ": bias is on ", bias->device());
+    b = bias->to(count.scalar_type()).contiguous();
+  }
+  at::Tensor c = count.contiguous(), mp = mean.contiguous(), qp = m2.contiguous();
+  at::Tensor mean_out = at::empty({C}, count.options()), var_out = at::empty({C}, count.options());
+  BatchNormFinalizeParams p{c.const_data_ptr(), mp.const_data_ptr(), qp.const_data_ptr(), ptr_or_null(b),
+                            mean_out.data_ptr(), var_out.data_ptr(), count.size(0), C,
+                            count.scalar_type() == at::kDouble};
+  check_launch(op, launch_batch_norm_finalize(p, c10::cuda::getCurrentCUDAStream().stream()));
+  return {mean_out, var_out};
+}
+
+at::Tensor ext_batch_norm_act_cuda(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& var,
+                                   const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                                   const c10::optional<at::Tensor>& residual, double eps,
+                                   c10::string_view activation) {
+  constexpr const char* op = "fastconv::ext_batch_norm_act (cuda)";
+  TORCH_CHECK(z.is_cuda(), op, ": expects CUDA tensors, got ", z.device());
+  bn_check_z(op, z, true);
+  c10::cuda::CUDAGuard guard(z.device());
+  const BnInputs in = bn_inputs(op, z, mean, var, weight, bias, residual, std::string(activation));
+  const auto fmt = bn_format(z);
+  at::Tensor y = at::empty(z.sizes(), z.options().memory_format(fmt));
+  BatchNormActParams p{view(z), view(in.residual), y.data_ptr(), z.size(0), z.size(1), z.size(2), z.size(3),
+                       channel_params(in, eps), bn_dtype(z.scalar_type()), fmt == at::MemoryFormat::ChannelsLast};
+  check_launch(op, launch_batch_norm_act(p, c10::cuda::getCurrentCUDAStream().stream()));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ext_batch_norm_act_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& var,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual, double eps, c10::string_view activation, bool want_grad_residual) {
+  constexpr const char* op = "fastconv::ext_batch_norm_act_backward (cuda)";
+  TORCH_CHECK(z.is_cuda(), op, ": expects CUDA tensors, got ", z.device());
+  bn_check_z(op, z, true);
+  c10::cuda::CUDAGuard guard(z.device());
+  const BnInputs in = bn_inputs(op, z, mean, var, weight, bias, residual, std::string(activation));
+  const at::Tensor dy = bn_like_z(op, grad_y, z, "grad_y");
+  const auto fmt = bn_format(z);
+  at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(fmt));
+  at::Tensor dres = want_grad_residual ? at::empty(z.sizes(), z.options().memory_format(fmt)) : z.new_empty({0});
+  const int64_t P = z.size(0) * z.size(2) * z.size(3), C = z.size(1);
+  const int64_t T = (P + kBnTileRows - 1) / kBnTileRows;
+  auto sopts = z.options().dtype(bn_stat_dtype(z));
+  at::Tensor part_g = at::empty({T, C}, sopts), part_gx = at::empty({T, C}, sopts);
+  at::Tensor sum_g = at::empty({C}, sopts), sum_gx = at::empty({C}, sopts);
+  BatchNormBackwardParams p{view(dy), view(z), view(in.residual), z.size(0), C, z.size(2), z.size(3), T,
+                            channel_params(in, eps), part_g.data_ptr(), part_gx.data_ptr(), sum_g.data_ptr(),
+                            sum_gx.data_ptr(), dz.data_ptr(), want_grad_residual ? dres.data_ptr() : nullptr,
+                            bn_dtype(z.scalar_type()), channels_fast(z), fmt == at::MemoryFormat::ChannelsLast};
+  check_launch(op, launch_batch_norm_backward(p, c10::cuda::getCurrentCUDAStream().stream()));
+  return {dz, sum_g, sum_gx, dres};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastconv, CUDA, m) {
+  m.impl("ext_batch_norm_stats", &ext_batch_norm_stats_cuda);
+  m.impl("ext_batch_norm_finalize", &ext_batch_norm_finalize_cuda);
+  m.impl("ext_batch_norm_act", &ext_batch_norm_act_cuda);
+  m.impl("ext_batch_norm_act_backward", &ext_batch_norm_act_backward_cuda);
+}
+
+}  // namespace fastconv

@@ -1,0 +1,72 @@
+// Launchers of the CUDA BatchNorm kernels (csrc/cuda/batch_norm.cu): plain parameter structs, no torch types,
+// so the .cu file compiles with nvcc alone. Each returns cudaGetLastError() after its launches.
+// Statistics, mean, var, weight and bias are `Acc` arrays: float, or double when dtype is f64.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "fastconv/batch_norm.h"
+
+namespace fastconv {
+
+enum class BnDType : int { f32 = 0, f16 = 1, bf16 = 2, f64 = 3 };
+
+// Pixels per statistics tile: row t of the [T, C] partials covers pixels [t * kBnTileRows, (t+1) * kBnTileRows).
+constexpr int64_t kBnTileRows = 512;
+
+struct BnView {  // a [N, C, H, W] tensor read or written through strides (elements)
+  const void* ptr;
+  int64_t s[4];
+};
+
+struct BatchNormStatsParams {
+  BnView z;
+  int64_t N, C, H, W, T;
+  void *cnt, *mean, *m2;  // [T, C] Acc
+  BnDType dtype;
+  bool channels_fast;  // z's channel stride is its smallest (channels_last)
+};
+
+struct BatchNormFinalizeParams {
+  const void *cnt, *mean, *m2;  // [T, C]
+  const void* bias;             // [C] or nullptr
+  void *mean_out, *var_out;     // [C]
+  int64_t T, C;
+  bool f64;
+};
+
+struct BatchNormChannelParams {
+  const void *mean, *var, *weight, *bias;  // [C] Acc; weight/bias may be nullptr
+  double eps;
+  Act act;
+};
+
+struct BatchNormActParams {
+  BnView z, residual;  // residual.ptr may be nullptr
+  void* y;             // dense: channels_last order when channels_last, else NCHW
+  int64_t N, C, H, W;
+  BatchNormChannelParams ch;
+  BnDType dtype;
+  bool channels_last;
+};
+
+struct BatchNormBackwardParams {
+  BnView dy, z, residual;
+  int64_t N, C, H, W, T;
+  BatchNormChannelParams ch;
+  void *part_g, *part_gx;  // [T, C] Acc workspace
+  void *sum_g, *sum_gx;    // [C] Acc
+  void *dz, *dres;         // dense like BatchNormActParams::y; dres may be nullptr
+  BnDType dtype;
+  bool channels_fast, channels_last;
+};
+
+cudaError_t launch_batch_norm_stats(const BatchNormStatsParams& p, cudaStream_t stream);
+cudaError_t launch_batch_norm_finalize(const BatchNormFinalizeParams& p, cudaStream_t stream);
+cudaError_t launch_batch_norm_act(const BatchNormActParams& p, cudaStream_t stream);
+// reduce (partials and their sums) then apply (dz, dres)
+cudaError_t launch_batch_norm_backward(const BatchNormBackwardParams& p, cudaStream_t stream);
+
+}  // namespace fastconv

@@ -1,0 +1,50 @@
+// The extension module fastconv._C: importing it loads this library, whose static initialisers register
+// the torch.ops.fastconv.ext_* ops. The Python module itself is empty (no pybind11).
+#include <Python.h>
+
+#include <string>
+
+#include <torch/library.h>
+
+#ifdef FASTCONV_WITH_CUDA
+// Defined in csrc/cuda/build_info.cu (compiled by nvcc): the toolkit and the architectures it targeted.
+extern "C" const char* fastconv_cuda_build_info();
+#endif
+
+namespace {
+
+#define FASTCONV_STR2(...) #__VA_ARGS__
+#define FASTCONV_STR(...) FASTCONV_STR2(__VA_ARGS__)
+
+std::string build_info() {
+  std::string json = "{\"cuda\": ";
+#ifdef FASTCONV_WITH_CUDA
+  json += "true, ";
+  json += fastconv_cuda_build_info();  // "\"cuda_version\": ..., \"nvcc\": ..., \"archs\": [...]"
+#else
+  json += "false, \"cuda_version\": null, \"nvcc\": null, \"archs\": []";
+#endif
+#if defined(__clang__)
+  json += ", \"cxx\": \"clang " __clang_version__ "\"";
+#elif defined(__GNUC__)
+  json += ", \"cxx\": \"gcc " __VERSION__ "\"";
+#else
+  json += ", \"cxx\": \"unknown\"";
+#endif
+  json += "}";
+  return json;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastconv, m) {
+  m.def("ext_build_info() -> str", &build_info);
+}
+
+extern "C" {
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "fastconv._C", "fastconv C++/CUDA ops (torch.ops.fastconv.ext_*)",
+                               -1, nullptr};
+  return PyModule_Create(&module);
+}
+}
