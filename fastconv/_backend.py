@@ -27,8 +27,13 @@ _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastconv_
 # AMD EPYC, shared 2-core machine, 2026-11-21):
 #   conv2d 32x3x32x32 -> 64, 3x3 pad 1:   forward torch 37.8 ms, cpu 72.1 ms; fwd+bwd torch 93.0 ms, cpu 141.9 ms
 #   conv2d 32x64x16x16 -> 128, 3x3 pad 1: forward torch 43.7 ms, cpu 119.6 ms; fwd+bwd torch 144.9 ms, cpu 293.1 ms
-# Ops not listed here use 'torch'.
-AUTO_CPU: dict[str, str] = {"conv2d": "torch"}
+#   max_pool2d 32x64x32x32 fp32, 3x3/2 pad 1, 1 thread: NCHW forward cpu 29.7 ms vs torch 32.5 ms, backward
+#     cpu 36.7 ms vs torch 3.5 ms; channels_last forward 6.38 vs 3.08 ms, backward 18.0 vs 4.6 ms
+#     (bench/cpu_auto_max_pool2d.py)
+#   conv_bn_act's BatchNorm + ReLU on z 32x64x32x32 fp32, 2 threads: NCHW forward cpu 13.0 vs torch 10.7 ms,
+#     backward 49.7 vs 7.0 ms (bench/cpu_auto_batch_norm.py)
+# PyTorch wins every op, so every entry is 'torch' today; an op missing here also uses 'torch'.
+AUTO_CPU: dict[str, str] = {"conv2d": "torch", "max_pool2d": "torch", "conv_bn_act": "torch"}
 
 
 class BackendNotSupported(RuntimeError):
