@@ -29,6 +29,25 @@ def load() -> bool:
     return _state["ok"]
 
 
+_fakes_registered: set = set()
+
+
+def ops(op: str, register_fakes):
+    """torch.ops.fastconv with fastconv._C loaded and `register_fakes()` (the fake kernels of `op`'s ext_
+    ops) run once. Fakes register lazily because register_fake needs the op to exist and fastconv imports
+    without the extension. Raises BackendNotSupported naming `op` when the extension is missing."""
+    import torch
+
+    from ._backend import BackendNotSupported
+
+    if not load():
+        raise BackendNotSupported(f"fastconv.{op}: the C++ kernels are unavailable because {reason()}")
+    if op not in _fakes_registered:
+        register_fakes()
+        _fakes_registered.add(op)
+    return torch.ops.fastconv
+
+
 def reason() -> str:
     """Why the extension is not loaded ('' if it is)."""
     load()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 KERNEL_BACKENDS = ["triton", "cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+EXT_BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def skip_unless_runnable(name: str) -> None:

@@ -10,6 +10,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
 
+from .backends import KERNEL_BACKENDS, skip_unless_runnable, tensor_device  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def device() -> torch.device:
@@ -27,3 +29,18 @@ def triton_backend():
     with fastconv.backend("triton"):
         yield
     torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_backend(request):
+    """The kernels under test (triton / cpu / cuda), in force for the whole test (tensors go to `kdevice`)."""
+    import fastconv
+
+    skip_unless_runnable(request.param)
+    with fastconv.backend(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def kdevice(kernel_backend, device):
+    return tensor_device(kernel_backend, device)

@@ -13,27 +13,13 @@ import fastconv.ops.conv2d as conv_ops
 import fastconv.triton.conv2d as tconv
 from fastconv.functional import conv_bn_act
 
-from .backends import KERNEL_BACKENDS, skip_unless_runnable, tensor_device
+from .backends import EXT_BACKENDS, skip_unless_runnable
 from .helpers import assert_close, generator, nan_alloc, nan_workspace, randn
 
 ACTS = {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish}
 
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
-EXT_BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-@pytest.fixture(params=KERNEL_BACKENDS)
-def kernel_backend(request):
-    """The kernels under test, in force for the whole test (tensors go to `kdevice`)."""
-    skip_unless_runnable(request.param)
-    with fastconv.backend(request.param):
-        yield request.param
-
-
-@pytest.fixture
-def kdevice(kernel_backend, device):
-    return tensor_device(kernel_backend, device)
 
 
 @pytest.fixture

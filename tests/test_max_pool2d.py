@@ -22,29 +22,15 @@ import fastconv
 import fastconv.ops.max_pool2d as pool_ops
 from fastconv.functional import max_pool2d
 
-from .backends import KERNEL_BACKENDS, skip_unless_runnable, tensor_device
+from .backends import EXT_BACKENDS, skip_unless_runnable, tensor_device
 from .helpers import generator
 
-EXT_BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.fixture(autouse=True)
 def _triton_backend():
     with fastconv.backend("triton"):
         yield
-
-
-@pytest.fixture(params=KERNEL_BACKENDS)
-def kernel_backend(request):
-    """The kernels under test, in force for the whole test (tensors go to `kdevice`)."""
-    skip_unless_runnable(request.param)
-    with fastconv.backend(request.param):
-        yield request.param
-
-
-@pytest.fixture
-def kdevice(kernel_backend, device):
-    return tensor_device(kernel_backend, device)
 
 
 @pytest.fixture(params=EXT_BACKENDS)

@@ -146,21 +146,17 @@ def ext_conv2d(x, weight, bias, stride, padding, dilation, groups, scale=None, s
     return (out, tuple(partials)) if stats else out
 
 
-_ext_fakes_registered = False
 
 
 def ext_ops():
-    """torch.ops.fastconv with the C++ conv ops loaded (fastconv._C) and their fake kernels registered (an
-    op must exist before register_fake accepts it, and fastconv imports without the extension)."""
-    global _ext_fakes_registered
-    if not _ext.load():
-        raise _backend.BackendNotSupported(f"fastconv.conv2d: the C++ extension is unavailable: {_ext.reason()}")
-    if not _ext_fakes_registered:
-        torch.library.register_fake("fastconv::ext_conv2d", _fake_ext_conv2d)
-        torch.library.register_fake("fastconv::ext_conv2d_input_grad", _fake_ext_conv2d_input_grad)
-        torch.library.register_fake("fastconv::ext_conv2d_weight_grad", _fake_ext_conv2d_weight_grad)
-        _ext_fakes_registered = True
-    return torch.ops.fastconv
+    """torch.ops.fastconv with the C++ conv ops loaded and their fake kernels registered."""
+    return _ext.ops("conv2d", _register_ext_fakes)
+
+
+def _register_ext_fakes() -> None:
+    torch.library.register_fake("fastconv::ext_conv2d", _fake_ext_conv2d)
+    torch.library.register_fake("fastconv::ext_conv2d_input_grad", _fake_ext_conv2d_input_grad)
+    torch.library.register_fake("fastconv::ext_conv2d_weight_grad", _fake_ext_conv2d_weight_grad)
 
 
 def _fake_ext_conv2d(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual, activation,

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .. import _backend
+from .. import _backend, _ext
 from . import conv2d as conv_ops
 from .conv2d import (
     _check_choice,
@@ -134,19 +134,8 @@ def _conv_backend(name: str) -> str:
 
 
 def ext_ops():
-    """torch.ops.fastconv with the C++ BatchNorm ops loaded (fastconv._C) and their fake kernels registered."""
-    from .. import _ext
-
-    if not _ext.load():
-        raise _backend.BackendNotSupported(f"fastconv.conv_bn_act: the C++ kernels are unavailable because "
-                                           f"{_ext.reason()}")
-    if not _EXT_FAKES:
-        _register_ext_fakes()
-        _EXT_FAKES.append(True)
-    return torch.ops.fastconv
-
-
-_EXT_FAKES: list = []
+    """torch.ops.fastconv with the C++ BatchNorm ops loaded and their fake kernels registered."""
+    return _ext.ops("conv_bn_act", _register_ext_fakes)
 
 
 def _register_ext_fakes() -> None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
+from .. import _backend, _ext
 from .._pool_args import offsets_dtype, suggest_memory_format  # noqa: F401 (re-exported)
 
 SUPPORTED_BACKENDS = ("triton", "cuda", "cpu", "torch")
@@ -177,19 +177,8 @@ def _resolve(device: torch.device, dtype: torch.dtype, backend: str) -> str:
 
 
 def ext_ops():
-    """torch.ops.fastconv with the C++ max-pool ops loaded (fastconv._C) and their fake kernels registered."""
-    from .. import _ext
-
-    if not _ext.load():
-        raise _backend.BackendNotSupported(f"fastconv.max_pool2d: the C++ kernels are unavailable because "
-                                           f"{_ext.reason()}")
-    if not _EXT_FAKES:
-        _register_ext_fakes()
-        _EXT_FAKES.append(True)
-    return torch.ops.fastconv
-
-
-_EXT_FAKES: list = []
+    """torch.ops.fastconv with the C++ max-pool ops loaded and their fake kernels registered."""
+    return _ext.ops("max_pool2d", _register_ext_fakes)
 
 
 def _register_ext_fakes() -> None:
