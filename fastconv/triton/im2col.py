@@ -65,30 +65,35 @@ def _im2col_gemm_kernel(
 ):
     g = tl.program_id(1)
     tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(COUT_G, BLOCK_N), GROUP_M)
+    if IDX64:
+        tile_m = tile_m.to(tl.int64)
+        g = g.to(tl.int64)
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    if IDX64:
-        offs_m = offs_m.to(tl.int64)
-        offs_n = offs_n.to(tl.int64)
-        offs_k = offs_k.to(tl.int64)
-        g = g.to(tl.int64)
     mask_m = offs_m < M
     mask_n = offs_n < COUT_G
-    a_ptrs = col_ptr + (g * M + offs_m)[:, None] * KDIM + offs_k[None, :]
-    b_ptrs = w_ptr + (g * KDIM + offs_k)[:, None] * COUT_G + offs_n[None, :]
+    # 1-D address parts (rows of col, columns of wpack), int32 unless IDX64; the group's base and the K
+    # position live in two scalar pointers advanced each step, so no 2-D pointer tile is carried.
+    a_rows = offs_m * KDIM
+    k_b = offs_k * COUT_G
+    a_base = col_ptr + g * M * KDIM
+    b_base = w_ptr + g * KDIM * COUT_G
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_TYPE)
     for k0 in range(0, KDIM, BLOCK_K):
-        k_ok = (k0 + offs_k) < KDIM
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+        k_ok = offs_k < KDIM - k0
+        a = tl.load(a_base + a_rows[:, None] + offs_k[None, :], mask=mask_m[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_base + k_b[:, None] + offs_n[None, :], mask=k_ok[:, None] & mask_n[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_TYPE)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * COUT_G
+        a_base += BLOCK_K
+        b_base += BLOCK_K * COUT_G
 
+    # Pixel rows again after the loop (cheap) rather than kept live across it.
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
     epilogue_store(
         acc, offs_m, OH, OW, mask_m, g * COUT_G + offs_n, mask_n,
         y_ptr, syn, syc, syh, syw,
