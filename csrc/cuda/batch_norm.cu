@@ -184,19 +184,21 @@ __global__ void __launch_bounds__(kThreads) bn_bwd_apply_kernel(BatchNormBackwar
   }
 }
 
+// Grid of a reduction kernel: one block per (statistics tile, group of Lanes::CB channels).
+template <bool CHANNELS_FAST>
+dim3 reduce_grid(int64_t T, int64_t C) {
+  constexpr int64_t CB = Lanes<CHANNELS_FAST>::CB;
+  return dim3(static_cast<unsigned>(T), static_cast<unsigned>((C + CB - 1) / CB));
+}
+
 }  // namespace
 
 cudaError_t launch_batch_norm_stats(const BatchNormStatsParams& p, cudaStream_t stream) {
   if (p.C == 0 || p.T == 0) return cudaSuccess;
   return dispatch_dtype(p.dtype, [&](auto t) -> cudaError_t {
     using T = decltype(t);
-    if (p.channels_fast) {
-      const dim3 grid(static_cast<unsigned>(p.T), static_cast<unsigned>((p.C + 31) / 32));
-      bn_stats_kernel<T, true><<<grid, kThreads, 0, stream>>>(p);
-    } else {
-      const dim3 grid(static_cast<unsigned>(p.T), static_cast<unsigned>((p.C + 7) / 8));
-      bn_stats_kernel<T, false><<<grid, kThreads, 0, stream>>>(p);
-    }
+    if (p.channels_fast) bn_stats_kernel<T, true><<<reduce_grid<true>(p.T, p.C), kThreads, 0, stream>>>(p);
+    else bn_stats_kernel<T, false><<<reduce_grid<false>(p.T, p.C), kThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }
@@ -228,13 +230,8 @@ cudaError_t launch_batch_norm_backward(const BatchNormBackwardParams& p, cudaStr
     using T = decltype(t);
     using Acc = acc_t<T>;
     if (p.T > 0) {
-      if (p.channels_fast) {
-        const dim3 grid(static_cast<unsigned>(p.T), static_cast<unsigned>((p.C + 31) / 32));
-        bn_bwd_reduce_kernel<T, true><<<grid, kThreads, 0, stream>>>(p);
-      } else {
-        const dim3 grid(static_cast<unsigned>(p.T), static_cast<unsigned>((p.C + 7) / 8));
-        bn_bwd_reduce_kernel<T, false><<<grid, kThreads, 0, stream>>>(p);
-      }
+      if (p.channels_fast) bn_bwd_reduce_kernel<T, true><<<reduce_grid<true>(p.T, p.C), kThreads, 0, stream>>>(p);
+      else bn_bwd_reduce_kernel<T, false><<<reduce_grid<false>(p.T, p.C), kThreads, 0, stream>>>(p);
       cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
