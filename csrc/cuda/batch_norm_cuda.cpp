@@ -98,13 +98,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ext_batch_norm_act_ba
   const BnInputs in = bn_inputs(op, z, mean, var, weight, bias, residual, std::string(activation));
   const at::Tensor dy = bn_like_z(op, grad_y, z, "grad_y");
   const auto fmt = bn_format(z);
-  at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(fmt));
-  at::Tensor dres = want_grad_residual ? at::empty(z.sizes(), z.options().memory_format(fmt)) : z.new_empty({0});
+  auto [dz, dres, sum_g, sum_gx] = bn_backward_outputs(z, want_grad_residual);
   const int64_t P = z.size(0) * z.size(2) * z.size(3), C = z.size(1);
   const int64_t T = (P + kBnTileRows - 1) / kBnTileRows;
   auto sopts = z.options().dtype(bn_stat_dtype(z));
   at::Tensor part_g = at::empty({T, C}, sopts), part_gx = at::empty({T, C}, sopts);
-  at::Tensor sum_g = at::empty({C}, sopts), sum_gx = at::empty({C}, sopts);
   BatchNormBackwardParams p{view(dy), view(z), view(in.residual), z.size(0), C, z.size(2), z.size(3), T,
                             channel_params(in, eps), part_g.data_ptr(), part_gx.data_ptr(), sum_g.data_ptr(),
                             sum_gx.data_ptr(), dz.data_ptr(), want_grad_residual ? dres.data_ptr() : nullptr,
