@@ -91,4 +91,17 @@ inline void bn_check_partials(const char* op, const at::Tensor& cnt, const at::T
   TORCH_CHECK(mean.device() == cnt.device() && m2.device() == cnt.device(), op, ": partials on different devices");
 }
 
+// Outputs of ext_batch_norm_act_backward: dz and (if wanted, else empty) dres in z's memory format, and the
+// per-channel sums of g and g * xhat in the statistics dtype.
+struct BnBackwardOutputs {
+  at::Tensor dz, dres, sum_g, sum_gx;
+};
+
+inline BnBackwardOutputs bn_backward_outputs(const at::Tensor& z, bool want_grad_residual) {
+  const auto opts = z.options().memory_format(bn_format(z));
+  const auto sopts = z.options().dtype(bn_stat_dtype(z));
+  return {at::empty(z.sizes(), opts), want_grad_residual ? at::empty(z.sizes(), opts) : z.new_empty({0}),
+          at::empty({z.size(1)}, sopts), at::empty({z.size(1)}, sopts)};
+}
+
 }  // namespace fastconv

@@ -377,15 +377,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ext_batch_norm_act_ba
   bn_check_z(op, z, true);
   const BnInputs in = bn_inputs(op, z, mean, var, weight, bias, residual, std::string(activation));
   const at::Tensor dy = bn_like_z(op, grad_y, z, "grad_y");
-  const auto fmt = bn_format(z);
-  at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(fmt));
-  at::Tensor dres = want_grad_residual ? at::empty(z.sizes(), z.options().memory_format(fmt)) : z.new_empty({0});
-  auto sopts = z.options().dtype(bn_stat_dtype(z));
-  at::Tensor sum_g = at::empty({z.size(1)}, sopts), sum_gx = at::empty({z.size(1)}, sopts);
+  BnBackwardOutputs out = bn_backward_outputs(z, want_grad_residual);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ext_batch_norm_act_backward_cpu", [&] {
-    backward_cpu<scalar_t>(dy, z, in, eps, sum_g, sum_gx, dz, want_grad_residual ? &dres : nullptr);
+    backward_cpu<scalar_t>(dy, z, in, eps, out.sum_g, out.sum_gx, out.dz, want_grad_residual ? &out.dres : nullptr);
   });
-  return {dz, sum_g, sum_gx, dres};
+  return {out.dz, out.sum_g, out.sum_gx, out.dres};
 }
 
 }  // namespace

@@ -143,16 +143,9 @@ void ext_conv2d_input_grad_cpu(const at::Tensor& grad_output, const at::Tensor& 
                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                bool /*allow_tf32*/, at::Tensor& out) {
   const char* op = "fastconv::ext_conv2d_input_grad (cpu)";
-  ConvGeom g = conv_geom(out.sizes(), weight.sizes(), stride, padding, dilation, groups, op);
-  check_float_dtype(grad_output, op);
+  const ConvGeom g = check_input_grad_args(grad_output, weight, out, stride, padding, dilation, groups, op);
   TORCH_CHECK(grad_output.device().is_cpu() && weight.device().is_cpu() && out.device().is_cpu(), op,
               ": expected CPU tensors");
-  TORCH_CHECK(weight.scalar_type() == grad_output.scalar_type() && out.scalar_type() == grad_output.scalar_type(),
-              op, ": grad_output, weight and out must have the same dtype");
-  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.N && grad_output.size(1) == g.C_out &&
-                  grad_output.size(2) == g.OH && grad_output.size(3) == g.OW,
-              op, ": grad_output has size ", grad_output.sizes(), ", expected [", g.N, ", ", g.C_out, ", ", g.OH,
-              ", ", g.OW, "]");
   if (out.numel() == 0) return;
   const auto acc_dtype = acc_type(out.scalar_type());
   const int64_t K = g.cols();
@@ -199,14 +192,8 @@ std::tuple<at::Tensor, at::Tensor> ext_conv2d_weight_grad_cpu(const at::Tensor& 
                                                               at::IntArrayRef padding, at::IntArrayRef dilation,
                                                               int64_t groups, bool bias_grad, bool /*allow_tf32*/) {
   const char* op = "fastconv::ext_conv2d_weight_grad (cpu)";
-  ConvGeom g = conv_geom(input.sizes(), weight_size, stride, padding, dilation, groups, op);
-  check_float_dtype(input, op);
+  const ConvGeom g = check_weight_grad_args(grad_output, input, weight_size, stride, padding, dilation, groups, op);
   TORCH_CHECK(grad_output.device().is_cpu() && input.device().is_cpu(), op, ": expected CPU tensors");
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op, ": grad_output and input must have the same dtype");
-  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.N && grad_output.size(1) == g.C_out &&
-                  grad_output.size(2) == g.OH && grad_output.size(3) == g.OW,
-              op, ": grad_output has size ", grad_output.sizes(), ", expected [", g.N, ", ", g.C_out, ", ", g.OH,
-              ", ", g.OW, "]");
   const auto acc_dtype = acc_type(input.scalar_type());
   const int64_t K = g.cols();
   auto dw = at::zeros({g.groups, g.cout_g, K}, input.options().dtype(acc_dtype));

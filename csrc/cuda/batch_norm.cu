@@ -12,30 +12,13 @@
 #include <cuda_runtime.h>
 
 #include "batch_norm_launch.h"
+#include "dtype_dispatch.cuh"
+#include "flat_index.cuh"
 
 namespace fastconv {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;
-
-__device__ __forceinline__ float load(const float* p) { return *p; }
-__device__ __forceinline__ double load(const double* p) { return *p; }
-__device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
 
 // Lane layout of a reduction block: CB channel lanes x RB row lanes.
 template <bool CHANNELS_FAST>
@@ -62,7 +45,7 @@ __device__ __forceinline__ BnChannel<Acc> channel_coeffs(const BatchNormChannelP
 
 template <typename T, bool CHANNELS_FAST>
 __global__ void __launch_bounds__(kThreads) bn_stats_kernel(BatchNormStatsParams p) {
-  using Acc = typename AccOf<T>::type;
+  using Acc = acc_t<T>;
   using L = Lanes<CHANNELS_FAST>;
   __shared__ Acc sh[3][L::RB][L::CB];
   const T* z = static_cast<const T*>(p.z.ptr);
@@ -107,36 +90,15 @@ __global__ void __launch_bounds__(kThreads) bn_finalize_kernel(BatchNormFinalize
 // ---------------------------------------------------------------------------------------------------------
 // elementwise: y = act(bn(z) + residual)
 
-// Flat index of a dense [N, C, H, W] tensor in its memory order -> (n, c, h, w).
-template <bool CL>
-__device__ __forceinline__ void split_flat(int64_t i, int64_t C, int64_t H, int64_t W, int64_t& n, int64_t& c,
-                                           int64_t& h, int64_t& w) {
-  if (CL) {
-    c = i % C;
-    i /= C;
-    w = i % W;
-    i /= W;
-    h = i % H;
-    n = i / H;
-  } else {
-    w = i % W;
-    i /= W;
-    h = i % H;
-    i /= H;
-    c = i % C;
-    n = i / C;
-  }
-}
-
 template <typename T, bool CL>
 __global__ void __launch_bounds__(kThreads) bn_act_kernel(BatchNormActParams p, int64_t total) {
-  using Acc = typename AccOf<T>::type;
+  using Acc = acc_t<T>;
   const T* z = static_cast<const T*>(p.z.ptr);
   const T* res = static_cast<const T*>(p.residual.ptr);
   T* y = static_cast<T*>(p.y);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     int64_t n, c, h, w;
-    split_flat<CL>(i, p.C, p.H, p.W, n, c, h, w);
+    split_flat<int64_t, CL>(i, p.C, p.H, p.W, n, c, h, w);
     const BnChannel<Acc> k = channel_coeffs<Acc>(p.ch, c);
     const Acc r = res ? static_cast<Acc>(load(res + offset(p.residual.s, n, c, h, w))) : Acc(0);
     store(y + i, bn_act_value(static_cast<Acc>(load(z + offset(p.z.s, n, c, h, w))), k, r, p.ch.act));
@@ -147,11 +109,9 @@ __global__ void __launch_bounds__(kThreads) bn_act_kernel(BatchNormActParams p, 
 // backward
 
 template <typename T>
-__device__ __forceinline__ typename AccOf<T>::type grad_at(const BatchNormBackwardParams& p,
-                                                           const BnChannel<typename AccOf<T>::type>& k, int64_t n,
-                                                           int64_t c, int64_t h, int64_t w,
-                                                           typename AccOf<T>::type& xhat) {
-  using Acc = typename AccOf<T>::type;
+__device__ __forceinline__ acc_t<T> grad_at(const BatchNormBackwardParams& p, const BnChannel<acc_t<T>>& k,
+                                            int64_t n, int64_t c, int64_t h, int64_t w, acc_t<T>& xhat) {
+  using Acc = acc_t<T>;
   const T* res = static_cast<const T*>(p.residual.ptr);
   const Acc r = res ? static_cast<Acc>(load(res + offset(p.residual.s, n, c, h, w))) : Acc(0);
   const Acc dy = static_cast<Acc>(load(static_cast<const T*>(p.dy.ptr) + offset(p.dy.s, n, c, h, w)));
@@ -161,7 +121,7 @@ __device__ __forceinline__ typename AccOf<T>::type grad_at(const BatchNormBackwa
 
 template <typename T, bool CHANNELS_FAST>
 __global__ void __launch_bounds__(kThreads) bn_bwd_reduce_kernel(BatchNormBackwardParams p) {
-  using Acc = typename AccOf<T>::type;
+  using Acc = acc_t<T>;
   using L = Lanes<CHANNELS_FAST>;
   __shared__ Acc sh[2][L::RB][L::CB];
   const int64_t t = blockIdx.x;
@@ -207,13 +167,13 @@ __global__ void __launch_bounds__(kThreads) bn_bwd_sum_kernel(BatchNormBackwardP
 
 template <typename T, bool CL>
 __global__ void __launch_bounds__(kThreads) bn_bwd_apply_kernel(BatchNormBackwardParams p, int64_t total) {
-  using Acc = typename AccOf<T>::type;
+  using Acc = acc_t<T>;
   const Acc inv_p = Acc(1) / static_cast<Acc>(p.N * p.H * p.W);
   T* dz = static_cast<T*>(p.dz);
   T* dres = static_cast<T*>(p.dres);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     int64_t n, c, h, w;
-    split_flat<CL>(i, p.C, p.H, p.W, n, c, h, w);
+    split_flat<int64_t, CL>(i, p.C, p.H, p.W, n, c, h, w);
     const BnChannel<Acc> k = channel_coeffs<Acc>(p.ch, c);
     Acc xhat;
     const Acc g = grad_at<T>(p, k, n, c, h, w, xhat);
@@ -224,41 +184,21 @@ __global__ void __launch_bounds__(kThreads) bn_bwd_apply_kernel(BatchNormBackwar
   }
 }
 
-// ---------------------------------------------------------------------------------------------------------
-
-inline unsigned grid_for(int64_t total) {
-  const int64_t blocks = (total + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
-}
-
-template <typename F>
-cudaError_t dispatch(BnDType dtype, const F& f) {
-  switch (dtype) {
-    case BnDType::f32:
-      return f(float{});
-    case BnDType::f16:
-      return f(__half{});
-    case BnDType::bf16:
-      return f(__nv_bfloat16{});
-    case BnDType::f64:
-      return f(double{});
-  }
-  return cudaErrorInvalidValue;
+// Grid of a reduction kernel: one block per (statistics tile, group of Lanes::CB channels).
+template <bool CHANNELS_FAST>
+dim3 reduce_grid(int64_t T, int64_t C) {
+  constexpr int64_t CB = Lanes<CHANNELS_FAST>::CB;
+  return dim3(static_cast<unsigned>(T), static_cast<unsigned>((C + CB - 1) / CB));
 }
 
 }  // namespace
 
 cudaError_t launch_batch_norm_stats(const BatchNormStatsParams& p, cudaStream_t stream) {
   if (p.C == 0 || p.T == 0) return cudaSuccess;
-  return dispatch(p.dtype, [&](auto t) -> cudaError_t {
+  return dispatch_dtype(p.dtype, [&](auto t) -> cudaError_t {
     using T = decltype(t);
-    if (p.channels_fast) {
-      const dim3 grid(static_cast<unsigned>(p.T), static_cast<unsigned>((p.C + 31) / 32));
-      bn_stats_kernel<T, true><<<grid, kThreads, 0, stream>>>(p);
-    } else {
-      const dim3 grid(static_cast<unsigned>(p.T), static_cast<unsigned>((p.C + 7) / 8));
-      bn_stats_kernel<T, false><<<grid, kThreads, 0, stream>>>(p);
-    }
+    if (p.channels_fast) bn_stats_kernel<T, true><<<reduce_grid<true>(p.T, p.C), kThreads, 0, stream>>>(p);
+    else bn_stats_kernel<T, false><<<reduce_grid<false>(p.T, p.C), kThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }
@@ -274,10 +214,11 @@ cudaError_t launch_batch_norm_finalize(const BatchNormFinalizeParams& p, cudaStr
 cudaError_t launch_batch_norm_act(const BatchNormActParams& p, cudaStream_t stream) {
   const int64_t total = p.N * p.C * p.H * p.W;
   if (total == 0) return cudaSuccess;
-  return dispatch(p.dtype, [&](auto t) -> cudaError_t {
+  const unsigned grid = grid_stride_blocks<kThreads>(total);
+  return dispatch_dtype(p.dtype, [&](auto t) -> cudaError_t {
     using T = decltype(t);
-    if (p.channels_last) bn_act_kernel<T, true><<<grid_for(total), kThreads, 0, stream>>>(p, total);
-    else bn_act_kernel<T, false><<<grid_for(total), kThreads, 0, stream>>>(p, total);
+    if (p.channels_last) bn_act_kernel<T, true><<<grid, kThreads, 0, stream>>>(p, total);
+    else bn_act_kernel<T, false><<<grid, kThreads, 0, stream>>>(p, total);
     return cudaGetLastError();
   });
 }
@@ -285,25 +226,21 @@ cudaError_t launch_batch_norm_act(const BatchNormActParams& p, cudaStream_t stre
 cudaError_t launch_batch_norm_backward(const BatchNormBackwardParams& p, cudaStream_t stream) {
   if (p.C == 0) return cudaSuccess;
   const int64_t total = p.N * p.C * p.H * p.W;
-  return dispatch(p.dtype, [&](auto t) -> cudaError_t {
+  return dispatch_dtype(p.dtype, [&](auto t) -> cudaError_t {
     using T = decltype(t);
-    using Acc = typename AccOf<T>::type;
+    using Acc = acc_t<T>;
     if (p.T > 0) {
-      if (p.channels_fast) {
-        const dim3 grid(static_cast<unsigned>(p.T), static_cast<unsigned>((p.C + 31) / 32));
-        bn_bwd_reduce_kernel<T, true><<<grid, kThreads, 0, stream>>>(p);
-      } else {
-        const dim3 grid(static_cast<unsigned>(p.T), static_cast<unsigned>((p.C + 7) / 8));
-        bn_bwd_reduce_kernel<T, false><<<grid, kThreads, 0, stream>>>(p);
-      }
+      if (p.channels_fast) bn_bwd_reduce_kernel<T, true><<<reduce_grid<true>(p.T, p.C), kThreads, 0, stream>>>(p);
+      else bn_bwd_reduce_kernel<T, false><<<reduce_grid<false>(p.T, p.C), kThreads, 0, stream>>>(p);
       cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
     bn_bwd_sum_kernel<Acc><<<static_cast<unsigned>((p.C + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || total == 0) return err;
-    if (p.channels_last) bn_bwd_apply_kernel<T, true><<<grid_for(total), kThreads, 0, stream>>>(p, total);
-    else bn_bwd_apply_kernel<T, false><<<grid_for(total), kThreads, 0, stream>>>(p, total);
+    const unsigned grid = grid_stride_blocks<kThreads>(total);
+    if (p.channels_last) bn_bwd_apply_kernel<T, true><<<grid, kThreads, 0, stream>>>(p, total);
+    else bn_bwd_apply_kernel<T, false><<<grid, kThreads, 0, stream>>>(p, total);
     return cudaGetLastError();
   });
 }

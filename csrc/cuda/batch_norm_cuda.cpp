@@ -7,26 +7,10 @@
 
 #include "../batch_norm.h"
 #include "batch_norm_launch.h"
+#include "launch_check.h"
 
 namespace fastconv {
 namespace {
-
-BnDType bn_dtype(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat:
-      return BnDType::f32;
-    case at::kHalf:
-      return BnDType::f16;
-    case at::kBFloat16:
-      return BnDType::bf16;
-    default:
-      return BnDType::f64;
-  }
-}
-
-void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
 
 BnView view(const at::Tensor& t) {
   BnView v{nullptr, {0, 0, 0, 0}};
@@ -49,7 +33,7 @@ BatchNormChannelParams channel_params(const BnInputs& in, double eps) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ext_batch_norm_stats_cuda(const at::Tensor& z) {
   constexpr const char* op = "fastconv::ext_batch_norm_stats (cuda)";
-  TORCH_CHECK(z.is_cuda(), op, ": expects a CUDA tensor, got ", z.device());
+  check_cuda(z, "z", op);
   bn_check_z(op, z, true);
   c10::cuda::CUDAGuard guard(z.device());
   const int64_t P = z.size(0) * z.size(2) * z.size(3), C = z.size(1);
@@ -58,8 +42,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ext_batch_norm_stats_cuda(const a
   auto opts = z.options().dtype(bn_stat_dtype(z));
   at::Tensor cnt = at::empty({T, C}, opts), mean = at::empty({T, C}, opts), m2 = at::empty({T, C}, opts);
   BatchNormStatsParams p{view(z), z.size(0), C, z.size(2), z.size(3), T, cnt.data_ptr(), mean.data_ptr(),
-                         m2.data_ptr(), bn_dtype(z.scalar_type()), channels_fast(z)};
-  check_launch(op, launch_batch_norm_stats(p, c10::cuda::getCurrentCUDAStream().stream()));
+                         m2.data_ptr(), dtype_of(z), channels_fast(z)};
+  check_launch(launch_batch_norm_stats(p, c10::cuda::getCurrentCUDAStream().stream()), op);
   return {cnt, mean, m2};
 }
 
@@ -68,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor> ext_batch_norm_finalize_cuda(const at::Tensor
                                                                 const c10::optional<at::Tensor>& bias) {
   constexpr const char* op = "fastconv::ext_batch_norm_finalize (cuda)";
   bn_check_partials(op, count, mean, m2);
-  TORCH_CHECK(count.is_cuda(), op, ": expects CUDA tensors, got ", count.device());
+  check_cuda(count, "count", op);
   c10::cuda::CUDAGuard guard(count.device());
   const int64_t C = count.size(1);
   at::Tensor b;
@@ -82,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> ext_batch_norm_finalize_cuda(const at::Tensor
   BatchNormFinalizeParams p{c.const_data_ptr(), mp.const_data_ptr(), qp.const_data_ptr(), ptr_or_null(b),
                             mean_out.data_ptr(), var_out.data_ptr(), count.size(0), C,
                             count.scalar_type() == at::kDouble};
-  check_launch(op, launch_batch_norm_finalize(p, c10::cuda::getCurrentCUDAStream().stream()));
+  check_launch(launch_batch_norm_finalize(p, c10::cuda::getCurrentCUDAStream().stream()), op);
   return {mean_out, var_out};
 }
 
@@ -91,15 +75,15 @@ at::Tensor ext_batch_norm_act_cuda(const at::Tensor& z, const at::Tensor& mean, 
                                    const c10::optional<at::Tensor>& residual, double eps,
                                    c10::string_view activation) {
   constexpr const char* op = "fastconv::ext_batch_norm_act (cuda)";
-  TORCH_CHECK(z.is_cuda(), op, ": expects CUDA tensors, got ", z.device());
+  check_cuda(z, "z", op);
   bn_check_z(op, z, true);
   c10::cuda::CUDAGuard guard(z.device());
   const BnInputs in = bn_inputs(op, z, mean, var, weight, bias, residual, std::string(activation));
   const auto fmt = bn_format(z);
   at::Tensor y = at::empty(z.sizes(), z.options().memory_format(fmt));
   BatchNormActParams p{view(z), view(in.residual), y.data_ptr(), z.size(0), z.size(1), z.size(2), z.size(3),
-                       channel_params(in, eps), bn_dtype(z.scalar_type()), fmt == at::MemoryFormat::ChannelsLast};
-  check_launch(op, launch_batch_norm_act(p, c10::cuda::getCurrentCUDAStream().stream()));
+                       channel_params(in, eps), dtype_of(z), fmt == at::MemoryFormat::ChannelsLast};
+  check_launch(launch_batch_norm_act(p, c10::cuda::getCurrentCUDAStream().stream()), op);
   return y;
 }
 
@@ -108,24 +92,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ext_batch_norm_act_ba
     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& residual, double eps, c10::string_view activation, bool want_grad_residual) {
   constexpr const char* op = "fastconv::ext_batch_norm_act_backward (cuda)";
-  TORCH_CHECK(z.is_cuda(), op, ": expects CUDA tensors, got ", z.device());
+  check_cuda(z, "z", op);
   bn_check_z(op, z, true);
   c10::cuda::CUDAGuard guard(z.device());
   const BnInputs in = bn_inputs(op, z, mean, var, weight, bias, residual, std::string(activation));
   const at::Tensor dy = bn_like_z(op, grad_y, z, "grad_y");
   const auto fmt = bn_format(z);
-  at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(fmt));
-  at::Tensor dres = want_grad_residual ? at::empty(z.sizes(), z.options().memory_format(fmt)) : z.new_empty({0});
+  auto [dz, dres, sum_g, sum_gx] = bn_backward_outputs(z, want_grad_residual);
   const int64_t P = z.size(0) * z.size(2) * z.size(3), C = z.size(1);
   const int64_t T = (P + kBnTileRows - 1) / kBnTileRows;
   auto sopts = z.options().dtype(bn_stat_dtype(z));
   at::Tensor part_g = at::empty({T, C}, sopts), part_gx = at::empty({T, C}, sopts);
-  at::Tensor sum_g = at::empty({C}, sopts), sum_gx = at::empty({C}, sopts);
   BatchNormBackwardParams p{view(dy), view(z), view(in.residual), z.size(0), C, z.size(2), z.size(3), T,
                             channel_params(in, eps), part_g.data_ptr(), part_gx.data_ptr(), sum_g.data_ptr(),
                             sum_gx.data_ptr(), dz.data_ptr(), want_grad_residual ? dres.data_ptr() : nullptr,
-                            bn_dtype(z.scalar_type()), channels_fast(z), fmt == at::MemoryFormat::ChannelsLast};
-  check_launch(op, launch_batch_norm_backward(p, c10::cuda::getCurrentCUDAStream().stream()));
+                            dtype_of(z), channels_fast(z), fmt == at::MemoryFormat::ChannelsLast};
+  check_launch(launch_batch_norm_backward(p, c10::cuda::getCurrentCUDAStream().stream()), op);
   return {dz, sum_g, sum_gx, dres};
 }
 

@@ -7,11 +7,10 @@
 
 #include <cstdint>
 
+#include "dtype.h"
 #include "fastconv/batch_norm.h"
 
 namespace fastconv {
-
-enum class BnDType : int { f32 = 0, f16 = 1, bf16 = 2, f64 = 3 };
 
 // Pixels per statistics tile: row t of the [T, C] partials covers pixels [t * kBnTileRows, (t+1) * kBnTileRows).
 constexpr int64_t kBnTileRows = 512;
@@ -25,7 +24,7 @@ struct BatchNormStatsParams {
   BnView z;
   int64_t N, C, H, W, T;
   void *cnt, *mean, *m2;  // [T, C] Acc
-  BnDType dtype;
+  DType dtype;
   bool channels_fast;  // z's channel stride is its smallest (channels_last)
 };
 
@@ -48,7 +47,7 @@ struct BatchNormActParams {
   void* y;             // dense: channels_last order when channels_last, else NCHW
   int64_t N, C, H, W;
   BatchNormChannelParams ch;
-  BnDType dtype;
+  DType dtype;
   bool channels_last;
 };
 
@@ -59,7 +58,7 @@ struct BatchNormBackwardParams {
   void *part_g, *part_gx;  // [T, C] Acc workspace
   void *sum_g, *sum_gx;    // [C] Acc
   void *dz, *dres;         // dense like BatchNormActParams::y; dres may be nullptr
-  BnDType dtype;
+  DType dtype;
   bool channels_fast, channels_last;
 };
 

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "conv2d_launch.h"
+#include "launch_check.h"
 #include "fastconv/conv2d_args.h"
 #include "fastconv/epilogue.h"
 
@@ -17,29 +18,6 @@ namespace fastconv {
 namespace {
 
 constexpr int64_t kColumnBytes = int64_t(256) << 20;
-
-DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return DType::f32;
-    case at::kDouble:
-      return DType::f64;
-    case at::kHalf:
-      return DType::f16;
-    case at::kBFloat16:
-      return DType::bf16;
-    default:
-      TORCH_CHECK(false, "fastconv cuda: unsupported dtype ", t.scalar_type());
-  }
-}
-
-void check_launch(cudaError_t err, const char* op, const char* kernel) {
-  TORCH_CHECK(err == cudaSuccess, op, ": launching ", kernel, " failed: ", cudaGetErrorString(err));
-}
-
-void check_cuda(const at::Tensor& t, const char* what, const char* op) {
-  TORCH_CHECK(t.is_cuda(), op, ": expected CUDA tensors, but ", what, " is on ", t.device());
-}
 
 const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
@@ -125,16 +103,10 @@ void ext_conv2d_input_grad_cuda(const at::Tensor& grad_output, const at::Tensor&
                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool allow_tf32,
                                 at::Tensor& out) {
   const char* op = "fastconv::ext_conv2d_input_grad (cuda)";
-  ConvGeom g = conv_geom(out.sizes(), weight.sizes(), stride, padding, dilation, groups, op);
-  check_float_dtype(grad_output, op);
+  const ConvGeom g = check_input_grad_args(grad_output, weight, out, stride, padding, dilation, groups, op);
   check_cuda(grad_output, "grad_output", op);
   check_cuda(weight, "weight", op);
   check_cuda(out, "out", op);
-  TORCH_CHECK(weight.scalar_type() == grad_output.scalar_type() && out.scalar_type() == grad_output.scalar_type(),
-              op, ": grad_output, weight and out must have the same dtype");
-  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.N && grad_output.size(1) == g.C_out &&
-                  grad_output.size(2) == g.OH && grad_output.size(3) == g.OW,
-              op, ": grad_output has size ", grad_output.sizes());
   c10::cuda::CUDAGuard guard(out.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (out.numel() == 0) return;
@@ -183,14 +155,9 @@ std::tuple<at::Tensor, at::Tensor> ext_conv2d_weight_grad_cuda(const at::Tensor&
                                                                at::IntArrayRef padding, at::IntArrayRef dilation,
                                                                int64_t groups, bool bias_grad, bool allow_tf32) {
   const char* op = "fastconv::ext_conv2d_weight_grad (cuda)";
-  ConvGeom g = conv_geom(input.sizes(), weight_size, stride, padding, dilation, groups, op);
-  check_float_dtype(input, op);
+  const ConvGeom g = check_weight_grad_args(grad_output, input, weight_size, stride, padding, dilation, groups, op);
   check_cuda(grad_output, "grad_output", op);
   check_cuda(input, "input", op);
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op, ": grad_output and input must have the same dtype");
-  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.N && grad_output.size(1) == g.C_out &&
-                  grad_output.size(2) == g.OH && grad_output.size(3) == g.OW,
-              op, ": grad_output has size ", grad_output.sizes());
   c10::cuda::CUDAGuard guard(input.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto acc = acc_type(input.scalar_type());

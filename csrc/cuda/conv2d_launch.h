@@ -7,12 +7,11 @@
 
 #include <cstdint>
 
+#include "dtype.h"
 #include "fastconv/common.h"
 #include "fastconv/im2col.h"
 
 namespace fastconv {
-
-enum class DType : int { f32 = 0, f16 = 1, bf16 = 2, f64 = 3 };
 
 // cols[r, k] (row-major [rows, K], x's dtype) = x-tap of GEMM row m0 + r, column k, group `group`.
 struct Im2colParams {

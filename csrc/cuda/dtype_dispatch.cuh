@@ -7,7 +7,7 @@
 
 #include <type_traits>
 
-#include "conv2d_launch.h"
+#include "dtype.h"
 
 namespace fastconv {
 
@@ -44,6 +44,22 @@ template <typename T>
 __device__ __forceinline__ T from_float(float v) {
   return from_acc<T>(static_cast<acc_t<T>>(v));
 }
+
+template <typename T>
+__device__ __forceinline__ acc_t<T> load(const T* p) {
+  return to_acc<T>(*p);
+}
+template <typename T>
+__device__ __forceinline__ void store(T* p, acc_t<T> v) {
+  *p = from_acc<T>(v);
+}
+// load() as a callable, for the shared host/device index math that takes a loader
+struct DeviceLoad {
+  template <typename T>
+  __device__ __forceinline__ acc_t<T> operator()(const T* p) const {
+    return load(p);
+  }
+};
 
 template <typename F>
 cudaError_t dispatch_dtype(DType d, F&& f) {

@@ -6,58 +6,20 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
+#include "dtype_dispatch.cuh"
+#include "flat_index.cuh"
 #include "max_pool2d_launch.h"
 
 namespace fastconv {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride beyond this
-
-struct DeviceLoad {
-  __device__ float operator()(const float* p) const { return *p; }
-  __device__ double operator()(const double* p) const { return *p; }
-  __device__ float operator()(const __half* p) const { return __half2float(*p); }
-  __device__ float operator()(const __nv_bfloat16* p) const { return __bfloat162float(*p); }
-};
-
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-// Flat index in a dense [N, C, H, W] tensor's memory order -> (n, c, h, w).
-template <typename Index, bool CL>
-__device__ __forceinline__ void split_flat(Index i, Index C, Index H, Index W, Index& n, Index& c, Index& h, Index& w) {
-  if (CL) {
-    c = i % C;
-    i /= C;
-    w = i % W;
-    i /= W;
-    h = i % H;
-    n = i / H;
-  } else {
-    w = i % W;
-    i /= W;
-    h = i % H;
-    i /= H;
-    c = i % C;
-    n = i / C;
-  }
-}
 
 template <typename T, typename Off, bool CL, typename Index>
 __global__ void __launch_bounds__(kThreads) max_pool2d_fwd_kernel(MaxPool2dForwardParams p, Index total) {
-  using Acc = typename AccOf<T>::type;
+  using Acc = acc_t<T>;
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
   Off* off = static_cast<Off*>(p.offsets);
@@ -75,7 +37,7 @@ __global__ void __launch_bounds__(kThreads) max_pool2d_fwd_kernel(MaxPool2dForwa
 
 template <typename T, typename Off, bool CL, typename Index>
 __global__ void __launch_bounds__(kThreads) max_pool2d_bwd_kernel(MaxPool2dBackwardParams p, Index total) {
-  using Acc = typename AccOf<T>::type;
+  using Acc = acc_t<T>;
   const T* dy = static_cast<const T*>(p.dy);
   const Off* off = static_cast<const Off*>(p.offsets);
   T* dx = static_cast<T*>(p.dx);
@@ -108,11 +70,6 @@ __global__ void __launch_bounds__(kThreads) max_pool2d_bwd_kernel(MaxPool2dBackw
   }
 }
 
-inline unsigned grid_for(int64_t total) {
-  int64_t blocks = (total + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
-}
-
 // Largest element offset a kernel can form from sizes and strides (for the int32 / int64 choice).
 inline int64_t span(const int64_t* size, const int64_t* stride) {
   int64_t s = 1;
@@ -120,25 +77,26 @@ inline int64_t span(const int64_t* size, const int64_t* stride) {
   return s;
 }
 
+// dtype_dispatch with the offsets' integer type (1, 2 or 4 bytes) as a second tag.
 template <typename F>
-cudaError_t dispatch(PoolDType dtype, int offsets_bytes, const F& f) {
-  auto with_off = [&](auto t) -> cudaError_t {
-    using T = decltype(t);
-    if (offsets_bytes == 1) return f(T{}, int8_t{});
-    if (offsets_bytes == 2) return f(T{}, int16_t{});
-    return f(T{}, int32_t{});
+cudaError_t dispatch(DType dtype, int offsets_bytes, const F& f) {
+  return dispatch_dtype(dtype, [&](auto t) -> cudaError_t {
+    if (offsets_bytes == 1) return f(t, int8_t{});
+    if (offsets_bytes == 2) return f(t, int16_t{});
+    return f(t, int32_t{});
+  });
+}
+
+// Runs launch(total as Index, std::bool_constant<channels_last>) for the int32 or int64 and NCHW or
+// channels_last kernel variant, then reports the launch error.
+template <typename F>
+cudaError_t dispatch_variant(bool idx64, bool channels_last, int64_t total, const F& launch) {
+  auto with_layout = [&](auto n) -> cudaError_t {
+    if (channels_last) launch(n, std::true_type{});
+    else launch(n, std::false_type{});
+    return cudaGetLastError();
   };
-  switch (dtype) {
-    case PoolDType::f32:
-      return with_off(float{});
-    case PoolDType::f16:
-      return with_off(__half{});
-    case PoolDType::bf16:
-      return with_off(__nv_bfloat16{});
-    case PoolDType::f64:
-      return with_off(double{});
-  }
-  return cudaErrorInvalidValue;
+  return idx64 ? with_layout(total) : with_layout(static_cast<int32_t>(total));
 }
 
 }  // namespace
@@ -148,18 +106,12 @@ cudaError_t launch_max_pool2d_forward(const MaxPool2dForwardParams& p, cudaStrea
   if (total == 0) return cudaSuccess;
   const int64_t xs[4] = {p.N, p.C, p.H, p.W};
   const bool idx64 = total > INT32_MAX || span(xs, p.sx) > INT32_MAX;
-  const unsigned grid = grid_for(total);
+  const unsigned grid = grid_stride_blocks<kThreads>(total);
   return dispatch(p.dtype, p.offsets_bytes, [&](auto t, auto o) -> cudaError_t {
-    using T = decltype(t);
-    using Off = decltype(o);
-    if (idx64) {
-      if (p.channels_last) max_pool2d_fwd_kernel<T, Off, true, int64_t><<<grid, kThreads, 0, stream>>>(p, total);
-      else max_pool2d_fwd_kernel<T, Off, false, int64_t><<<grid, kThreads, 0, stream>>>(p, total);
-    } else {
-      if (p.channels_last) max_pool2d_fwd_kernel<T, Off, true, int32_t><<<grid, kThreads, 0, stream>>>(p, int32_t(total));
-      else max_pool2d_fwd_kernel<T, Off, false, int32_t><<<grid, kThreads, 0, stream>>>(p, int32_t(total));
-    }
-    return cudaGetLastError();
+    return dispatch_variant(idx64, p.channels_last, total, [&](auto n, auto cl) {
+      max_pool2d_fwd_kernel<decltype(t), decltype(o), decltype(cl)::value, decltype(n)>
+          <<<grid, kThreads, 0, stream>>>(p, n);
+    });
   });
 }
 
@@ -168,18 +120,12 @@ cudaError_t launch_max_pool2d_backward(const MaxPool2dBackwardParams& p, cudaStr
   if (total == 0) return cudaSuccess;
   const int64_t ys[4] = {p.N, p.C, p.OH, p.OW};
   const bool idx64 = total > INT32_MAX || span(ys, p.sdy) > INT32_MAX || span(ys, p.soff) > INT32_MAX;
-  const unsigned grid = grid_for(total);
+  const unsigned grid = grid_stride_blocks<kThreads>(total);
   return dispatch(p.dtype, p.offsets_bytes, [&](auto t, auto o) -> cudaError_t {
-    using T = decltype(t);
-    using Off = decltype(o);
-    if (idx64) {
-      if (p.channels_last) max_pool2d_bwd_kernel<T, Off, true, int64_t><<<grid, kThreads, 0, stream>>>(p, total);
-      else max_pool2d_bwd_kernel<T, Off, false, int64_t><<<grid, kThreads, 0, stream>>>(p, total);
-    } else {
-      if (p.channels_last) max_pool2d_bwd_kernel<T, Off, true, int32_t><<<grid, kThreads, 0, stream>>>(p, int32_t(total));
-      else max_pool2d_bwd_kernel<T, Off, false, int32_t><<<grid, kThreads, 0, stream>>>(p, int32_t(total));
-    }
-    return cudaGetLastError();
+    return dispatch_variant(idx64, p.channels_last, total, [&](auto n, auto cl) {
+      max_pool2d_bwd_kernel<decltype(t), decltype(o), decltype(cl)::value, decltype(n)>
+          <<<grid, kThreads, 0, stream>>>(p, n);
+    });
   });
 }
 

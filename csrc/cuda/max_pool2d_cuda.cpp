@@ -6,33 +6,17 @@
 #include <torch/library.h>
 
 #include "../max_pool2d.h"
+#include "launch_check.h"
 #include "max_pool2d_launch.h"
 
 namespace fastconv {
 namespace {
 
-PoolDType pool_dtype(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat:
-      return PoolDType::f32;
-    case at::kHalf:
-      return PoolDType::f16;
-    case at::kBFloat16:
-      return PoolDType::bf16;
-    default:
-      return PoolDType::f64;
-  }
-}
-
-void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
-
 std::tuple<at::Tensor, at::Tensor> ext_max_pool2d_cuda(const at::Tensor& input, at::IntArrayRef kernel_size,
                                                        at::IntArrayRef stride, at::IntArrayRef padding,
                                                        at::IntArrayRef dilation, bool ceil_mode) {
   constexpr const char* op = "fastconv::ext_max_pool2d (cuda)";
-  TORCH_CHECK(input.is_cuda(), op, ": expects a CUDA tensor, got ", input.device());
+  check_cuda(input, "input", op);
   pool_check_float(op, input, "input", true);
   c10::cuda::CUDAGuard guard(input.device());
   auto [s, y, off] = pool_forward_outputs(op, input, kernel_size, stride, padding, dilation, ceil_mode);
@@ -45,9 +29,9 @@ std::tuple<at::Tensor, at::Tensor> ext_max_pool2d_cuda(const at::Tensor& input, 
   for (int d = 0; d < 4; ++d) p.sx[d] = input.stride(d);
   p.g = s.g;
   p.channels_last = s.format == at::MemoryFormat::ChannelsLast;
-  p.dtype = pool_dtype(input.scalar_type());
+  p.dtype = dtype_of(input);
   p.offsets_bytes = static_cast<int>(off.element_size());
-  check_launch(op, launch_max_pool2d_forward(p, c10::cuda::getCurrentCUDAStream().stream()));
+  check_launch(launch_max_pool2d_forward(p, c10::cuda::getCurrentCUDAStream().stream()), op);
   return {y, off};
 }
 
@@ -56,7 +40,7 @@ at::Tensor ext_max_pool2d_input_grad_cuda(const at::Tensor& grad_output, const a
                                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                           bool ceil_mode, bool channels_last) {
   constexpr const char* op = "fastconv::ext_max_pool2d_input_grad (cuda)";
-  TORCH_CHECK(grad_output.is_cuda(), op, ": expects CUDA tensors, got ", grad_output.device());
+  check_cuda(grad_output, "grad_output", op);
   pool_check_float(op, grad_output, "grad_output", true);
   c10::cuda::CUDAGuard guard(grad_output.device());
   auto [s, dx] = pool_backward_output(op, grad_output, offsets, input_size, kernel_size, stride, padding, dilation,
@@ -73,9 +57,9 @@ at::Tensor ext_max_pool2d_input_grad_cuda(const at::Tensor& grad_output, const a
   }
   p.g = s.g;
   p.channels_last = channels_last;
-  p.dtype = pool_dtype(grad_output.scalar_type());
+  p.dtype = dtype_of(grad_output);
   p.offsets_bytes = static_cast<int>(offsets.element_size());
-  check_launch(op, launch_max_pool2d_backward(p, c10::cuda::getCurrentCUDAStream().stream()));
+  check_launch(launch_max_pool2d_backward(p, c10::cuda::getCurrentCUDAStream().stream()), op);
   return dx;
 }
 

@@ -6,11 +6,10 @@
 
 #include <cstdint>
 
+#include "dtype.h"
 #include "fastconv/max_pool2d.h"
 
 namespace fastconv {
-
-enum class PoolDType : int { f32 = 0, f16 = 1, bf16 = 2, f64 = 3 };
 
 struct MaxPool2dForwardParams {
   const void* x;  // [N, C, H, W], strides sx (elements)
@@ -20,7 +19,7 @@ struct MaxPool2dForwardParams {
   int64_t sx[4];
   PoolGeometry g;
   bool channels_last;
-  PoolDType dtype;
+  DType dtype;
   int offsets_bytes;  // 1, 2 or 4
 };
 
@@ -32,7 +31,7 @@ struct MaxPool2dBackwardParams {
   int64_t sdy[4], soff[4];
   PoolGeometry g;
   bool channels_last;
-  PoolDType dtype;
+  DType dtype;
   int offsets_bytes;
 };
 

@@ -69,6 +69,36 @@ inline void check_float_dtype(const at::Tensor& t, const char* op) {
               ": unsupported dtype ", s, " (float32, float64, float16, bfloat16 are supported)");
 }
 
+inline void check_grad_output(const at::Tensor& grad_output, const ConvGeom& g, const char* op) {
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.N && grad_output.size(1) == g.C_out &&
+                  grad_output.size(2) == g.OH && grad_output.size(3) == g.OW,
+              op, ": grad_output has size ", grad_output.sizes(), ", expected [", g.N, ", ", g.C_out, ", ", g.OH,
+              ", ", g.OW, "]");
+}
+
+// Device-independent checks of ext_conv2d_input_grad (each backend checks the device after).
+inline ConvGeom check_input_grad_args(const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& out,
+                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                      int64_t groups, const char* op) {
+  ConvGeom g = conv_geom(out.sizes(), weight.sizes(), stride, padding, dilation, groups, op);
+  check_float_dtype(grad_output, op);
+  TORCH_CHECK(weight.scalar_type() == grad_output.scalar_type() && out.scalar_type() == grad_output.scalar_type(),
+              op, ": grad_output, weight and out must have the same dtype");
+  check_grad_output(grad_output, g, op);
+  return g;
+}
+
+// Device-independent checks of ext_conv2d_weight_grad (each backend checks the device after).
+inline ConvGeom check_weight_grad_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                       at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                       at::IntArrayRef dilation, int64_t groups, const char* op) {
+  ConvGeom g = conv_geom(input.sizes(), weight_size, stride, padding, dilation, groups, op);
+  check_float_dtype(input, op);
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op, ": grad_output and input must have the same dtype");
+  check_grad_output(grad_output, g, op);
+  return g;
+}
+
 inline std::array<int64_t, 4> strides4(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
