@@ -22,16 +22,13 @@ ENV_VAR = "FASTCONV_BACKEND"
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastconv_backend", default=None)
 
 
-# 'auto' on CPU tensors: per op, the faster of the C++ twin ('cpu') and PyTorch's own kernels ('torch'),
-# by benchmark (torch.utils.benchmark, median of blocked_autorange, fp32, torch 2.15.0+cu132, 1 thread,
-# AMD EPYC, shared 2-core machine, 2026-11-21):
-#   conv2d 32x3x32x32 -> 64, 3x3 pad 1:   forward torch 37.8 ms, cpu 72.1 ms; fwd+bwd torch 93.0 ms, cpu 141.9 ms
-#   conv2d 32x64x16x16 -> 128, 3x3 pad 1: forward torch 43.7 ms, cpu 119.6 ms; fwd+bwd torch 144.9 ms, cpu 293.1 ms
-#   max_pool2d 32x64x32x32 fp32, 3x3/2 pad 1, 1 thread: NCHW forward cpu 29.7 ms vs torch 32.5 ms, backward
-#     cpu 36.7 ms vs torch 3.5 ms; channels_last forward 6.38 vs 3.08 ms, backward 18.0 vs 4.6 ms
-#     (bench/cpu_auto_max_pool2d.py)
-#   conv_bn_act's BatchNorm + ReLU on z 32x64x32x32 fp32, 2 threads: NCHW forward cpu 13.0 vs torch 10.7 ms,
-#     backward 49.7 vs 7.0 ms (bench/cpu_auto_batch_norm.py)
+# 'auto' on CPU tensors: per op, the faster of the C++ twin ('cpu') and PyTorch's own kernels ('torch'), decided by
+# `pytest bench --benchmark` (set 'cpu': every CIFAR layer of the documented models at batch 8, fp32, 1 thread,
+# torch 2.15.0+cu132, AMD EPYC shared 2-core VM, commit 1210917; bench/results/cpu-amd-epyc/cpu.md). Median
+# over layers of eager time / fastconv-cpu time, NCHW | channels_last:
+#   conv2d        fwd 0.34x | 0.30x, fwd+bwd 0.46x | 0.43x
+#   conv_bn_act   train fwd+bwd 0.40x | 0.38x, eval 0.41x | 0.36x
+#   max_pool2d    fwd 0.87x | 0.26x, fwd+bwd 0.45x | 0.25x
 # PyTorch wins every op, so every entry is 'torch' today; an op missing here also uses 'torch'.
 AUTO_CPU: dict[str, str] = {"conv2d": "torch", "max_pool2d": "torch", "conv_bn_act": "torch"}
 
