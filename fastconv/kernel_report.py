@@ -1,6 +1,7 @@
 """Ahead-of-time compile report for fastconv's Triton kernels, no GPU needed.
 
     python -m fastconv.kernel_report [--json] [--arch sm_80|sm_90] [--quick] [--jobs N] [--family all|triton|cuda]
+                                     [--kernel REGEX]
 
 The CUDA C++ kernels of csrc/cuda (family "cuda") are reported by fastconv/_cuda_report.py (nvcc + ptxas -v +
 cuobjdump); every row names its family.
@@ -47,6 +48,11 @@ DTYPES = ("fp32", "tf32", "fp16", "bf16")
 KEYS = ("kernel", "config", "dtype", "arch", "registers", "spills", "shared_bytes", "tensor_cores", "gemm", "note",
         "family")
 FAILED = "compile failed"
+MAX_REGISTERS = 255  # per thread, sm_80 and sm_90
+# ptxas without a register cap may keep a kernel at an occupancy point (96, 128, 168 registers) and spill a few
+# bytes rather than take more; the report recompiles such rows with `.maxnreg 255` and, when that is spill-free,
+# marks them with this note: spills of ptxas's choosing, not register pressure.
+OCCUPANCY_SPILL = "occupancy spill"
 TC_RE = re.compile(r"\b((?:HMMA|HGMMA|IMMA|IGMMA|DMMA|QGMMA|UTCHMMA|UTCMMA)\.[\w.]+)")
 
 
@@ -56,18 +62,20 @@ def _strides(prefix, C, H, W, channels_last=True, dims="nchw"):
     return {prefix + d: v for d, v in zip(dims, s)}
 
 
-def _conv_args(N=32, C=64, K=64, H=56, W=56, R=3, S=3, stride=1, pad=1, dil=1, channels_last=True):
-    """Scalar args of the conv kernels for a ResNet-50 3x3 layer (channels_last by default)."""
+def _conv_args(N=32, C=64, K=64, H=56, W=56, R=3, S=3, stride=1, pad=1, dil=1, nchw=()):
+    """Scalar args of the conv kernels for a ResNet-50 3x3 layer, channels_last except the tensors whose stride
+    prefixes are in `nchw`. The launchers make every operand a GEMM loop reads channel-contiguous
+    (triton._common.channels_contiguous), so only outputs (sy, sr, sdx) can be NCHW."""
     OH = (H + 2 * pad - dil * (R - 1) - 1) // stride + 1
     OW = (W + 2 * pad - dil * (S - 1) - 1) // stride + 1
     HP, WP = -(-H // stride), -(-W // stride)
-    cl = channels_last
+    shapes = dict(sx=(C, H, W), sw=(C, R, S), sy=(K, OH, OW), sr=(K, OH, OW), sdy=(K, OH, OW), sdx=(C, H, W))
+    strides = {}
+    for prefix, chw in shapes.items():
+        strides.update(_strides(prefix, *chw, prefix not in nchw, "ochw" if prefix == "sw" else "nchw"))
     return dict(M=N * OH * OW, MP=N * HP * WP, P=N * OH * OW, H=H, W=W, OH=OH, OW=OW, HP=HP, WP=WP,
                 CIN_G=C, COUT_G=K, COUT=K, KH=R, KW=S, KDIM=R * S * C, K_PER_SPLIT=64 * 49, STATS_TILE0=0,
-                stride_h=stride, stride_w=stride, pad_h=pad, pad_w=pad, dil_h=dil, dil_w=dil,
-                **_strides("sx", C, H, W, cl), **_strides("sw", C, R, S, cl, "ochw"),
-                **_strides("sy", K, OH, OW, cl), **_strides("sr", K, OH, OW, cl),
-                **_strides("sdy", K, OH, OW, cl), **_strides("sdx", C, H, W, cl))
+                stride_h=stride, stride_w=stride, pad_h=pad, pad_w=pad, dil_h=dil, dil_w=dil, **strides)
 
 
 def _pool_args(channels_last=True, N=32, C=64, H=112, W=112, OH=56, OW=56):
@@ -85,11 +93,15 @@ def _bn_args(N=32, C=64, H=56, W=56):
     return dict(P=N * H * W, C=C, H=H, W=W, eps=1e-5, P_PER_SPLIT=64 * 98, T=-(-N * H * W // 32), **strides)
 
 
-_FWD_BASE = dict(HAS_BIAS=True, HAS_SCALE=False, HAS_SHIFT=False, HAS_RES=False, ACT=0, STATS=False, GROUP_M=8)
+_FWD_BASE = dict(HAS_BIAS=True, HAS_SCALE=False, HAS_SHIFT=False, HAS_RES=False, ACT=0, STATS=False, GROUP_M=8,
+                 SPLIT_N=False)
 _FWD_VARIANTS = {
-    "bn_res_silu": dict(HAS_SCALE=True, HAS_SHIFT=True, HAS_RES=True, ACT=3),  # eval BN + residual + SiLU
+    # eval BN + residual + SiLU; the launcher folds the conv bias into the shift (epilogue.fold_bias)
+    "bn_res_silu": dict(HAS_BIAS=False, HAS_SCALE=True, HAS_SHIFT=True, HAS_RES=True, ACT=3),
     "stats": dict(HAS_BIAS=False, STATS=True),  # training BN: per-tile (count, mean, M2) partials
-    "NCHW": dict(args=_conv_args(channels_last=False)),
+    # an NCHW model: x and w arrive channels_last (launcher copy), y and the residual stay NCHW, and the
+    # launcher's split_store(y) sets SPLIT_N
+    "NCHW": dict(SPLIT_N=True, args=_conv_args(nchw=("sy", "sr"))),
 }
 _FP32_STATS = dict(cnt_ptr="fp32", mean_ptr="fp32", m2_ptr="fp32")
 _BN_TYPES = dict(mean_ptr="fp32", var_ptr="fp32", w_ptr="fp32", b_ptr="fp32", sum_g_ptr="fp32", sum_gx_ptr="fp32")
@@ -135,8 +147,10 @@ _BN = _bn_args()
 CASES = {
     "_conv2d_fwd_kernel": dict(family="conv2d_fwd", base=_FWD_BASE, args=_CONV, variants=_FWD_VARIANTS,
                                types=_FP32_STATS),
-    "_conv2d_dgrad_kernel": dict(family="conv2d_dgrad", base=dict(stride_h=1, stride_w=1, GROUP_M=8), args=_CONV,
-                                 variants={"stride2": dict(stride_h=2, stride_w=2, args=_conv_args(stride=2))}),
+    "_conv2d_dgrad_kernel": dict(family="conv2d_dgrad", base=dict(stride_h=1, stride_w=1, GROUP_M=8, SPLIT_N=False),
+                                 args=_CONV,
+                                 variants={"stride2": dict(stride_h=2, stride_w=2, args=_conv_args(stride=2)),
+                                           "NCHW": dict(SPLIT_N=True, args=_conv_args(nchw=("sdx",)))}),
     "_conv2d_wgrad_kernel": dict(family="conv2d_wgrad", base=dict(HAS_DBIAS=False), args=_CONV,
                                  variants={"dbias": dict(HAS_DBIAS=True)},
                                  types=dict(dw_ptr="fp32", db_ptr="fp32")),  # fp32 split-K partials
@@ -233,10 +247,13 @@ def _label(constexprs, warps, stages):
     return "_".join(blocks + [f"w{warps}", f"s{stages}"])
 
 
-def _plan(arches, quick):
-    """The compile jobs (plain dicts), and rows for what cannot be compiled: failed imports or tables."""
+def _plan(arches, quick, only=None):
+    """The compile jobs (plain dicts), and rows for what cannot be compiled: failed imports or tables.
+    `only`: a regular expression; kernels whose name it does not match (re.search) are left out."""
     jobs, rows = [], []
     for module, name, fn in _kernels():
+        if only and not re.search(only, name):
+            continue
         if isinstance(fn, Exception):
             rows += [_row(module, "", "", a, note=f"{FAILED}: import: {type(fn).__name__}: {fn}"[:300]) for a in arches]
             continue
@@ -319,6 +336,13 @@ def _row(kernel, config, dtype, arch, **kw):
     return row
 
 
+def _ptxas_numbers(log):
+    """(registers, spill bytes stored + loaded) from a ptxas -v log; (0, 0) when absent."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return (int(regs.group(1)) if regs else 0), (int(spill.group(1)) + int(spill.group(2)) if spill else 0)
+
+
 def _compile(job):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -369,10 +393,21 @@ def _compile(job):
                 f.write(log)
             os.replace(f"{saved}.{os.getpid()}", saved)
         sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", cubin], capture_output=True, text=True).stdout
-    regs = re.search(r"Used (\d+) registers", log)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    row["registers"] = int(regs.group(1)) if regs else 0
-    row["spills"] = int(spill.group(1)) + int(spill.group(2)) if spill else 0
+        regs, spill = _ptxas_numbers(log)
+        occupancy_spill = False
+        if spill and regs < MAX_REGISTERS:
+            # Spilling below the register limit: ptxas capped registers at its occupancy target. Check the
+            # kernel is spill-free when allowed every register (a .maxnreg directive on the entry).
+            gpu = re.search(r"^\.target\s+(sm_\w+)", k.asm["ptx"], re.M).group(1)
+            with open(ptx, "w") as f:
+                f.write(re.sub(r"^(\.(?:reqntid|maxntid)[^\n]*)$", rf"\1\n.maxnreg {MAX_REGISTERS}", k.asm["ptx"],
+                               count=1, flags=re.M))
+            relaxed = subprocess.run([get_ptxas(cc).path, "-v", f"--gpu-name={gpu}", ptx, "-o",
+                                      os.path.join(tmp, "r.cubin")], capture_output=True, text=True).stderr
+            r_regs, r_spill = _ptxas_numbers(relaxed)
+            occupancy_spill = r_spill == 0 and r_regs > 0
+    row["registers"] = regs
+    row["spills"] = spill
     row["tensor_cores"] = ",".join(sorted(set(TC_RE.findall(sass))))
     notes = []
     if row["shared_bytes"] > SHARED_LIMIT[arch]:
@@ -380,7 +415,9 @@ def _compile(job):
     elif arch == "sm_80" and row["shared_bytes"] > SM86_SHARED_LIMIT:
         notes.append(f"shared > {SM86_SHARED_LIMIT} (too big for sm_86/sm_89)")
     if row["spills"]:
-        notes.append(f"spills {spill.group(1)}B st/{spill.group(2)}B ld")
+        notes.append(f"spills {row['spills']}B st+ld")
+        if occupancy_spill:
+            notes.append(f"{OCCUPANCY_SPILL}: none with .maxnreg {MAX_REGISTERS}")
     if not regs:
         notes.append(f"{FAILED}: no ptxas register count")
     row["note"] = "; ".join(notes)
@@ -390,11 +427,12 @@ def _compile(job):
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def report(arches=("sm_80", "sm_90"), quick=False, jobs=2) -> list[dict]:
-    """Compile the kernels and return one row per compile (dicts with KEYS)."""
+def report(arches=("sm_80", "sm_90"), quick=False, jobs=2, only=None) -> list[dict]:
+    """Compile the kernels (those whose name matches the regular expression `only`, if given) and return one
+    row per compile (dicts with KEYS)."""
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx, initializer=_worker_init) as pool:
-        work, unplanned = pool.submit(_plan, tuple(arches), quick).result()
+        work, unplanned = pool.submit(_plan, tuple(arches), quick, only).result()
         # Slowest compiles first so the workers finish together; rows keep plan order.
         order = sorted(range(len(work)), key=lambda i: -_cost(work[i]))
         done = dict(zip(order, pool.map(_compile, [work[i] for i in order])))
@@ -415,16 +453,18 @@ def summary(rows) -> list[str]:
     half = [r for r in rows if r["gemm"] and r["dtype"] in ("fp16", "bf16") and not fails(r)]
     on_tc = [r for r in half if r["tensor_cores"]]
     spills = [r for r in rows if r["spills"]]
+    occupancy = [r for r in spills if OCCUPANCY_SPILL in r["note"]]
     too_big = [r for r in rows if r["shared_bytes"] > SHARED_LIMIT[r["arch"]] or r["note"].startswith("out of res")]
     sm86 = [r for r in rows if r["arch"] == "sm_80" and SM86_SHARED_LIMIT < r["shared_bytes"] <= SHARED_LIMIT["sm_80"]]
     failed = [r for r in rows if fails(r)]
     skipped = [r for r in rows if r["note"].startswith("skipped")]
     lines = [f"{len(rows)} rows; GEMM fp16/bf16 rows on tensor cores: {len(on_tc)}/{len(half)}; "
-             f"rows with spills: {len(spills)}; over shared-memory limit: {len(too_big)} "
+             f"rows with spills: {len(spills)} ({len(spills) - len(occupancy)} from register pressure, "
+             f"{len(occupancy)} {OCCUPANCY_SPILL}s); over shared-memory limit: {len(too_big)} "
              f"(+{len(sm86)} sm_80 rows too big for sm_86/sm_89 only); "
              f"compile failures: {len(failed)}; skipped: {len(skipped)}"]
     for title, group in (("NOT ON TENSOR CORES", [r for r in half if not r["tensor_cores"]]),
-                         ("NEVER FITS SHARED MEMORY (prune from autotune list)", too_big),
+                         ("SPILLS", spills), ("NEVER FITS SHARED MEMORY (prune from autotune list)", too_big),
                          ("COMPILE FAILED", failed), ("SKIPPED", skipped)):
         lines += [f"{title}: {r['kernel']} {r['config']} {r['dtype']} {r['arch']} {r['note']}" for r in group]
     return lines
@@ -444,12 +484,14 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes (default 2)")
     p.add_argument("--family", choices=("all", "triton", "cuda"), default="all",
                    help="Triton kernels, CUDA C++ kernels (csrc/cuda), or both (default)")
+    p.add_argument("--kernel", metavar="REGEX", help="only the Triton kernels whose name matches REGEX (re.search)")
     args = p.parse_args(argv)
 
     t0 = time.time()
     rows = []
     if args.family in ("all", "triton"):
-        rows += [dict(r, family="triton") for r in report(tuple(args.arch or ARCHES), quick=args.quick, jobs=args.jobs)]
+        rows += [dict(r, family="triton") for r in report(tuple(args.arch or ARCHES), quick=args.quick, jobs=args.jobs,
+                                                            only=args.kernel)]
     if args.family in ("all", "cuda"):
         from . import _cuda_report
 

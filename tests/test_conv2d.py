@@ -238,6 +238,35 @@ def test_every_output_element_written(algo, device, monkeypatch):
     check_conv(cfg, device, algo)
 
 
+def test_gemm_operands_channels_contiguous(triton_device, monkeypatch):
+    """The implicit-GEMM kernels get channel-contiguous activations, weights and grad_out whatever the caller's
+    layout (the launchers copy NCHW operands to channels_last, as cuDNN does for tensor-core convs), while
+    outputs keep the caller's NCHW layout and are stored in two channel halves (SPLIT_N)."""
+    seen = {}
+
+    def spy(name, kernel):
+        def call(grid, *args, **kwargs):
+            seen[name] = ([a for a in args if isinstance(a, torch.Tensor)], kwargs)
+            return kernel(grid, *args, **kwargs)
+        return call
+
+    for name in ("_fwd", "_dgrad", "_wgrad"):
+        monkeypatch.setattr(tconv, name, spy(name, getattr(tconv, name)))
+    gen = generator("channels_contiguous")
+    x = randn((2, 5, 7, 6), torch.float32, triton_device, gen).requires_grad_()
+    w = randn((4, 5, 3, 3), torch.float32, triton_device, gen).requires_grad_()
+    y = conv2d(x, w, None, 1, 1, algo="implicit")
+    y.backward(randn(y.shape, torch.float32, triton_device, gen))
+    assert y.is_contiguous() and x.grad.is_contiguous()
+    (fx, fw, fy, *_), fkw = seen["_fwd"]
+    (gdy, gw, gdx), gkw = seen["_dgrad"]
+    (wdy, wx, *_), _ = seen["_wgrad"]
+    assert all(t.stride(1) == 1 for t in (fx, fw, gdy, gw, wdy, wx))
+    assert fy.is_contiguous() and fkw["SPLIT_N"] and gdx.is_contiguous() and gkw["SPLIT_N"]
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    assert_close(y, F.conv2d(xd, wd, None, 1, 1), torch.float32, "NCHW forward")
+
+
 @pytest.mark.parametrize("activation", ["identity", "relu", "relu6", "silu", "hardswish"])
 def test_fused_epilogue(activation, algo, device):
     """y = act((conv + bias) * scale + shift + residual) in one kernel, residual in another memory format."""

@@ -89,3 +89,23 @@ def test_no_spills(rows):
     spilling = [f"{r['kernel']} {r['config']} {r['dtype']} {r['arch']}: {r['registers']} regs, {r['spills']} B spilled"
                 for r in rows if r["spills"]]
     assert not spilling, "quick configs spill:\n" + "\n".join(spilling)
+
+
+def test_ptxas_numbers():
+    from fastconv.kernel_report import _ptxas_numbers
+
+    log = ("ptxas info    : Function properties for k\n    8 bytes stack frame, 12 bytes spill stores, 8 bytes spill "
+           "loads\nptxas info    : Used 128 registers, used 1 barriers, 472 bytes cmem[0]\n")
+    assert _ptxas_numbers(log) == (128, 20)
+    assert _ptxas_numbers("") == (0, 0)
+
+
+def test_summary_counts_occupancy_spills_apart():
+    from fastconv.kernel_report import OCCUPANCY_SPILL, summary, _row
+
+    rows = [_row("_k", "a", "fp16", "sm_80", registers=255, spills=40, note="spills 40B st+ld"),
+            _row("_k", "b", "fp16", "sm_80", registers=128, spills=8,
+                 note=f"spills 8B st+ld; {OCCUPANCY_SPILL}: none with .maxnreg 255"),
+            _row("_k", "c", "fp16", "sm_80", registers=96)]
+    head = summary(rows)[0]
+    assert f"rows with spills: 2 (1 from register pressure, 1 {OCCUPANCY_SPILL}s)" in head

@@ -63,5 +63,19 @@ def needs_int64(*tensors: torch.Tensor) -> bool:
     return False
 
 
+def channels_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t itself if its channels (dim 1) are contiguous, else a channels_last copy.
+
+    The GEMM loops of the conv kernels load [pixels, channels] tiles of activations and [channels, channels]
+    tiles of weights with the reduction over channels. With channels at stride 1 those loads are vector
+    loads that Triton pipelines through shared memory (cp.async / TMA); NCHW operands turn every element
+    into its own 64-bit address and scalar load, which spills registers and disables the multi-stage
+    pipeline (see the kernel report). So, like cuDNN for tensor-core convs, the launchers pay one layout
+    copy of such operands; outputs keep the caller's layout (the epilogue writes through any strides)."""
+    if t.dim() == 4 and t.size(1) > 1 and t.stride(1) != 1:
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))

@@ -7,6 +7,7 @@ The epilogue runs on the fp32 accumulator tile [BLOCK_M pixels, BLOCK_N output c
 so plain conv (bias), eval-mode BatchNorm folding (scale/shift), ResNet shortcuts (residual) and the
 activation all happen in registers, in one write of the output.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -75,6 +76,50 @@ def split_rows(offs_m, OH, OW):
     return n, oh, ow
 
 
+def fold_bias(bias, scale, shift):
+    """(bias, shift) for the launch: with a scale, (acc + bias) * scale + shift is computed as
+    acc * scale + (bias * scale + shift), so the epilogue holds one per-channel vector fewer (each costs a
+    register per output column a thread owns)."""
+    if bias is None or scale is None:
+        return bias, shift
+    dtype = torch.promote_types(bias.dtype, scale.dtype)
+    folded = bias.to(dtype) * scale.to(dtype)
+    if shift is not None:
+        folded = folded + shift.to(dtype)
+    return None, folded
+
+
+def split_store(*outputs) -> bool:
+    """The launchers' SPLIT_N: store the tile in two channel halves when an output the epilogue touches per
+    element (y, residual) is not channel-contiguous (NCHW). There each element needs its own 64-bit address
+    and mask, and a whole tile of them at once is what made the NCHW variants spill; channels_last stores
+    vectorise along the channels and do better unsplit."""
+    return any(t is not None and t.dim() == 4 and t.size(1) > 1 and t.stride(1) != 1 for t in outputs)
+
+
+@triton.jit
+def _residual_act_store(acc, y_rows, r_rows, co, mask_m, mask_n, y_ptr, syc, res_ptr, src,
+                        HAS_RES: tl.constexpr, ACT: tl.constexpr):
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + r_rows[:, None] + (co * src)[None, :], mask=mask, other=0.0).to(acc.dtype)
+    acc = activation(acc, ACT)
+    tl.store(y_ptr + y_rows[:, None] + (co * syc)[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _column_halves(v):
+    """[BM, 2h] -> ([BM, :h], [BM, h:]). tl.split splits a trailing axis of size 2, hence the reshape and
+    permute that bring the half index last."""
+    return tl.split(tl.permute(tl.reshape(v, (v.shape[0], 2, v.shape[1] // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _vector_halves(v):
+    """[2h] -> ([:h], [h:])."""
+    return tl.split(tl.permute(tl.reshape(v, (2, v.shape[0] // 2)), (1, 0)))
+
+
 @triton.jit
 def epilogue_store(
     acc, offs_m, OH, OW, mask_m, co, mask_n,
@@ -83,10 +128,11 @@ def epilogue_store(
     res_ptr, srn, src, srh, srw,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr,
-    stats_tile, C, cnt_ptr, mean_ptr, m2_ptr, STATS: tl.constexpr,
+    stats_tile, C, cnt_ptr, mean_ptr, m2_ptr, STATS: tl.constexpr, SPLIT_N: tl.constexpr,
 ):
     """Apply bias/scale/shift/residual/activation to `acc` and store it, cast to y's dtype. With STATS,
-    also store the tile's BatchNorm partials of the bias-free acc (training-mode conv+BN).
+    also store the tile's BatchNorm partials of the bias-free acc (training-mode conv+BN). SPLIT_N: see
+    store_tile.
 
     offs_m are the tile's GEMM rows (pixels m = (n, oh, ow) of an (N, OH, OW) grid), co its columns (global
     output channels); strides are in elements. The pixel decomposition happens here, after the main loop,
@@ -101,13 +147,25 @@ def epilogue_store(
     if HAS_SHIFT:
         acc += tl.load(shift_ptr + co, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
     n, oh, ow = split_rows(offs_m, OH, OW)
-    mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_RES:
-        r_rows = n * srn + oh * srh + ow * srw
-        acc += tl.load(res_ptr + r_rows[:, None] + (co * src)[None, :], mask=mask, other=0.0).to(acc.dtype)
-    acc = activation(acc, ACT)
     y_rows = n * syn + oh * syh + ow * syw
-    tl.store(y_ptr + y_rows[:, None] + (co * syc)[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    r_rows = n * srn + oh * srh + ow * srw
+    store_tile(acc, y_rows, co, mask_m, mask_n, y_ptr, syc, r_rows, res_ptr, src, HAS_RES, ACT, SPLIT_N)
+
+
+@triton.jit
+def store_tile(acc, y_rows, co, mask_m, mask_n, y_ptr, syc, r_rows, res_ptr, src,
+               HAS_RES: tl.constexpr, ACT: tl.constexpr, SPLIT_N: tl.constexpr):
+    """y[y_rows[m] + co[c] * syc] = act(acc[m, c] + residual[r_rows[m] + co[c] * src]), masked, cast to y's
+    dtype; with SPLIT_N (see split_store) in two passes over the channel halves, so that only half the
+    tile's per-element addresses and masks are live at once."""
+    if SPLIT_N:
+        acc_lo, acc_hi = _column_halves(acc)
+        co_lo, co_hi = _vector_halves(co)
+        ok_lo, ok_hi = _vector_halves(mask_n)
+        _residual_act_store(acc_lo, y_rows, r_rows, co_lo, mask_m, ok_lo, y_ptr, syc, res_ptr, src, HAS_RES, ACT)
+        _residual_act_store(acc_hi, y_rows, r_rows, co_hi, mask_m, ok_hi, y_ptr, syc, res_ptr, src, HAS_RES, ACT)
+    else:
+        _residual_act_store(acc, y_rows, r_rows, co, mask_m, mask_n, y_ptr, syc, res_ptr, src, HAS_RES, ACT)
 
 
 @triton.jit

@@ -3,11 +3,12 @@
 Forward as a GEMM (per group g):  Y[m, co] = sum_k X_col[m, k] * W[k, co]
     m  = (n, oh, ow)        over N*OH*OW output pixels
     co                      over C_out/groups output channels
-    k  = (kh, kw, ci)       over KH*KW*C_in/groups, walked as a (kh, kw) loop around ci blocks so that no
-                            column buffer exists: the X tile for (kh, kw) is gathered straight from x at
+    k  = (kh, kw, ci)       over KH*KW*C_in/groups, walked as one flat loop over (kh, kw, ci block) so that
+                            no column buffer exists: the X tile for (kh, kw) is gathered straight from x at
                             ih = oh*stride - pad + kh*dilation (zero outside the image).
-Every tensor is read and written through its strides, so NCHW and channels_last (ci contiguous, the
-fast case) share one kernel; index math switches to int64 when any tensor passes 2**31 elements.
+Every tensor is read and written through its strides; the launchers make the operands of the GEMM loops
+channel-contiguous (channels_last copies of NCHW inputs, see _common.channels_contiguous) and outputs keep the
+caller's layout. Index math switches to int64 when any tensor passes 2**31 elements.
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ import triton.language as tl
 from ._common import (
     ACTIVATIONS,
     acc_dtype,
+    channels_contiguous,
     check_runnable,
     dot_precision,
     needs_int64,
     upcast_dot_operands,
 )
-from ._epilogue import epilogue_store, grouped_tile, split_rows
+from ._epilogue import epilogue_store, fold_bias, grouped_tile, split_rows, split_store, store_tile
 from .configs import TunedKernel
 
 _SHAPE_KEY = ["M", "COUT_G", "CIN_G", "KH", "KW"]
@@ -41,7 +43,7 @@ def _conv2d_fwd_kernel(
     cnt_ptr, mean_ptr, m2_ptr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, STATS: tl.constexpr, ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, IDX64: tl.constexpr, GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr, IDX64: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     g = tl.program_id(1)
@@ -69,12 +71,12 @@ def _conv2d_fwd_kernel(
     k_wc = offs_k * swc
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_TYPE)
-    num_cb = tl.cdiv(CIN_G, BLOCK_K)
-    for t in range(KH * KW * num_cb):
-        tap = t // num_cb
-        c0 = (t - tap * num_cb) * BLOCK_K
-        kh = tap // KW
-        kw = tap - kh * KW
+    # The flat loop's position (kh, kw, c0) is carried and stepped like an odometer (c0 fastest) rather than
+    # divided out of t: no integer divisions by runtime values per step.
+    kh = 0
+    kw = 0
+    c0 = 0
+    for t in range(KH * KW * tl.cdiv(CIN_G, BLOCK_K)):
         dh = kh * dil_h
         dw = kw * dil_w
         ih = ih0 + dh
@@ -82,19 +84,18 @@ def _conv2d_fwd_kernel(
         row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         ci_ok = offs_k < CIN_G - c0
         if IDX64:
-            dh = dh.to(tl.int64)
-            dw = dw.to(tl.int64)
-            kh = kh.to(tl.int64)
-            kw = kw.to(tl.int64)
-            c0 = c0.to(tl.int64)
-        a_rows = x_rows + (dh * sxh + dw * sxw + c0 * sxc)
-        b_cols = w_cols + (kh * swh + kw * sww + c0 * swc)
+            a_rows = x_rows + (dh.to(tl.int64) * sxh + dw.to(tl.int64) * sxw + c0.to(tl.int64) * sxc)
+            b_cols = w_cols + (kh.to(tl.int64) * swh + kw.to(tl.int64) * sww + c0.to(tl.int64) * swc)
+        else:
+            a_rows = x_rows + (dh * sxh + dw * sxw + c0 * sxc)
+            b_cols = w_cols + (kh * swh + kw * sww + c0 * swc)
         a = tl.load(x_ptr + a_rows[:, None] + k_xc[None, :], mask=row_ok[:, None] & ci_ok[None, :], other=0.0)
         b = tl.load(w_ptr + b_cols[None, :] + k_wc[:, None], mask=ci_ok[:, None] & mask_n[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_TYPE)
+        kh, kw, c0 = _next_step(kh, kw, c0, BLOCK_K, CIN_G, KW)
 
     epilogue_store(
         acc, offs_m, OH, OW, mask_m, co, mask_n,
@@ -102,8 +103,22 @@ def _conv2d_fwd_kernel(
         bias_ptr, scale_ptr, shift_ptr,
         res_ptr, srn, src, srh, srw,
         HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, ACT,
-        tile_m, COUT_G * tl.num_programs(1), cnt_ptr, mean_ptr, m2_ptr, STATS,
+        tile_m, COUT_G * tl.num_programs(1), cnt_ptr, mean_ptr, m2_ptr, STATS, SPLIT_N,
     )
+
+
+@triton.jit
+def _next_step(outer, inner, c0, BLOCK_K: tl.constexpr, C, INNER):
+    """Advance the (outer tap, inner tap, channel block) position of a flat conv GEMM loop by one step:
+    channel blocks fastest, then the inner tap (wrapping at INNER), then the outer one."""
+    c0 += BLOCK_K
+    wrap_c = c0 >= C
+    c0 = tl.where(wrap_c, 0, c0)
+    inner += wrap_c.to(tl.int32)
+    wrap_t = inner >= INNER
+    inner = tl.where(wrap_t, 0, inner)
+    outer += wrap_t.to(tl.int32)
+    return outer, inner, c0
 
 
 @triton.jit
@@ -130,7 +145,7 @@ def _conv2d_dgrad_kernel(
     swo, swc, swh, sww,
     sdxn, sdxc, sdxh, sdxw,
     ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    IDX64: tl.constexpr, GROUP_M: tl.constexpr,
+    IDX64: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx[n, ci, h, w] = sum_{co, kh, kw} dy[n, co, oh, ow] * w[co, ci, kh, kw], where
@@ -170,13 +185,13 @@ def _conv2d_dgrad_kernel(
     kw0, step_w, count_w = _first_tap(rw, pad_w, dil_w, KW, stride_w)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_TYPE)
-    num_cb = tl.cdiv(COUT_G, BLOCK_K)
-    for t in range(count_h * count_w * num_cb):
-        tap = t // num_cb
-        c0 = (t - tap * num_cb) * BLOCK_K
-        th = tap // count_w
+    # (th, tw, c0) odometer as in the forward loop; the tap is (kh0 + th*step_h, kw0 + tw*step_w).
+    th = 0
+    tw = 0
+    c0 = 0
+    for t in range(count_h * count_w * tl.cdiv(COUT_G, BLOCK_K)):
         kh = kh0 + th * step_h
-        kw = kw0 + (tap - th * count_w) * step_w
+        kw = kw0 + tw * step_w
         dh = (rh + pad_h - kh * dil_h) // stride_h  # exact: the tap belongs to this phase
         dw = (rw + pad_w - kw * dil_w) // stride_w
         oh = i + dh
@@ -184,24 +199,23 @@ def _conv2d_dgrad_kernel(
         row_ok = mask_m & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
         co_ok = offs_k < COUT_G - c0
         if IDX64:
-            dh = dh.to(tl.int64)
-            dw = dw.to(tl.int64)
-            kh = kh.to(tl.int64)
-            kw = kw.to(tl.int64)
-            c0 = c0.to(tl.int64)
-        a_rows = dy_rows + (dh * sdyh + dw * sdyw + c0 * sdyc)
-        b_cols = w_cols + (kh * swh + kw * sww + c0 * swo)
+            a_rows = dy_rows + (dh.to(tl.int64) * sdyh + dw.to(tl.int64) * sdyw + c0.to(tl.int64) * sdyc)
+            b_cols = w_cols + (kh.to(tl.int64) * swh + kw.to(tl.int64) * sww + c0.to(tl.int64) * swo)
+        else:
+            a_rows = dy_rows + (dh * sdyh + dw * sdyw + c0 * sdyc)
+            b_cols = w_cols + (kh * swh + kw * sww + c0 * swo)
         a = tl.load(dy_ptr + a_rows[:, None] + k_dyc[None, :], mask=row_ok[:, None] & co_ok[None, :], other=0.0)
         b = tl.load(w_ptr + b_cols[None, :] + k_wo[:, None], mask=co_ok[:, None] & mask_n[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_TYPE)
+        th, tw, c0 = _next_step(th, tw, c0, BLOCK_K, COUT_G, count_w)
 
     n, i, j = split_rows(offs_m, HP, WP)
     dx_rows = n * sdxn + (rh + i * stride_h) * sdxh + (rw + j * stride_w) * sdxw
-    dx_ptrs = dx_ptr + dx_rows[:, None] + ((g * CIN_G + offs_n) * sdxc)[None, :]
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    store_tile(acc, dx_rows, g * CIN_G + offs_n, mask_m, mask_n, dx_ptr, sdxc, dx_rows, dx_ptr, sdxc,
+               False, 0, SPLIT_N)
 
 
 @triton.jit
@@ -240,10 +254,13 @@ def _conv2d_wgrad_kernel(
         split = split.to(tl.int64)
     mask_m = offs_m < COUT_G
     mask_n = offs_n < CIN_G
-    co = g * COUT_G + offs_m
-    ci = g * CIN_G + offs_n
-    dy_cols = co * sdyc
-    x_cols = ci * sxc
+    # The group's channel offset goes into the (64-bit scalar) base pointers; the per-channel parts stay int32
+    # even on the IDX64 path: the launcher passes channel-contiguous dy and x (channels_contiguous), so a
+    # valid element's offs * stride is below the channel count.
+    dy_base = dy_ptr + (g * COUT_G) * sdyc
+    x_base = x_ptr + (g * CIN_G) * sxc
+    dy_cols = offs_m * sdyc
+    x_cols = offs_n * sxc
     dh = kh * dil_h - pad_h
     dw = kw * dil_w - pad_w
     with_bias = (tap == 0) & (tile_n == 0)
@@ -269,8 +286,8 @@ def _conv2d_wgrad_kernel(
             iw = iw.to(tl.int64)
         dy_p = n * sdyn + oh * sdyh + ow * sdyw
         x_p = n * sxn + ih * sxh + iw * sxw
-        a = tl.load(dy_ptr + dy_cols[:, None] + dy_p[None, :], mask=mask_m[:, None] & p_ok[None, :], other=0.0)
-        b = tl.load(x_ptr + x_p[:, None] + x_cols[None, :], mask=x_ok[:, None] & mask_n[None, :], other=0.0)
+        a = tl.load(dy_base + dy_cols[:, None] + dy_p[None, :], mask=mask_m[:, None] & p_ok[None, :], other=0.0)
+        b = tl.load(x_base + x_p[:, None] + x_cols[None, :], mask=x_ok[:, None] & mask_n[None, :], other=0.0)
         if HAS_DBIAS:
             if with_bias:
                 db += tl.sum(a.to(ACC_TYPE), axis=1)
@@ -280,6 +297,7 @@ def _conv2d_wgrad_kernel(
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_TYPE)
 
     # partial layout [SPLIT, COUT, KH, KW, CIN_G]
+    co = g * COUT_G + offs_m
     row = (split * COUT + co) * (KH * KW) + tap
     off = (row * CIN_G)[:, None] + offs_n[None, :]
     tl.store(dw_ptr + off, acc.to(dw_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -344,7 +362,8 @@ def conv2d_forward(
     stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     force_int64: bool = False,
 ) -> torch.Tensor:
-    """Implicit-GEMM conv2d on a 4-D NCHW-shaped x (any strides) with the fused epilogue.
+    """Implicit-GEMM conv2d on a 4-D NCHW-shaped x (any strides; read channels_last, see
+    channels_contiguous) with the fused epilogue.
 
     padding is (pad_h, pad_w) or (top, bottom, left, right); the gradients only need top and left.
     `stats` = stats_buffers(cdiv(M, min_block_m("conv2d_fwd")), C_out, ...) receives BatchNorm partials.
@@ -352,6 +371,7 @@ def conv2d_forward(
     residual has out's shape and any strides.
     """
     check_runnable(x, weight)
+    x, weight = channels_contiguous(x), channels_contiguous(weight)
     N, C, H, W = x.shape
     C_out, cin_g, KH, KW = weight.shape
     OH, OW = output_hw(H, W, KH, KW, stride, padding, dilation)
@@ -363,6 +383,7 @@ def conv2d_forward(
     cout_g = C_out // groups
     res = residual if residual is not None else y
     dummy = y  # never read when its HAS_* flag is off
+    bias, shift = fold_bias(bias, scale, shift)
     args = (
         x, weight, y,
         bias if bias is not None else dummy,
@@ -389,6 +410,7 @@ def conv2d_forward(
         UPCAST=upcast_dot_operands(x.dtype),
         IDX64=force_int64 or needs_int64(x, weight, y, residual),
         GROUP_M=GROUP_M,
+        SPLIT_N=split_store(y, residual),
     )
     return y
 
@@ -404,6 +426,7 @@ def conv2d_input_grad(
 ) -> torch.Tensor:
     """dgrad: the gradient of conv2d with respect to its input, as an implicit GEMM over stride phases."""
     check_runnable(grad_out, weight)
+    grad_out, weight = channels_contiguous(grad_out), channels_contiguous(weight)
     N, C, H, W = input_shape
     C_out, cin_g, KH, KW = weight.shape
     OH, OW = grad_out.shape[2], grad_out.shape[3]
@@ -428,6 +451,7 @@ def conv2d_input_grad(
         UPCAST=upcast_dot_operands(grad_out.dtype),
         IDX64=force_int64 or needs_int64(grad_out, weight, dx),
         GROUP_M=GROUP_M,
+        SPLIT_N=split_store(dx),
     )
     return dx
 
@@ -454,6 +478,7 @@ def conv2d_weight_grad(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """wgrad (and optionally the bias gradient) by split-K GEMM over the N*OH*OW pixels."""
     check_runnable(grad_out, x)
+    grad_out, x = channels_contiguous(grad_out), channels_contiguous(x)
     N, C, H, W = x.shape
     C_out, cin_g, KH, KW = weight_shape
     OH, OW = grad_out.shape[2], grad_out.shape[3]

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._common import ACTIVATIONS, acc_dtype, check_runnable, dot_precision, needs_int64, upcast_dot_operands
-from ._epilogue import epilogue_store, grouped_tile, split_rows
+from ._epilogue import epilogue_store, fold_bias, grouped_tile, split_rows, split_store
 from .configs import IM2COL_BLOCKS, TunedKernel
 from .conv2d import GROUP_M, min_block_m, output_hw, pads, workspace
 
@@ -60,7 +60,7 @@ def _im2col_gemm_kernel(
     cnt_ptr, mean_ptr, m2_ptr, STATS_TILE0,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, STATS: tl.constexpr, ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, IDX64: tl.constexpr, GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr, IDX64: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     g = tl.program_id(1)
@@ -100,7 +100,7 @@ def _im2col_gemm_kernel(
         bias_ptr, scale_ptr, shift_ptr,
         res_ptr, srn, src, srh, srw,
         HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, ACT,
-        STATS_TILE0 + tile_m, COUT_G * tl.num_programs(1), cnt_ptr, mean_ptr, m2_ptr, STATS,
+        STATS_TILE0 + tile_m, COUT_G * tl.num_programs(1), cnt_ptr, mean_ptr, m2_ptr, STATS, SPLIT_N,
     )
 
 
@@ -172,6 +172,7 @@ def conv2d_im2col(
     per_image = max(groups * OH * OW * KDIM * x.element_size(), 1)
     chunk = max(1, min(N, max_col_bytes // per_image))
     dummy = y
+    bias, shift = fold_bias(bias, scale, shift)
     tile0 = 0
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
@@ -201,6 +202,7 @@ def conv2d_im2col(
             UPCAST=upcast_dot_operands(x.dtype),
             IDX64=force_int64 or needs_int64(col, wpack, y_c, residual),
             GROUP_M=GROUP_M,
+            SPLIT_N=split_store(y_c, residual),
         )
         tile0 += triton.cdiv(M, min_block_m("im2col_gemm"))
     return y
