@@ -383,8 +383,8 @@ def _compile(job):
         if "Used" not in log and os.path.exists(saved):
             with open(saved) as f:
                 log = f.read()
+        gpu = re.search(r"^\.target\s+(sm_\w+)", k.asm["ptx"], re.M).group(1)  # sm_90a on Hopper
         if "Used" not in log:
-            gpu = re.search(r"^\.target\s+(sm_\w+)", k.asm["ptx"], re.M).group(1)  # sm_90a on Hopper
             log = subprocess.run([get_ptxas(cc).path, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}",
                                   ptx, "-o", os.path.join(tmp, "v.cubin")], capture_output=True, text=True).stderr
         with contextlib.suppress(OSError):
@@ -398,7 +398,6 @@ def _compile(job):
         if spill and regs < MAX_REGISTERS:
             # Spilling below the register limit: ptxas capped registers at its occupancy target. Check the
             # kernel is spill-free when allowed every register (a .maxnreg directive on the entry).
-            gpu = re.search(r"^\.target\s+(sm_\w+)", k.asm["ptx"], re.M).group(1)
             with open(ptx, "w") as f:
                 f.write(re.sub(r"^(\.(?:reqntid|maxntid)[^\n]*)$", rf"\1\n.maxnreg {MAX_REGISTERS}", k.asm["ptx"],
                                count=1, flags=re.M))
@@ -459,8 +458,8 @@ def summary(rows) -> list[str]:
     failed = [r for r in rows if fails(r)]
     skipped = [r for r in rows if r["note"].startswith("skipped")]
     lines = [f"{len(rows)} rows; GEMM fp16/bf16 rows on tensor cores: {len(on_tc)}/{len(half)}; "
-             f"rows with spills: {len(spills)} ({len(spills) - len(occupancy)} from register pressure, "
-             f"{len(occupancy)} {OCCUPANCY_SPILL}s); over shared-memory limit: {len(too_big)} "
+             f"rows with spills: {len(spills)} ({len(occupancy)} {OCCUPANCY_SPILL}s, "
+             f"{len(spills) - len(occupancy)} other); over shared-memory limit: {len(too_big)} "
              f"(+{len(sm86)} sm_80 rows too big for sm_86/sm_89 only); "
              f"compile failures: {len(failed)}; skipped: {len(skipped)}"]
     for title, group in (("NOT ON TENSOR CORES", [r for r in half if not r["tensor_cores"]]),

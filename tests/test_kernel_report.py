@@ -108,4 +108,4 @@ def test_summary_counts_occupancy_spills_apart():
                  note=f"spills 8B st+ld; {OCCUPANCY_SPILL}: none with .maxnreg 255"),
             _row("_k", "c", "fp16", "sm_80", registers=96)]
     head = summary(rows)[0]
-    assert f"rows with spills: 2 (1 from register pressure, 1 {OCCUPANCY_SPILL}s)" in head
+    assert f"rows with spills: 2 (1 {OCCUPANCY_SPILL}s, 1 other)" in head

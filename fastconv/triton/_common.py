@@ -72,9 +72,12 @@ def channels_contiguous(t: torch.Tensor) -> torch.Tensor:
     into its own 64-bit address and scalar load, which spills registers and disables the multi-stage
     pipeline (see the kernel report). So, like cuDNN for tensor-core convs, the launchers pay one layout
     copy of such operands; outputs keep the caller's layout (the epilogue writes through any strides)."""
-    if t.dim() == 4 and t.size(1) > 1 and t.stride(1) != 1:
-        return t.contiguous(memory_format=torch.channels_last)
-    return t
+    return t.contiguous(memory_format=torch.channels_last) if channels_strided(t) else t
+
+
+def channels_strided(t: torch.Tensor | None) -> bool:
+    """Whether t is a 4-D tensor with more than one channel whose channels are not at stride 1 (NCHW-like)."""
+    return t is not None and t.dim() == 4 and t.size(1) > 1 and t.stride(1) != 1
 
 
 def next_pow2(n: int) -> int:

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import channels_strided
+
 ACT_IDENTITY: tl.constexpr = 0
 ACT_RELU: tl.constexpr = 1
 ACT_RELU6: tl.constexpr = 2
@@ -94,7 +96,7 @@ def split_store(*outputs) -> bool:
     element (y, residual) is not channel-contiguous (NCHW). There each element needs its own 64-bit address
     and mask, and a whole tile of them at once is what made the NCHW variants spill; channels_last stores
     vectorise along the channels and do better unsplit."""
-    return any(t is not None and t.dim() == 4 and t.size(1) > 1 and t.stride(1) != 1 for t in outputs)
+    return any(channels_strided(t) for t in outputs)
 
 
 @triton.jit
