@@ -50,8 +50,9 @@ KEYS = ("kernel", "config", "dtype", "arch", "registers", "spills", "shared_byte
 FAILED = "compile failed"
 MAX_REGISTERS = 255  # per thread, sm_80 and sm_90
 # ptxas without a register cap may keep a kernel at an occupancy point (96, 128, 168 registers) and spill a few
-# bytes rather than take more; the report recompiles such rows with `.maxnreg 255` and, when that is spill-free,
-# marks them with this note: spills of ptxas's choosing, not register pressure.
+# bytes rather than take more; the report recompiles such rows with `.maxnreg 255` (and Triton's ptxas flags)
+# and, when that is spill-free, marks them with this note: spills of ptxas's choosing, not register pressure.
+# configs.MAXNREG pins a register limit on the tiles where that happened.
 OCCUPANCY_SPILL = "occupancy spill"
 TC_RE = re.compile(r"\b((?:HMMA|HGMMA|IMMA|IGMMA|DMMA|QGMMA|UTCHMMA|UTCMMA)\.[\w.]+)")
 
@@ -65,11 +66,12 @@ def _strides(prefix, C, H, W, channels_last=True, dims="nchw"):
 def _conv_args(N=32, C=64, K=64, H=56, W=56, R=3, S=3, stride=1, pad=1, dil=1, nchw=()):
     """Scalar args of the conv kernels for a ResNet-50 3x3 layer, channels_last except the tensors whose stride
     prefixes are in `nchw`. The launchers make every operand a GEMM loop reads channel-contiguous
-    (triton._common.channels_contiguous), so only outputs (sy, sr, sdx) can be NCHW."""
+    (triton._common.channels_contiguous), so only outputs (sy, sdx) can be NCHW; the residual is read in y's
+    layout (triton._epilogue.residual_like)."""
     OH = (H + 2 * pad - dil * (R - 1) - 1) // stride + 1
     OW = (W + 2 * pad - dil * (S - 1) - 1) // stride + 1
     HP, WP = -(-H // stride), -(-W // stride)
-    shapes = dict(sx=(C, H, W), sw=(C, R, S), sy=(K, OH, OW), sr=(K, OH, OW), sdy=(K, OH, OW), sdx=(C, H, W))
+    shapes = dict(sx=(C, H, W), sw=(C, R, S), sy=(K, OH, OW), sdy=(K, OH, OW), sdx=(C, H, W))
     strides = {}
     for prefix, chw in shapes.items():
         strides.update(_strides(prefix, *chw, prefix not in nchw, "ochw" if prefix == "sw" else "nchw"))
@@ -99,9 +101,9 @@ _FWD_VARIANTS = {
     # eval BN + residual + SiLU; the launcher folds the conv bias into the shift (epilogue.fold_bias)
     "bn_res_silu": dict(HAS_BIAS=False, HAS_SCALE=True, HAS_SHIFT=True, HAS_RES=True, ACT=3),
     "stats": dict(HAS_BIAS=False, STATS=True),  # training BN: per-tile (count, mean, M2) partials
-    # an NCHW model: x and w arrive channels_last (launcher copy), y and the residual stay NCHW, and the
-    # launcher's split_store(y) sets SPLIT_N
-    "NCHW": dict(SPLIT_N=True, args=_conv_args(nchw=("sy", "sr"))),
+    # an NCHW model: x and w arrive channels_last (launcher copy), y stays NCHW, and the launcher's
+    # split_store(y) sets SPLIT_N
+    "NCHW": dict(SPLIT_N=True, args=_conv_args(nchw=("sy",))),
 }
 _FP32_STATS = dict(cnt_ptr="fp32", mean_ptr="fp32", m2_ptr="fp32")
 _BN_TYPES = dict(mean_ptr="fp32", var_ptr="fp32", w_ptr="fp32", b_ptr="fp32", sum_g_ptr="fp32", sum_gx_ptr="fp32")
@@ -229,22 +231,24 @@ def _common_constexprs(dtype):
 
 
 def _tiles(case, name, mod, arch, dtype):
+    """(constexprs, num_warps, num_stages[, maxnreg]) per tile the launcher may run."""
     if "tiles" in case:
         return case["tiles"](mod)
-    from fastconv.triton.configs import CONFIGS
+    from fastconv.triton.configs import CONFIGS, MAXNREG
 
     family = case.get("family") or name.strip("_").removesuffix("_kernel")
     if family not in CONFIGS:
         return [({}, 4, 3)]
     kind = {"fp16": "half", "bf16": "half"}.get(dtype, dtype)  # the launcher's configs.operand_kind
-    return [(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), w, s) for bm, bn, bk, w, s in CONFIGS[family][kind][arch]]
+    return [(dict(BLOCK_M=t[0], BLOCK_N=t[1], BLOCK_K=t[2]), t[3], t[4], MAXNREG.get((family, kind, arch, t)))
+            for t in CONFIGS[family][kind][arch]]
 
 
-def _label(constexprs, warps, stages):
-    """BM128_BN64_BK32_w4_s4 from the BLOCK_* constexprs."""
+def _label(constexprs, warps, stages, maxnreg=None):
+    """BM128_BN64_BK32_w4_s4 from the BLOCK_* constexprs; _r128 when configs.MAXNREG pins the registers."""
     short = {"BLOCK_M": "BM", "BLOCK_N": "BN", "BLOCK_K": "BK"}
     blocks = [f"{short.get(k, k)}{v}" for k, v in constexprs.items() if k.startswith("BLOCK")]
-    return "_".join(blocks + [f"w{warps}", f"s{stages}"])
+    return "_".join(blocks + [f"w{warps}", f"s{stages}"] + ([f"r{maxnreg}"] if maxnreg else []))
 
 
 def _plan(arches, quick, only=None):
@@ -280,19 +284,21 @@ def _kernel_jobs(module, name, fn, arches, quick, skipped):
     jobs = []
     for arch in arches:
         for dtype in dtypes:
-            tiles = _tiles(case, name, mod, arch, dtype)
+            tiles = [t if len(t) == 4 else (*t, None) for t in _tiles(case, name, mod, arch, dtype)]
             runs = [(t, "", {}) for t in (tiles[:1] if quick else tiles)]
             if not quick:
-                runs += [(tiles[0], flag, over) for flag, over in variants.items()]
+                # every variant on the first tile and on each tile with pinned registers (configs.MAXNREG)
+                pinned = [t for t in tiles[1:] if t[3]]
+                runs += [(t, flag, over) for t in tiles[:1] + pinned for flag, over in variants.items()]
             extra = [(tiles[0], "IDX64", variants["IDX64"])] if quick and (name, dtype) == QUICK_IDX64 else []
-            for (meta, warps, stages), flag, over in runs + extra:
+            for (meta, warps, stages, maxnreg), flag, over in runs + extra:
                 over = dict(over)
                 warps = over.pop("num_warps", warps)
                 args = over.pop("args", case.get("args", {}))
                 constexprs = {k: v for k, v in _common_constexprs(dtype).items() if k in consts}
                 for layer in (case.get("base", {}), meta, over):
                     constexprs.update(layer)
-                config = f"{_label(constexprs, warps, stages)} {flag}".strip()
+                config = f"{_label(constexprs, warps, stages, maxnreg)} {flag}".strip()
                 missing = [c for c in consts if c not in constexprs]
                 if missing:
                     skipped.append(_row(name, config, dtype, arch, gemm=gemm,
@@ -302,7 +308,8 @@ def _kernel_jobs(module, name, fn, arches, quick, skipped):
                 sig, attrs = _signature(fn, "fp32" if dtype == "tf32" else dtype, case.get("types", {}), args,
                                         constexprs)
                 jobs.append(dict(module=module, kernel=name, config=config, dtype=dtype, arch=arch, signature=sig,
-                                 constexprs=constexprs, attrs=attrs, num_warps=warps, num_stages=stages))
+                                 constexprs=constexprs, attrs=attrs, num_warps=warps, num_stages=stages,
+                                 maxnreg=maxnreg))
     return jobs
 
 
@@ -343,10 +350,18 @@ def _ptxas_numbers(log):
     return (int(regs.group(1)) if regs else 0), (int(spill.group(1)) + int(spill.group(2)) if spill else 0)
 
 
+def _ptxas(cc, gpu, ptx, cubin):
+    """ptxas -v's log for `ptx`, run with the flags Triton's make_cubin passes (its --regAllocOptLevel=2, a
+    workaround for a ptxas 13 bug, changes where ptxas spills)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    cmd = [get_ptxas(cc).path, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", ptx, "-o", cubin]
+    return subprocess.run(cmd, capture_output=True, text=True).stderr
+
+
 def _compile(job):
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
     from triton import knobs
 
@@ -359,7 +374,8 @@ def _compile(job):
             k = triton.compile(ASTSource(fn, signature=job["signature"], constexprs=job["constexprs"],
                                          attrs=job["attrs"]),
                                target=GPUTarget("cuda", cc, 32),
-                               options=dict(num_warps=job["num_warps"], num_stages=job["num_stages"]))
+                               options=dict(num_warps=job["num_warps"], num_stages=job["num_stages"],
+                                            maxnreg=job.get("maxnreg")))
     except Exception as e:  # noqa: BLE001 - every failure becomes a row
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
         if type(e).__name__ == "OutOfResources":
@@ -385,8 +401,7 @@ def _compile(job):
                 log = f.read()
         gpu = re.search(r"^\.target\s+(sm_\w+)", k.asm["ptx"], re.M).group(1)  # sm_90a on Hopper
         if "Used" not in log:
-            log = subprocess.run([get_ptxas(cc).path, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}",
-                                  ptx, "-o", os.path.join(tmp, "v.cubin")], capture_output=True, text=True).stderr
+            log = _ptxas(cc, gpu, ptx, os.path.join(tmp, "v.cubin"))
         with contextlib.suppress(OSError):
             os.makedirs(os.path.dirname(saved), exist_ok=True)
             with open(f"{saved}.{os.getpid()}", "w") as f:
@@ -399,10 +414,10 @@ def _compile(job):
             # Spilling below the register limit: ptxas capped registers at its occupancy target. Check the
             # kernel is spill-free when allowed every register (a .maxnreg directive on the entry).
             with open(ptx, "w") as f:
-                f.write(re.sub(r"^(\.(?:reqntid|maxntid)[^\n]*)$", rf"\1\n.maxnreg {MAX_REGISTERS}", k.asm["ptx"],
+                unpinned = re.sub(r"^\.maxnreg[^\n]*\n", "", k.asm["ptx"], flags=re.M)
+                f.write(re.sub(r"^(\.(?:reqntid|maxntid)[^\n]*)$", rf"\1\n.maxnreg {MAX_REGISTERS}", unpinned,
                                count=1, flags=re.M))
-            relaxed = subprocess.run([get_ptxas(cc).path, "-v", f"--gpu-name={gpu}", ptx, "-o",
-                                      os.path.join(tmp, "r.cubin")], capture_output=True, text=True).stderr
+            relaxed = _ptxas(cc, gpu, ptx, os.path.join(tmp, "r.cubin"))
             r_regs, r_spill = _ptxas_numbers(relaxed)
             occupancy_spill = r_spill == 0 and r_regs > 0
     row["registers"] = regs

@@ -15,9 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import fastconv.ops.conv2d as conv_ops
 import fastconv.triton.conv2d as tconv
+from fastconv.triton._epilogue import pixel_coords, tile_rows
 from fastconv.functional import conv2d, conv2d_fused
 
 from .helpers import assert_close, generator, nan_alloc, nan_workspace, randn, rng
@@ -283,6 +286,49 @@ def test_fused_epilogue(activation, algo, device):
     assert_close(y, act[activation](z), dtype, f"fused {activation}")
 
 
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("res_layout", ["like_y", "other_format", "strided_view"])
+def test_residual_read_in_output_layout(res_layout, algo, triton_device, monkeypatch):
+    """The epilogue reads the residual through y's offsets: a residual in y's layout goes to the kernel as is,
+    any other (another memory format, a strided view) is copied to y's strides first; the result is right."""
+    from fastconv.triton import im2col as tim2col
+
+    target = (tconv, "_fwd") if algo == "implicit" else (tim2col, "_gemm")
+    seen = []
+
+    def spy(grid, *args, **kwargs):
+        seen.append((args[2], args[6]))  # y, residual
+        return kernel(grid, *args, **kwargs)
+
+    kernel = getattr(*target)
+    monkeypatch.setattr(*target, spy)
+    gen = generator("residual_layout", res_layout, algo)
+    x = randn((2, 6, 9, 7), torch.float32, triton_device, gen).contiguous(memory_format=torch.channels_last)
+    w = randn((20, 6, 3, 3), torch.float32, triton_device, gen, scale=0.3)
+    res = {"like_y": lambda: randn((2, 20, 9, 7), torch.float32, triton_device, gen).contiguous(
+               memory_format=torch.channels_last),
+           "other_format": lambda: randn((2, 20, 9, 7), torch.float32, triton_device, gen),
+           "strided_view": lambda: randn((2, 40, 9, 8), torch.float32, triton_device, gen)[:, ::2, :, 1:]}[res_layout]()
+    y = conv2d_fused(x, w, None, 1, 1, residual=res, activation="relu", algo=algo)
+    ky, kres = seen[0]
+    assert kres.stride() == ky.stride() == y.stride()
+    assert (kres.data_ptr() == res.data_ptr()) == (res_layout == "like_y")
+    d = lambda t: t.detach().cpu().double()  # noqa: E731
+    assert_close(y, F.relu(F.conv2d(d(x), d(w), None, 1, 1) + d(res)), torch.float32, f"residual {res_layout}")
+
+
+def test_residual_like_ignores_strides_of_size_one_dims():
+    from fastconv.triton._epilogue import residual_like
+
+    y = torch.empty(1, 8, 4, 1)
+    same = torch.empty_strided((1, 8, 4, 1), (999, 4, 1, 77))
+    assert residual_like(same, y) is same
+    other = torch.randn(1, 4, 8, 1).transpose(1, 2)  # (1, 8, 4, 1) with channels at stride 1
+    copy = residual_like(other, y)
+    assert copy.stride() == y.stride() and torch.equal(copy, other)
+    assert residual_like(None, y) is None
+
+
 GRADCHECK_SHAPES = dict(x=(1, 4, 5, 4), w=(6, 2, 2, 3), groups=2, stride=(2, 1), padding=(1, 2), dilation=(2, 1))
 
 
@@ -407,9 +453,10 @@ def test_tf32_numerics_gpu(triton_device):
     assert (got.double() - expected).abs().max() / expected.abs().max() < 5e-3
 
 
-@pytest.mark.parametrize("kernel", ["fwd", "im2col", "dgrad", "wgrad"])
+@pytest.mark.parametrize("kernel", ["fwd", "im2col", "fwd-fused", "im2col-fused", "dgrad", "wgrad"])
 def test_int64_indexing_path(kernel, triton_device):
-    """The int64 index path (taken automatically past 2**31 elements) computes the same result."""
+    """The int64 index path (taken automatically past 2**31 elements) computes the same result; the fused
+    variants run its epilogue (residual, scale/shift, SiLU) too."""
     device = triton_device
     from fastconv.triton import im2col as tim2col
 
@@ -418,10 +465,16 @@ def test_int64_indexing_path(kernel, triton_device):
     w = randn((8, 3, 3, 3), torch.float32, device, gen)
     geo = ((2, 1), (1, 1), (1, 2), 2)
     ref = F.conv2d(x.double().cpu(), w.double().cpu(), None, *geo)
-    if kernel == "fwd":
-        got = tconv.conv2d_forward(x, w, None, *geo, force_int64=True)
-    elif kernel == "im2col":
-        got = tim2col.conv2d_im2col(x, w, None, *geo, force_int64=True)
+    launch = {"fwd": tconv.conv2d_forward, "im2col": tim2col.conv2d_im2col}
+    if kernel in launch:
+        got = launch[kernel](x, w, None, *geo, force_int64=True)
+    elif kernel.endswith("-fused"):
+        scale, shift = randn((8,), torch.float32, device, gen), randn((8,), torch.float32, device, gen)
+        res = randn(tuple(ref.shape), torch.float32, device, gen)
+        got = launch[kernel.split("-")[0]](x, w, None, *geo, scale=scale, shift=shift, residual=res,
+                                           activation="silu", force_int64=True)
+        ref = F.silu(ref * scale.double().cpu()[:, None, None] + shift.double().cpu()[:, None, None]
+                     + res.double().cpu())
     else:
         gy = randn(ref.shape, torch.float32, device, gen)
         xd, wd = x.double().cpu().requires_grad_(), w.double().cpu().requires_grad_()
@@ -433,6 +486,33 @@ def test_int64_indexing_path(kernel, triton_device):
     assert_close(got, ref, torch.float32, f"int64 {kernel}")
 
 
+@triton.jit
+def _tile_rows_probe(out_ptr, first, M, OH, OW, BLOCK: tl.constexpr):
+    rows, valid = tile_rows(first, BLOCK, M, True)
+    n, oh, ow = pixel_coords(rows, OH, OW, True)
+    lane = tl.arange(0, BLOCK)
+    tl.store(out_ptr + lane * 4, rows, mask=valid)
+    tl.store(out_ptr + lane * 4 + 1, n, mask=valid)
+    tl.store(out_ptr + lane * 4 + 2, oh, mask=valid)
+    tl.store(out_ptr + lane * 4 + 3, ow, mask=valid)
+
+
+def test_tile_rows_at_the_int32_limit(triton_device):
+    """On the IDX64 path the last tile of an int32 M just below 2**31 has lanes past 2**31 - 1: tile_rows
+    clamps them (invalid, never wrapping to negative rows that `rows < M` would let through) and
+    pixel_coords gives the valid rows exact int64 coordinates."""
+    OH, OW = 7, 5
+    M = 2**31 - 5  # rows of a (N, 7, 5) grid, the last image partial
+    first = M - 11
+    out = torch.full((32, 4), -1, dtype=torch.int64, device=triton_device)
+    _tile_rows_probe[(1,)](out, first, M, OH, OW, BLOCK=32)
+    out = out.cpu()
+    rows = torch.arange(first, first + 11)
+    want = torch.stack([rows, rows // (OH * OW), rows // OW % OH, rows % OW], 1)
+    assert first + 32 > 2**31 - 1
+    assert torch.equal(out[:11], want) and (out[11:] == -1).all()
+
+
 def test_int64_selected_past_2_31_elements():
     from fastconv.triton._common import needs_int64
 
@@ -440,6 +520,9 @@ def test_int64_selected_past_2_31_elements():
     assert not needs_int64(small)
     huge = torch.empty(1).expand(2**31 + 5)  # numel past the limit without the memory
     assert needs_int64(huge)
+    # a tile of rows may run a block past the end: int32 math needs that headroom below 2**31
+    assert needs_int64(torch.empty(1).expand(2**31 - 100))
+    assert not needs_int64(torch.empty(1).expand(2**30))
     wide = torch.empty_strided((2, 2), (2**31, 1), device="meta")  # offsets past the limit
     assert needs_int64(wide)
 

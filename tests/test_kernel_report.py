@@ -109,3 +109,39 @@ def test_summary_counts_occupancy_spills_apart():
             _row("_k", "c", "fp16", "sm_80", registers=96)]
     head = summary(rows)[0]
     assert f"rows with spills: 2 (1 {OCCUPANCY_SPILL}s, 1 other)" in head
+
+
+def test_register_pins_name_real_tiles():
+    """configs.MAXNREG pins registers on tiles that exist, and the autotune configs carry the pin."""
+    from fastconv.triton.configs import CONFIGS, MAXNREG, configs_for
+
+    for (fam, kind, arch, tile), pin in MAXNREG.items():
+        assert tile in CONFIGS[fam][kind][arch], (fam, kind, arch, tile)
+        assert pin % 8 == 0 and pin <= 255
+        tiles = [((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages),
+                  c.maxnreg) for c in configs_for(fam, arch, kind)]
+        assert [p for t, p in tiles if t == tile] == [pin]
+        assert all(p is None or (fam, kind, arch, t) in MAXNREG for t, p in tiles)
+
+
+def test_pinned_tile_variants_planned_and_spill_free():
+    """The full report compiles every variant on a pinned tile (with the pin); and one pinned tile compiled for
+    real (sm_90, Triton's ptxas flags) stays within its pin without spills."""
+    code = """if True:
+        import json
+        from fastconv import kernel_report as kr
+        jobs, _ = kr._plan(("sm_90",), False, "_conv2d_wgrad_kernel")
+        pinned = [j for j in jobs if j["dtype"] == "fp32" and j["config"].startswith("BM128_BN32_BK16_w4_s3_r104")]
+        plain = next(j for j in pinned if j["config"] == "BM128_BN32_BK16_w4_s3_r104")
+        print(json.dumps(dict(variants=sorted(j["config"].partition(" ")[2] for j in pinned),
+                              pins=sorted({j["maxnreg"] for j in pinned}), row=kr._compile(plain))))
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["variants"] == ["", "IDX64", "dbias"] and out["pins"] == [104]
+    row = out["row"]
+    assert 0 < row["registers"] <= 104 and row["spills"] == 0, row

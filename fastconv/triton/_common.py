@@ -8,6 +8,9 @@ import triton
 import triton.language as tl
 
 INT32_LIMIT = 2**31 - 1
+# GEMM rows, pixel blocks and split-K chunks may run up to one block past the end of what they index (masked
+# lanes); int32 math must leave them that room.
+INDEX_HEADROOM = 2**16
 
 # Activation codes understood by the fused epilogue (see _epilogue.py).
 ACTIVATIONS = {"identity": 0, "relu": 1, "relu6": 2, "silu": 3, "hardswish": 4}
@@ -53,12 +56,13 @@ def upcast_dot_operands(dtype: torch.dtype) -> bool:
 
 
 def needs_int64(*tensors: torch.Tensor) -> bool:
-    """Whether any byte-offset-relevant index can pass 2**31 - 1 elements; then kernels use int64 math."""
+    """Whether any element offset (or a row or pixel index past a tensor's end, see INDEX_HEADROOM) can pass
+    2**31 - 1; then kernels use int64 math."""
     for t in tensors:
         if t is None:
             continue
         span = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
-        if t.numel() > INT32_LIMIT or span > INT32_LIMIT:
+        if max(t.numel(), span) > INT32_LIMIT - INDEX_HEADROOM:
             return True
     return False
 

@@ -5,7 +5,8 @@ The epilogue runs on the fp32 accumulator tile [BLOCK_M pixels, BLOCK_N output c
     y = act(((acc + bias[c]) * scale[c] + shift[c]) + residual[n, c, oh, ow])
 
 so plain conv (bias), eval-mode BatchNorm folding (scale/shift), ResNet shortcuts (residual) and the
-activation all happen in registers, in one write of the output.
+activation all happen in registers, in one write of the output. The residual is read through y's own offsets
+(the launchers hand it over in y's layout, see residual_like): one address tile serves the load and the store.
 """
 import torch
 import triton
@@ -78,6 +79,36 @@ def split_rows(offs_m, OH, OW):
     return n, oh, ow
 
 
+@triton.jit
+def tile_rows(first, BLOCK: tl.constexpr, M, IDX64: tl.constexpr):
+    """GEMM rows first .. first + BLOCK - 1 of M, and which of them exist.
+
+    Rows stay in M's width (int32 unless M itself passes 2**31, when Triton passes M as i64). The int32 launches
+    leave headroom for lanes past the end (_common.INDEX_HEADROOM); on the IDX64 path, where M may sit just
+    below 2**31, those lanes are clamped to the last row instead, so no lane ever leaves the width."""
+    lane = tl.arange(0, BLOCK)
+    if IDX64:
+        rows = first + tl.minimum(lane, M - 1 - first)
+        valid = lane < M - first
+    else:
+        rows = first + lane
+        valid = rows < M
+    return rows, valid
+
+
+@triton.jit
+def pixel_coords(rows, OH, OW, IDX64: tl.constexpr):
+    """(n, oh, ow) of GEMM rows of an (N, OH, OW) pixel grid, for address math: divided in the rows' own width
+    (tile_rows) and widened to int64 on the IDX64 path. 64-bit divisions are emulated in software; dividing
+    int64 rows is what made the IDX64 kernels spill."""
+    n, oh, ow = split_rows(rows, OH, OW)
+    if IDX64:
+        n = n.to(tl.int64)
+        oh = oh.to(tl.int64)
+        ow = ow.to(tl.int64)
+    return n, oh, ow
+
+
 def fold_bias(bias, scale, shift):
     """(bias, shift) for the launch: with a scale, (acc + bias) * scale + shift is computed as
     acc * scale + (bias * scale + shift), so the epilogue holds one per-channel vector fewer (each costs a
@@ -91,22 +122,33 @@ def fold_bias(bias, scale, shift):
     return None, folded
 
 
-def split_store(*outputs) -> bool:
-    """The launchers' SPLIT_N: store the tile in two channel halves when an output the epilogue touches per
-    element (y, residual) is not channel-contiguous (NCHW). There each element needs its own 64-bit address
-    and mask, and a whole tile of them at once is what made the NCHW variants spill; channels_last stores
-    vectorise along the channels and do better unsplit."""
-    return any(channels_strided(t) for t in outputs)
+def residual_like(residual, y):
+    """The residual with y's strides (a copy only when its layout differs where it matters): the epilogue
+    reads it through y's offsets, since a second 2-D tile of addresses was what made the residual variants of
+    the 128x128 TF32 tiles spill."""
+    if residual is None or all(a == b for a, b, n in zip(residual.stride(), y.stride(), y.shape) if n > 1):
+        return residual
+    return y.new_empty_strided(y.shape, y.stride()).copy_(residual)
+
+
+def split_store(y) -> bool:
+    """The launchers' SPLIT_N: store the tile in two channel halves when the output y (and so the residual, read
+    in y's layout) is not channel-contiguous (NCHW). There each element needs its own 64-bit address and mask,
+    and a whole tile of them at once is what made the NCHW variants spill; channels_last stores vectorise along
+    the channels and do better unsplit."""
+    return channels_strided(y)
 
 
 @triton.jit
-def _residual_act_store(acc, y_rows, r_rows, co, mask_m, mask_n, y_ptr, syc, res_ptr, src,
-                        HAS_RES: tl.constexpr, ACT: tl.constexpr):
+def _residual_act_store(acc, rows, co, mask_m, mask_n, y_ptr, syc, res_ptr, HAS_RES: tl.constexpr,
+                        ACT: tl.constexpr):
     mask = mask_m[:, None] & mask_n[None, :]
+    cols = co * syc
+    # base + rows, then + cols: summing the two offset vectors into a 2-D offset tile first costs registers
     if HAS_RES:
-        acc += tl.load(res_ptr + r_rows[:, None] + (co * src)[None, :], mask=mask, other=0.0).to(acc.dtype)
+        acc += tl.load(res_ptr + rows[:, None] + cols[None, :], mask=mask, other=0.0).to(acc.dtype)
     acc = activation(acc, ACT)
-    tl.store(y_ptr + y_rows[:, None] + (co * syc)[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + rows[:, None] + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -126,11 +168,10 @@ def _vector_halves(v):
 def epilogue_store(
     acc, offs_m, OH, OW, mask_m, co, mask_n,
     y_ptr, syn, syc, syh, syw,
-    bias_ptr, scale_ptr, shift_ptr,
-    res_ptr, srn, src, srh, srw,
+    bias_ptr, scale_ptr, shift_ptr, res_ptr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr,
-    stats_tile, C, cnt_ptr, mean_ptr, m2_ptr, STATS: tl.constexpr, SPLIT_N: tl.constexpr,
+    stats_tile, C, cnt_ptr, mean_ptr, m2_ptr, STATS: tl.constexpr, SPLIT_N: tl.constexpr, IDX64: tl.constexpr,
 ):
     """Apply bias/scale/shift/residual/activation to `acc` and store it, cast to y's dtype. With STATS,
     also store the tile's BatchNorm partials of the bias-free acc (training-mode conv+BN). SPLIT_N: see
@@ -139,6 +180,7 @@ def epilogue_store(
     offs_m are the tile's GEMM rows (pixels m = (n, oh, ow) of an (N, OH, OW) grid), co its columns (global
     output channels); strides are in elements. The pixel decomposition happens here, after the main loop,
     so that it is not live across it; addresses are 1-D row and column parts broadcast only at the access.
+    res_ptr points at a residual in y's layout (residual_like).
     """
     if STATS:
         store_tile_stats(acc, mask_m, co, mask_n, stats_tile, C, cnt_ptr, mean_ptr, m2_ptr)
@@ -148,26 +190,25 @@ def epilogue_store(
         acc *= tl.load(scale_ptr + co, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
     if HAS_SHIFT:
         acc += tl.load(shift_ptr + co, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
-    n, oh, ow = split_rows(offs_m, OH, OW)
-    y_rows = n * syn + oh * syh + ow * syw
-    r_rows = n * srn + oh * srh + ow * srw
-    store_tile(acc, y_rows, co, mask_m, mask_n, y_ptr, syc, r_rows, res_ptr, src, HAS_RES, ACT, SPLIT_N)
+    n, oh, ow = pixel_coords(offs_m, OH, OW, IDX64)
+    rows = n * syn + oh * syh + ow * syw
+    store_tile(acc, rows, co, mask_m, mask_n, y_ptr, syc, res_ptr, HAS_RES, ACT, SPLIT_N)
 
 
 @triton.jit
-def store_tile(acc, y_rows, co, mask_m, mask_n, y_ptr, syc, r_rows, res_ptr, src,
-               HAS_RES: tl.constexpr, ACT: tl.constexpr, SPLIT_N: tl.constexpr):
-    """y[y_rows[m] + co[c] * syc] = act(acc[m, c] + residual[r_rows[m] + co[c] * src]), masked, cast to y's
-    dtype; with SPLIT_N (see split_store) in two passes over the channel halves, so that only half the
+def store_tile(acc, rows, co, mask_m, mask_n, y_ptr, syc, res_ptr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+               SPLIT_N: tl.constexpr):
+    """y[rows[m] + co[c] * syc] = act(acc[m, c] + residual[rows[m] + co[c] * syc]), masked, cast to y's
+    dtype (the residual in y's layout); with SPLIT_N (see split_store) in two passes over the channel halves, so that only half the
     tile's per-element addresses and masks are live at once."""
     if SPLIT_N:
         acc_lo, acc_hi = _column_halves(acc)
         co_lo, co_hi = _vector_halves(co)
         ok_lo, ok_hi = _vector_halves(mask_n)
-        _residual_act_store(acc_lo, y_rows, r_rows, co_lo, mask_m, ok_lo, y_ptr, syc, res_ptr, src, HAS_RES, ACT)
-        _residual_act_store(acc_hi, y_rows, r_rows, co_hi, mask_m, ok_hi, y_ptr, syc, res_ptr, src, HAS_RES, ACT)
+        _residual_act_store(acc_lo, rows, co_lo, mask_m, ok_lo, y_ptr, syc, res_ptr, HAS_RES, ACT)
+        _residual_act_store(acc_hi, rows, co_hi, mask_m, ok_hi, y_ptr, syc, res_ptr, HAS_RES, ACT)
     else:
-        _residual_act_store(acc, y_rows, r_rows, co, mask_m, mask_n, y_ptr, syc, res_ptr, src, HAS_RES, ACT)
+        _residual_act_store(acc, rows, co, mask_m, mask_n, y_ptr, syc, res_ptr, HAS_RES, ACT)
 
 
 @triton.jit

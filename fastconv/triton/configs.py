@@ -96,6 +96,24 @@ CONFIGS = {
     "im2col_gemm": _family(small_k=False),
 }
 
+# ptxas register limits pinned per (family, operand kind, arch, tile). Left to pick its own limit, ptxas aims
+# at an occupancy and, under Triton's --regAllocOptLevel=2, spills 8-36 B on these tiles; handed an explicit
+# .maxnreg at (or a step of 8 or 16 above) the count it picked, it allocates without spilling. Each pin is the
+# lowest multiple of 8 at which every kernel variant (epilogues, stride-2 dgrad, NCHW, IDX64) compiles
+# spill-free: `python -m fastconv.kernel_report` compiles all of them on pinned tiles. Pins above ptxas's own
+# choice (the 144s, 112, 120) cost occupancy only where shared memory does not already bound it.
+MAXNREG = {
+    ("conv2d_fwd", "fp32", "sm_80", (32, 64, 16, 2, 3)): 128,
+    ("conv2d_fwd", "fp32", "sm_80", (128, 64, 16, 8, 3)): 128,
+    ("conv2d_dgrad", "fp32", "sm_80", (128, 32, 16, 4, 3)): 144,
+    ("conv2d_dgrad", "tf32", "sm_80", (128, 32, 32, 4, 4)): 144,
+    ("conv2d_dgrad", "fp32", "sm_90", (32, 64, 16, 2, 3)): 128,
+    ("conv2d_dgrad", "half", "sm_90", (64, 32, 32, 2, 5)): 112,
+    ("conv2d_wgrad", "tf32", "sm_80", (64, 64, 32, 4, 4)): 120,
+    ("conv2d_wgrad", "tf32", "sm_80", (128, 32, 32, 4, 4)): 128,
+    ("conv2d_wgrad", "fp32", "sm_90", (128, 32, 16, 4, 3)): 104,
+}
+
 # One config per family under the interpreter: small enough that test shapes cross tile boundaries, large
 # enough to keep the interpreter's per-program overhead down. wgrad's K is the pixel reduction.
 INTERPRET = {"conv2d_fwd": (32, 32, 32, 4, 1), "conv2d_dgrad": (32, 32, 32, 4, 1),
@@ -112,9 +130,10 @@ def arch_key(device: torch.device | None = None) -> str:
     return "sm_90" if major >= 9 else "sm_80"
 
 
-def to_triton(cfg: tuple[int, int, int, int, int]) -> triton.Config:
+def to_triton(cfg: tuple[int, int, int, int, int], maxnreg: int | None = None) -> triton.Config:
     bm, bn, bk, warps, stages = cfg
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages,
+                         maxnreg=maxnreg)
 
 
 def operand_kind(dtype: torch.dtype, precision: str) -> str:
@@ -125,7 +144,7 @@ def operand_kind(dtype: torch.dtype, precision: str) -> str:
 
 
 def configs_for(family: str, arch: str, kind: str = "half") -> list[triton.Config]:
-    return [to_triton(c) for c in CONFIGS[family][kind][arch]]
+    return [to_triton(c, MAXNREG.get((family, kind, arch, c))) for c in CONFIGS[family][kind][arch]]
 
 
 def interpret_meta(family: str) -> dict:

@@ -25,7 +25,16 @@ from ._common import (
     needs_int64,
     upcast_dot_operands,
 )
-from ._epilogue import epilogue_store, fold_bias, grouped_tile, split_rows, split_store, store_tile
+from ._epilogue import (
+    epilogue_store,
+    fold_bias,
+    grouped_tile,
+    pixel_coords,
+    residual_like,
+    split_store,
+    store_tile,
+    tile_rows,
+)
 from .configs import TunedKernel
 
 _SHAPE_KEY = ["M", "COUT_G", "CIN_G", "KH", "KW"]
@@ -39,7 +48,6 @@ def _conv2d_fwd_kernel(
     sxn, sxc, sxh, sxw,
     swo, swc, swh, sww,
     syn, syc, syh, syw,
-    srn, src, srh, srw,
     cnt_ptr, mean_ptr, m2_ptr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, STATS: tl.constexpr, ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -49,14 +57,12 @@ def _conv2d_fwd_kernel(
     g = tl.program_id(1)
     tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(COUT_G, BLOCK_N), GROUP_M)
     if IDX64:
-        tile_m = tile_m.to(tl.int64)
         g = g.to(tl.int64)
-    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, mask_m = tile_rows(tile_m * BLOCK_M, BLOCK_M, M, IDX64)
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
     mask_n = offs_n < COUT_G
-    n, oh, ow = split_rows(offs_m, OH, OW)
+    n, oh, ow = pixel_coords(offs_m, OH, OW, IDX64)
     co = g * COUT_G + offs_n
     # Row (pixel) and column (output channel) parts of the addresses are 1-D vectors built once; each step
     # of the flat (kh, kw, ci-block) loop adds a scalar to them and broadcasts to the 2-D tile at the load.
@@ -100,10 +106,9 @@ def _conv2d_fwd_kernel(
     epilogue_store(
         acc, offs_m, OH, OW, mask_m, co, mask_n,
         y_ptr, syn, syc, syh, syw,
-        bias_ptr, scale_ptr, shift_ptr,
-        res_ptr, srn, src, srh, srw,
+        bias_ptr, scale_ptr, shift_ptr, res_ptr,
         HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, ACT,
-        tile_m, COUT_G * tl.num_programs(1), cnt_ptr, mean_ptr, m2_ptr, STATS, SPLIT_N,
+        tile_m, COUT_G * tl.num_programs(1), cnt_ptr, mean_ptr, m2_ptr, STATS, SPLIT_N, IDX64,
     )
 
 
@@ -164,14 +169,13 @@ def _conv2d_dgrad_kernel(
     rw = phase % stride_w
     tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(MP, BLOCK_M), tl.cdiv(CIN_G, BLOCK_N), GROUP_M)
     if IDX64:
-        tile_m = tile_m.to(tl.int64)
         g = g.to(tl.int64)
-    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, in_grid = tile_rows(tile_m * BLOCK_M, BLOCK_M, MP, IDX64)
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     # m -> (n, i, j) over the phase's sub-grid; the pixel is (rh + i*stride_h, rw + j*stride_w).
-    n, i, j = split_rows(offs_m, HP, WP)
-    mask_m = (offs_m < MP) & (rh + i * stride_h < H) & (rw + j * stride_w < W)
+    n, i, j = pixel_coords(offs_m, HP, WP, IDX64)
+    mask_m = in_grid & (rh + i * stride_h < H) & (rw + j * stride_w < W)
     mask_n = offs_n < CIN_G
     # 1-D address parts, built once: dy at (n, oh = i, ow = j) and w at (g*COUT_G, offs_n); each step of the
     # flat (tap, co-block) loop adds scalars and broadcasts to the 2-D tiles at the load.
@@ -212,10 +216,9 @@ def _conv2d_dgrad_kernel(
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_TYPE)
         th, tw, c0 = _next_step(th, tw, c0, BLOCK_K, COUT_G, count_w)
 
-    n, i, j = split_rows(offs_m, HP, WP)
+    n, i, j = pixel_coords(offs_m, HP, WP, IDX64)
     dx_rows = n * sdxn + (rh + i * stride_h) * sdxh + (rw + j * stride_w) * sdxw
-    store_tile(acc, dx_rows, g * CIN_G + offs_n, mask_m, mask_n, dx_ptr, sdxc, dx_rows, dx_ptr, sdxc,
-               False, 0, SPLIT_N)
+    store_tile(acc, dx_rows, g * CIN_G + offs_n, mask_m, mask_n, dx_ptr, sdxc, dx_ptr, False, 0, SPLIT_N)
 
 
 @triton.jit
@@ -248,10 +251,8 @@ def _conv2d_wgrad_kernel(
     kw = tap % KW
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     if IDX64:
         g = g.to(tl.int64)
-        split = split.to(tl.int64)
     mask_m = offs_m < COUT_G
     mask_n = offs_n < CIN_G
     # The group's channel offset goes into the (64-bit scalar) base pointers; the per-channel parts stay int32
@@ -265,25 +266,18 @@ def _conv2d_wgrad_kernel(
     dw = kw * dil_w - pad_w
     with_bias = (tap == 0) & (tile_n == 0)
     # Pixel indices p = (n, oh, ow) take P's width (int64 only once P itself passes 2**31, which Triton's
-    # launcher passes as i64): P * 0 promotes the chunk start without a 64-bit division per K step.
+    # launcher passes as i64): P * 0 promotes the chunk start.
     k_lo = (P * 0 + split) * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, P)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_TYPE)
     db = tl.zeros((BLOCK_M,), dtype=ACC_TYPE)
     for p0 in range(k_lo, k_hi, BLOCK_K):
-        p = p0 + offs_k
-        p_ok = p < k_hi
-        n, oh, ow = split_rows(p, OH, OW)
+        p, p_ok = tile_rows(p0, BLOCK_K, k_hi, IDX64)
+        n, oh, ow = pixel_coords(p, OH, OW, IDX64)
         ih = oh * stride_h + dh
         iw = ow * stride_w + dw
         x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        if IDX64:
-            n = n.to(tl.int64)
-            oh = oh.to(tl.int64)
-            ow = ow.to(tl.int64)
-            ih = ih.to(tl.int64)
-            iw = iw.to(tl.int64)
         dy_p = n * sdyn + oh * sdyh + ow * sdyw
         x_p = n * sxn + ih * sxh + iw * sxw
         a = tl.load(dy_base + dy_cols[:, None] + dy_p[None, :], mask=mask_m[:, None] & p_ok[None, :], other=0.0)
@@ -298,6 +292,8 @@ def _conv2d_wgrad_kernel(
 
     # partial layout [SPLIT, COUT, KH, KW, CIN_G]
     co = g * COUT_G + offs_m
+    if IDX64:
+        split = split.to(tl.int64)
     row = (split * COUT + co) * (KH * KW) + tap
     off = (row * CIN_G)[:, None] + offs_n[None, :]
     tl.store(dw_ptr + off, acc.to(dw_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -381,6 +377,7 @@ def conv2d_forward(
     if M == 0 or C_out == 0:
         return y
     cout_g = C_out // groups
+    residual = residual_like(residual, y)
     res = residual if residual is not None else y
     dummy = y  # never read when its HAS_* flag is off
     bias, shift = fold_bias(bias, scale, shift)
@@ -392,7 +389,7 @@ def conv2d_forward(
         res,
         M, H, W, OH, OW, cin_g, cout_g, KH, KW,
         stride[0], stride[1], top, left, dilation[0], dilation[1],
-        *x.stride(), *weight.stride(), *y.stride(), *res.stride(),
+        *x.stride(), *weight.stride(), *y.stride(),
         *(stats if stats is not None else (dummy, dummy, dummy)),
     )
     _fwd(
@@ -410,7 +407,7 @@ def conv2d_forward(
         UPCAST=upcast_dot_operands(x.dtype),
         IDX64=force_int64 or needs_int64(x, weight, y, residual),
         GROUP_M=GROUP_M,
-        SPLIT_N=split_store(y, residual),
+        SPLIT_N=split_store(y),
     )
     return y
 

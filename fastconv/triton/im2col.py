@@ -14,7 +14,15 @@ import triton
 import triton.language as tl
 
 from ._common import ACTIVATIONS, acc_dtype, check_runnable, dot_precision, needs_int64, upcast_dot_operands
-from ._epilogue import epilogue_store, fold_bias, grouped_tile, split_rows, split_store
+from ._epilogue import (
+    epilogue_store,
+    fold_bias,
+    grouped_tile,
+    pixel_coords,
+    residual_like,
+    split_store,
+    tile_rows,
+)
 from .configs import IM2COL_BLOCKS, TunedKernel
 from .conv2d import GROUP_M, min_block_m, output_hw, pads, workspace
 
@@ -30,20 +38,19 @@ def _im2col_gather_kernel(
     IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     g = tl.program_id(2)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, in_m = tile_rows(tl.program_id(0) * BLOCK_M, BLOCK_M, M, IDX64)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     if IDX64:
-        offs_m = offs_m.to(tl.int64)
         offs_k = offs_k.to(tl.int64)
         g = g.to(tl.int64)
-    n, oh, ow = split_rows(offs_m, OH, OW)
+    n, oh, ow = pixel_coords(offs_m, OH, OW, IDX64)
     ci = offs_k % CIN_G
     tap = offs_k // CIN_G
     kh = tap // KW
     kw = tap % KW
     ih = oh[:, None] * stride_h - pad_h + (kh * dil_h)[None, :]
     iw = ow[:, None] * stride_w - pad_w + (kw * dil_w)[None, :]
-    in_tile = (offs_m < M)[:, None] & (offs_k < KDIM)[None, :]
+    in_tile = in_m[:, None] & (offs_k < KDIM)[None, :]
     inside = in_tile & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     src = x_ptr + (n * sxn)[:, None] + ((g * CIN_G + ci) * sxc)[None, :] + ih * sxh + iw * sxw
     vals = tl.load(src, mask=inside, other=0.0)
@@ -56,7 +63,6 @@ def _im2col_gemm_kernel(
     col_ptr, w_ptr, y_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr,
     M, KDIM, COUT_G, OH, OW,
     syn, syc, syh, syw,
-    srn, src, srh, srw,
     cnt_ptr, mean_ptr, m2_ptr, STATS_TILE0,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, STATS: tl.constexpr, ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -66,16 +72,17 @@ def _im2col_gemm_kernel(
     g = tl.program_id(1)
     tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(COUT_G, BLOCK_N), GROUP_M)
     if IDX64:
-        tile_m = tile_m.to(tl.int64)
         g = g.to(tl.int64)
-    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, mask_m = tile_rows(tile_m * BLOCK_M, BLOCK_M, M, IDX64)
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
     mask_n = offs_n < COUT_G
     # 1-D address parts (rows of col, columns of wpack), int32 unless IDX64; the group's base and the K
     # position live in two scalar pointers advanced each step, so no 2-D pointer tile is carried.
-    a_rows = offs_m * KDIM
+    if IDX64:
+        a_rows = offs_m.to(tl.int64) * KDIM
+    else:
+        a_rows = offs_m * KDIM
     k_b = offs_k * COUT_G
     a_base = col_ptr + g * M * KDIM
     b_base = w_ptr + g * KDIM * COUT_G
@@ -92,15 +99,13 @@ def _im2col_gemm_kernel(
         b_base += BLOCK_K * COUT_G
 
     # Pixel rows again after the loop (cheap) rather than kept live across it.
-    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
+    offs_m, mask_m = tile_rows(tile_m * BLOCK_M, BLOCK_M, M, IDX64)
     epilogue_store(
         acc, offs_m, OH, OW, mask_m, g * COUT_G + offs_n, mask_n,
         y_ptr, syn, syc, syh, syw,
-        bias_ptr, scale_ptr, shift_ptr,
-        res_ptr, srn, src, srh, srw,
+        bias_ptr, scale_ptr, shift_ptr, res_ptr,
         HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, ACT,
-        STATS_TILE0 + tile_m, COUT_G * tl.num_programs(1), cnt_ptr, mean_ptr, m2_ptr, STATS, SPLIT_N,
+        STATS_TILE0 + tile_m, COUT_G * tl.num_programs(1), cnt_ptr, mean_ptr, m2_ptr, STATS, SPLIT_N, IDX64,
     )
 
 
@@ -173,6 +178,7 @@ def conv2d_im2col(
     chunk = max(1, min(N, max_col_bytes // per_image))
     dummy = y
     bias, shift = fold_bias(bias, scale, shift)
+    residual = residual_like(residual, y)
     tile0 = 0
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
@@ -188,7 +194,7 @@ def conv2d_im2col(
             shift if shift is not None else dummy,
             res_c,
             M, KDIM, cout_g, OH, OW,
-            *y_c.stride(), *res_c.stride(),
+            *y_c.stride(),
             *(stats if stats is not None else (dummy, dummy, dummy)), tile0,
             device=x.device,
             HAS_BIAS=bias is not None,
@@ -202,7 +208,7 @@ def conv2d_im2col(
             UPCAST=upcast_dot_operands(x.dtype),
             IDX64=force_int64 or needs_int64(col, wpack, y_c, residual),
             GROUP_M=GROUP_M,
-            SPLIT_N=split_store(y_c, residual),
+            SPLIT_N=split_store(y_c),
         )
         tile0 += triton.cdiv(M, min_block_m("im2col_gemm"))
     return y
