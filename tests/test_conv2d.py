@@ -323,9 +323,9 @@ def test_residual_like_ignores_strides_of_size_one_dims():
     y = torch.empty(1, 8, 4, 1)
     same = torch.empty_strided((1, 8, 4, 1), (999, 4, 1, 77))
     assert residual_like(same, y) is same
-    other = torch.randn(1, 4, 8, 1).transpose(1, 2)  # (1, 8, 4, 1) with channels at stride 1
+    other = torch.randn(1, 4, 8, 1, dtype=torch.float64).transpose(1, 2)  # (1, 8, 4, 1), channels at stride 1
     copy = residual_like(other, y)
-    assert copy.stride() == y.stride() and torch.equal(copy, other)
+    assert copy.stride() == y.stride() and copy.dtype == torch.float64 and torch.equal(copy, other)
     assert residual_like(None, y) is None
 
 

@@ -128,7 +128,7 @@ def residual_like(residual, y):
     the 128x128 TF32 tiles spill."""
     if residual is None or all(a == b for a, b, n in zip(residual.stride(), y.stride(), y.shape) if n > 1):
         return residual
-    return y.new_empty_strided(y.shape, y.stride()).copy_(residual)
+    return residual.new_empty_strided(y.shape, y.stride()).copy_(residual)  # y's strides, its own dtype
 
 
 def split_store(y) -> bool:
