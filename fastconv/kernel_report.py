@@ -231,17 +231,17 @@ def _common_constexprs(dtype):
 
 
 def _tiles(case, name, mod, arch, dtype):
-    """(constexprs, num_warps, num_stages[, maxnreg]) per tile the launcher may run."""
+    """(constexprs, num_warps, num_stages, maxnreg or None) per tile the launcher may run."""
     if "tiles" in case:
-        return case["tiles"](mod)
-    from fastconv.triton.configs import CONFIGS, MAXNREG
+        return [(*t, None) for t in case["tiles"](mod)]
+    from fastconv.triton.configs import CONFIGS, tiles
 
     family = case.get("family") or name.strip("_").removesuffix("_kernel")
     if family not in CONFIGS:
-        return [({}, 4, 3)]
+        return [({}, 4, 3, None)]
     kind = {"fp16": "half", "bf16": "half"}.get(dtype, dtype)  # the launcher's configs.operand_kind
-    return [(dict(BLOCK_M=t[0], BLOCK_N=t[1], BLOCK_K=t[2]), t[3], t[4], MAXNREG.get((family, kind, arch, t)))
-            for t in CONFIGS[family][kind][arch]]
+    return [(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), w, s, maxnreg)
+            for (bm, bn, bk, w, s), maxnreg in tiles(family, arch, kind)]
 
 
 def _label(constexprs, warps, stages, maxnreg=None):
@@ -284,7 +284,7 @@ def _kernel_jobs(module, name, fn, arches, quick, skipped):
     jobs = []
     for arch in arches:
         for dtype in dtypes:
-            tiles = [t if len(t) == 4 else (*t, None) for t in _tiles(case, name, mod, arch, dtype)]
+            tiles = _tiles(case, name, mod, arch, dtype)
             runs = [(t, "", {}) for t in (tiles[:1] if quick else tiles)]
             if not quick:
                 # every variant on the first tile and on each tile with pinned registers (configs.MAXNREG)

@@ -199,8 +199,8 @@ def epilogue_store(
 def store_tile(acc, rows, co, mask_m, mask_n, y_ptr, syc, res_ptr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
                SPLIT_N: tl.constexpr):
     """y[rows[m] + co[c] * syc] = act(acc[m, c] + residual[rows[m] + co[c] * syc]), masked, cast to y's
-    dtype (the residual in y's layout); with SPLIT_N (see split_store) in two passes over the channel halves, so that only half the
-    tile's per-element addresses and masks are live at once."""
+    dtype (the residual in y's layout); with SPLIT_N (see split_store) in two passes over the channel halves,
+    so that only half the tile's per-element addresses and masks are live at once."""
     if SPLIT_N:
         acc_lo, acc_hi = _column_halves(acc)
         co_lo, co_hi = _vector_halves(co)

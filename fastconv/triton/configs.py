@@ -143,8 +143,14 @@ def operand_kind(dtype: torch.dtype, precision: str) -> str:
     return "tf32" if precision == "tf32" else "fp32"
 
 
+def tiles(family: str, arch: str, kind: str = "half") -> list[tuple[tuple[int, int, int, int, int], int | None]]:
+    """(tile, pinned register limit or None) for each tile of the table: what the launcher autotunes over and
+    what the kernel report compiles."""
+    return [(c, MAXNREG.get((family, kind, arch, c))) for c in CONFIGS[family][kind][arch]]
+
+
 def configs_for(family: str, arch: str, kind: str = "half") -> list[triton.Config]:
-    return [to_triton(c, MAXNREG.get((family, kind, arch, c))) for c in CONFIGS[family][kind][arch]]
+    return [to_triton(c, maxnreg) for c, maxnreg in tiles(family, arch, kind)]
 
 
 def interpret_meta(family: str) -> dict:
