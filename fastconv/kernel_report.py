@@ -45,6 +45,8 @@ ARCHES = {"sm_80": 80, "sm_90": 90}
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 SM86_SHARED_LIMIT = 99 * 1024
 DTYPES = ("fp32", "tf32", "fp16", "bf16")
+# the torch dtype of each report dtype ("tf32" = float32 operands with allow_tf32)
+TORCH_DTYPES = {"fp32": "float32", "tf32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 KEYS = ("kernel", "config", "dtype", "arch", "registers", "spills", "shared_bytes", "tensor_cores", "gemm", "note",
         "family")
 FAILED = "compile failed"
@@ -226,20 +228,26 @@ def _kernels():
 def _common_constexprs(dtype):
     import triton.language as tl
 
-    return dict(ACC_TYPE=tl.float32, ACC=tl.float32, PRECISION="tf32" if dtype == "tf32" else "ieee", UPCAST=False,
-                IDX64=False, GROUP_M=8)
+    return dict(ACC_TYPE=tl.float32, ACC=tl.float32, PRECISION=_precision(dtype), UPCAST=False, IDX64=False,
+                GROUP_M=8)
+
+
+def _precision(dtype):
+    return "tf32" if dtype == "tf32" else "ieee"
 
 
 def _tiles(case, name, mod, arch, dtype):
     """(constexprs, num_warps, num_stages, maxnreg or None) per tile the launcher may run."""
     if "tiles" in case:
         return [(*t, None) for t in case["tiles"](mod)]
-    from fastconv.triton.configs import CONFIGS, tiles
+    import torch
+
+    from fastconv.triton.configs import CONFIGS, operand_kind, tiles
 
     family = case.get("family") or name.strip("_").removesuffix("_kernel")
     if family not in CONFIGS:
         return [({}, 4, 3, None)]
-    kind = {"fp16": "half", "bf16": "half"}.get(dtype, dtype)  # the launcher's configs.operand_kind
+    kind = operand_kind(getattr(torch, TORCH_DTYPES[dtype]), _precision(dtype))  # the table the launcher uses
     return [(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), w, s, maxnreg)
             for (bm, bn, bk, w, s), maxnreg in tiles(family, arch, kind)]
 

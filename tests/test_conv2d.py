@@ -259,7 +259,8 @@ def test_gemm_operands_channels_contiguous(triton_device, monkeypatch):
     x = randn((2, 5, 7, 6), torch.float32, triton_device, gen).requires_grad_()
     w = randn((4, 5, 3, 3), torch.float32, triton_device, gen).requires_grad_()
     y = conv2d(x, w, None, 1, 1, algo="implicit")
-    y.backward(randn(y.shape, torch.float32, triton_device, gen))
+    dy = randn(y.shape, torch.float32, triton_device, gen)
+    y.backward(dy)
     assert y.is_contiguous() and x.grad.is_contiguous()
     (fx, fw, fy, *_), fkw = seen["_fwd"]
     (gdy, gw, gdx), gkw = seen["_dgrad"]
@@ -267,7 +268,11 @@ def test_gemm_operands_channels_contiguous(triton_device, monkeypatch):
     assert all(t.stride(1) == 1 for t in (fx, fw, gdy, gw, wdy, wx))
     assert fy.is_contiguous() and fkw["SPLIT_N"] and gdx.is_contiguous() and gkw["SPLIT_N"]
     xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    assert_close(y, F.conv2d(xd, wd, None, 1, 1), torch.float32, "NCHW forward")
+    yd = F.conv2d(xd, wd, None, 1, 1)
+    yd.backward(dy.double())
+    assert_close(y, yd, torch.float32, "NCHW forward")
+    assert_close(x.grad, xd.grad, torch.float32, "NCHW grad_input")
+    assert_close(w.grad, wd.grad, torch.float32, "NCHW grad_weight")
 
 
 @pytest.mark.parametrize("activation", ["identity", "relu", "relu6", "silu", "hardswish"])

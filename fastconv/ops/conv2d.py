@@ -331,6 +331,20 @@ def activation_grad(grad_y, activation, y=None, u=None):
     return grad_y * torch.where(u <= -3, torch.zeros_like(u), torch.where(u >= 3, torch.ones_like(u), (2 * u + 3) / 6))
 
 
+def conv2d_grads(grad_z, x, weight, input_size, weight_size, geometry, want_x, want_w, want_b, backend):
+    """(grad_x, grad_w, grad_b) of z = conv(x, weight) + bias from grad_z, each None unless wanted: the last
+    step of the backward of conv2d and of conv_bn_act."""
+    stride, padding, dilation, groups = geometry
+    grad_x = grad_w = grad_b = None
+    if want_x:
+        grad_x = conv2d_input_grad(grad_z, weight, input_size, stride, padding, dilation, groups, backend)
+    if want_w or want_b:
+        grad_w, db = conv2d_weight_grad(grad_z, x, weight_size, stride, padding, dilation, groups, want_b, backend)
+        grad_w = grad_w if want_w else None
+        grad_b = db if want_b else None
+    return grad_x, grad_w, grad_b
+
+
 def _backward(ctx, grad_y):
     x, weight, bias, scale, shift, residual, y = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.geometry
@@ -350,16 +364,8 @@ def _backward(ctx, grad_y):
                        ctx.algo, ctx.backend)
             grad_scale = (grad_u * z).sum((0, 2, 3))
         grad_z = grad_u * scale[:, None, None]
-    grad_z = grad_z.to(x.dtype)
-    grad_x = grad_w = grad_b = None
-    if needs[0]:
-        grad_x = conv2d_input_grad(grad_z, weight, ctx.input_size, stride, padding, dilation, groups, ctx.backend)
-    if needs[1] or (ctx.has_bias and needs[2]):
-        want_db = ctx.has_bias and needs[2]
-        grad_w, db = conv2d_weight_grad(grad_z, x, ctx.weight_size, stride, padding, dilation, groups, want_db,
-                                        ctx.backend)
-        grad_w = grad_w if needs[1] else None
-        grad_b = db if want_db else None
+    grad_x, grad_w, grad_b = conv2d_grads(grad_z.to(x.dtype), x, weight, ctx.input_size, ctx.weight_size,
+                                          ctx.geometry, needs[0], needs[1], ctx.has_bias and needs[2], ctx.backend)
     return (grad_x, grad_w, grad_b, None, None, None, None, grad_scale, grad_shift, grad_residual,
             None, None, None)
 

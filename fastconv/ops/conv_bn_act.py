@@ -32,8 +32,7 @@ from .conv2d import (
     ACTIVATIONS,
     ALGOS,
     alloc,
-    conv2d_input_grad,
-    conv2d_weight_grad,
+    conv2d_grads,
 )
 from ._autocast import register_autocast
 
@@ -306,22 +305,13 @@ def _backward(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
     if ctx.input_producer is not None:
         p_eps, p_activation, _ = ctx.input_producer
         x = batch_norm_act(*producer, p_eps, p_activation, ctx.backend)
-    stride, padding, dilation, groups = ctx.geometry
     needs = ctx.needs_input_grad
     want_res = ctx.has_residual and needs[5]
     grad_z, sum_g, sum_gx, grad_res = batch_norm_act_backward(
         grad_y.contiguous(memory_format=_memory_format(z)), z, mean, var, bn_weight, bn_bias, residual, ctx.eps,
         ctx.activation, want_res, ctx.backend)
-    grad_x = grad_w = grad_b = None
-    if needs[0]:
-        grad_x = conv2d_input_grad(grad_z, weight, ctx.input_size, stride, padding, dilation, groups,
-                                   _conv_backend(ctx.backend))
-    want_db = ctx.has_bias and needs[2]
-    if needs[1] or want_db:
-        grad_w, db = conv2d_weight_grad(grad_z, x, ctx.weight_size, stride, padding, dilation, groups, want_db,
-                                        _conv_backend(ctx.backend))
-        grad_w = grad_w if needs[1] else None
-        grad_b = db if want_db else None
+    grad_x, grad_w, grad_b = conv2d_grads(grad_z, x, weight, ctx.input_size, ctx.weight_size, ctx.geometry,
+                                          needs[0], needs[1], ctx.has_bias and needs[2], _conv_backend(ctx.backend))
     grad_gamma = sum_gx.to(bn_weight.dtype) if (bn_weight is not None and needs[3]) else None
     grad_beta = sum_g.to(bn_bias.dtype) if (bn_bias is not None and needs[4]) else None
     return (grad_x, grad_w, grad_b, grad_gamma, grad_beta, grad_res if want_res else None,
