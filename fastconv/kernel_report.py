@@ -1,7 +1,7 @@
 """Ahead-of-time compile report for fastconv's Triton kernels, no GPU needed.
 
-    python -m fastconv.kernel_report [--json] [--arch sm_80|sm_90] [--quick] [--jobs N] [--family all|triton|cuda]
-                                     [--kernel REGEX]
+    python -m fastconv.kernel_report [--json] [--arch sm_80|sm_90] [--quick | --all-variants] [--jobs N]
+                                     [--family all|triton|cuda] [--kernel REGEX]
 
 The CUDA C++ kernels of csrc/cuda (family "cuda") are reported by fastconv/_cuda_report.py (nvcc + ptxas -v +
 cuobjdump); every row names its family.
@@ -12,7 +12,9 @@ dtype, and per compile the report gives registers and spill bytes (ptxas -v), sh
 metadata) and the tensor-core instructions in the SASS (cuobjdump). ``--quick`` (what CI runs) compiles the
 first config of each list for the dtypes in QUICK_DTYPES (every kernel on both targets; every kernel family
 with fp16, bf16 and fp32, the GEMM families with tf32 too) plus one IDX64=True case; the full report adds
-every dtype, every config and, on the first config, the variants listed in CASES.
+every dtype, every config and, on the first config and on each config with pinned registers, the variants listed
+in CASES; ``--all-variants`` compiles every variant on every config the autotuner may pick for it (fused
+launches skip the tiles configs.fits_fused rules out; about 2.5 times the compiles).
 
 The constexprs and scalar values mirror the launchers on a representative problem (a channels_last ResNet-50
 layer, 64 channels), and the scalars are specialised as Triton's launcher would (stride 1 -> constexpr,
@@ -236,16 +238,24 @@ def _precision(dtype):
     return "tf32" if dtype == "tf32" else "ieee"
 
 
+def _tuned_family(case, name):
+    """The configs.CONFIGS family whose tiles the launcher autotunes over, or None (fixed tiles)."""
+    from fastconv.triton.configs import CONFIGS
+
+    family = None if "tiles" in case else case.get("family") or name.strip("_").removesuffix("_kernel")
+    return family if family in CONFIGS else None
+
+
 def _tiles(case, name, mod, arch, dtype):
     """(constexprs, num_warps, num_stages, maxnreg or None) per tile the launcher may run."""
     if "tiles" in case:
         return [(*t, None) for t in case["tiles"](mod)]
     import torch
 
-    from fastconv.triton.configs import CONFIGS, operand_kind, tiles
+    from fastconv.triton.configs import operand_kind, tiles
 
-    family = case.get("family") or name.strip("_").removesuffix("_kernel")
-    if family not in CONFIGS:
+    family = _tuned_family(case, name)
+    if family is None:
         return [({}, 4, 3, None)]
     kind = operand_kind(getattr(torch, TORCH_DTYPES[dtype]), _precision(dtype))  # the table the launcher uses
     return [(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), w, s, maxnreg)
@@ -259,9 +269,10 @@ def _label(constexprs, warps, stages, maxnreg=None):
     return "_".join(blocks + [f"w{warps}", f"s{stages}"] + ([f"r{maxnreg}"] if maxnreg else []))
 
 
-def _plan(arches, quick, only=None):
+def _plan(arches, quick, only=None, all_variants=False):
     """The compile jobs (plain dicts), and rows for what cannot be compiled: failed imports or tables.
-    `only`: a regular expression; kernels whose name it does not match (re.search) are left out."""
+    `only`: a regular expression; kernels whose name it does not match (re.search) are left out.
+    `all_variants`: every variant on every tile, not only on the first and the pinned ones."""
     jobs, rows = [], []
     for module, name, fn in _kernels():
         if only and not re.search(only, name):
@@ -270,14 +281,14 @@ def _plan(arches, quick, only=None):
             rows += [_row(module, "", "", a, note=f"{FAILED}: import: {type(fn).__name__}: {fn}"[:300]) for a in arches]
             continue
         try:
-            jobs += _kernel_jobs(module, name, fn, arches, quick, rows)
+            jobs += _kernel_jobs(module, name, fn, arches, quick, rows, all_variants)
         except Exception as e:  # noqa: BLE001 - CASES out of step with the kernel or its launcher
             rows += [_row(name, "", "", a, note=f"{FAILED}: CASES entry: {type(e).__name__}: {e}"[:300])
                      for a in arches]
     return jobs, rows
 
 
-def _kernel_jobs(module, name, fn, arches, quick, skipped):
+def _kernel_jobs(module, name, fn, arches, quick, skipped, all_variants=False):
     case = CASES.get(name, {})
     mod = importlib.import_module(module)
     consts = [n for n, p in zip(fn.arg_names, fn.params) if p.is_constexpr]
@@ -289,6 +300,11 @@ def _kernel_jobs(module, name, fn, arches, quick, skipped):
     variants = dict(variants(mod) if callable(variants) else variants)
     if "IDX64" in consts:
         variants.setdefault("IDX64", dict(IDX64=True))
+    import torch
+
+    from fastconv.triton.configs import fits_fused, is_fused, operand_kind
+
+    tuned = _tuned_family(case, name) is not None
     jobs = []
     for arch in arches:
         for dtype in dtypes:
@@ -296,7 +312,7 @@ def _kernel_jobs(module, name, fn, arches, quick, skipped):
             runs = [(t, "", {}) for t in (tiles[:1] if quick else tiles)]
             if not quick:
                 # every variant on the first tile and on each tile with pinned registers (configs.MAXNREG)
-                pinned = [t for t in tiles[1:] if t[3]]
+                pinned = [t for t in tiles[1:] if t[3] or all_variants]
                 runs += [(t, flag, over) for t in tiles[:1] + pinned for flag, over in variants.items()]
             extra = [(tiles[0], "IDX64", variants["IDX64"])] if quick and (name, dtype) == QUICK_IDX64 else []
             for (meta, warps, stages, maxnreg), flag, over in runs + extra:
@@ -306,6 +322,10 @@ def _kernel_jobs(module, name, fn, arches, quick, skipped):
                 constexprs = {k: v for k, v in _common_constexprs(dtype).items() if k in consts}
                 for layer in (case.get("base", {}), meta, over):
                     constexprs.update(layer)
+                kind = operand_kind(getattr(torch, TORCH_DTYPES[dtype]), _precision(dtype))
+                if tuned and is_fused(constexprs) and not fits_fused(
+                        (constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_K"], warps, stages), kind):
+                    continue  # the launcher never runs a fused launch on this tile (configs.fits_fused)
                 config = f"{_label(constexprs, warps, stages, maxnreg)} {flag}".strip()
                 missing = [c for c in consts if c not in constexprs]
                 if missing:
@@ -449,12 +469,12 @@ def _compile(job):
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def report(arches=("sm_80", "sm_90"), quick=False, jobs=2, only=None) -> list[dict]:
+def report(arches=("sm_80", "sm_90"), quick=False, jobs=2, only=None, all_variants=False) -> list[dict]:
     """Compile the kernels (those whose name matches the regular expression `only`, if given) and return one
     row per compile (dicts with KEYS)."""
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx, initializer=_worker_init) as pool:
-        work, unplanned = pool.submit(_plan, tuple(arches), quick, only).result()
+        work, unplanned = pool.submit(_plan, tuple(arches), quick, only, all_variants).result()
         # Slowest compiles first so the workers finish together; rows keep plan order.
         order = sorted(range(len(work)), key=lambda i: -_cost(work[i]))
         done = dict(zip(order, pool.map(_compile, [work[i] for i in order])))
@@ -502,7 +522,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastconv.kernel_report", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print a JSON list of rows (summary goes to stderr)")
     p.add_argument("--arch", choices=sorted(ARCHES), action="append", help="target (repeatable; default: all)")
-    p.add_argument("--quick", action="store_true", help="first config per kernel x arch for the QUICK_DTYPES, plus one IDX64")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--quick", action="store_true",
+                       help="first config per kernel x arch for the QUICK_DTYPES, plus one IDX64")
+    scope.add_argument("--all-variants", action="store_true",
+                       help="every variant (fused epilogues, NCHW, IDX64, ...) on every config, not only the first")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes (default 2)")
     p.add_argument("--family", choices=("all", "triton", "cuda"), default="all",
                    help="Triton kernels, CUDA C++ kernels (csrc/cuda), or both (default)")
@@ -513,7 +537,7 @@ def main(argv=None) -> int:
     rows = []
     if args.family in ("all", "triton"):
         rows += [dict(r, family="triton") for r in report(tuple(args.arch or ARCHES), quick=args.quick, jobs=args.jobs,
-                                                            only=args.kernel)]
+                                                            only=args.kernel, all_variants=args.all_variants)]
     if args.family in ("all", "cuda"):
         from . import _cuda_report
 

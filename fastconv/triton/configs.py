@@ -61,14 +61,17 @@ _TF32_SM90 = [
     (128, 32, 32, 4, 4),
     (64, 32, 32, 2, 5),
 ]
+# im2col's GEMM at 256x128 on 8 warps sits at ptxas's 255-register ceiling and spills 40-48 B under Triton 3.8;
+# on 16 warps (4 warpgroups, 128 registers each) it is spill-free. The implicit-GEMM kernels keep 8 warps:
+# on 16 their dgrad spills ~300 B.
+_TF32_SM90_IM2COL = [(256, 128, 32, 16, 3) if t == (256, 128, 32, 8, 3) else t for t in _TF32_SM90]
 # Exact fp32 (allow_tf32 off) runs on FMA units: each thread holds its rows of the A tile and columns of
-# the B tile for the whole K block in registers, so K blocks stay shallow (8-16).
+# the B tile for the whole K block in registers, so K blocks stay shallow (16; tl.dot takes no K below 16).
 _FP32 = [
     (128, 64, 16, 8, 3),
     (64, 128, 16, 4, 3),
     (64, 64, 16, 4, 3),
     (128, 32, 16, 4, 3),
-    (128, 64, 8, 4, 3),
     (32, 64, 16, 2, 3),
     (32, 32, 16, 2, 3),
 ]
@@ -80,11 +83,11 @@ _SMALL_K = [(64, 64, 16, 4, 3), (128, 32, 16, 4, 3), (32, 32, 16, 2, 3)]
 KINDS = ("half", "tf32", "fp32")
 
 
-def _family(small_k: bool) -> dict[str, dict[str, list[tuple[int, int, int, int, int]]]]:
+def _family(small_k: bool, tf32_sm90=_TF32_SM90) -> dict[str, dict[str, list[tuple[int, int, int, int, int]]]]:
     extra = _SMALL_K if small_k else []
     return {
         "half": {"sm_80": _HALF_SM80 + extra, "sm_90": _HALF_SM90 + extra},
-        "tf32": {"sm_80": _TF32_SM80 + extra, "sm_90": _TF32_SM90 + extra},
+        "tf32": {"sm_80": _TF32_SM80 + extra, "sm_90": tf32_sm90 + extra},
         "fp32": {"sm_80": _FP32, "sm_90": _FP32},
     }
 
@@ -93,26 +96,63 @@ CONFIGS = {
     "conv2d_fwd": _family(small_k=True),
     "conv2d_dgrad": _family(small_k=True),
     "conv2d_wgrad": _family(small_k=True),
-    "im2col_gemm": _family(small_k=False),
+    "im2col_gemm": _family(small_k=False, tf32_sm90=_TF32_SM90_IM2COL),
 }
 
 # ptxas register limits pinned per (family, operand kind, arch, tile). Left to pick its own limit, ptxas aims
 # at an occupancy and, under Triton's --regAllocOptLevel=2, spills 8-36 B on these tiles; handed an explicit
 # .maxnreg at (or a step of 8 or 16 above) the count it picked, it allocates without spilling. Each pin is the
 # lowest multiple of 8 at which every kernel variant (epilogues, stride-2 dgrad, NCHW, IDX64) compiles
-# spill-free: `python -m fastconv.kernel_report` compiles all of them on pinned tiles. Pins above ptxas's own
-# choice (the 144s, 112, 120) cost occupancy only where shared memory does not already bound it.
+# spill-free under Triton 3.8 and 3.9 (their ptxas choices differ by up to 32 registers):
+# `python -m fastconv.kernel_report` compiles all of them on pinned tiles. Pins above ptxas's own
+# choice cost occupancy only where shared memory does not already bound it.
 MAXNREG = {
-    ("conv2d_fwd", "fp32", "sm_80", (32, 64, 16, 2, 3)): 128,
+    ("conv2d_fwd", "fp32", "sm_80", (32, 64, 16, 2, 3)): 136,
     ("conv2d_fwd", "fp32", "sm_80", (128, 64, 16, 8, 3)): 128,
     ("conv2d_dgrad", "fp32", "sm_80", (128, 32, 16, 4, 3)): 144,
-    ("conv2d_dgrad", "tf32", "sm_80", (128, 32, 32, 4, 4)): 144,
+    ("conv2d_dgrad", "tf32", "sm_80", (128, 32, 32, 4, 4)): 152,
     ("conv2d_dgrad", "fp32", "sm_90", (32, 64, 16, 2, 3)): 128,
     ("conv2d_dgrad", "half", "sm_90", (64, 32, 32, 2, 5)): 112,
     ("conv2d_wgrad", "tf32", "sm_80", (64, 64, 32, 4, 4)): 120,
     ("conv2d_wgrad", "tf32", "sm_80", (128, 32, 32, 4, 4)): 128,
+    ("conv2d_wgrad", "tf32", "sm_80", (64, 32, 32, 2, 5)): 144,
+    ("conv2d_wgrad", "fp32", "sm_90", (64, 64, 16, 4, 3)): 96,
     ("conv2d_wgrad", "fp32", "sm_90", (128, 32, 16, 4, 3)): 104,
+    # 255: no occupancy target at all. On these tiles one variant (statistics, IDX64, stride 2) takes far more
+    # registers than the plain kernel (e.g. 162 vs 128), so ptxas's occupancy choice spilled 8-40 B there.
+    ("conv2d_fwd", "tf32", "sm_90", (64, 32, 32, 2, 5)): 255,
+    ("conv2d_dgrad", "tf32", "sm_80", (128, 64, 32, 4, 4)): 255,
+    ("conv2d_dgrad", "tf32", "sm_90", (64, 32, 32, 2, 5)): 255,
+    ("conv2d_wgrad", "half", "sm_80", (32, 64, 32, 2, 5)): 255,
+    ("conv2d_wgrad", "fp32", "sm_90", (32, 64, 16, 2, 3)): 255,
+    ("im2col_gemm", "half", "sm_80", (32, 64, 32, 2, 5)): 255,
+    ("im2col_gemm", "tf32", "sm_80", (128, 32, 32, 4, 4)): 255,
+    ("im2col_gemm", "fp32", "sm_90", (64, 64, 16, 4, 3)): 255,
 }
+
+# Launches whose constexprs set any of these carry a heavy epilogue or address path: per-channel scale/shift,
+# residual, BN statistics partials, an NCHW store in channel halves, 64-bit indices.
+FUSED_FLAGS = ("HAS_SCALE", "HAS_SHIFT", "HAS_RES", "STATS", "SPLIT_N", "IDX64")
+# Registers a fused launch needs besides its fp32 accumulator, per operand kind. Compiling every variant on
+# every tile (`kernel_report --all-variants`, triton 3.8 and 3.9) showed the fused variants spilling 24 B - 2 KB
+# on exactly the tiles that leave less than this beside the accumulator (sm_90's 128x128/4-warp and 128x256 /
+# 256x128 / 8-warp tiles: 128 accumulator registers; a 16-warp tile, capped at 128 registers in all; the exact-
+# fp32 64x128/4-warp tile, whose FMA loop also holds each K step's A and B fragments in registers); the other
+# spills it found were occupancy spills of 8-40 B, pinned above.
+FUSED_SPARE_REGISTERS = {"half": 128, "tf32": 128, "fp32": 192}
+
+
+def is_fused(flags: dict) -> bool:
+    return any(flags.get(f) for f in FUSED_FLAGS)
+
+
+def fits_fused(tile: tuple[int, int, int, int, int], kind: str = "half") -> bool:
+    """Whether a fused launch may run on this tile: registers per thread (255, or the register file shared by
+    32*warps threads) minus the fp32 accumulator's BLOCK_M*BLOCK_N/(32*warps) leaves FUSED_SPARE_REGISTERS."""
+    bm, bn, _, warps, _ = tile
+    threads = 32 * warps
+    return min(255, 65536 // threads) - bm * bn // threads >= FUSED_SPARE_REGISTERS[kind]
+
 
 # One config per family under the interpreter: small enough that test shapes cross tile boundaries, large
 # enough to keep the interpreter's per-program overhead down. wgrad's K is the pixel reduction.
@@ -143,14 +183,16 @@ def operand_kind(dtype: torch.dtype, precision: str) -> str:
     return "tf32" if precision == "tf32" else "fp32"
 
 
-def tiles(family: str, arch: str, kind: str = "half") -> list[tuple[tuple[int, int, int, int, int], int | None]]:
-    """(tile, pinned register limit or None) for each tile of the table: what the launcher autotunes over and
-    what the kernel report compiles."""
-    return [(c, MAXNREG.get((family, kind, arch, c))) for c in CONFIGS[family][kind][arch]]
+def tiles(family: str, arch: str, kind: str = "half", fused: bool = False
+          ) -> list[tuple[tuple[int, int, int, int, int], int | None]]:
+    """(tile, pinned register limit or None) for each tile of the table a launch may run on (`fused`: one with
+    FUSED_FLAGS set): what the launcher autotunes over and what the kernel report compiles."""
+    return [(c, MAXNREG.get((family, kind, arch, c))) for c in CONFIGS[family][kind][arch]
+            if not fused or fits_fused(c, kind)]
 
 
-def configs_for(family: str, arch: str, kind: str = "half") -> list[triton.Config]:
-    return [to_triton(c, maxnreg) for c, maxnreg in tiles(family, arch, kind)]
+def configs_for(family: str, arch: str, kind: str = "half", fused: bool = False) -> list[triton.Config]:
+    return [to_triton(c, maxnreg) for c, maxnreg in tiles(family, arch, kind, fused)]
 
 
 def interpret_meta(family: str) -> dict:
@@ -160,13 +202,14 @@ def interpret_meta(family: str) -> dict:
 
 class TunedKernel:
     """Calls a @triton.jit kernel with a fixed config under the interpreter and through one
-    triton.autotune wrapper per architecture on a GPU. `grid` is a function of the meta-parameters."""
+    triton.autotune wrapper per (architecture, operand kind, fused or not) on a GPU. `grid` is a function of the
+    meta-parameters."""
 
     def __init__(self, kernel, family: str, key: list[str]):
         self.kernel = kernel
         self.family = family
         self.key = key
-        self._tuned: dict[tuple[str, str], object] = {}
+        self._tuned: dict[tuple[str, str, bool], object] = {}
 
     def __call__(self, grid, *args, device: torch.device, **kwargs):
         if interpreting():
@@ -175,8 +218,9 @@ class TunedKernel:
             return
         arch = arch_key(device)
         kind = operand_kind(args[0].dtype, kwargs.get("PRECISION", "ieee"))
-        tuned = self._tuned.get((arch, kind))
+        fused = is_fused(kwargs)
+        tuned = self._tuned.get((arch, kind, fused))
         if tuned is None:
-            tuned = triton.autotune(configs=configs_for(self.family, arch, kind), key=self.key)(self.kernel)
-            self._tuned[(arch, kind)] = tuned
+            tuned = triton.autotune(configs=configs_for(self.family, arch, kind, fused), key=self.key)(self.kernel)
+            self._tuned[(arch, kind, fused)] = tuned
         tuned[grid](*args, **kwargs)
