@@ -124,6 +124,17 @@ def test_register_pins_name_real_tiles():
         assert all(p is None or (fam, kind, arch, t) in MAXNREG for t, p in tiles)
 
 
+def _json_without_interpreter(code: str):
+    """Run `code` in a fresh Python without TRITON_INTERPRET (the kernels are then JITFunctions the report can
+    plan and compile) and parse the JSON it prints last."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_pinned_tile_variants_planned_and_spill_free():
     """The full report compiles every variant on a pinned tile (with the pin); and one pinned tile compiled for
     real (sm_90, Triton's ptxas flags) stays within its pin without spills."""
@@ -136,12 +147,7 @@ def test_pinned_tile_variants_planned_and_spill_free():
         print(json.dumps(dict(variants=sorted(j["config"].partition(" ")[2] for j in pinned),
                               pins=sorted({j["maxnreg"] for j in pinned}), row=kr._compile(plain))))
     """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _json_without_interpreter(code)
     assert out["variants"] == ["", "IDX64", "dbias"] and out["pins"] == [104]
     row = out["row"]
     assert 0 < row["registers"] <= 104 and row["spills"] == 0, row
@@ -164,8 +170,7 @@ def test_tiles_obey_gpu_compiler_rules():
 
 def test_all_variants_plans_every_variant_on_every_tile():
     """--all-variants compiles each fused-epilogue / layout / IDX64 variant on every tile the autotuner may pick,
-    the default only on the first tile and the pinned ones. Planned in a process without TRITON_INTERPRET, where
-    the kernels are JITFunctions."""
+    the default only on the first tile and the pinned ones."""
     code = """if True:
         import json
         from fastconv import kernel_report as kr
@@ -174,12 +179,7 @@ def test_all_variants_plans_every_variant_on_every_tile():
         print(json.dumps(dict(default=[j["config"] for j in default if j["dtype"] == "fp16"],
                               every=[j["config"] for j in every if j["dtype"] == "fp16"])))
     """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _json_without_interpreter(code)
     from fastconv.kernel_report import CASES
     from fastconv.triton.configs import tiles
 
