@@ -238,6 +238,15 @@ def _precision(dtype):
     return "tf32" if dtype == "tf32" else "ieee"
 
 
+def _operand_kind(dtype):
+    """The configs table ("half", "tf32", "fp32") a launch with this report dtype uses."""
+    import torch
+
+    from fastconv.triton.configs import operand_kind
+
+    return operand_kind(getattr(torch, TORCH_DTYPES[dtype]), _precision(dtype))
+
+
 def _tuned_family(case, name):
     """The configs.CONFIGS family whose tiles the launcher autotunes over, or None (fixed tiles)."""
     from fastconv.triton.configs import CONFIGS
@@ -250,16 +259,13 @@ def _tiles(case, name, mod, arch, dtype):
     """(constexprs, num_warps, num_stages, maxnreg or None) per tile the launcher may run."""
     if "tiles" in case:
         return [(*t, None) for t in case["tiles"](mod)]
-    import torch
-
-    from fastconv.triton.configs import operand_kind, tiles
+    from fastconv.triton.configs import tiles
 
     family = _tuned_family(case, name)
     if family is None:
         return [({}, 4, 3, None)]
-    kind = operand_kind(getattr(torch, TORCH_DTYPES[dtype]), _precision(dtype))  # the table the launcher uses
     return [(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), w, s, maxnreg)
-            for (bm, bn, bk, w, s), maxnreg in tiles(family, arch, kind)]
+            for (bm, bn, bk, w, s), maxnreg in tiles(family, arch, _operand_kind(dtype))]
 
 
 def _label(constexprs, warps, stages, maxnreg=None):
@@ -300,15 +306,14 @@ def _kernel_jobs(module, name, fn, arches, quick, skipped, all_variants=False):
     variants = dict(variants(mod) if callable(variants) else variants)
     if "IDX64" in consts:
         variants.setdefault("IDX64", dict(IDX64=True))
-    import torch
-
-    from fastconv.triton.configs import fits_fused, is_fused, operand_kind
+    from fastconv.triton.configs import fits_fused, is_fused
 
     tuned = _tuned_family(case, name) is not None
     jobs = []
     for arch in arches:
         for dtype in dtypes:
             tiles = _tiles(case, name, mod, arch, dtype)
+            kind = _operand_kind(dtype) if tuned else None
             runs = [(t, "", {}) for t in (tiles[:1] if quick else tiles)]
             if not quick:
                 # every variant on the first tile and on each tile with pinned registers (configs.MAXNREG)
@@ -322,7 +327,6 @@ def _kernel_jobs(module, name, fn, arches, quick, skipped, all_variants=False):
                 constexprs = {k: v for k, v in _common_constexprs(dtype).items() if k in consts}
                 for layer in (case.get("base", {}), meta, over):
                     constexprs.update(layer)
-                kind = operand_kind(getattr(torch, TORCH_DTYPES[dtype]), _precision(dtype))
                 if tuned and is_fused(constexprs) and not fits_fused(
                         (constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_K"], warps, stages), kind):
                     continue  # the launcher never runs a fused launch on this tile (configs.fits_fused)

@@ -180,11 +180,8 @@ def test_all_variants_plans_every_variant_on_every_tile():
                               every=[j["config"] for j in every if j["dtype"] == "fp16"])))
     """
     out = _json_without_interpreter(code)
-    from fastconv.kernel_report import CASES
-    from fastconv.triton.configs import tiles
-
-    from fastconv.kernel_report import _label
-    from fastconv.triton.configs import fits_fused
+    from fastconv.kernel_report import CASES, _label
+    from fastconv.triton.configs import fits_fused, tiles
 
     variants = set(CASES["_im2col_gemm_kernel"]["variants"]) | {"IDX64"}
     assert variants == {"stats", "NCHW", "bn_res_silu", "IDX64"}  # each sets a FUSED_FLAGS constexpr
