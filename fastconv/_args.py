@@ -95,7 +95,7 @@ class ConvArgs:
         # Under autocast the op's Autocast kernel casts input, weight and bias to one dtype (as ATen does for
         # nn.Conv2d), so mixed dtypes are fine there: a bf16 activation meets fp32 weights in every layer
         # after the first.
-        mixed_ok = torch.is_autocast_enabled(x.device.type)
+        mixed_ok = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
         if x.dtype != weight.dtype and not mixed_ok:
             raise RuntimeError(
                 f"Input type ({x.dtype}) and weight type ({weight.dtype}) should be the same"

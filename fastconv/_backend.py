@@ -20,6 +20,9 @@ NAMES = ("auto", "triton", "torch", "cuda", "cpu")
 ENV_VAR = "FASTCONV_BACKEND"
 
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastconv_backend", default=None)
+# Launch planning (fastconv.triton.launch.recording): kernels are recorded, not run, so the Triton backend
+# accepts tensors of any device (the plan runs on meta tensors).
+_planning: contextvars.ContextVar[bool] = contextvars.ContextVar("fastconv_planning", default=False)
 
 
 # 'auto' on CPU tensors: per op, the faster of the C++ twin ('cpu') and PyTorch's own kernels ('torch'), decided by
@@ -62,6 +65,19 @@ def backend(name: str):
         _current.reset(token)
 
 
+def planning() -> bool:
+    return _planning.get()
+
+
+@contextlib.contextmanager
+def planning_mode():
+    token = _planning.set(True)
+    try:
+        yield
+    finally:
+        _planning.reset(token)
+
+
 def triton_status() -> tuple[bool, str]:
     """(importable, reason) for the Triton package itself."""
     if importlib.util.find_spec("triton") is None:
@@ -86,7 +102,9 @@ def availability(device_type: str) -> dict[str, tuple[bool, str]]:
     """For each concrete backend: whether it can run on `device_type` tensors, and if not, why."""
     out: dict[str, tuple[bool, str]] = {"torch": (True, "")}
     ok, why = triton_status()
-    if ok and device_type == "cuda" and not torch.cuda.is_available():
+    if ok and planning():
+        pass
+    elif ok and device_type == "cuda" and not torch.cuda.is_available():
         ok, why = False, "no CUDA device is visible to torch"
     elif ok and device_type == "cpu" and not interpreting():
         ok, why = False, ("Triton kernels run on CUDA devices; on CPU only through the Triton interpreter "

@@ -112,97 +112,22 @@ def test_summary_counts_occupancy_spills_apart():
 
 
 def test_register_pins_name_real_tiles():
-    """configs.MAXNREG pins registers on tiles that exist, and the autotune configs carry the pin."""
-    from fastconv.triton.configs import CONFIGS, MAXNREG, configs_for
+    """configs.MAXNREG pins registers on tiles that exist, and the launcher's tile list carries the pin."""
+    from fastconv.triton.configs import CONFIGS, MAXNREG, tiles
 
     for (fam, kind, arch, tile), pin in MAXNREG.items():
         assert tile in CONFIGS[fam][kind][arch], (fam, kind, arch, tile)
         assert (pin % 8 == 0 and pin < 255) or pin == 255  # 255: no occupancy target
-        tiles = [((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages),
-                  c.maxnreg) for c in configs_for(fam, arch, kind)]
-        assert [p for t, p in tiles if t == tile] == [pin]
-        assert all(p is None or (fam, kind, arch, t) in MAXNREG for t, p in tiles)
-
-
-def _json_without_interpreter(code: str):
-    """Run `code` in a fresh Python without TRITON_INTERPRET (the kernels are then JITFunctions the report can
-    plan and compile) and parse the JSON it prints last."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def test_pinned_tile_variants_planned_and_spill_free():
-    """The full report compiles every variant on a pinned tile (with the pin); and one pinned tile compiled for
-    real (sm_90, Triton's ptxas flags) stays within its pin without spills."""
-    code = """if True:
-        import json
-        from fastconv import kernel_report as kr
-        jobs, _ = kr._plan(("sm_90",), False, "_conv2d_wgrad_kernel")
-        pinned = [j for j in jobs if j["dtype"] == "fp32" and j["config"].startswith("BM128_BN32_BK16_w4_s3_r104")]
-        plain = next(j for j in pinned if j["config"] == "BM128_BN32_BK16_w4_s3_r104")
-        print(json.dumps(dict(variants=sorted(j["config"].partition(" ")[2] for j in pinned),
-                              pins=sorted({j["maxnreg"] for j in pinned}), row=kr._compile(plain))))
-    """
-    out = _json_without_interpreter(code)
-    assert out["variants"] == ["", "IDX64", "dbias"] and out["pins"] == [104]
-    row = out["row"]
-    assert 0 < row["registers"] <= 104 and row["spills"] == 0, row
-
-
-def test_tiles_obey_gpu_compiler_rules():
-    """Every autotune tile compiles on a GPU: power-of-two blocks and warps, every tl.dot dim >= 16 (Triton
-    3.7 rejects K < 16 at compile time, which would abort autotuning), and the interpreter tiles likewise."""
-    from fastconv.triton.configs import CONFIGS, INTERPRET
-
-    def pow2(v):
-        return v > 0 and v & (v - 1) == 0
-
-    tiles = [t for fam in CONFIGS.values() for kind in fam.values() for arch in kind.values() for t in arch]
-    tiles += list(INTERPRET.values())
-    for bm, bn, bk, warps, stages in tiles:
-        assert all(pow2(b) and b >= 16 for b in (bm, bn, bk)), (bm, bn, bk)
-        assert pow2(warps) and warps <= 16 and stages >= 1, (warps, stages)
-
-
-def test_all_variants_plans_every_variant_on_every_tile():
-    """--all-variants compiles each fused-epilogue / layout / IDX64 variant on every tile the autotuner may pick,
-    the default only on the first tile and the pinned ones."""
-    code = """if True:
-        import json
-        from fastconv import kernel_report as kr
-        default, _ = kr._plan(("sm_80",), False, "_im2col_gemm_kernel")
-        every, _ = kr._plan(("sm_80",), False, "_im2col_gemm_kernel", all_variants=True)
-        print(json.dumps(dict(default=[j["config"] for j in default if j["dtype"] == "fp16"],
-                              every=[j["config"] for j in every if j["dtype"] == "fp16"])))
-    """
-    out = _json_without_interpreter(code)
-    from fastconv.kernel_report import CASES, _label
-    from fastconv.triton.configs import fits_fused, tiles
-
-    variants = set(CASES["_im2col_gemm_kernel"]["variants"]) | {"IDX64"}
-    assert variants == {"stats", "NCHW", "bn_res_silu", "IDX64"}  # each sets a FUSED_FLAGS constexpr
-    every = [c.partition(" ") for c in out["every"]]
-    table = tiles("im2col_gemm", "sm_80", "half")
-    for (bm, bn, bk, w, s), pin in table:
-        label = _label(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), w, s, pin)
-        want = variants | {""} if fits_fused((bm, bn, bk, w, s)) else {""}
-        assert sorted(f for t, _, f in every if t == label) == sorted(want), label
-    assert len(every) == len(table) + len(variants) * sum(fits_fused(t) for t, _ in table)
-    # the default plan: variants on the first tile and on pinned ones only
-    with_variants = 1 + sum(1 for t, pin in table[1:] if pin and fits_fused(t))
-    assert len(out["default"]) == len(table) + len(variants) * with_variants
-    assert len(out["default"]) < len(every)
+        listed = tiles(fam, arch, kind)
+        assert [p for t, p in listed if t == tile] == [pin]
+        assert all(p is None or (fam, kind, arch, t) in MAXNREG for t, p in listed)
 
 
 def test_fused_launches_keep_spare_registers():
     """A fused launch (scale/shift, residual, BN statistics, NCHW halves, IDX64) autotunes only over tiles that
     leave FUSED_SPARE_REGISTERS beside the fp32 accumulator; every table keeps its first tile (the one the
     default report compiles every variant on) and at least three tiles for fused launches."""
-    from fastconv.triton.configs import CONFIGS, FUSED_SPARE_REGISTERS, configs_for, fits_fused, is_fused, tiles
+    from fastconv.triton.configs import CONFIGS, FUSED_SPARE_REGISTERS, fits_fused, is_fused, tiles
 
     assert not fits_fused((128, 128, 32, 4, 4)) and not fits_fused((256, 128, 64, 8, 3))
     assert not fits_fused((256, 128, 32, 16, 3))  # 16 warps: 128 registers per thread in all
@@ -216,37 +141,43 @@ def test_fused_launches_keep_spare_registers():
                 assert fused[0] == tiles(fam, arch, kind)[0] and len(fused) >= 3, (fam, kind, arch)
                 for (bm, bn, bk, w, s), _ in fused:
                     assert min(255, 65536 // (32 * w)) - bm * bn // (32 * w) >= FUSED_SPARE_REGISTERS[kind]
-                assert len(configs_for(fam, arch, kind, fused=True)) == len(fused)
 
 
 def test_tuned_kernel_autotunes_fused_launches_over_fitting_tiles(monkeypatch):
-    """On a GPU, TunedKernel keeps one autotuner per (arch, operand kind, fused): a fused launch never sees a
-    tile that configs.fits_fused rules out, a plain one sees the whole table."""
+    """On a GPU, TunedKernel tunes a fused launch only over tiles configs.fits_fused allows, a plain one over
+    the whole table (each tile benchmarked once per key)."""
     import torch
-    from fastconv.triton import configs
+    from fastconv.triton import configs, launch
 
-    seen = []
+    benched = []
 
-    class FakeAutotuned:
-        def __init__(self, cfgs):
-            self.cfgs = cfgs
+    class FakeKernel:
+        fn = test_tuned_kernel_autotunes_fused_launches_over_fitting_tiles
 
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: seen.append((len(self.cfgs), kwargs))
+            return lambda *args, **kwargs: None
 
-    def fake_autotune(configs, key):
-        return lambda kernel: FakeAutotuned(configs)
+    def fake_bench(fn):
+        benched.append(1)
+        fn()
+        return 1.0
 
-    monkeypatch.setattr(configs, "interpreting", lambda: False)
-    monkeypatch.setattr(configs, "arch_key", lambda device=None: "sm_90")
-    monkeypatch.setattr(configs.triton, "autotune", fake_autotune)
-    tk = configs.TunedKernel(object(), "conv2d_fwd", ["M"])
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setenv("FASTCONV_ARCH", "sm_90")
+    monkeypatch.setenv("FASTCONV_AUTOTUNE", "1")
+    monkeypatch.setenv("FASTCONV_CACHE_DIR", str(__import__("tempfile").mkdtemp()))
+    monkeypatch.setattr(launch, "_bench_ms", fake_bench)
+    monkeypatch.setattr(launch, "CACHE", launch._DiskCache())
+    tk = launch.TunedKernel(FakeKernel(), "conv2d_fwd")
     x = torch.empty(1, dtype=torch.float16)
-    tk(lambda meta: (1,), x, device=torch.device("cpu"), HAS_BIAS=True, HAS_RES=False, IDX64=False)
-    tk(lambda meta: (1,), x, device=torch.device("cpu"), HAS_BIAS=False, HAS_RES=True, IDX64=False)
-    tk(lambda meta: (1,), x, device=torch.device("cpu"), HAS_BIAS=True, HAS_RES=False, IDX64=False)
+    p = launch.Problem(4096, 64, 64, 9)
+    counts = []
+    for flags in (dict(HAS_BIAS=True, HAS_RES=False), dict(HAS_BIAS=False, HAS_RES=True),
+                  dict(HAS_BIAS=True, HAS_RES=False)):
+        before = len(benched)
+        tk(lambda meta: (1,), x, problem=p, device=torch.device("cpu"), IDX64=False, **flags)
+        counts.append(len(benched) - before)
     plain = len(configs.tiles("conv2d_fwd", "sm_90", "half"))
     fused = len(configs.tiles("conv2d_fwd", "sm_90", "half", fused=True))
     assert fused < plain
-    assert [n for n, _ in seen] == [plain, fused, plain]
-    assert set(tk._tuned) == {("sm_90", "half", False), ("sm_90", "half", True)}
+    assert counts == [plain, fused, 0]  # the third launch reuses the first's tuned tile

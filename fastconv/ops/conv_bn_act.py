@@ -92,15 +92,8 @@ def conv_bn_act_train(
         return y, z, mean, var
     from ..triton import batch_norm as tbn, conv2d as tconv, im2col as tim2col
 
-    if algo == "implicit":
-        tiles = -(-z.shape[0] * z.shape[2] * z.shape[3] // tconv.min_block_m("conv2d_fwd"))
-        stats = tconv.stats_buffers(tiles, z.shape[1], z.device, z.dtype)
-        tconv.conv2d_forward(input, weight, bias, stride, padding, dilation, groups, out=z, stats=stats)
-    else:
-        tiles = tim2col.num_stats_tiles(input.shape, weight.shape, stride, padding, dilation, groups,
-                                        element_size=input.element_size())
-        stats = tconv.stats_buffers(tiles, z.shape[1], z.device, z.dtype)
-        tim2col.conv2d_im2col(input, weight, bias, stride, padding, dilation, groups, out=z, stats=stats)
+    conv = tconv.conv2d_forward if algo == "implicit" else tim2col.conv2d_im2col
+    _, stats = conv(input, weight, bias, stride, padding, dilation, groups, out=z, stats=True)
     mean, var = tbn.finalize(stats, z.shape[1], bias)
     tbn.batch_norm_act_forward(z, mean, var, bn_weight, bn_bias, eps, activation, residual, out=y)
     return y, z, mean, var
@@ -284,6 +277,7 @@ def _setup_context(ctx, inputs, output):
      backend) = inputs
     y, z, mean, var = output
     ctx.mark_non_differentiable(z, mean, var)
+    ctx.set_materialize_grads(False)  # z, mean, var get no gradient: no zero-filled tensors for them
     ctx.geometry = (list(stride), list(padding), list(dilation), groups)
     ctx.eps, ctx.activation = eps, activation
     ctx.backend = _backend.resolve("conv_bn_act", x.device, SUPPORTED_BACKENDS, backend)
@@ -301,6 +295,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
+    if grad_y is None:  # y took no part in the loss
+        return (None,) * 14
     x, weight, bn_weight, bn_bias, residual, z, mean, var, *producer = ctx.saved_tensors
     if ctx.input_producer is not None:
         p_eps, p_activation, _ = ctx.input_producer

@@ -288,6 +288,7 @@ def _setup_context(ctx, inputs, output):
     x, kernel_size, stride, padding, dilation, ceil_mode, backend = inputs
     _, offsets = output
     ctx.mark_non_differentiable(offsets)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the offsets
     ctx.save_for_backward(offsets)
     ctx.geometry = (list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode))
     ctx.input_size = list(x.shape)

@@ -2,7 +2,7 @@
 and the backward's two passes.
 
 Forward:   z = conv(x) + bias            conv kernel, STATS epilogue writes per-tile (count, mean, M2)
-           mean, var = finalize(...)      Chan's parallel combination of the tile partials
+           mean, var = finalize(...)      Chan's parallel combination of the tile partials, as a tree
            y = act((z - mean) * invstd * gamma + beta [+ residual])
 Backward (only z, mean, var are kept; xhat, u and the activation mask are recomputed from z):
            g = dy * act'(u),  xhat = (z - mean) * invstd
@@ -19,35 +19,57 @@ import triton.language as tl
 
 from ._common import ACTIVATIONS, acc_dtype, check_runnable, needs_int64
 from ._epilogue import activation, activation_grad, split_rows
+from .conv2d import workspace
+from .launch import run, sm_count
 
 BLOCK_P, BLOCK_C = 64, 32
 
 
 @triton.jit
-def _batch_norm_finalize_kernel(cnt_ptr, mean_ptr, m2_ptr, bias_ptr, mean_out_ptr, var_out_ptr, T, C,
-                                HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """Combine T rows of (count, mean, M2) partials per channel:
-        n = na + nb, d = mb - ma, mean = ma + d * nb / n, M2 = M2a + M2b + d^2 * na * nb / n,
-    then add the conv bias (left out of the partials) to the mean."""
-    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = c < C
-    n_a = tl.zeros((BLOCK,), dtype=mean_out_ptr.dtype.element_ty)
-    mean_a = tl.zeros((BLOCK,), dtype=mean_out_ptr.dtype.element_ty)
-    m2_a = tl.zeros((BLOCK,), dtype=mean_out_ptr.dtype.element_ty)
-    for t in range(T):
-        n_b = tl.load(cnt_ptr + t * C + c, mask=mask, other=0.0)
-        mean_b = tl.load(mean_ptr + t * C + c, mask=mask, other=0.0)
-        m2_b = tl.load(m2_ptr + t * C + c, mask=mask, other=0.0)
+def _moments_combine_kernel(cnt_ptr, mean_ptr, m2_ptr, T, C, ROWS,
+                            cnt_out_ptr, mean_out_ptr, m2_out_ptr, bias_ptr,
+                            FINAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Combine rows [chunk * ROWS, (chunk + 1) * ROWS) of T (count, mean, M2) partials per channel, BLOCK_T rows
+    at a time: a block's rows merge at once (n = sum n_i, mean = sum n_i mean_i / n,
+    M2 = sum M2_i + sum n_i (mean_i - mean)^2), then into the running result with Chan's pairwise formula
+    (n = na + nb, d = mb - ma, mean = ma + d nb / n, M2 = M2a + M2b + d^2 na nb / n). Not FINAL: writes the
+    chunk's combined row [chunk, C]; FINAL (one chunk): writes the mean (plus the conv bias, which the partials
+    leave out) and the biased variance [C]."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    lo = tl.program_id(1) * ROWS
+    hi = tl.minimum(lo + ROWS, T)
+    acc = mean_out_ptr.dtype.element_ty
+    n_a = tl.zeros((BLOCK_C,), dtype=acc)
+    mean_a = tl.zeros((BLOCK_C,), dtype=acc)
+    m2_a = tl.zeros((BLOCK_C,), dtype=acc)
+    for t0 in range(lo, hi, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        mask = (t < hi)[:, None] & cm[None, :]
+        off = t[:, None] * C + c[None, :]
+        n_i = tl.load(cnt_ptr + off, mask=mask, other=0.0)
+        mean_i = tl.load(mean_ptr + off, mask=mask, other=0.0)
+        n_b = tl.sum(n_i, axis=0)
+        mean_b = tl.sum(n_i * mean_i, axis=0) / tl.maximum(n_b, 1.0)
+        d_i = tl.where(mask, mean_i - mean_b[None, :], 0.0)
+        m2_b = tl.sum(tl.load(m2_ptr + off, mask=mask, other=0.0) + n_i * d_i * d_i, axis=0)
         n = n_a + n_b
         frac = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
         delta = mean_b - mean_a
         mean_a += delta * frac
-        m2_a += tl.where(n_b > 0, m2_b + delta * delta * n_a * frac, 0.0)
+        m2_a += m2_b + delta * delta * n_a * frac
         n_a = n
-    if HAS_BIAS:
-        mean_a += tl.load(bias_ptr + c, mask=mask, other=0.0).to(mean_a.dtype)
-    tl.store(mean_out_ptr + c, mean_a, mask=mask)
-    tl.store(var_out_ptr + c, m2_a / tl.maximum(n_a, 1.0), mask=mask)
+    if FINAL:
+        if HAS_BIAS:
+            mean_a += tl.load(bias_ptr + c, mask=cm, other=0.0).to(acc)
+        tl.store(mean_out_ptr + c, mean_a, mask=cm)
+        tl.store(m2_out_ptr + c, m2_a / tl.maximum(n_a, 1.0), mask=cm)
+    else:
+        out = tl.program_id(1) * C + c
+        tl.store(cnt_out_ptr + out, n_a, mask=cm)
+        tl.store(mean_out_ptr + out, mean_a, mask=cm)
+        tl.store(m2_out_ptr + out, m2_a, mask=cm)
 
 
 @triton.jit
@@ -171,18 +193,42 @@ def _batch_norm_act_bwd_apply_kernel(
                  g.to(dres_ptr.dtype.element_ty), mask=mask)
 
 
+# Finalize: each program merges at most COMBINE_ROWS partial rows (COMBINE_ROWS / COMBINE_BLOCK_T = 16 loop
+# steps); more rows take another level of the same kernel over the chunks' results.
+COMBINE_BLOCK_T, COMBINE_BLOCK_C = 64, 32
+COMBINE_ROWS = 16 * COMBINE_BLOCK_T
+# BatchNorm backward reduction: at most this many BLOCK_P steps per program (more pixels, more splits).
+REDUCE_MAX_STEPS = 256
+
+
 def finalize(stats, channels: int, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(count, mean, M2) partials [T, C] of the bias-free conv output -> per-channel batch mean (bias
-    added) and biased variance."""
+    added) and biased variance, by a tree of _moments_combine_kernel levels (no long serial loop)."""
     cnt, mean_p, m2_p = stats
     check_runnable(cnt)
     mean = torch.empty(channels, device=cnt.device, dtype=cnt.dtype)
     var = torch.empty_like(mean)
-    block = 64
-    _batch_norm_finalize_kernel[(triton.cdiv(channels, block),)](
-        cnt, mean_p, m2_p, bias if bias is not None else mean, mean, var, cnt.shape[0], channels,
-        HAS_BIAS=bias is not None, BLOCK=block)
+    blocks_c = triton.cdiv(channels, COMBINE_BLOCK_C)
+    T = cnt.shape[0]
+    while T > COMBINE_ROWS:
+        chunks = triton.cdiv(T, COMBINE_ROWS)
+        out = [workspace((chunks, channels), cnt.device, cnt.dtype) for _ in range(3)]
+        run(_moments_combine_kernel, (blocks_c, chunks), cnt, mean_p, m2_p, T, channels, COMBINE_ROWS, *out, mean,
+            device=cnt.device, loop=triton.cdiv(COMBINE_ROWS, COMBINE_BLOCK_T),
+            FINAL=False, HAS_BIAS=False, BLOCK_T=COMBINE_BLOCK_T, BLOCK_C=COMBINE_BLOCK_C)
+        (cnt, mean_p, m2_p), T = out, chunks
+    run(_moments_combine_kernel, (blocks_c, 1), cnt, mean_p, m2_p, T, channels, COMBINE_ROWS,
+        mean, mean, var, bias if bias is not None else mean,
+        device=cnt.device, loop=triton.cdiv(T, COMBINE_BLOCK_T),
+        FINAL=True, HAS_BIAS=bias is not None, BLOCK_T=COMBINE_BLOCK_T, BLOCK_C=COMBINE_BLOCK_C)
     return mean, var
+
+
+def reduce_splits(P: int, C: int, device: torch.device) -> int:
+    """Pixel splits of the backward reduction: enough programs for ~4 per SM, and never more than
+    REDUCE_MAX_STEPS BLOCK_P steps per program."""
+    fill = (4 * sm_count(device)) // triton.cdiv(C, BLOCK_C)
+    return max(1, triton.cdiv(P, REDUCE_MAX_STEPS * BLOCK_P), min(triton.cdiv(P, 4 * BLOCK_P), fill))
 
 
 def _affine_args(weight, bias, fallback):
@@ -201,9 +247,10 @@ def batch_norm_act_forward(z, mean, var, weight, bias, eps: float, activation: s
         return y
     res = residual if residual is not None else z
     w, b = _affine_args(weight, bias, mean)
-    _batch_norm_act_fwd_kernel[(triton.cdiv(P, BLOCK_P), triton.cdiv(C, BLOCK_C))](
+    run(_batch_norm_act_fwd_kernel, (triton.cdiv(P, BLOCK_P), triton.cdiv(C, BLOCK_C)),
         z, y, res, mean, var, w, b, P, C, H, W, eps,
         *z.stride(), *y.stride(), *res.stride(),
+        device=z.device,
         HAS_AFFINE=weight is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS[activation],
         ACC=acc_dtype(z.dtype), IDX64=force_int64 or needs_int64(z, y, residual),
         BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
@@ -226,8 +273,7 @@ def batch_norm_act_backward(grad_y, z, mean, var, weight, bias, eps: float, acti
         zeros = torch.zeros(C, device=z.device, dtype=acc)
         return dz, zeros, zeros.clone(), dres
     if splits is None:
-        sms = torch.cuda.get_device_properties(z.device).multi_processor_count if z.is_cuda else 2
-        splits = max(1, min(triton.cdiv(P, 4 * BLOCK_P), (4 * sms) // triton.cdiv(C, BLOCK_C)))
+        splits = reduce_splits(P, C, z.device)
     per_split = triton.cdiv(triton.cdiv(P, splits), BLOCK_P) * BLOCK_P
     splits = triton.cdiv(P, per_split)
     sum_g_p = torch.empty((splits, C), device=z.device, dtype=acc)
@@ -237,15 +283,16 @@ def batch_norm_act_backward(grad_y, z, mean, var, weight, bias, eps: float, acti
     common = dict(HAS_AFFINE=weight is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS[activation],
                   ACC=acc_dtype(z.dtype), IDX64=force_int64 or needs_int64(z, grad_y, residual),
                   BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
-    _batch_norm_act_bwd_reduce_kernel[(triton.cdiv(C, BLOCK_C), splits)](
+    run(_batch_norm_act_bwd_reduce_kernel, (triton.cdiv(C, BLOCK_C), splits),
         grad_y, z, res, mean, var, w, b, sum_g_p, sum_gx_p, P, C, H, W, eps, per_split,
-        *grad_y.stride(), *z.stride(), *res.stride(), **common,
+        *grad_y.stride(), *z.stride(), *res.stride(),
+        device=z.device, loop=triton.cdiv(per_split, BLOCK_P), **common,
     )
     sum_g, sum_gx = sum_g_p.sum(0), sum_gx_p.sum(0)
     dres_t = dres if dres is not None else dz
-    _batch_norm_act_bwd_apply_kernel[(triton.cdiv(P, BLOCK_P), triton.cdiv(C, BLOCK_C))](
+    run(_batch_norm_act_bwd_apply_kernel, (triton.cdiv(P, BLOCK_P), triton.cdiv(C, BLOCK_C)),
         grad_y, z, res, mean, var, w, b, sum_g, sum_gx, dz, dres_t, P, C, H, W, eps,
         *grad_y.stride(), *z.stride(), *res.stride(), *dz.stride(), *dres_t.stride(),
-        WANT_DRES=want_dres, **common,
+        device=z.device, WANT_DRES=want_dres, **common,
     )
     return dz, sum_g, sum_gx, dres

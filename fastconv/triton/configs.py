@@ -1,16 +1,16 @@
 """Tile configurations, as data, per kernel family and GPU architecture.
 
-Each entry is (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). On a GPU the launcher autotunes over the
-list for its compute capability (keyed on the problem shape and dtype); under the Triton interpreter
-(TRITON_INTERPRET=1) it uses the single small INTERPRET config and never autotunes. All blocks are powers of
+Each entry is (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). launch.TunedKernel picks one per launch from
+the list for its compute capability, operand kind and fused-or-plain variant (autotuned on a GPU, heuristic
+with FASTCONV_AUTOTUNE=0 and in the launch plan, the small INTERPRET tile under the Triton interpreter). All blocks are powers of
 two and every tl.dot dimension is >= 16, as the GPU compiler requires.
 """
 from __future__ import annotations
 
-import torch
-import triton
+import os
 
-from ._common import interpreting
+import torch
+
 
 # Tensor-core tiles for 16-bit operands (fp16, bf16). Every tile keeps its fp32 accumulator at <= 64
 # registers per thread on sm_80 (BLOCK_M * BLOCK_N / (32 * num_warps)): 128x128 takes 8 warps, since with 4
@@ -163,17 +163,14 @@ IM2COL_BLOCKS = (64, 64, 4)
 
 
 def arch_key(device: torch.device | None = None) -> str:
-    """'sm_80' for Ampere-class parts, 'sm_90' for Hopper and newer; the closest table we keep."""
-    if device is None or not torch.cuda.is_available():
+    """'sm_80' for Ampere-class parts, 'sm_90' for Hopper and newer; the closest table we keep. FASTCONV_ARCH
+    (sm_80 / sm_90) stands in for the device where none is (launch plan, interpreter tests)."""
+    if os.environ.get("FASTCONV_ARCH"):
+        return os.environ["FASTCONV_ARCH"]
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
         return "sm_80"
     major, _ = torch.cuda.get_device_capability(device)
     return "sm_90" if major >= 9 else "sm_80"
-
-
-def to_triton(cfg: tuple[int, int, int, int, int], maxnreg: int | None = None) -> triton.Config:
-    bm, bn, bk, warps, stages = cfg
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages,
-                         maxnreg=maxnreg)
 
 
 def operand_kind(dtype: torch.dtype, precision: str) -> str:
@@ -189,38 +186,3 @@ def tiles(family: str, arch: str, kind: str = "half", fused: bool = False
     FUSED_FLAGS set): what the launcher autotunes over and what the kernel report compiles."""
     return [(c, MAXNREG.get((family, kind, arch, c))) for c in CONFIGS[family][kind][arch]
             if not fused or fits_fused(c, kind)]
-
-
-def configs_for(family: str, arch: str, kind: str = "half", fused: bool = False) -> list[triton.Config]:
-    return [to_triton(c, maxnreg) for c, maxnreg in tiles(family, arch, kind, fused)]
-
-
-def interpret_meta(family: str) -> dict:
-    bm, bn, bk, warps, stages = INTERPRET[family]
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
-
-
-class TunedKernel:
-    """Calls a @triton.jit kernel with a fixed config under the interpreter and through one
-    triton.autotune wrapper per (architecture, operand kind, fused or not) on a GPU. `grid` is a function of the
-    meta-parameters."""
-
-    def __init__(self, kernel, family: str, key: list[str]):
-        self.kernel = kernel
-        self.family = family
-        self.key = key
-        self._tuned: dict[tuple[str, str, bool], object] = {}
-
-    def __call__(self, grid, *args, device: torch.device, **kwargs):
-        if interpreting():
-            meta = interpret_meta(self.family)
-            self.kernel[grid(meta)](*args, **kwargs, **meta)
-            return
-        arch = arch_key(device)
-        kind = operand_kind(args[0].dtype, kwargs.get("PRECISION", "ieee"))
-        fused = is_fused(kwargs)
-        tuned = self._tuned.get((arch, kind, fused))
-        if tuned is None:
-            tuned = triton.autotune(configs=configs_for(self.family, arch, kind, fused), key=self.key)(self.kernel)
-            self._tuned[(arch, kind, fused)] = tuned
-        tuned[grid](*args, **kwargs)

@@ -35,10 +35,7 @@ from ._epilogue import (
     store_tile,
     tile_rows,
 )
-from .configs import TunedKernel
-
-_SHAPE_KEY = ["M", "COUT_G", "CIN_G", "KH", "KW"]
-
+from .launch import Problem, TunedKernel, sm_count
 
 @triton.jit
 def _conv2d_fwd_kernel(
@@ -48,7 +45,7 @@ def _conv2d_fwd_kernel(
     sxn, sxc, sxh, sxw,
     swo, swc, swh, sww,
     syn, syc, syh, syw,
-    cnt_ptr, mean_ptr, m2_ptr,
+    cnt_ptr, mean_ptr, m2_ptr,  # STATS partials [cdiv(M, BLOCK_M), C_out], passed by keyword (stats_scratch)
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, STATS: tl.constexpr, ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, IDX64: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_N: tl.constexpr,
@@ -302,25 +299,32 @@ def _conv2d_wgrad_kernel(
             tl.store(db_ptr + split * COUT + co, db.to(db_ptr.dtype.element_ty), mask=mask_m)
 
 
-_fwd = TunedKernel(_conv2d_fwd_kernel, "conv2d_fwd", _SHAPE_KEY)
-_dgrad = TunedKernel(_conv2d_dgrad_kernel, "conv2d_dgrad", ["MP", "COUT_G", "CIN_G", "KH", "KW"])
-_wgrad = TunedKernel(_conv2d_wgrad_kernel, "conv2d_wgrad", ["P", "COUT_G", "CIN_G", "KH", "KW", "K_PER_SPLIT"])
+_fwd = TunedKernel(_conv2d_fwd_kernel, "conv2d_fwd")
+_dgrad = TunedKernel(_conv2d_dgrad_kernel, "conv2d_dgrad")
+_wgrad = TunedKernel(_conv2d_wgrad_kernel, "conv2d_wgrad")
 
 GROUP_M = 8
+STATS_ARGS = ("cnt_ptr", "mean_ptr", "m2_ptr")
 
 
-def min_block_m(family: str) -> int:
-    from .configs import CONFIGS, INTERPRET
+def stats_scratch(M: int, channels: int, like: torch.Tensor, want: bool):
+    """scratch(meta) for a conv launch with the STATS epilogue: (count, mean, M2) partials [cdiv(M, BLOCK_M),
+    channels] sized for the tile that runs. Every row is written by that launch (one row per row tile, all
+    channels), so nothing needs zeroing and a tile the autotuner tried before leaves nothing behind that the
+    finalize could read. Without `want`, the pointers are dummies that are never touched."""
+    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
 
-    tiles = [c for kind in CONFIGS[family].values() for arch in kind.values() for c in arch]
-    return min([c[0] for c in tiles] + [INTERPRET[family][0]])
+    def scratch(meta):
+        if not want:
+            return dict.fromkeys(STATS_ARGS, like)
+        rows = triton.cdiv(M, meta["BLOCK_M"])
+        return {name: workspace((rows, channels), like.device, acc) for name in STATS_ARGS}
+
+    return scratch
 
 
-def stats_buffers(num_tiles: int, channels: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(count, mean, M2) partials [num_tiles, channels] for the STATS epilogue. Zeroed: tiles a larger
-    autotuned BLOCK_M never reaches keep count 0 and drop out of the combination."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return tuple(torch.zeros((num_tiles, channels), device=device, dtype=acc) for _ in range(3))
+def stats_of(extra: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(extra[name] for name in STATS_ARGS)
 
 
 def workspace(shape, device, dtype) -> torch.Tensor:
@@ -355,16 +359,16 @@ def conv2d_forward(
     residual: torch.Tensor | None = None,
     activation: str = "identity",
     out: torch.Tensor | None = None,
-    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    stats: bool = False,
     force_int64: bool = False,
-) -> torch.Tensor:
+):
     """Implicit-GEMM conv2d on a 4-D NCHW-shaped x (any strides; read channels_last, see
     channels_contiguous) with the fused epilogue.
 
     padding is (pad_h, pad_w) or (top, bottom, left, right); the gradients only need top and left.
-    `stats` = stats_buffers(cdiv(M, min_block_m("conv2d_fwd")), C_out, ...) receives BatchNorm partials.
     `out` (optional) is the preallocated [N, C_out, OH, OW] result in the memory format the caller wants;
-    residual has out's shape and any strides.
+    residual has out's shape and any strides. Returns y, or with `stats` (y, (count, mean, M2)): the
+    BatchNorm partials of the bias-free conv output, one row per row tile of the launch (stats_scratch).
     """
     check_runnable(x, weight)
     x, weight = channels_contiguous(x), channels_contiguous(weight)
@@ -375,13 +379,14 @@ def conv2d_forward(
     y = out if out is not None else x.new_empty((N, C_out, OH, OW))
     M = N * OH * OW
     if M == 0 or C_out == 0:
-        return y
+        return (y, empty_stats(C_out, y)) if stats else y
     cout_g = C_out // groups
     residual = residual_like(residual, y)
     res = residual if residual is not None else y
     dummy = y  # never read when its HAS_* flag is off
     bias, shift = fold_bias(bias, scale, shift)
-    args = (
+    _, extra = _fwd(
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]), groups),
         x, weight, y,
         bias if bias is not None else dummy,
         scale if scale is not None else dummy,
@@ -390,18 +395,15 @@ def conv2d_forward(
         M, H, W, OH, OW, cin_g, cout_g, KH, KW,
         stride[0], stride[1], top, left, dilation[0], dilation[1],
         *x.stride(), *weight.stride(), *y.stride(),
-        *(stats if stats is not None else (dummy, dummy, dummy)),
-    )
-    _fwd(
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]), groups),
-        *args,
+        problem=Problem(M, cout_g, cin_g, KH * KW, groups),
         device=x.device,
+        scratch=stats_scratch(M, C_out, y, stats),
         HAS_BIAS=bias is not None,
         HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None,
         HAS_RES=residual is not None,
         ACT=ACTIVATIONS[activation],
-        STATS=stats is not None,
+        STATS=stats,
         ACC_TYPE=acc_dtype(x.dtype),
         PRECISION=dot_precision(x.dtype),
         UPCAST=upcast_dot_operands(x.dtype),
@@ -409,7 +411,13 @@ def conv2d_forward(
         GROUP_M=GROUP_M,
         SPLIT_N=split_store(y),
     )
-    return y
+    return (y, stats_of(extra)) if stats else y
+
+
+def empty_stats(channels: int, like: torch.Tensor):
+    """Partials of an empty conv output: no rows."""
+    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return tuple(like.new_empty((0, channels), dtype=acc) for _ in STATS_ARGS)
 
 
 def conv2d_input_grad(
@@ -442,6 +450,8 @@ def conv2d_input_grad(
         MP, H, W, OH, OW, HP, WP, cin_g, cout_g, KH, KW,
         sh, sw, pads(padding)[0], pads(padding)[2], dilation[0], dilation[1],
         *grad_out.stride(), *weight.stride(), *dx.stride(),
+        # the taps one stride phase walks, at most cdiv(K, stride) per axis (_first_tap)
+        problem=Problem(MP, cin_g, cout_g, triton.cdiv(KH, sh) * triton.cdiv(KW, sw), groups * sh * sw),
         device=grad_out.device,
         ACC_TYPE=acc_dtype(grad_out.dtype),
         PRECISION=dot_precision(grad_out.dtype),
@@ -454,12 +464,9 @@ def conv2d_input_grad(
 
 
 def _num_splits(P: int, tiles: int, device: torch.device) -> int:
-    """Split the N*OH*OW reduction until the grid fills the GPU (about 2 waves), but keep >= 256 pixels
-    per split so each program still streams real work."""
-    if device.type != "cuda":
-        return max(1, min(4, P // 256))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = max(1, (2 * sms) // max(tiles, 1))
+    """Split the N*OH*OW reduction until the grid fills the GPU (about 2 waves of sm_count programs), but keep
+    >= 256 pixels per split so each program still streams real work."""
+    want = max(1, (2 * sm_count(device)) // max(tiles, 1))
     return max(1, min(want, P // 256, 64))
 
 
@@ -502,6 +509,7 @@ def conv2d_weight_grad(
         P, H, W, OH, OW, cin_g, cout_g, KH, KW, C_out, k_per_split,
         stride[0], stride[1], pads(padding)[0], pads(padding)[2], dilation[0], dilation[1],
         *grad_out.stride(), *x.stride(),
+        problem=Problem(cout_g, cin_g, k_per_split, 1, KH * KW * split * groups),
         device=x.device,
         HAS_DBIAS=bias_grad,
         ACC_TYPE=acc_dtype(x.dtype),

@@ -23,8 +23,9 @@ from ._epilogue import (
     split_store,
     tile_rows,
 )
-from .configs import IM2COL_BLOCKS, TunedKernel
-from .conv2d import GROUP_M, min_block_m, output_hw, pads, workspace
+from .configs import IM2COL_BLOCKS
+from .conv2d import GROUP_M, empty_stats, output_hw, pads, stats_of, stats_scratch, workspace
+from .launch import Problem, TunedKernel, run
 
 DEFAULT_MAX_COL_BYTES = 512 * 2**20
 
@@ -63,7 +64,7 @@ def _im2col_gemm_kernel(
     col_ptr, w_ptr, y_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr,
     M, KDIM, COUT_G, OH, OW,
     syn, syc, syh, syw,
-    cnt_ptr, mean_ptr, m2_ptr, STATS_TILE0,
+    cnt_ptr, mean_ptr, m2_ptr,  # STATS partials [cdiv(M, BLOCK_M), C_out], by keyword (conv2d.stats_scratch)
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, STATS: tl.constexpr, ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, IDX64: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_N: tl.constexpr,
@@ -105,11 +106,11 @@ def _im2col_gemm_kernel(
         y_ptr, syn, syc, syh, syw,
         bias_ptr, scale_ptr, shift_ptr, res_ptr,
         HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, ACT,
-        STATS_TILE0 + tile_m, COUT_G * tl.num_programs(1), cnt_ptr, mean_ptr, m2_ptr, STATS, SPLIT_N, IDX64,
+        tile_m, COUT_G * tl.num_programs(1), cnt_ptr, mean_ptr, m2_ptr, STATS, SPLIT_N, IDX64,
     )
 
 
-_gemm = TunedKernel(_im2col_gemm_kernel, "im2col_gemm", ["M", "KDIM", "COUT_G"])
+_gemm = TunedKernel(_im2col_gemm_kernel, "im2col_gemm")
 
 
 def pack_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -133,10 +134,11 @@ def im2col(x: torch.Tensor, kernel_size, stride, padding, dilation, groups: int,
     if col.numel() == 0:
         return col
     bm, bk, warps = IM2COL_BLOCKS
-    _im2col_gather_kernel[(triton.cdiv(M, bm), triton.cdiv(KDIM, bk), groups)](
+    run(_im2col_gather_kernel, (triton.cdiv(M, bm), triton.cdiv(KDIM, bk), groups),
         x, col, M, KDIM, H, W, OH, OW, cin_g, KW,
         stride[0], stride[1], top, left, dilation[0], dilation[1],
         *x.stride(),
+        device=x.device,
         IDX64=force_int64 or needs_int64(x, col), BLOCK_M=bm, BLOCK_K=bk, num_warps=warps,
     )
     return col
@@ -156,21 +158,20 @@ def conv2d_im2col(
     residual: torch.Tensor | None = None,
     activation: str = "identity",
     out: torch.Tensor | None = None,
-    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    stats: bool = False,
     max_col_bytes: int = DEFAULT_MAX_COL_BYTES,
     force_int64: bool = False,
-) -> torch.Tensor:
-    """conv2d as im2col + GEMM with the same fused epilogue as the implicit-GEMM kernel.
-
-    With batch chunks, chunk c's BatchNorm partials start at tile sum_{c' < c} cdiv(M_c', min BLOCK_M), so
-    `stats` needs num_stats_tiles(...) rows."""
+):
+    """conv2d as im2col + GEMM with the same fused epilogue as the implicit-GEMM kernel. Returns y, or with
+    `stats` (y, (count, mean, M2)) as conv2d.conv2d_forward does; with batch chunks, the chunks' partial rows
+    are concatenated."""
     check_runnable(x, weight)
     N, C, H, W = x.shape
     C_out, cin_g, KH, KW = weight.shape
     OH, OW = output_hw(H, W, KH, KW, stride, padding, dilation)
     y = out if out is not None else x.new_empty((N, C_out, OH, OW))
     if y.numel() == 0:
-        return y
+        return (y, empty_stats(C_out, y)) if stats else y
     cout_g = C_out // groups
     KDIM = KH * KW * cin_g
     wpack = pack_weight(weight, groups)
@@ -179,14 +180,14 @@ def conv2d_im2col(
     dummy = y
     bias, shift = fold_bias(bias, scale, shift)
     residual = residual_like(residual, y)
-    tile0 = 0
+    parts = []
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
         col = im2col(x[n0:n1], (KH, KW), stride, padding, dilation, groups, force_int64=force_int64)
         y_c = y[n0:n1]
         res_c = residual[n0:n1] if residual is not None else y_c
         M = (n1 - n0) * OH * OW
-        _gemm(
+        _, extra = _gemm(
             lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]), groups),
             col, wpack, y_c,
             bias if bias is not None else dummy,
@@ -195,14 +196,15 @@ def conv2d_im2col(
             res_c,
             M, KDIM, cout_g, OH, OW,
             *y_c.stride(),
-            *(stats if stats is not None else (dummy, dummy, dummy)), tile0,
+            problem=Problem(M, cout_g, KDIM, 1, groups),
             device=x.device,
+            scratch=stats_scratch(M, C_out, y, stats),
             HAS_BIAS=bias is not None,
             HAS_SCALE=scale is not None,
             HAS_SHIFT=shift is not None,
             HAS_RES=residual is not None,
             ACT=ACTIVATIONS[activation],
-            STATS=stats is not None,
+            STATS=stats,
             ACC_TYPE=acc_dtype(x.dtype),
             PRECISION=dot_precision(x.dtype),
             UPCAST=upcast_dot_operands(x.dtype),
@@ -210,17 +212,9 @@ def conv2d_im2col(
             GROUP_M=GROUP_M,
             SPLIT_N=split_store(y_c),
         )
-        tile0 += triton.cdiv(M, min_block_m("im2col_gemm"))
-    return y
-
-
-def num_stats_tiles(x_shape, weight_shape, stride, padding, dilation, groups: int,
-                    max_col_bytes: int = DEFAULT_MAX_COL_BYTES, element_size: int = 4) -> int:
-    """Rows of BatchNorm partials conv2d_im2col writes (see its docstring)."""
-    N, _, H, W = x_shape
-    _, cin_g, KH, KW = weight_shape
-    OH, OW = output_hw(H, W, KH, KW, stride, padding, dilation)
-    per_image = max(groups * OH * OW * KH * KW * cin_g * element_size, 1)
-    chunk = max(1, min(N, max_col_bytes // per_image))
-    bm = min_block_m("im2col_gemm")
-    return sum(triton.cdiv((min(N, n0 + chunk) - n0) * OH * OW, bm) for n0 in range(0, N, chunk))
+        parts.append(stats_of(extra) if stats else None)
+    if not stats:
+        return y
+    if len(parts) == 1:
+        return y, parts[0]
+    return y, tuple(torch.cat([p[i] for p in parts]) for i in range(3))

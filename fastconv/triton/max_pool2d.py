@@ -37,6 +37,7 @@ import triton.language as tl
 
 from .._pool_args import offsets_dtype, suggest_memory_format  # noqa: F401 (re-exported)
 from ._common import acc_dtype, check_runnable, interpreting, needs_int64
+from .launch import run
 
 # GPU launch: BLOCK elements per program. 512 with 4 warps (4 elements per thread: 16-byte fp32 / 8-byte
 # fp16 stores of y and dx, 32-56 registers on sm_80/sm_90, no spills). The int64 path and fp64 run 256 with
@@ -261,11 +262,12 @@ def max_pool2d_forward(
         return y, offsets
     idx64 = force_int64 or needs_int64(x, y)
     block, meta = _launch_meta(idx64, x.dtype)
-    _max_pool2d_fwd_kernel[(triton.cdiv(total, block),)](
+    run(_max_pool2d_fwd_kernel, (triton.cdiv(total, block),),
         x, y, offsets,
         total, C, H, W, OH, OW,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         *x.stride(),
+        device=x.device, loop=kernel_size[0] * kernel_size[1],
         KH=kernel_size[0], KW=kernel_size[1], UNROLL=kernel_size[0] * kernel_size[1] <= MAX_UNROLL_TAPS,
         CHANNELS_LAST=fmt == torch.channels_last,
         ACC_TYPE=acc_dtype(x.dtype),
@@ -321,11 +323,12 @@ def max_pool2d_backward(
     NW = (KW - 1) * dilation[1] // stride[1] + 1
     idx64 = force_int64 or needs_int64(grad_out, offsets, dx)
     block, meta = _launch_meta(idx64, grad_out.dtype)
-    _max_pool2d_bwd_kernel[(triton.cdiv(total, block),)](
+    run(_max_pool2d_bwd_kernel, (triton.cdiv(total, block),),
         grad_out, offsets, dx,
         total, C, H, W, OH, OW, KH, KW, NH, NW,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         *grad_out.stride(), *offsets.stride(),
+        device=grad_out.device, loop=NH * NW,
         CHANNELS_LAST=fmt == torch.channels_last,
         ACC_TYPE=acc_dtype(grad_out.dtype),
         IDX64=idx64,

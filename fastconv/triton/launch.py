@@ -1,0 +1,344 @@
+"""The one place where fastconv launches a Triton kernel.
+
+Every launch goes through `run` (fixed-config kernels) or `TunedKernel` (kernels with a tile table), which:
+
+* runs the kernel under the tensors' device (`torch.cuda.device`) and so on that device's current stream,
+  whatever the current device is;
+* picks the tile *before* the launch, so a launcher can size per-config buffers (BatchNorm statistics
+  partials) for exactly the config that runs, and the launch plan can show it:
+    - `forced(tile)`: that tile, for every tuned launch (the GPU tile sweep);
+    - FASTCONV_AUTOTUNE=0 and the launch plan: `heuristic_pick`, no benchmarking;
+    - the interpreter: the small configs.INTERPRET tile (test shapes cross its tile boundaries);
+    - otherwise (GPU): autotune over the table — each candidate timed on the real arguments with
+      triton.testing.do_bench, candidates in heuristic order, at most FASTCONV_AUTOTUNE_BUDGET_MS per key —
+      with keys bucketed (pixel counts rounded up to a power of two, so a new batch size or the last short
+      batch of an epoch reuses the tuned tile) and results kept in memory and in a JSON file per device and
+      Triton version under ~/.cache/fastconv/autotune (FASTCONV_CACHE_DIR). fastconv tunes itself rather
+      than through triton.autotune because the config must be known before the launch (see above);
+      Triton's own `cache_results` is thereby not needed.
+* with FASTCONV_INTERPRET_AUTOTUNE=1 under the interpreter, does what the GPU autotuner does: runs every
+  tile of the tables it could tune over (sm_80 and sm_90, this launch's operand kind and fused-or-plain
+  list) once, in sequence, on the same arguments and buffers, then the final call with the picked tile, so
+  any state a config leaves behind for the next is caught on CPU;
+* while `recording()` is active, records the launch (kernel, tile, grid, serial loop, FLOPs, bytes) instead
+  of running it: the launch plan (fastconv.launch_plan) is built from the launchers themselves.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import json
+import math
+import os
+import time
+
+import torch
+import triton
+
+from .._backend import planning
+from . import configs as cfgs
+from ._common import interpreting
+
+Tile = tuple[int, int, int, int, int]
+
+# Simulated SM count where no GPU tells it (interpreter, launch plan): H100 / H200 SXM have 132.
+DEFAULT_SMS = 132
+
+
+def sm_count(device: torch.device | None = None) -> int:
+    """Streaming multiprocessors the grids are sized for: FASTCONV_SM_COUNT if set (tests simulate several GPUs),
+    else the CUDA device's count, else DEFAULT_SMS."""
+    env = os.environ.get("FASTCONV_SM_COUNT")
+    if env:
+        return max(1, int(env))
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SMS
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("FASTCONV_AUTOTUNE", "1") not in ("", "0")
+
+
+def interpret_autotune() -> bool:
+    return os.environ.get("FASTCONV_INTERPRET_AUTOTUNE", "0") not in ("", "0")
+
+
+_forced: contextvars.ContextVar[Tile | None] = contextvars.ContextVar("fastconv_forced_tile", default=None)
+
+
+@contextlib.contextmanager
+def forced(tile: Tile):
+    """Every tuned launch inside runs on exactly this (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tile."""
+    token = _forced.set(tuple(int(v) for v in tile))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the launch plan recorder
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch as the plan sees it. `loop` is the longest serial loop one program runs (iterations);
+    `gemm_loop` marks it as a GEMM's own K loop (each iteration a tile of MMA work, not a latency chain)."""
+    kernel: str
+    tile: Tile | None
+    grid: tuple[int, ...]
+    loop: int
+    gemm_loop: bool
+    flops: float
+    bytes: float
+    key: str | None = None  # the autotune key of a tuned launch (one tuning run per distinct key and process)
+
+    @property
+    def programs(self) -> int:
+        return math.prod(self.grid)
+
+
+_recorder: contextvars.ContextVar[list | None] = contextvars.ContextVar("fastconv_launch_recorder", default=None)
+
+
+@contextlib.contextmanager
+def recording():
+    """Record launches instead of running them (yields the list they are appended to)."""
+    from .. import _backend
+
+    launches: list[Launch] = []
+    token = _recorder.set(launches)
+    with _backend.planning_mode():
+        try:
+            yield launches
+        finally:
+            _recorder.reset(token)
+
+
+def tensor_bytes(*tensors) -> float:
+    """Compulsory traffic of a kernel: each distinct tensor it touches, moved once."""
+    seen, total = set(), 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return float(total)
+
+
+def _record(kernel, tile, grid, loop, gemm_loop, flops, args, kwargs, key=None) -> None:
+    tensors = [a for a in args if isinstance(a, torch.Tensor)] + [v for v in kwargs.values()
+                                                                    if isinstance(v, torch.Tensor)]
+    _recorder.get().append(Launch(getattr(kernel, "fn", kernel).__name__, tile,
+                                  tuple(int(g) for g in grid), int(loop), gemm_loop, float(flops),
+                                  tensor_bytes(*tensors), key))
+
+
+def device_guard(device: torch.device):
+    """Triton launches on the current device's current stream: make the tensors' device current."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def run(kernel, grid, *args, device: torch.device, loop: int = 1, flops: float = 0.0, **kwargs) -> None:
+    """Launch a fixed-config kernel (`kernel[grid](*args, **kwargs)`) under its device, or record it."""
+    grid = tuple(grid)
+    if _recorder.get() is not None:
+        _record(kernel, None, grid, loop, False, flops, args, kwargs)
+        return
+    with device_guard(device):
+        kernel[grid](*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tile choice
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A launch's GEMM as the tile choice sees it: grid = cdiv(m, BM) * cdiv(n, BN) * batch programs, each
+    running a K loop of taps * cdiv(k_per_tap, BK) steps."""
+    m: int
+    n: int
+    k_per_tap: int
+    taps: int = 1
+    batch: int = 1
+
+    def programs(self, tile: Tile) -> int:
+        return triton.cdiv(self.m, tile[0]) * triton.cdiv(self.n, tile[1]) * self.batch
+
+    def k_steps(self, tile: Tile) -> int:
+        return self.taps * triton.cdiv(self.k_per_tap, tile[2])
+
+    def flops(self) -> float:
+        return 2.0 * self.m * self.n * self.k_per_tap * self.taps * self.batch
+
+
+def estimated_cost(tile: Tile, p: Problem, sms: int) -> float:
+    """Relative time of a problem on a tile, for `heuristic_pick`: waves of programs (programs resident per SM:
+    2 for tiles up to 64x128, else 1) times each program's padded MMA work divided by the tile's efficiency,
+    which grows with its arithmetic intensity BM*BN/(BM+BN) up to 128x128's (data reuse per loaded byte)."""
+    bm, bn, bk, _, _ = tile
+    resident = 2 if bm * bn <= 64 * 128 else 1
+    waves = triton.cdiv(p.programs(tile), sms * resident)
+    work = bm * bn * p.k_steps(tile) * bk
+    efficiency = min(1.0, (bm * bn / (bm + bn)) / 64.0)
+    return waves * work / efficiency
+
+
+def heuristic_pick(tiles: list[Tile], p: Problem, sms: int) -> Tile:
+    """The documented FASTCONV_AUTOTUNE=0 choice: the tile of lowest estimated_cost (first in table order on
+    ties)."""
+    return min(tiles, key=lambda t: (estimated_cost(t, p, sms), tiles.index(t)))
+
+
+def bucket(v: int) -> int:
+    """Autotune key bucket of a size: pixel-sized dims (>= 4096) round up to a power of two."""
+    return triton.next_power_of_2(v) if v >= 4096 else v
+
+
+def _meta(tile: Tile, maxnreg: int | None = None) -> dict:
+    bm, bn, bk, warps, stages = tile
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
+    if maxnreg is not None and not interpreting():
+        meta["maxnreg"] = maxnreg
+    return meta
+
+
+class _DiskCache:
+    """Tuned tiles per key, persisted as JSON per (device name, Triton version)."""
+
+    def __init__(self):
+        self._entries: dict[str, dict] = {}
+
+    def path(self, device: torch.device) -> str:
+        root = os.environ.get("FASTCONV_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fastconv")
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        safe = "".join(c if c.isalnum() else "_" for c in name)
+        return os.path.join(root, "autotune", f"{safe}-triton{triton.__version__}.json")
+
+    def _load(self, path: str) -> dict:
+        if path not in self._entries:
+            try:
+                with open(path) as f:
+                    self._entries[path] = json.load(f)
+            except (OSError, ValueError):
+                self._entries[path] = {}
+        return self._entries[path]
+
+    def get(self, device, key: str) -> Tile | None:
+        tile = self._load(self.path(device)).get(key)
+        return tuple(tile) if tile is not None else None
+
+    def put(self, device, key: str, tile: Tile) -> None:
+        path = self.path(device)
+        entries = self._load(path)
+        entries[key] = list(tile)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(entries, f, indent=0, sort_keys=True)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # an unwritable cache costs a retune in the next process, nothing else
+
+
+CACHE = _DiskCache()
+# How many times each tuned key was benchmarked in this process (`python -m fastconv.launch_plan --tuning`).
+TUNING_RUNS: dict[str, int] = {}
+
+
+def _bench_ms(fn) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=5, rep=20))
+
+
+class TunedKernel:
+    """A @triton.jit kernel with a tile table (configs.CONFIGS[family]); see the module doc for how the tile is
+    chosen. Call it with grid(meta) -> grid tuple, the positional args, the constexpr kwargs, and
+    problem: Problem (the GEMM the heuristic and the plan see), device, and optionally
+    scratch(meta) -> dict of per-config keyword arguments (buffers whose size depends on the tile).
+    Returns (meta, scratch kwargs) of the launch that ran (or was recorded)."""
+
+    def __init__(self, kernel, family: str):
+        self.kernel = kernel
+        self.family = family
+
+    def candidates(self, arch: str, kind: str, fused: bool) -> list[tuple[Tile, int | None]]:
+        return cfgs.tiles(self.family, arch, kind, fused)
+
+    def __call__(self, grid, *args, problem: Problem, device: torch.device, scratch=None, **consts):
+        kind = cfgs.operand_kind(args[0].dtype, consts.get("PRECISION", "ieee"))
+        fused = cfgs.is_fused(consts)
+        arch = cfgs.arch_key(device if device.type == "cuda" else None)
+        sms = sm_count(device)
+
+        def launch(tile: Tile, maxnreg: int | None = None):
+            meta = _meta(tile, maxnreg)
+            extra = scratch(meta) if scratch is not None else {}
+            g = tuple(grid(meta))
+            if _recorder.get() is not None:
+                _record(self.kernel, tile, g, problem.k_steps(tile), True, problem.flops(),
+                        args, {**consts, **extra}, self._key(kind, fused, problem, consts))
+            else:
+                with device_guard(device):
+                    self.kernel[g](*args, **consts, **extra, **meta)
+            return meta, extra
+
+        tile = _forced.get()
+        if tile is not None:
+            return launch(tile, cfgs.MAXNREG.get((self.family, kind, arch, tile)))
+        table = self.candidates(arch, kind, fused)
+        tiles = [t for t, _ in table]
+        pins = dict(table)
+        if interpreting() and _recorder.get() is None:
+            if not interpret_autotune():
+                return launch(cfgs.INTERPRET[self.family])
+            self._emulate_autotune(launch, kind, fused)
+            tile = heuristic_pick(tiles, problem, sms)
+            return launch(tile, pins[tile])
+        if _recorder.get() is not None or not autotune_enabled():
+            tile = heuristic_pick(tiles, problem, sms)
+            return launch(tile, pins[tile])
+        key = self._key(kind, fused, problem, consts)
+        tile = CACHE.get(device, key)
+        if tile is None or tile not in pins:
+            tile = self._tune(launch, tiles, pins, problem, sms, key)
+            CACHE.put(device, key, tile)
+        return launch(tile, pins[tile])
+
+    def _emulate_autotune(self, launch, kind: str, fused: bool) -> None:
+        """Run every tile the GPU autotuner could try for this launch (both architectures' tables), once each,
+        on the real arguments and buffers; tiles differing only in warps/stages run once (the interpreter
+        ignores both)."""
+        seen = set()
+        for arch in ("sm_80", "sm_90"):
+            for tile, _ in self.candidates(arch, kind, fused):
+                if tile[:3] not in seen:
+                    seen.add(tile[:3])
+                    launch(tile)
+
+    def _key(self, kind: str, fused: bool, problem: Problem, consts: dict) -> str:
+        flags = ",".join(f"{k}={consts[k]}" for k in sorted(consts))
+        dims = (bucket(problem.m), problem.n, problem.k_per_tap, problem.taps, problem.batch)
+        return f"{self.family}|{kind}|{int(fused)}|{flags}|{dims}"
+
+    def _tune(self, launch, tiles, pins, problem: Problem, sms: int, key: str) -> Tile:
+        TUNING_RUNS[key] = TUNING_RUNS.get(key, 0) + 1
+        budget_s = float(os.environ.get("FASTCONV_AUTOTUNE_BUDGET_MS", "3000")) / 1e3
+        start = time.perf_counter()
+        best, best_ms = None, float("inf")
+        for tile in sorted(tiles, key=lambda t: estimated_cost(t, problem, sms)):
+            try:
+                ms = _bench_ms(lambda: launch(tile, pins[tile]))
+            except Exception:  # e.g. out of shared memory on this part: not a candidate here
+                continue
+            if ms < best_ms:
+                best, best_ms = tile, ms
+            if time.perf_counter() - start > budget_s:
+                break
+        return best if best is not None else heuristic_pick(tiles, problem, sms)

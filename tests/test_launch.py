@@ -1,0 +1,307 @@
+"""What the interpreter alone cannot see, made visible on CPU (fastconv.triton.launch):
+
+* autotuning: FASTCONV_INTERPRET_AUTOTUNE=1 runs every tile the GPU autotuner could try on the same arguments
+  and buffers before the final launch; each autotuned kernel (conv forward plain and fused, dgrad, split-K
+  wgrad, im2col GEMM, the training conv+BN+act block) must still match float64 PyTorch;
+* grids and split counts that depend on the GPU's SM count, at several simulated counts;
+* the BatchNorm finalize tree over many partial rows;
+* the device guard every launch runs under, the tile choice (forced / heuristic / tuned and cached);
+* the launch plan: no long serial loop outside GEMM K loops on any benchmarked layer at batch 256.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastconv
+from fastconv import launch_plan
+from fastconv.functional import conv2d_fused
+from fastconv.triton import batch_norm as tbn, configs, launch
+
+from .helpers import assert_close, generator, randn
+
+pytestmark = pytest.mark.usefixtures("triton_backend")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def emulate(monkeypatch):
+    """FASTCONV_INTERPRET_AUTOTUNE=1, and a record of every tile launched (tile -> count)."""
+    if not launch.interpreting():
+        pytest.skip("autotune emulation runs under the Triton interpreter; on a GPU the real autotuner runs")
+    monkeypatch.setenv("FASTCONV_INTERPRET_AUTOTUNE", "1")
+    tiles: list = []
+    real = launch._meta
+
+    def spy(tile, maxnreg=None):
+        tiles.append(tuple(tile))
+        return real(tile, maxnreg)
+
+    monkeypatch.setattr(launch, "_meta", spy)
+    return tiles
+
+
+def _table_tiles(family, kind, fused):
+    return {t[:3] for arch in ("sm_80", "sm_90") for t, _ in configs.tiles(family, arch, kind, fused)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_emulated_autotune_fused_forward(emulate, device, dtype):
+    """Plain and fused (bias -> scale/shift, residual, SiLU, NCHW output stored in channel halves) forward."""
+    gen = generator("emulate-fwd", dtype)
+    x = randn((2, 6, 9, 11), dtype, device, gen)
+    w = randn((12, 3, 3, 3), dtype, device, gen, 0.3)
+    b, s, t = (randn((12,), dtype, device, gen) for _ in range(3))
+    r = randn((2, 12, 5, 6), dtype, device, gen)
+    y = conv2d_fused(x, w, b, 2, 1, 1, 2, scale=s, shift=t, residual=r, activation="silu")
+    ref = F.silu((F.conv2d(x.double(), w.double(), b.double(), 2, 1, 1, 2) * s.double().view(1, -1, 1, 1)
+                  + t.double().view(1, -1, 1, 1)) + r.double())
+    assert_close(y, ref, dtype, "fused forward after every tile")
+    kind = configs.operand_kind(dtype, "ieee")
+    assert {t[:3] for t in emulate} >= _table_tiles("conv2d_fwd", kind, fused=True)
+
+
+def test_emulated_autotune_dgrad_wgrad(emulate, device):
+    """dgrad over stride phases and split-K wgrad with the bias gradient, after every tile of both tables."""
+    dtype = torch.float64
+    gen = generator("emulate-bwd")
+    x = randn((3, 5, 13, 12), dtype, device, gen).requires_grad_()
+    w = randn((7, 5, 3, 3), dtype, device, gen, 0.3).requires_grad_()
+    b = randn((7,), dtype, device, gen).requires_grad_()
+    y = fastconv.functional.conv2d(x, w, b, stride=2, padding=1)
+    g = randn(y.shape, dtype, device, gen)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), g)
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = torch.autograd.grad(F.conv2d(xr, wr, br, 2, 1), (xr, wr, br), g.double())
+    for got, want, what in zip((gx, gw, gb), ref, ("dx", "dw", "db")):
+        assert_close(got, want, dtype, what)
+    launched = {t[:3] for t in emulate}
+    assert launched >= _table_tiles("conv2d_dgrad", "fp32", False) | _table_tiles("conv2d_wgrad", "fp32", False)
+
+
+def test_emulated_autotune_im2col(emulate, device):
+    dtype = torch.float64
+    gen = generator("emulate-im2col")
+    x = randn((2, 4, 10, 7), dtype, device, gen)
+    w = randn((9, 4, 3, 2), dtype, device, gen)
+    y = fastconv.functional.conv2d(x, w, None, 1, 1, algo="im2col")
+    assert_close(y, F.conv2d(x.double(), w.double(), None, 1, 1), dtype, "im2col after every tile")
+    assert {t[:3] for t in emulate} >= _table_tiles("im2col_gemm", "fp32", fused=True)  # NCHW y: SPLIT_N
+
+
+@pytest.mark.parametrize("algo", ["implicit", "im2col"])
+def test_emulated_autotune_training_block(emulate, monkeypatch, device, algo):
+    """The issue's hazard: a 32-row config runs before a larger winner on the same arguments. The winner here
+    is the table's largest-BLOCK_M tile, so any statistics row left by an earlier config would be merged."""
+    monkeypatch.setattr(launch, "heuristic_pick", lambda tiles, p, sms: max(tiles, key=lambda t: (t[0], t[1])))
+    dtype = torch.float64
+    gen = generator("emulate-train", algo)
+    ref = nn.Sequential(nn.Conv2d(5, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()).double()
+    ours = fastconv.ConvBNReLU2d(5, 16, 3, padding=1, algo=algo).double()
+    ours.conv.load_state_dict(ref[0].state_dict())
+    ours.bn.load_state_dict(ref[1].state_dict())
+    ref, ours = ref.to(device), ours.to(device)
+    x = randn((3, 5, 11, 9), dtype, device, gen)
+    xr = x.clone().requires_grad_()
+    x.requires_grad_()
+    y, y_ref = ours(x), ref(xr)
+    g = randn(y.shape, dtype, device, gen)
+    y.backward(g)
+    y_ref.backward(g)
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(ours.bn.running_mean, ref[1].running_mean, dtype, "running_mean")
+    assert_close(ours.bn.running_var, ref[1].running_var, dtype, "running_var")
+    assert_close(x.grad, xr.grad, dtype, "dx")
+    assert_close(ours.conv.weight.grad, ref[0].weight.grad, dtype, "dw")
+    assert_close(ours.bn.weight.grad, ref[1].weight.grad, dtype, "dgamma")
+    assert len(set(emulate)) > 3
+
+
+@pytest.mark.parametrize("sms", [1, 7, 108, 132])
+def test_simulated_sm_counts(monkeypatch, device, sms):
+    """wgrad's split-K count and the BatchNorm backward's pixel splits follow the SM count; results must not."""
+    monkeypatch.setenv("FASTCONV_SM_COUNT", str(sms))
+    assert launch.sm_count(torch.device("cpu")) == sms
+    dtype = torch.float64
+    gen = generator("sms", sms)
+    block = fastconv.ConvBNReLU2d(4, 6, 3, padding=1).double().to(device)
+    ref = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()).double().to(device)
+    ref[0].load_state_dict(block.conv.state_dict())
+    ref[1].load_state_dict(block.bn.state_dict())
+    x = randn((4, 4, 19, 17), dtype, device, gen)  # 1292 pixels: several wgrad and reduction splits
+    y = block(x)
+    g = randn(y.shape, dtype, device, gen)
+    y.backward(g)
+    ref(x).backward(g)
+    assert_close(block.conv.weight.grad, ref[0].weight.grad, dtype, "dw")
+    assert_close(block.bn.weight.grad, ref[1].weight.grad, dtype, "dgamma")
+
+
+def test_split_counts_bound_serial_loops(monkeypatch):
+    for sms in (1, 108, 132):
+        monkeypatch.setenv("FASTCONV_SM_COUNT", str(sms))
+        for P in (1, 1000, 256 * 32 * 32, 256 * 112 * 112, 2**31 - 1):
+            for C in (1, 64, 2048):
+                splits = tbn.reduce_splits(P, C, torch.device("cpu"))
+                assert splits >= 1 and -(-P // splits) <= tbn.REDUCE_MAX_STEPS * tbn.BLOCK_P
+
+
+@pytest.mark.parametrize("rows", [1, 700, 5000, 70000])
+def test_finalize_tree_matches_float64(device, rows):
+    """Partials of real data with uneven counts (some empty) through 1-3 levels of the combine tree."""
+    gen = generator("finalize", rows)
+    C = 3
+    counts = torch.randint(0, 9, (rows,), generator=gen)
+    counts[0] = max(int(counts[0]), 1)
+    data = [torch.randn((int(n), C), generator=gen, dtype=torch.float64) * 3 + 100 for n in counts]
+    cnt = counts.double()[:, None].expand(rows, C).contiguous()
+    mean = torch.stack([d.mean(0) if len(d) else torch.zeros(C, dtype=torch.float64) for d in data])
+    m2 = torch.stack([((d - d.mean(0)) ** 2).sum(0) if len(d) else torch.zeros(C, dtype=torch.float64)
+                      for d in data])
+    bias = torch.randn(C, generator=gen, dtype=torch.float64)
+    got_mean, got_var = tbn.finalize(tuple(t.to(device) for t in (cnt, mean, m2)), C, bias.to(device))
+    allv = torch.cat(data)
+    assert_close(got_mean, allv.mean(0) + bias, torch.float64, "mean")
+    assert_close(got_var, allv.var(0, unbiased=False), torch.float64, "var")
+
+
+def test_every_triton_launch_goes_through_the_launch_module():
+    """No `kernel[grid](...)` call outside fastconv/triton/launch.py: the device guard, the recorder and the
+    tile choice live there only."""
+    pattern = re.compile(r"\b_\w+_kernel\[")
+    offenders = [f"{p.name}:{i + 1}" for p in (ROOT / "fastconv").rglob("*.py") if p.name != "launch.py"
+                 for i, line in enumerate(p.read_text().splitlines()) if pattern.search(line)]
+    assert not offenders, offenders
+
+
+class _FakeKernel:
+    """Stands in for a JITFunction: records the device current at each launch."""
+
+    def __init__(self):
+        self.calls = []
+        self.fn = self._fake_kernel
+
+    def _fake_kernel(self):
+        pass
+
+    def __getitem__(self, grid):
+        return lambda *a, **k: self.calls.append((grid, launch_guard_log[-1] if launch_guard_log else None, k))
+
+
+launch_guard_log: list = []
+
+
+def test_launches_run_under_the_tensors_device(monkeypatch):
+    """Both launch paths enter torch.cuda.device(<the tensors' device>) around the launch (mocked: no GPU)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def fake_device(dev):
+        launch_guard_log.append(dev)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setenv("FASTCONV_AUTOTUNE", "0")
+    monkeypatch.setenv("FASTCONV_SM_COUNT", "132")
+    dev = torch.device("cuda", 1)
+    k = _FakeKernel()
+    launch.run(k, (3,), torch.empty(2), device=dev, FLAG=True)
+    tk = launch.TunedKernel(_FakeKernel(), "conv2d_fwd")
+    tk(lambda meta: (5,), torch.empty(2), problem=launch.Problem(100, 16, 8), device=dev)
+    assert launch_guard_log == [dev, dev]
+    assert k.calls[0][0] == (3,) and tk.kernel.calls[0][0] == (5,)
+
+
+def test_forced_tile_and_heuristic():
+    p = launch.Problem(256 * 32 * 32, 128, 128, 9, 1)
+    tiles = [t for t, _ in configs.tiles("conv2d_fwd", "sm_90", "half")]
+    pick = launch.heuristic_pick(tiles, p, 132)
+    assert pick in tiles and pick == launch.heuristic_pick(tiles, p, 132)
+    small = launch.heuristic_pick(tiles, launch.Problem(64, 16, 16, 9, 1), 132)
+    assert small[0] * small[1] <= pick[0] * pick[1]  # a tiny problem gets a tile no larger
+    tk = launch.TunedKernel(_FakeKernel(), "conv2d_fwd")
+    with launch.forced((64, 32, 32, 2, 5)):
+        meta, _ = tk(lambda m: (1,), torch.empty(1), problem=p, device=torch.device("cpu"))
+    assert (meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], meta["num_warps"]) == (64, 32, 32, 2)
+
+
+def test_autotune_keys_are_bucketed_and_cached_across_processes(monkeypatch, tmp_path):
+    """GPU path with a fake kernel and timer: one tuning per bucketed key; the JSON cache serves a new process."""
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "device_guard", lambda device: __import__("contextlib").nullcontext())
+    monkeypatch.setenv("FASTCONV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FASTCONV_AUTOTUNE", "1")
+    timed = []
+
+    def fake_bench(fn):
+        fn()
+        timed.append(1)
+        return float(len(timed) % 5)  # some tile wins
+
+    monkeypatch.setattr(launch, "_bench_ms", fake_bench)
+    monkeypatch.setattr(launch, "CACHE", launch._DiskCache())
+    monkeypatch.setattr(launch, "TUNING_RUNS", {})
+    tk = launch.TunedKernel(_FakeKernel(), "conv2d_fwd")
+    dev = torch.device("cpu")
+    x = torch.empty(1, dtype=torch.float16)
+    for batch in (128, 100, 65):  # 131072, 102400, 66560 pixels: one power-of-two bucket
+        tk(lambda m: (1,), x, problem=launch.Problem(batch * 1024, 64, 64, 9, 1), device=dev)
+    assert len(launch.TUNING_RUNS) == 1 and len(timed) == len(configs.tiles("conv2d_fwd", "sm_80", "half"))
+    files = list(tmp_path.rglob("*.json"))
+    assert len(files) == 1 and len(json.loads(files[0].read_text())) == 1
+    monkeypatch.setattr(launch, "CACHE", launch._DiskCache())  # a new process: only the file remains
+    tk(lambda m: (1,), x, problem=launch.Problem(90 * 1024, 64, 64, 9, 1), device=dev)
+    assert len(launch.TUNING_RUNS) == 1
+    monkeypatch.setenv("FASTCONV_AUTOTUNE", "0")
+    tk(lambda m: (1,), x, problem=launch.Problem(7, 64, 64, 9, 1), device=dev)
+    assert len(launch.TUNING_RUNS) == 1  # the heuristic tunes nothing
+
+
+def _conv_layers():
+    from bench._shapes import CIFAR_ARCHITECTURES, imagenet_architectures, unique
+
+    return list(unique({**CIFAR_ARCHITECTURES, **imagenet_architectures()}, "conv"))
+
+
+def test_launch_plan_has_no_long_serial_loops():
+    """Every conv layer the benchmarks time, as a fused conv+BN+ReLU block at batch 256 (train step, H100 and
+    A100 tables): no kernel's serial loop passes 1,024 iterations except a GEMM's own K loop."""
+    worst = {}
+    for layer in _conv_layers():
+        spec = f"256,{layer.C},{layer.H},{layer.W},{layer.K},{layer.R},{layer.S},{layer.stride},{layer.pad}," \
+               f"{layer.groups}"
+        for gpu in ("H100", "A100"):
+            rows = launch_plan.record_step(*launch_plan.layer_model(spec, torch.bfloat16), True, gpu)
+            for r in rows:
+                if not r.launch.gemm_loop:
+                    worst[r.launch.kernel] = max(worst.get(r.launch.kernel, 0), r.launch.loop)
+    assert worst and max(worst.values()) <= 1024, worst
+
+
+def test_launch_plan_fused_block_launches():
+    """One fused conv+BN+ReLU block (input needing its gradient): train step = conv with statistics,
+    finalize, normalize+act, BN backward reduce and apply, dgrad, wgrad; eval = one conv kernel."""
+    model, x = launch_plan.layer_model("8,16,8,8,16,3,3,1,1,1", torch.bfloat16)
+    rows = launch_plan.record_step(model, x, True)
+    triton = [r.launch.kernel for r in rows if not r.launch.kernel.startswith("aten.")]
+    assert triton == ["_conv2d_fwd_kernel", "_moments_combine_kernel", "_batch_norm_act_fwd_kernel",
+                      "_batch_norm_act_bwd_reduce_kernel", "_batch_norm_act_bwd_apply_kernel",
+                      "_conv2d_dgrad_kernel", "_conv2d_wgrad_kernel"], triton
+    rows = launch_plan.record_step(model, x, False)
+    assert [r.launch.kernel for r in rows if not r.launch.kernel.startswith("aten.")] == ["_conv2d_fwd_kernel"]
+
+
+def test_launch_plan_cli_json(capsys):
+    assert launch_plan.main(["--model", "cifar10_cnn", "--batch", "4", "--compare-eager", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for side in ("fastconv", "eager"):
+        assert out[side]["bytes"] > 0 and out[side]["launches"] > 0
+    assert out["fastconv"]["max_serial_loop"] <= 1024
+    assert all(r["programs"] >= 1 for r in out["fastconv"]["rows"])
