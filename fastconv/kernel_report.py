@@ -80,7 +80,7 @@ def _conv_args(N=32, C=64, K=64, H=56, W=56, R=3, S=3, stride=1, pad=1, dil=1, n
     for prefix, chw in shapes.items():
         strides.update(_strides(prefix, *chw, prefix not in nchw, "ochw" if prefix == "sw" else "nchw"))
     return dict(M=N * OH * OW, MP=N * HP * WP, P=N * OH * OW, H=H, W=W, OH=OH, OW=OW, HP=HP, WP=WP,
-                CIN_G=C, COUT_G=K, COUT=K, KH=R, KW=S, KDIM=R * S * C, K_PER_SPLIT=64 * 49, STATS_TILE0=0,
+                CIN_G=C, COUT_G=K, COUT=K, KH=R, KW=S, KDIM=R * S * C, K_PER_SPLIT=64 * 49,
                 stride_h=stride, stride_w=stride, pad_h=pad, pad_w=pad, dil_h=dil, dil_w=dil, **strides)
 
 
@@ -168,8 +168,12 @@ CASES = {
     "_max_pool2d_fwd_kernel": _pool_case(dict(KH=3, KW=3, UNROLL=True, CHANNELS_LAST=True), total=32 * 64 * 56 * 56,
                                          k7_loop=dict(KH=7, KW=7, UNROLL=False)),
     "_max_pool2d_bwd_kernel": _pool_case(dict(CHANNELS_LAST=True), total=32 * 64 * 112 * 112),
-    "_batch_norm_finalize_kernel": dict(tiles=lambda m: [(dict(BLOCK=64), 4, 3)], base=dict(HAS_BIAS=True), args=_BN,
-                                        dtypes=("fp32",)),  # fp32 statistics whatever the model's dtype
+    # the BN finalize tree: inner passes write chunk partials, the last one the mean (+ conv bias) and var
+    "_batch_norm_combine_kernel": dict(
+        tiles=lambda m: [(dict(BLOCK_T=m.COMBINE_BLOCK_T, BLOCK_C=m.COMBINE_BLOCK_C), 4, 3)],
+        base=dict(FINAL=False, HAS_BIAS=False), args=dict(_BN, ROWS=1024),
+        variants={"final": dict(FINAL=True, HAS_BIAS=True)},
+        dtypes=("fp32",)),  # fp32 statistics whatever the model's dtype
     "_batch_norm_act_fwd_kernel": dict(tiles=_bn_tiles, base=_BN_BASE, args=_BN, types=_BN_TYPES,
                                        variants={"res_silu": _BN_RES_SILU}),
     "_batch_norm_act_bwd_reduce_kernel": dict(tiles=_bn_tiles, base=_BN_BASE, args=_BN, types=_BN_TYPES,
@@ -193,7 +197,7 @@ QUICK_DTYPES = {
     "_batch_norm_act_fwd_kernel": ("fp16",),
     "_batch_norm_act_bwd_reduce_kernel": ("bf16",),
     "_batch_norm_act_bwd_apply_kernel": ("fp32",),
-    "_batch_norm_finalize_kernel": ("fp32",),
+    "_batch_norm_combine_kernel": ("fp32",),
 }
 
 

@@ -178,6 +178,24 @@ def layer_model(spec: str, dtype: torch.dtype):
     return block, x.requires_grad_()  # a block inside a network: its input gradient is computed too
 
 
+def autotune_runs(name: str, batch: int, dtype: torch.dtype, gpu: str = "H100",
+                  train_images: int = 50_000, test_images: int = 10_000) -> dict:
+    """Autotune runs of a whole training of model `name` on a CIFAR-sized data set: each epoch trains on full
+    batches plus one short last batch and evaluates likewise, and every later epoch repeats those shapes, so
+    the runs are the distinct tuned keys of those four steps, whatever the number of epochs."""
+    keys, launches = set(), 0
+    steps = [(b, True) for b in {batch, train_images % batch} - {0}]
+    steps += [(b, False) for b in {batch, test_images % batch} - {0}]
+    for b, train in steps:
+        model, x = build(name, b, dtype, fastconv=True)
+        rows = record_step(model, x, train, gpu)
+        tuned = [r.launch.key for r in rows if r.launch.key]
+        keys.update(tuned)
+        launches += len(tuned)
+    return {"runs": len(keys), "tuned_launches_in_those_steps": launches,
+            "steps": [f"{'train' if t else 'eval'} batch {b}" for b, t in steps]}
+
+
 def roofline_us(launch: tlaunch.Launch, gpu: str, kind: str) -> float:
     spec = GPUS[gpu]
     return 1e6 * max(launch.flops / spec["flops"][kind], launch.bytes / spec["bandwidth"])
@@ -235,6 +253,8 @@ def main(argv=None) -> int:
     mode.add_argument("--eval", dest="train", action="store_false")
     ap.add_argument("--gpu", choices=list(GPUS), default="H100")
     ap.add_argument("--compare-eager", action="store_true", help="also account plain PyTorch eager's step")
+    ap.add_argument("--autotune-runs", action="store_true",
+                    help="count the autotune runs of a whole CIFAR-10 training of --model at --batch")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     dtype = DTYPES[args.dtype]
@@ -247,6 +267,10 @@ def main(argv=None) -> int:
     result = {"fastconv": {**summarize(rows, args.gpu, kind), "rows": [
         {"op": r.op, **dataclasses.asdict(r.launch), "programs": r.launch.programs,
          "roofline_us": roofline_us(r.launch, args.gpu, kind)} for r in rows]}}
+    if args.autotune_runs:
+        if not args.model:
+            ap.error("--autotune-runs needs --model")
+        result["autotune"] = autotune_runs(args.model, args.batch, dtype, args.gpu)
     if args.compare_eager:
         if not args.model:
             ap.error("--compare-eager needs --model")
@@ -262,6 +286,10 @@ def main(argv=None) -> int:
           f"{args.gpu} ({GPUS[args.gpu]['arch']}, {GPUS[args.gpu]['sms']} SMs)")
     print(_table(rows, args.gpu, kind))
     print(_summary_line("fastconv", result["fastconv"]))
+    if "autotune" in result:
+        a = result["autotune"]
+        print(f"autotune runs for a whole training (any number of epochs): {a['runs']} "
+              f"({', '.join(a['steps'])}; {a['tuned_launches_in_those_steps']} tuned launches in those steps)")
     if "eager" in result:
         e = result["eager"]
         print(_summary_line("eager", e))

@@ -251,7 +251,7 @@ def test_autotune_keys_are_bucketed_and_cached_across_processes(monkeypatch, tmp
     tk = launch.TunedKernel(_FakeKernel(), "conv2d_fwd")
     dev = torch.device("cpu")
     x = torch.empty(1, dtype=torch.float16)
-    for batch in (128, 100, 65):  # 131072, 102400, 66560 pixels: one power-of-two bucket
+    for batch in (128, 100, 65, 512):  # 131072, 102400, 66560 pixels: one power-of-two bucket; 512: capped
         tk(lambda m: (1,), x, problem=launch.Problem(batch * 1024, 64, 64, 9, 1), device=dev)
     assert len(launch.TUNING_RUNS) == 1 and len(timed) == len(configs.tiles("conv2d_fwd", "sm_80", "half"))
     files = list(tmp_path.rglob("*.json"))
@@ -259,9 +259,11 @@ def test_autotune_keys_are_bucketed_and_cached_across_processes(monkeypatch, tmp
     monkeypatch.setattr(launch, "CACHE", launch._DiskCache())  # a new process: only the file remains
     tk(lambda m: (1,), x, problem=launch.Problem(90 * 1024, 64, 64, 9, 1), device=dev)
     assert len(launch.TUNING_RUNS) == 1
+    tk(lambda m: (1,), x, problem=launch.Problem(9 * 1024, 64, 64, 9, 1), device=dev)  # 16384: a new bucket
+    assert len(launch.TUNING_RUNS) == 2
     monkeypatch.setenv("FASTCONV_AUTOTUNE", "0")
     tk(lambda m: (1,), x, problem=launch.Problem(7, 64, 64, 9, 1), device=dev)
-    assert len(launch.TUNING_RUNS) == 1  # the heuristic tunes nothing
+    assert len(launch.TUNING_RUNS) == 2  # the heuristic tunes nothing
 
 
 def _conv_layers():
@@ -291,7 +293,7 @@ def test_launch_plan_fused_block_launches():
     model, x = launch_plan.layer_model("8,16,8,8,16,3,3,1,1,1", torch.bfloat16)
     rows = launch_plan.record_step(model, x, True)
     triton = [r.launch.kernel for r in rows if not r.launch.kernel.startswith("aten.")]
-    assert triton == ["_conv2d_fwd_kernel", "_moments_combine_kernel", "_batch_norm_act_fwd_kernel",
+    assert triton == ["_conv2d_fwd_kernel", "_batch_norm_combine_kernel", "_batch_norm_act_fwd_kernel",
                       "_batch_norm_act_bwd_reduce_kernel", "_batch_norm_act_bwd_apply_kernel",
                       "_conv2d_dgrad_kernel", "_conv2d_wgrad_kernel"], triton
     rows = launch_plan.record_step(model, x, False)

@@ -54,7 +54,7 @@ def activation_grad(u, ACT: tl.constexpr):
 @triton.jit
 def store_tile_stats(acc, mask_m, co, mask_n, tile, C, cnt_ptr, mean_ptr, m2_ptr):
     """BatchNorm partials of this tile: per channel, the count, mean and M2 (sum of squared deviations
-    from the tile mean) of its valid rows. Stored at [tile, co]; _batch_norm_finalize_kernel combines them
+    from the tile mean) of its valid rows. Stored at [tile, co]; batch_norm.finalize combines them
     with Chan's formula, which stays accurate where a naive sum of squares would cancel. Taken on the
     accumulator before the bias is added, and the bias joins the mean only after the combination, so a
     large bias costs no variance precision."""

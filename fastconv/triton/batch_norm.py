@@ -26,7 +26,7 @@ BLOCK_P, BLOCK_C = 64, 32
 
 
 @triton.jit
-def _moments_combine_kernel(cnt_ptr, mean_ptr, m2_ptr, T, C, ROWS,
+def _batch_norm_combine_kernel(cnt_ptr, mean_ptr, m2_ptr, T, C, ROWS,
                             cnt_out_ptr, mean_out_ptr, m2_out_ptr, bias_ptr,
                             FINAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -203,7 +203,7 @@ REDUCE_MAX_STEPS = 256
 
 def finalize(stats, channels: int, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(count, mean, M2) partials [T, C] of the bias-free conv output -> per-channel batch mean (bias
-    added) and biased variance, by a tree of _moments_combine_kernel levels (no long serial loop)."""
+    added) and biased variance, by a tree of _batch_norm_combine_kernel levels (no long serial loop)."""
     cnt, mean_p, m2_p = stats
     check_runnable(cnt)
     mean = torch.empty(channels, device=cnt.device, dtype=cnt.dtype)
@@ -213,11 +213,11 @@ def finalize(stats, channels: int, bias: torch.Tensor | None = None) -> tuple[to
     while T > COMBINE_ROWS:
         chunks = triton.cdiv(T, COMBINE_ROWS)
         out = [workspace((chunks, channels), cnt.device, cnt.dtype) for _ in range(3)]
-        run(_moments_combine_kernel, (blocks_c, chunks), cnt, mean_p, m2_p, T, channels, COMBINE_ROWS, *out, mean,
+        run(_batch_norm_combine_kernel, (blocks_c, chunks), cnt, mean_p, m2_p, T, channels, COMBINE_ROWS, *out, mean,
             device=cnt.device, loop=triton.cdiv(COMBINE_ROWS, COMBINE_BLOCK_T),
             FINAL=False, HAS_BIAS=False, BLOCK_T=COMBINE_BLOCK_T, BLOCK_C=COMBINE_BLOCK_C)
         (cnt, mean_p, m2_p), T = out, chunks
-    run(_moments_combine_kernel, (blocks_c, 1), cnt, mean_p, m2_p, T, channels, COMBINE_ROWS,
+    run(_batch_norm_combine_kernel, (blocks_c, 1), cnt, mean_p, m2_p, T, channels, COMBINE_ROWS,
         mean, mean, var, bias if bias is not None else mean,
         device=cnt.device, loop=triton.cdiv(T, COMBINE_BLOCK_T),
         FINAL=True, HAS_BIAS=bias is not None, BLOCK_T=COMBINE_BLOCK_T, BLOCK_C=COMBINE_BLOCK_C)

@@ -11,8 +11,8 @@ Every launch goes through `run` (fixed-config kernels) or `TunedKernel` (kernels
     - the interpreter: the small configs.INTERPRET tile (test shapes cross its tile boundaries);
     - otherwise (GPU): autotune over the table — each candidate timed on the real arguments with
       triton.testing.do_bench, candidates in heuristic order, at most FASTCONV_AUTOTUNE_BUDGET_MS per key —
-      with keys bucketed (pixel counts rounded up to a power of two, so a new batch size or the last short
-      batch of an epoch reuses the tuned tile) and results kept in memory and in a JSON file per device and
+      with keys bucketed (pixel counts rounded up to a power of two and capped at BUCKET_CAP, so a new batch
+      size or the last short batch of an epoch mostly reuses the tuned tiles) and results kept in memory and in a JSON file per device and
       Triton version under ~/.cache/fastconv/autotune (FASTCONV_CACHE_DIR). fastconv tunes itself rather
       than through triton.autotune because the config must be known before the launch (see above);
       Triton's own `cache_results` is thereby not needed.
@@ -194,9 +194,15 @@ def heuristic_pick(tiles: list[Tile], p: Problem, sms: int) -> Tile:
     return min(tiles, key=lambda t: (estimated_cost(t, p, sms), tiles.index(t)))
 
 
+# Pixel counts from here on share one autotune bucket: 2**17 GEMM rows are >= 1,024 row tiles even of the
+# largest tile, several waves on any GPU, where the best tile no longer depends on the row count.
+BUCKET_CAP = 2**17
+
+
 def bucket(v: int) -> int:
-    """Autotune key bucket of a size: pixel-sized dims (>= 4096) round up to a power of two."""
-    return triton.next_power_of_2(v) if v >= 4096 else v
+    """Autotune key bucket of a size: pixel-sized dims (>= 4096) round up to a power of two, capped at
+    BUCKET_CAP."""
+    return min(triton.next_power_of_2(v), BUCKET_CAP) if v >= 4096 else v
 
 
 def _meta(tile: Tile, maxnreg: int | None = None) -> dict:
