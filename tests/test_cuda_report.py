@@ -67,3 +67,15 @@ def test_cli_family_cuda(monkeypatch):
         rc = kernel_report.main(["--family", "cuda", "--json", "--arch", "sm_80"])
     rows = json.loads(buf.getvalue())
     assert rc == 0 and rows and {r["family"] for r in rows} == {"cuda"} and {r["arch"] for r in rows} == {"sm_80"}
+
+
+def test_batch_norm_kernels_compile_without_spills():
+    """The C++ BatchNorm kernels, the passes combining the partials (bn_combine_kernel) included."""
+    rows = _cuda_report.compile_file(_cuda_report.CSRC / "cuda" / "batch_norm.cu", ARCHES)
+    assert rows and not [r for r in rows if r["note"].startswith(_cuda_report.FAILED)]
+    assert [r for r in rows if r["spills"]] == []
+    for arch in ARCHES:
+        combine = [r for r in rows if r["kernel"] == "fastconv::bn_combine_kernel" and r["arch"] == arch]
+        # Moments (finalize) and GradSums (backward sums), float and double each
+        assert sorted(r["dtype"] for r in combine) == ["fp32", "fp32", "fp64", "fp64"], combine
+        assert {"Moments", "GradSums"} <= {n for r in combine for n in ("Moments", "GradSums") if n in r["config"]}

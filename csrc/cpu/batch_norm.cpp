@@ -2,9 +2,10 @@
 // and per-channel math (Welford/Chan moments, normalize + affine + activation, the backward's g and dz) comes
 // from fastconv/batch_norm.h, the header the CUDA kernels use.
 //
-// Reductions run over tiles of kTileRows pixels into [T, C] partials combined in a fixed order, so results do
-// not depend on the thread count. Inside a tile, and in the elementwise passes, the channel loop is innermost
-// for channels_last tensors and outermost for the others, so memory is walked in order.
+// Reductions run over tiles of kTileRows pixels into [T, C] partials, combined in the passes, chunks, lanes
+// and tree order of the CUDA kernels (fastconv/batch_norm.h), so results do not depend on the thread count.
+// Inside a tile, and in the elementwise passes, the channel loop is innermost for channels_last tensors and
+// outermost for the others, so memory is walked in order.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -77,6 +78,47 @@ std::vector<BnChannel<Acc>> channels(const BnInputs& in, int64_t C, double eps) 
   for (int64_t c = 0; c < C; ++c)
     ch[c] = bn_channel<Acc>(in.mean.const_data_ptr<Acc>(), in.var.const_data_ptr<Acc>(), w, b, static_cast<Acc>(eps), c);
   return ch;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// combination of [rows, C] partial states: the passes of fastconv/batch_norm.h, a CUDA block's lanes and
+// tree run serially per channel; (chunk, block of channels) pairs are spread over threads.
+
+constexpr int64_t kCombineChannels = 64;  // channels of one parallel_for item
+
+// One pass over row(r, c) -> S, r < rows: the [chunks, C] states.
+template <typename S, typename Row>
+std::vector<S> combine_pass(const Row& row, int64_t rows, int64_t C) {
+  const int64_t chunks = bn_combine_chunks(rows), blocks = ceil_div(C, kCombineChannels);
+  std::vector<S> out(chunks * C);
+  at::parallel_for(0, chunks * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t k = b / blocks, c0 = (b % blocks) * kCombineChannels, c1 = std::min(C, c0 + kCombineChannels);
+      const int64_t r0 = k * kBnCombineRows, r1 = std::min(rows, r0 + kBnCombineRows);
+      for (int64_t c = c0; c < c1; ++c) {
+        S lanes[kBnCombineLanes];
+        for (int j = 0; j < kBnCombineLanes; ++j)
+          lanes[j] = bn_combine_lane<S>([&](int64_t r) { return row(r, c); }, r0, r1, j);
+        bn_combine_tree(lanes, kBnCombineLanes);
+        out[k * C + c] = lanes[0];
+      }
+    }
+  });
+  return out;
+}
+
+// Every pass: the [C] per-channel states of T partial rows.
+template <typename S, typename Row>
+std::vector<S> combine_all(const Row& row, int64_t T, int64_t C) {
+  std::vector<S> cur;
+  bool first = true;  // the first pass reads the partials, the others the previous pass's states
+  bn_combine_passes(T, [&](int64_t rows, int64_t) {
+    std::vector<S> next = first ? combine_pass<S>(row, rows, C)
+                                : combine_pass<S>([&](int64_t r, int64_t c) { return cur[r * C + c]; }, rows, C);
+    cur.swap(next);
+    first = false;
+  });
+  return cur;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -161,14 +203,14 @@ void finalize_cpu(const at::Tensor& cnt, const at::Tensor& mean_p, const at::Ten
   const Acc *cp = cnt.const_data_ptr<Acc>(), *mp = mean_p.const_data_ptr<Acc>(), *qp = m2_p.const_data_ptr<Acc>();
   const Acc* bp = bias.defined() ? bias.const_data_ptr<Acc>() : nullptr;
   Acc *mo = mean.data_ptr<Acc>(), *vo = var.data_ptr<Acc>();
-  at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      Moments<Acc> a{0, 0, 0};
-      for (int64_t t = 0; t < T; ++t) moments_merge(a, cp[t * C + c], mp[t * C + c], qp[t * C + c]);
-      mo[c] = a.mean + (bp ? bp[c] : Acc(0));
-      vo[c] = moments_var(a);
-    }
-  });
+  const auto m = combine_all<Moments<Acc>>([&](int64_t t, int64_t c) {
+    const int64_t i = t * C + c;
+    return Moments<Acc>{cp[i], mp[i], qp[i]};
+  }, T, C);
+  for (int64_t c = 0; c < C; ++c) {
+    mo[c] = m[c].mean + (bp ? bp[c] : Acc(0));
+    vo[c] = moments_var(m[c]);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> ext_batch_norm_finalize_cpu(const at::Tensor& count, const at::Tensor& mean,
@@ -278,7 +320,7 @@ void backward_cpu(const at::Tensor& dy, const at::Tensor& z, const BnInputs& in,
   const Strides sz(z), sd(dy), sr = rp ? Strides(in.residual) : Strides();
   const bool inner = channels_inner(z);
   const int64_t T_ = std::max<int64_t>(1, (P + kTileRows - 1) / kTileRows);
-  std::vector<Acc> part_g(T_ * C, Acc(0)), part_gx(T_ * C, Acc(0));
+  std::vector<GradSums<Acc>> part(T_ * C, GradSums<Acc>{0, 0});
   std::vector<Acc> mean_g(C), mean_gx(C);
   T* dzp = dz.data_ptr<T>();
   T* drp = dres ? dres->data_ptr<T>() : nullptr;
@@ -303,13 +345,12 @@ void backward_cpu(const at::Tensor& dy, const at::Tensor& z, const BnInputs& in,
     at::parallel_for(0, T_, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t p0 = t * kTileRows, p1 = std::min(P, p0 + kTileRows);
-        Acc* pg = part_g.data() + t * C;
-        Acc* pgx = part_gx.data() + t * C;
+        GradSums<Acc>* pt = part.data() + t * C;
         if (inner) {
           for_pixels(p0, p1, H, W, [&](int64_t n, int64_t h, int64_t w) {
             run(n, 0, h, w, C, 1, [&](int64_t, int64_t c, Acc g, Acc xhat) {
-              pg[c] += g;
-              pgx[c] += g * xhat;
+              pt[c].g += g;
+              pt[c].gx += g * xhat;
             });
           });
         } else {
@@ -321,24 +362,19 @@ void backward_cpu(const at::Tensor& dy, const at::Tensor& z, const BnInputs& in,
                 sgx += g * xhat;
               });
             });
-            pg[c] = sg;
-            pgx[c] = sgx;
+            pt[c] = {sg, sgx};
           }
         }
       }
     });
     Acc* sg = sum_g.data_ptr<Acc>();
     Acc* sgx = sum_gx.data_ptr<Acc>();
+    const auto sums = combine_all<GradSums<Acc>>([&](int64_t t, int64_t c) { return part[t * C + c]; }, T_, C);
     for (int64_t c = 0; c < C; ++c) {
-      Acc a = 0, b = 0;
-      for (int64_t t = 0; t < T_; ++t) {
-        a += part_g[t * C + c];
-        b += part_gx[t * C + c];
-      }
-      sg[c] = a;
-      sgx[c] = b;
-      mean_g[c] = P > 0 ? a / static_cast<Acc>(P) : Acc(0);
-      mean_gx[c] = P > 0 ? b / static_cast<Acc>(P) : Acc(0);
+      sg[c] = sums[c].g;
+      sgx[c] = sums[c].gx;
+      mean_g[c] = P > 0 ? sums[c].g / static_cast<Acc>(P) : Acc(0);
+      mean_gx[c] = P > 0 ? sums[c].gx / static_cast<Acc>(P) : Acc(0);
     }
     if (P == 0) return;
     if (bn_format(dz) == at::MemoryFormat::ChannelsLast) {

@@ -5,7 +5,10 @@
 // Reductions: one block per (tile of kBnTileRows pixels, group of channels), 256 threads laid out as
 // channel lanes x row lanes. For channels_last tensors 32 channel lanes run along the warp (coalesced reads
 // of consecutive channels); otherwise 32 row lanes do (consecutive pixels of one plane). Row lanes are
-// combined in shared memory in a fixed order: deterministic, no atomics.
+// combined by a tree in shared memory (block_combine). The [T, C] tile partials are then combined by passes
+// of bn_combine_kernel (geometry and order in fastconv/batch_norm.h), one block per (chunk of
+// kBnCombineRows rows, 32 channels). No thread loops over more than 64 values; fixed order everywhere:
+// deterministic, no atomics.
 // Elementwise passes: one thread per element in the output's memory order (coalesced writes).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -29,6 +32,28 @@ struct Lanes {
   __device__ static int row() { return CHANNELS_FAST ? threadIdx.x / 32 : threadIdx.x % 32; }
 };
 
+// Tile kernels: a thread's loop covers kBnTileRows / RB pixels.
+static_assert(kBnTileRows / Lanes<true>::RB <= 64 && kBnTileRows / Lanes<false>::RB <= 64, "long tile loops");
+static_assert(Lanes<true>::RB == kBnCombineLanes && Lanes<true>::CB == kBnCombineChannels,
+              "bn_combine_kernel's block is Lanes<true>");
+
+// Combines the states of a block's RB row lanes per channel lane: a tree in shared memory, lane r taking
+// lane r + s for s = RB/2, ..., 1 (the order of bn_combine_tree). Row lane 0 returns the total.
+template <typename L, typename S>
+__device__ __forceinline__ S block_combine(S s, S (&sh)[L::RB][L::CB]) {
+  const int r = L::row(), c = L::channel();
+  sh[r][c] = s;
+  __syncthreads();
+  for (int step = L::RB / 2; step > 0; step /= 2) {
+    if (r < step) {
+      combine(s, sh[r + step][c]);
+      sh[r][c] = s;
+    }
+    __syncthreads();
+  }
+  return s;
+}
+
 __device__ __forceinline__ int64_t offset(const int64_t* s, int64_t n, int64_t c, int64_t h, int64_t w) {
   return n * s[0] + c * s[1] + h * s[2] + w * s[3];
 }
@@ -47,7 +72,7 @@ template <typename T, bool CHANNELS_FAST>
 __global__ void __launch_bounds__(kThreads) bn_stats_kernel(BatchNormStatsParams p) {
   using Acc = acc_t<T>;
   using L = Lanes<CHANNELS_FAST>;
-  __shared__ Acc sh[3][L::RB][L::CB];
+  __shared__ Moments<Acc> sh[L::RB][L::CB];
   const T* z = static_cast<const T*>(p.z.ptr);
   const int64_t t = blockIdx.x;
   const int64_t c = int64_t(blockIdx.y) * L::CB + L::channel();
@@ -60,12 +85,8 @@ __global__ void __launch_bounds__(kThreads) bn_stats_kernel(BatchNormStatsParams
       moments_push(m, static_cast<Acc>(load(z + offset(p.z.s, nh / p.H, c, nh % p.H, w))));
     }
   }
-  sh[0][L::row()][L::channel()] = m.n;
-  sh[1][L::row()][L::channel()] = m.mean;
-  sh[2][L::row()][L::channel()] = m.m2;
-  __syncthreads();
+  m = block_combine<L>(m, sh);
   if (L::row() == 0 && c < p.C) {
-    for (int r = 1; r < L::RB; ++r) moments_merge(m, sh[0][r][L::channel()], sh[1][r][L::channel()], sh[2][r][L::channel()]);
     const int64_t o = t * p.C + c;
     static_cast<Acc*>(p.cnt)[o] = m.n;
     static_cast<Acc*>(p.mean)[o] = m.mean;
@@ -73,18 +94,60 @@ __global__ void __launch_bounds__(kThreads) bn_stats_kernel(BatchNormStatsParams
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// combination of [rows, C] partial states: one pass (fastconv/batch_norm.h)
+
+template <typename S>
+struct CombinePass {
+  const S* in;  // [rows, C] states of the previous pass; nullptr: the op's partials (first pass)
+  S* out;       // [chunks, C]; nullptr: last pass, the op's per-channel outputs
+  int64_t rows, C;
+};
+
+// The op's partials row i = t * C + c, and its outputs per channel: finalize ...
 template <typename Acc>
-__global__ void __launch_bounds__(kThreads) bn_finalize_kernel(BatchNormFinalizeParams p) {
-  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= p.C) return;
-  const Acc* cnt = static_cast<const Acc*>(p.cnt);
-  const Acc* mean = static_cast<const Acc*>(p.mean);
-  const Acc* m2 = static_cast<const Acc*>(p.m2);
-  Moments<Acc> a{0, 0, 0};
-  for (int64_t t = 0; t < p.T; ++t) moments_merge(a, cnt[t * p.C + c], mean[t * p.C + c], m2[t * p.C + c]);
+__device__ __forceinline__ void partial_row(const BatchNormFinalizeParams& p, int64_t i, Moments<Acc>& s) {
+  s = {static_cast<const Acc*>(p.cnt)[i], static_cast<const Acc*>(p.mean)[i], static_cast<const Acc*>(p.m2)[i]};
+}
+template <typename Acc>
+__device__ __forceinline__ void store_result(const BatchNormFinalizeParams& p, int64_t c, const Moments<Acc>& s) {
   const Acc b = p.bias ? static_cast<const Acc*>(p.bias)[c] : Acc(0);
-  static_cast<Acc*>(p.mean_out)[c] = a.mean + b;
-  static_cast<Acc*>(p.var_out)[c] = moments_var(a);
+  static_cast<Acc*>(p.mean_out)[c] = s.mean + b;
+  static_cast<Acc*>(p.var_out)[c] = moments_var(s);
+}
+// ... and the backward's sums
+template <typename Acc>
+__device__ __forceinline__ void partial_row(const BatchNormBackwardParams& p, int64_t i, GradSums<Acc>& s) {
+  s = {static_cast<const Acc*>(p.part_g)[i], static_cast<const Acc*>(p.part_gx)[i]};
+}
+template <typename Acc>
+__device__ __forceinline__ void store_result(const BatchNormBackwardParams& p, int64_t c, const GradSums<Acc>& s) {
+  static_cast<Acc*>(p.sum_g)[c] = s.g;
+  static_cast<Acc*>(p.sum_gx)[c] = s.gx;
+}
+
+// Block (chunk blockIdx.x, channels blockIdx.y * 32 + [0, 32)): rows [r0, r1) of at most kBnCombineRows.
+template <typename S, typename P>
+__global__ void __launch_bounds__(kThreads) bn_combine_kernel(P p, CombinePass<S> pass) {
+  using L = Lanes<true>;
+  __shared__ S sh[L::RB][L::CB];
+  const int64_t k = blockIdx.x;
+  const int64_t c = int64_t(blockIdx.y) * L::CB + L::channel();
+  const int64_t r0 = k * kBnCombineRows, r1 = min_of(pass.rows, r0 + kBnCombineRows);
+  S s{};
+  if (c < pass.C) {
+    s = bn_combine_lane<S>([&](int64_t r) {
+      S v;
+      if (pass.in) v = pass.in[r * pass.C + c];
+      else partial_row(p, r * pass.C + c, v);
+      return v;
+    }, r0, r1, L::row());
+  }
+  s = block_combine<L>(s, sh);
+  if (L::row() == 0 && c < pass.C) {
+    if (pass.out) pass.out[k * pass.C + c] = s;
+    else store_result(p, c, s);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -123,46 +186,27 @@ template <typename T, bool CHANNELS_FAST>
 __global__ void __launch_bounds__(kThreads) bn_bwd_reduce_kernel(BatchNormBackwardParams p) {
   using Acc = acc_t<T>;
   using L = Lanes<CHANNELS_FAST>;
-  __shared__ Acc sh[2][L::RB][L::CB];
+  __shared__ GradSums<Acc> sh[L::RB][L::CB];
   const int64_t t = blockIdx.x;
   const int64_t c = int64_t(blockIdx.y) * L::CB + L::channel();
   const int64_t P = p.N * p.H * p.W;
   const int64_t p0 = t * kBnTileRows, p1 = min_of(P, p0 + kBnTileRows);
-  Acc sg = 0, sgx = 0;
+  GradSums<Acc> s{};
   if (c < p.C) {
     const BnChannel<Acc> k = channel_coeffs<Acc>(p.ch, c);
     for (int64_t q = p0 + L::row(); q < p1; q += L::RB) {
       const int64_t w = q % p.W, nh = q / p.W;
       Acc xhat;
       const Acc g = grad_at<T>(p, k, nh / p.H, c, nh % p.H, w, xhat);
-      sg += g;
-      sgx += g * xhat;
+      s.g += g;
+      s.gx += g * xhat;
     }
   }
-  sh[0][L::row()][L::channel()] = sg;
-  sh[1][L::row()][L::channel()] = sgx;
-  __syncthreads();
+  s = block_combine<L>(s, sh);
   if (L::row() == 0 && c < p.C) {
-    for (int r = 1; r < L::RB; ++r) {
-      sg += sh[0][r][L::channel()];
-      sgx += sh[1][r][L::channel()];
-    }
-    static_cast<Acc*>(p.part_g)[t * p.C + c] = sg;
-    static_cast<Acc*>(p.part_gx)[t * p.C + c] = sgx;
+    static_cast<Acc*>(p.part_g)[t * p.C + c] = s.g;
+    static_cast<Acc*>(p.part_gx)[t * p.C + c] = s.gx;
   }
-}
-
-template <typename Acc>
-__global__ void __launch_bounds__(kThreads) bn_bwd_sum_kernel(BatchNormBackwardParams p) {
-  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= p.C) return;
-  Acc a = 0, b = 0;
-  for (int64_t t = 0; t < p.T; ++t) {
-    a += static_cast<const Acc*>(p.part_g)[t * p.C + c];
-    b += static_cast<const Acc*>(p.part_gx)[t * p.C + c];
-  }
-  static_cast<Acc*>(p.sum_g)[c] = a;
-  static_cast<Acc*>(p.sum_gx)[c] = b;
 }
 
 template <typename T, bool CL>
@@ -191,6 +235,25 @@ dim3 reduce_grid(int64_t T, int64_t C) {
   return dim3(static_cast<unsigned>(T), static_cast<unsigned>((C + CB - 1) / CB));
 }
 
+// All passes combining `rows` partial rows of p into its per-channel outputs; ws holds
+// bn_combine_workspace_rows(rows) * C states.
+template <typename S, typename P>
+cudaError_t launch_combine(const P& p, int64_t rows, int64_t C, S* ws, cudaStream_t stream) {
+  const unsigned channel_blocks = static_cast<unsigned>(ceil_div(C, kBnCombineChannels));
+  const S* in = nullptr;  // the first pass reads p's partials
+  cudaError_t err = cudaSuccess;
+  bn_combine_passes(rows, [&](int64_t n, int64_t chunks) {
+    if (err != cudaSuccess) return;
+    S* out = chunks > 1 ? ws : nullptr;  // the last pass writes p's outputs
+    bn_combine_kernel<S, P><<<dim3(static_cast<unsigned>(chunks), channel_blocks), kThreads, 0, stream>>>(
+        p, CombinePass<S>{in, out, n, C});
+    err = cudaGetLastError();
+    in = out;
+    ws += chunks * C;
+  });
+  return err;
+}
+
 }  // namespace
 
 cudaError_t launch_batch_norm_stats(const BatchNormStatsParams& p, cudaStream_t stream) {
@@ -205,10 +268,8 @@ cudaError_t launch_batch_norm_stats(const BatchNormStatsParams& p, cudaStream_t 
 
 cudaError_t launch_batch_norm_finalize(const BatchNormFinalizeParams& p, cudaStream_t stream) {
   if (p.C == 0) return cudaSuccess;
-  const unsigned grid = static_cast<unsigned>((p.C + kThreads - 1) / kThreads);
-  if (p.f64) bn_finalize_kernel<double><<<grid, kThreads, 0, stream>>>(p);
-  else bn_finalize_kernel<float><<<grid, kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  if (p.f64) return launch_combine(p, p.T, p.C, static_cast<Moments<double>*>(p.workspace), stream);
+  return launch_combine(p, p.T, p.C, static_cast<Moments<float>*>(p.workspace), stream);
 }
 
 cudaError_t launch_batch_norm_act(const BatchNormActParams& p, cudaStream_t stream) {
@@ -235,8 +296,7 @@ cudaError_t launch_batch_norm_backward(const BatchNormBackwardParams& p, cudaStr
       cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
-    bn_bwd_sum_kernel<Acc><<<static_cast<unsigned>((p.C + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p);
-    cudaError_t err = cudaGetLastError();
+    cudaError_t err = launch_combine(p, p.T, p.C, static_cast<GradSums<Acc>*>(p.workspace), stream);
     if (err != cudaSuccess || total == 0) return err;
     const unsigned grid = grid_stride_blocks<kThreads>(total);
     if (p.channels_last) bn_bwd_apply_kernel<T, true><<<grid, kThreads, 0, stream>>>(p, total);

@@ -26,6 +26,13 @@ bool channels_fast(const at::Tensor& z) {
 
 const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
+// Workspace of the combination passes (the caching allocator makes it cheap); may be empty.
+at::Tensor workspace(int64_t bytes, const at::Tensor& like) { return at::empty({bytes}, like.options().dtype(at::kByte)); }
+
+void check_channels(const char* op, int64_t C) {
+  TORCH_CHECK(C <= kBnMaxChannels, op, ": at most ", kBnMaxChannels, " channels, got ", C);
+}
+
 BatchNormChannelParams channel_params(const BnInputs& in, double eps) {
   return BatchNormChannelParams{in.mean.const_data_ptr(), in.var.const_data_ptr(), ptr_or_null(in.weight),
                                 ptr_or_null(in.bias), eps, in.act};
@@ -54,7 +61,8 @@ std::tuple<at::Tensor, at::Tensor> ext_batch_norm_finalize_cuda(const at::Tensor
   bn_check_partials(op, count, mean, m2);
   check_cuda(count, "count", op);
   c10::cuda::CUDAGuard guard(count.device());
-  const int64_t C = count.size(1);
+  const int64_t T = count.size(0), C = count.size(1);
+  check_channels(op, C);
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, op, ": bias must have shape [", C, "], got ", bias->sizes());
@@ -63,9 +71,10 @@ std::tuple<at::Tensor, at::Tensor> ext_batch_norm_finalize_cuda(const at::Tensor
   }
   at::Tensor c = count.contiguous(), mp = mean.contiguous(), qp = m2.contiguous();
   at::Tensor mean_out = at::empty({C}, count.options()), var_out = at::empty({C}, count.options());
+  const bool f64 = count.scalar_type() == at::kDouble;
+  at::Tensor ws = workspace(bn_finalize_workspace_bytes(T, C, f64), count);
   BatchNormFinalizeParams p{c.const_data_ptr(), mp.const_data_ptr(), qp.const_data_ptr(), ptr_or_null(b),
-                            mean_out.data_ptr(), var_out.data_ptr(), count.size(0), C,
-                            count.scalar_type() == at::kDouble};
+                            mean_out.data_ptr(), var_out.data_ptr(), ws.data_ptr(), T, C, f64};
   check_launch(launch_batch_norm_finalize(p, c10::cuda::getCurrentCUDAStream().stream()), op);
   return {mean_out, var_out};
 }
@@ -101,12 +110,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ext_batch_norm_act_ba
   auto [dz, dres, sum_g, sum_gx] = bn_backward_outputs(z, want_grad_residual);
   const int64_t P = z.size(0) * z.size(2) * z.size(3), C = z.size(1);
   const int64_t T = (P + kBnTileRows - 1) / kBnTileRows;
+  TORCH_CHECK(T < (int64_t(1) << 31), op, ": too many pixels (", P, ")");
+  check_channels(op, C);
   auto sopts = z.options().dtype(bn_stat_dtype(z));
   at::Tensor part_g = at::empty({T, C}, sopts), part_gx = at::empty({T, C}, sopts);
+  at::Tensor ws = workspace(bn_backward_workspace_bytes(T, C, z.scalar_type() == at::kDouble), z);
   BatchNormBackwardParams p{view(dy), view(z), view(in.residual), z.size(0), C, z.size(2), z.size(3), T,
                             channel_params(in, eps), part_g.data_ptr(), part_gx.data_ptr(), sum_g.data_ptr(),
-                            sum_gx.data_ptr(), dz.data_ptr(), want_grad_residual ? dres.data_ptr() : nullptr,
-                            dtype_of(z), channels_fast(z), fmt == at::MemoryFormat::ChannelsLast};
+                            sum_gx.data_ptr(), ws.data_ptr(), dz.data_ptr(),
+                            want_grad_residual ? dres.data_ptr() : nullptr, dtype_of(z), channels_fast(z),
+                            fmt == at::MemoryFormat::ChannelsLast};
   check_launch(launch_batch_norm_backward(p, c10::cuda::getCurrentCUDAStream().stream()), op);
   return {dz, sum_g, sum_gx, dres};
 }

@@ -32,6 +32,7 @@ struct BatchNormFinalizeParams {
   const void *cnt, *mean, *m2;  // [T, C]
   const void* bias;             // [C] or nullptr
   void *mean_out, *var_out;     // [C]
+  void* workspace;              // bn_finalize_workspace_bytes(T, C, f64)
   int64_t T, C;
   bool f64;
 };
@@ -57,10 +58,23 @@ struct BatchNormBackwardParams {
   BatchNormChannelParams ch;
   void *part_g, *part_gx;  // [T, C] Acc workspace
   void *sum_g, *sum_gx;    // [C] Acc
+  void* workspace;         // bn_backward_workspace_bytes(T, C, dtype == f64)
   void *dz, *dres;         // dense like BatchNormActParams::y; dres may be nullptr
   DType dtype;
   bool channels_fast, channels_last;
 };
+
+// Workspace bytes of the combination passes (fastconv/batch_norm.h) of T partial rows of C channels: states
+// Moments (finalize) or GradSums (backward) of the statistics dtype; 0 when one pass does it.
+inline int64_t bn_finalize_workspace_bytes(int64_t T, int64_t C, bool f64) {
+  return bn_combine_workspace_rows(T) * C * int64_t(f64 ? sizeof(Moments<double>) : sizeof(Moments<float>));
+}
+inline int64_t bn_backward_workspace_bytes(int64_t T, int64_t C, bool f64) {
+  return bn_combine_workspace_rows(T) * C * int64_t(f64 ? sizeof(GradSums<double>) : sizeof(GradSums<float>));
+}
+
+// The combination's grid has ceil(C / kBnCombineChannels) channel blocks in y (at most 65535).
+constexpr int64_t kBnMaxChannels = int64_t(65535) * kBnCombineChannels;
 
 cudaError_t launch_batch_norm_stats(const BatchNormStatsParams& p, cudaStream_t stream);
 cudaError_t launch_batch_norm_finalize(const BatchNormFinalizeParams& p, cudaStream_t stream);
