@@ -117,6 +117,25 @@ def recording():
             _recorder.reset(token)
 
 
+class _Discard(list):
+    def append(self, item):
+        pass
+
+
+@contextlib.contextmanager
+def dry_run():
+    """Launches do everything but launch (host-overhead benchmarks on machines without a GPU): tiles are chosen
+    as for the launch plan, buffers allocated, nothing recorded."""
+    from .. import _backend
+
+    token = _recorder.set(_Discard())
+    with _backend.planning_mode():
+        try:
+            yield
+        finally:
+            _recorder.reset(token)
+
+
 def tensor_bytes(*tensors) -> float:
     """Compulsory traffic of a kernel: each distinct tensor it touches, moved once."""
     seen, total = set(), 0
@@ -145,7 +164,10 @@ def device_guard(device: torch.device):
 def run(kernel, grid, *args, device: torch.device, loop: int = 1, flops: float = 0.0, **kwargs) -> None:
     """Launch a fixed-config kernel (`kernel[grid](*args, **kwargs)`) under its device, or record it."""
     grid = tuple(grid)
-    if _recorder.get() is not None:
+    rec = _recorder.get()
+    if isinstance(rec, _Discard):
+        return
+    if rec is not None:
         _record(kernel, None, grid, loop, False, flops, args, kwargs)
         return
     with device_guard(device):
@@ -273,49 +295,67 @@ class TunedKernel:
     def __init__(self, kernel, family: str):
         self.kernel = kernel
         self.family = family
+        # (device, dtype, problem, autotune on/off, constexprs) -> (tile, pinned registers): the per-call fast path
+        self._memo: dict[tuple, tuple[Tile, int | None]] = {}
 
     def candidates(self, arch: str, kind: str, fused: bool) -> list[tuple[Tile, int | None]]:
         return cfgs.tiles(self.family, arch, kind, fused)
 
     def __call__(self, grid, *args, problem: Problem, device: torch.device, scratch=None, **consts):
-        kind = cfgs.operand_kind(args[0].dtype, consts.get("PRECISION", "ieee"))
-        fused = cfgs.is_fused(consts)
-        arch = cfgs.arch_key(device if device.type == "cuda" else None)
-        sms = sm_count(device)
-
         def launch(tile: Tile, maxnreg: int | None = None):
             meta = _meta(tile, maxnreg)
             extra = scratch(meta) if scratch is not None else {}
             g = tuple(grid(meta))
-            if _recorder.get() is not None:
+            rec = _recorder.get()
+            if isinstance(rec, _Discard):
+                pass
+            elif rec is not None:
+                kind = cfgs.operand_kind(args[0].dtype, consts.get("PRECISION", "ieee"))
                 _record(self.kernel, tile, g, problem.k_steps(tile), True, problem.flops(),
-                        args, {**consts, **extra}, self._key(kind, fused, problem, consts))
+                        args, {**consts, **extra}, self._key(kind, cfgs.is_fused(consts), problem, consts))
             else:
                 with device_guard(device):
                     self.kernel[g](*args, **consts, **extra, **meta)
             return meta, extra
 
+        rec = _recorder.get()
+        plain = _forced.get() is None and (rec is None or isinstance(rec, _Discard)) and not interpreting()
+        if plain:
+            memo = (device, args[0].dtype, problem, autotune_enabled(), *consts.items())
+            hit = self._memo.get(memo)
+            if hit is not None:
+                return launch(*hit)
+        chosen = self._choose(launch, args[0].dtype, problem, device, consts)
+        if plain:
+            self._memo[memo] = chosen
+        return launch(*chosen)
+
+    def _choose(self, launch, dtype: torch.dtype, problem: Problem, device: torch.device, consts: dict):
+        """(tile, pinned registers) for this launch; see the module doc."""
+        kind = cfgs.operand_kind(dtype, consts.get("PRECISION", "ieee"))
+        fused = cfgs.is_fused(consts)
+        arch = cfgs.arch_key(device if device.type == "cuda" else None)
         tile = _forced.get()
         if tile is not None:
-            return launch(tile, cfgs.MAXNREG.get((self.family, kind, arch, tile)))
+            return tile, cfgs.MAXNREG.get((self.family, kind, arch, tile))
+        sms = sm_count(device)
         table = self.candidates(arch, kind, fused)
         tiles = [t for t, _ in table]
         pins = dict(table)
         if interpreting() and _recorder.get() is None:
             if not interpret_autotune():
-                return launch(cfgs.INTERPRET[self.family])
+                return cfgs.INTERPRET[self.family], None
             self._emulate_autotune(launch, kind, fused)
             tile = heuristic_pick(tiles, problem, sms)
-            return launch(tile, pins[tile])
-        if _recorder.get() is not None or not autotune_enabled():
+        elif _recorder.get() is not None or not autotune_enabled():
             tile = heuristic_pick(tiles, problem, sms)
-            return launch(tile, pins[tile])
-        key = self._key(kind, fused, problem, consts)
-        tile = CACHE.get(device, key)
-        if tile is None or tile not in pins:
-            tile = self._tune(launch, tiles, pins, problem, sms, key)
-            CACHE.put(device, key, tile)
-        return launch(tile, pins[tile])
+        else:
+            key = self._key(kind, fused, problem, consts)
+            tile = CACHE.get(device, key)
+            if tile is None or tile not in pins:
+                tile = self._tune(launch, tiles, pins, problem, sms, key)
+                CACHE.put(device, key, tile)
+        return tile, pins[tile]
 
     def _emulate_autotune(self, launch, kind: str, fused: bool) -> None:
         """Run every tile the GPU autotuner could try for this launch (both architectures' tables), once each,
