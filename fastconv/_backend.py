@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import os
 
@@ -85,7 +86,10 @@ def triton_status() -> tuple[bool, str]:
     return True, ""
 
 
+@functools.cache
 def interpreting() -> bool:
+    """Whether Triton kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1, read once (Triton itself
+    reads it when a kernel is first compiled, so a later change would not take effect anyway)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -99,7 +103,20 @@ def extension_status(device_type: str = "cpu") -> tuple[bool, str]:
 
 
 def availability(device_type: str) -> dict[str, tuple[bool, str]]:
-    """For each concrete backend: whether it can run on `device_type` tensors, and if not, why."""
+    """For each concrete backend: whether it can run on `device_type` tensors, and if not, why. Computed once
+    per (device type, interpreter, planning) in a process: nothing it looks at changes in between, and it is
+    on every op's path."""
+    key = (device_type, interpreting(), planning())
+    found = _AVAILABILITY.get(key)
+    if found is None:
+        found = _AVAILABILITY[key] = _availability(device_type)
+    return found
+
+
+_AVAILABILITY: dict[tuple, dict[str, tuple[bool, str]]] = {}
+
+
+def _availability(device_type: str) -> dict[str, tuple[bool, str]]:
     out: dict[str, tuple[bool, str]] = {"torch": (True, "")}
     ok, why = triton_status()
     if ok and planning():
@@ -124,15 +141,24 @@ def availability(device_type: str) -> dict[str, tuple[bool, str]]:
     return out
 
 
-def resolve(op: str, device: torch.device, supported: tuple[str, ...], name: str | None = None) -> str:
-    """The concrete backend that runs `op` on tensors of `device`.
+# The tensor dtypes fastconv's own kernels take (Triton, CUDA and CPU C++ alike).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def resolve(op: str, device: torch.device, supported: tuple[str, ...], name: str | None = None,
+            dtype: torch.dtype | None = None) -> str:
+    """The concrete backend that runs `op` on tensors of `device` (and `dtype`, when given).
 
     `supported` lists the backends that implement `op`. 'auto' picks Triton for CUDA tensors, AUTO_CPU's
-    choice for CPU tensors, and PyTorch for everything else. An explicit choice that cannot run raises BackendNotSupported with the reason.
+    choice for CPU tensors, and PyTorch for everything else, including dtypes outside KERNEL_DTYPES (integer
+    tensors: drop-in means nn's answer). An explicit choice that cannot run raises BackendNotSupported with
+    the reason.
     """
     name = _check_name(name or current())
     dev = device.type
     if name == "auto":
+        if dtype is not None and dtype not in KERNEL_DTYPES:
+            return "torch"
         if dev == "cuda" and "triton" in supported and availability(dev)["triton"][0]:
             return "triton"
         if dev == "cpu" and AUTO_CPU.get(op) == "cpu" and "cpu" in supported and availability(dev)["cpu"][0]:
@@ -146,4 +172,9 @@ def resolve(op: str, device: torch.device, supported: tuple[str, ...], name: str
     ok, why = availability(dev)[name]
     if not ok:
         raise BackendNotSupported(f"fastconv.{op}: backend {name!r} is not supported for {dev} tensors because {why}")
+    if name != "torch" and dtype is not None and dtype not in KERNEL_DTYPES:
+        kind = "Triton" if name == "triton" else "C++"
+        raise BackendNotSupported(
+            f"fastconv.{op}: backend {name!r} is not supported for {dtype} tensors because the {kind} kernels "
+            f"take floating-point tensors (float16, bfloat16, float32, float64)")
     return name

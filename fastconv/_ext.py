@@ -38,6 +38,8 @@ def ops(op: str, register_fakes):
     without the extension. Raises BackendNotSupported naming `op` when the extension is missing."""
     import torch
 
+    if op in _fakes_registered:  # the per-call path: loaded and registered already
+        return torch.ops.fastconv
     from ._backend import BackendNotSupported
 
     if not load():

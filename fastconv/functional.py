@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import _backend
 from ._args import ConvArgs, as_list
@@ -30,26 +31,44 @@ def conv2d_fused(input, weight, bias=None, stride=1, padding=0, dilation=1, grou
                  residual=None, activation: str = "identity", algo: str = "implicit") -> torch.Tensor:
     """act((conv2d(input, weight) + bias) * scale + shift + residual) in one kernel: scale/shift are
     per-output-channel vectors, residual has the output's shape."""
+    from .ops import conv2d as conv_ops
+
+    requested = _backend.current()
+    name = _backend.resolve("conv2d", input.device, conv_ops.CONV2D_BACKENDS, requested, input.dtype)
+    if name == "torch" and requested == "auto":  # what nn.Conv2d runs (plus the epilogue as PyTorch ops)
+        return conv_ops.torch_conv_epilogue(F.conv2d(input, weight, bias, stride, padding, dilation, groups),
+                                            scale, shift, residual, activation)
     input, residual, unbatched = _batched(input, residual)
     args = ConvArgs(input, weight, bias, stride, padding, dilation, groups)
-    out = torch.ops.fastconv.conv2d(
+    out = conv_ops.conv2d_op(
         input, weight, bias, as_list(args.stride), as_list(args.padding), as_list(args.dilation), groups,
-        scale, shift, residual, activation, algo, _backend.current(),
+        scale, shift, residual, activation, algo, name,
     )
     return out.squeeze(0) if unbatched else out
 
 
 def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, *, stride=1, padding=0,
-                dilation=1, groups: int = 1, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+                dilation=1, groups: int = 1, training: bool = False, momentum=0.1, eps: float = 1e-5,
                 activation: str = "relu", residual=None, algo: str = "implicit") -> torch.Tensor:
     """act(F.batch_norm(F.conv2d(input, weight, bias, ...), running_mean, running_var, bn_weight, bn_bias,
     training, momentum, eps) + residual) with F.batch_norm's semantics: batch statistics when `training`
     or when there are no running statistics, and then (when training) running_mean / running_var are
-    updated in place with `momentum` as the exponential factor (unbiased variance, as PyTorch).
+    updated in place with `momentum` as the exponential factor (unbiased variance, as PyTorch). `momentum`
+    may be a 0-dim tensor (the cumulative average of momentum=None, 1 / num_batches_tracked: no host sync).
 
     Batch statistics: one conv kernel whose epilogue also reduces per-channel statistics, a finalize,
     and one normalize+affine+activation pass. Running statistics (eval): BatchNorm folds into the conv
-    epilogue's per-channel scale/shift, so the whole block is one kernel."""
+    epilogue's per-channel scale/shift (a few per-channel ops on C values, then one conv kernel)."""
+    from .ops import conv2d as conv_ops, conv_bn_act as cba_ops
+
+    requested = _backend.current()
+    name = _backend.resolve("conv_bn_act", input.device, cba_ops.SUPPORTED_BACKENDS, requested, input.dtype)
+    if name == "torch" and requested == "auto":  # exactly nn.Sequential(nn.Conv2d, nn.BatchNorm2d, act)
+        if isinstance(momentum, torch.Tensor):
+            momentum = float(momentum)  # F.batch_norm takes a float (nn.BatchNorm2d syncs here too)
+        z = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        y = F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+        return conv_ops.torch_conv_epilogue(y, None, None, residual, activation)
     input, residual, unbatched = _batched(input, residual)
     args = ConvArgs(input, weight, bias, stride, padding, dilation, groups)
     geometry = (as_list(args.stride), as_list(args.padding), as_list(args.dilation), groups)
@@ -59,13 +78,14 @@ def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_v
         if training and per_channel <= 1:
             size = torch.Size([input.shape[0], weight.shape[0], *args.out_hw])
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
-        y, z, mean, var = torch.ops.fastconv.conv_bn_act_train(
-            input, weight, bias, bn_weight, bn_bias, residual, *geometry, float(eps), activation, algo,
-            _backend.current())
-        if y.requires_grad:
+        y, z, mean, var = cba_ops.conv_bn_act_train_op(
+            input, weight, bias, bn_weight, bn_bias, residual, *geometry, float(eps), activation, algo, name)
+        if y.requires_grad and not torch.compiler.is_compiling():
             _mark_producer(y, z, mean, var, bn_weight, bn_bias, residual, eps, activation)
         if training and running_mean is not None and running_var is not None:
             with torch.no_grad():
+                if isinstance(momentum, torch.Tensor):
+                    momentum = momentum.to(running_mean.dtype)
                 unbiased = var * (per_channel / max(per_channel - 1, 1))
                 running_mean.lerp_(mean.to(running_mean.dtype), momentum)
                 running_var.lerp_(unbiased.to(running_var.dtype), momentum)
@@ -77,8 +97,7 @@ def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_v
         shift = -running_mean * scale
         if bn_bias is not None:
             shift = shift + bn_bias
-        y = torch.ops.fastconv.conv2d(input, weight, bias, *geometry, scale, shift, residual, activation, algo,
-                                      _backend.current())
+        y = conv_ops.conv2d_op(input, weight, bias, *geometry, scale, shift, residual, activation, algo, name)
     return y.squeeze(0) if unbatched else y
 
 
@@ -135,6 +154,11 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     fname = "max_pool2d_with_indices" if return_indices else "max_pool2d"
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{fname}(): argument 'input' (position 1) must be Tensor, not {type(input).__name__}")
+    requested = _backend.current()
+    name = _pool_ops._resolve(input.device, input.dtype, requested)
+    if name == "torch" and requested == "auto":  # what nn.MaxPool2d runs
+        return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
+                            return_indices=return_indices)
     kernel = _pool_ints(kernel_size, "kernel_size", 2, fname)
     stride = [] if stride is None else _pool_ints(stride, "stride", 3, fname)
     padding = _pool_ints(padding, "padding", 4, fname)
@@ -161,7 +185,7 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
 
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    out, offsets = torch.ops.fastconv.max_pool2d(x, *map(list, geo), ceil_mode, _backend.current())
+    out, offsets = _pool_ops.max_pool2d_op(x, *map(list, geo), ceil_mode, name)
     indices = _pool_ops.offsets_to_indices(offsets, x.shape, *geo) if return_indices else None
     if unbatched:  # PyTorch's unbatched outputs are contiguous
         out = out.squeeze(0).contiguous()

@@ -87,13 +87,11 @@ def fused_conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str, 
     functional.conv_bn_act. Shared by ConvBNReLU2d and fastconv.convert()."""
     if x.dim() != 4:  # what nn.BatchNorm2d says about the conv's output of an unbatched input
         raise ValueError(f"expected 4D input (got {x.dim()}D input)")
-    if bn.momentum is None:
-        factor = 0.0
-    else:
-        factor = bn.momentum
+    factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        if bn.momentum is None:  # cumulative average, as a tensor: no host sync (CUDA graphs, torch.compile)
+            factor = 1.0 / bn.num_batches_tracked
     bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
     track = not bn.training or bn.track_running_stats
     padding = conv.padding

@@ -153,8 +153,9 @@ def test_torchrun_two_processes_gloo(data_dir, tmp_path):
 
 
 def test_profile_shows_fastconv_ops(data_dir, tmp_path, capsys):
+    # an explicit backend: under 'auto', CPU tensors run exactly nn's PyTorch ops (no fastconv op to show)
     result = _run(data_dir, None, "--model", "simple_cnn_bn", "--epochs", "1", "--profile", str(tmp_path),
-                  "--profile-wait", "1", "--profile-warmup", "1", "--profile-active", "1")
+                  "--profile-wait", "1", "--profile-warmup", "1", "--profile-active", "1", "--backend", "torch")
     assert result["steps"] == 3  # the profiled run stops after wait + warm-up + active steps
     table = capsys.readouterr().out
     assert "fastconv::conv_bn_act_train" in table and "fastconv.train.forward" in table

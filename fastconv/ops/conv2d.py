@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .. import _backend, _ext
 from .._args import output_memory_format
 from ._autocast import register_autocast
+from ._fastpath import FastOp
 
 ALGOS = ("implicit", "im2col")
 ACTIVATIONS = ("identity", "relu", "relu6", "silu", "hardswish")
@@ -85,6 +86,11 @@ def _torch_conv_forward(x, weight, bias, stride, padding, dilation, groups, scal
         z = F.conv2d(x, weight, bias, stride, (top, left), dilation, groups)
     else:
         z = F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride, 0, dilation, groups)
+    return torch_conv_epilogue(z, scale, shift, residual, activation)
+
+
+def torch_conv_epilogue(z, scale, shift, residual, activation):
+    """The fused epilogue as PyTorch ops: act(z * scale + shift + residual)."""
     if scale is not None:
         z = z * scale[:, None, None]
     if shift is not None:
@@ -337,9 +343,9 @@ def conv2d_grads(grad_z, x, weight, input_size, weight_size, geometry, want_x, w
     stride, padding, dilation, groups = geometry
     grad_x = grad_w = grad_b = None
     if want_x:
-        grad_x = conv2d_input_grad(grad_z, weight, input_size, stride, padding, dilation, groups, backend)
+        grad_x = input_grad_op(grad_z, weight, input_size, stride, padding, dilation, groups, backend)
     if want_w or want_b:
-        grad_w, db = conv2d_weight_grad(grad_z, x, weight_size, stride, padding, dilation, groups, want_b, backend)
+        grad_w, db = weight_grad_op(grad_z, x, weight_size, stride, padding, dilation, groups, want_b, backend)
         grad_w = grad_w if want_w else None
         grad_b = db if want_b else None
     return grad_x, grad_w, grad_b
@@ -351,8 +357,8 @@ def _backward(ctx, grad_y):
     needs = ctx.needs_input_grad
     u = None
     if ctx.activation not in _MASK_FROM_OUTPUT:
-        u = conv2d(x, weight, bias, stride, padding, dilation, groups, scale, shift, residual, "identity",
-                   ctx.algo, ctx.backend)
+        u = conv2d_op(x, weight, bias, stride, padding, dilation, groups, scale, shift, residual, "identity",
+                      ctx.algo, ctx.backend)
     grad_u = activation_grad(grad_y, ctx.activation, y, u)
     grad_residual = grad_u if (ctx.residual_given and needs[9]) else None
     grad_shift = grad_u.sum((0, 2, 3)) if (shift is not None and needs[8]) else None
@@ -360,8 +366,8 @@ def _backward(ctx, grad_y):
     grad_z = grad_u
     if scale is not None:
         if needs[7]:
-            z = conv2d(x, weight, bias, stride, padding, dilation, groups, None, None, None, "identity",
-                       ctx.algo, ctx.backend)
+            z = conv2d_op(x, weight, bias, stride, padding, dilation, groups, None, None, None, "identity",
+                          ctx.algo, ctx.backend)
             grad_scale = (grad_u * z).sum((0, 2, 3))
         grad_z = grad_u * scale[:, None, None]
     grad_x, grad_w, grad_b = conv2d_grads(grad_z.to(x.dtype), x, weight, ctx.input_size, ctx.weight_size,
@@ -371,6 +377,11 @@ def _backward(ctx, grad_y):
 
 
 conv2d.register_autograd(_backward, setup_context=_setup_context)
+# The entry points fastconv calls (functional, backward functions): the custom ops, or in eager mode their
+# implementations directly (see _fastpath).
+conv2d_op = FastOp(conv2d, _setup_context, _backward)
+input_grad_op = FastOp(conv2d_input_grad)
+weight_grad_op = FastOp(conv2d_weight_grad)
 
 _lib = torch.library.Library("fastconv", "IMPL")
 # input, weight, bias and residual follow autocast like nn.Conv2d; the per-channel scale/shift (folded

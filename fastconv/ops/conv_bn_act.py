@@ -35,6 +35,7 @@ from .conv2d import (
     conv2d_grads,
 )
 from ._autocast import register_autocast
+from ._fastpath import FastOp
 
 SUPPORTED_BACKENDS = ("triton", "cuda", "cpu", "torch")
 # Pixels per row of the [T, C] statistics partials that fastconv::ext_batch_norm_stats returns, per device
@@ -300,10 +301,10 @@ def _backward(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
     x, weight, bn_weight, bn_bias, residual, z, mean, var, *producer = ctx.saved_tensors
     if ctx.input_producer is not None:
         p_eps, p_activation, _ = ctx.input_producer
-        x = batch_norm_act(*producer, p_eps, p_activation, ctx.backend)
+        x = batch_norm_act_op(*producer, p_eps, p_activation, ctx.backend)
     needs = ctx.needs_input_grad
     want_res = ctx.has_residual and needs[5]
-    grad_z, sum_g, sum_gx, grad_res = batch_norm_act_backward(
+    grad_z, sum_g, sum_gx, grad_res = batch_norm_act_backward_op(
         grad_y.contiguous(memory_format=_memory_format(z)), z, mean, var, bn_weight, bn_bias, residual, ctx.eps,
         ctx.activation, want_res, ctx.backend)
     grad_x, grad_w, grad_b = conv2d_grads(grad_z, x, weight, ctx.input_size, ctx.weight_size, ctx.geometry,
@@ -315,6 +316,9 @@ def _backward(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
 
 
 conv_bn_act_train.register_autograd(_backward, setup_context=_setup_context)
+conv_bn_act_train_op = FastOp(conv_bn_act_train, _setup_context, _backward)  # see _fastpath
+batch_norm_act_op = FastOp(batch_norm_act)
+batch_norm_act_backward_op = FastOp(batch_norm_act_backward)
 
 _lib = torch.library.Library("fastconv", "IMPL")
 # input, weight, bias and residual follow autocast like nn.Conv2d; BatchNorm parameters stay as they are.

@@ -33,10 +33,10 @@ import torch
 
 from .. import _backend, _ext
 from .._pool_args import offsets_dtype, suggest_memory_format  # noqa: F401 (re-exported)
+from ._fastpath import FastOp
 
 SUPPORTED_BACKENDS = ("triton", "cuda", "cpu", "torch")
 # What the fastconv kernels (Triton, CUDA C++ and the C++ CPU twin alike) pool; other dtypes run on PyTorch.
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -162,18 +162,7 @@ def _fake_alloc(shape, dtype, device, memory_format):
 
 
 def _resolve(device: torch.device, dtype: torch.dtype, backend: str) -> str:
-    """The backend that runs: `backend` resolved per device; 'auto' falls back to PyTorch for dtypes the
-    fastconv kernels do not pool (integers), an explicit 'triton' / 'cuda' / 'cpu' refuses them."""
-    requested = backend or _backend.current()
-    name = _backend.resolve("max_pool2d", device, SUPPORTED_BACKENDS, requested)
-    if name != "torch" and dtype not in KERNEL_DTYPES:
-        if requested == "auto":
-            return "torch"
-        kind = "Triton" if name == "triton" else "C++"
-        raise _backend.BackendNotSupported(
-            f"fastconv.max_pool2d: backend {name!r} is not supported for {dtype} tensors because the {kind} "
-            f"kernels pool floating-point tensors (float16, bfloat16, float32, float64)")
-    return name
+    return _backend.resolve("max_pool2d", device, SUPPORTED_BACKENDS, backend, dtype)
 
 
 def ext_ops():
@@ -245,10 +234,9 @@ def _torch_input_grad(grad_output, offsets, input_size, geo, ceil_mode, dx):
     """PyTorch's max_pool2d backward from the taps. Windows lying completely in the padding read no input
     element and get no gradient (PyTorch's CPU kernel would add it outside the plane), as in Triton's."""
     indices, real = _in_plane(offsets, input_size, *geo)
-    if not bool(real.all()):
-        grad_output = torch.where(real, grad_output, torch.zeros((), dtype=grad_output.dtype,
-                                                                 device=grad_output.device))
-        indices = torch.where(real, indices, 0)
+    # masked unconditionally: asking whether any window lies in the padding would sync the host
+    grad_output = torch.where(real, grad_output, torch.zeros((), dtype=grad_output.dtype, device=grad_output.device))
+    indices = torch.where(real, indices, 0)
     # `dx` only lends its shape and memory format: max_pool2d's backward never reads the input's values.
     dx.copy_(torch.ops.aten.max_pool2d_with_indices_backward(grad_output, dx, *geo, ceil_mode, indices))
     return dx
@@ -300,7 +288,7 @@ def _backward(ctx, grad_out, _grad_offsets):
     grad_x = None
     if ctx.needs_input_grad[0] and grad_out is not None:
         (offsets,) = ctx.saved_tensors
-        grad_x = max_pool2d_input_grad(grad_out, offsets, ctx.input_size, *ctx.geometry, ctx.channels_last,
+        grad_x = max_pool2d_input_grad_op(grad_out, offsets, ctx.input_size, *ctx.geometry, ctx.channels_last,
                                        ctx.backend)
     return grad_x, None, None, None, None, None, None
 
@@ -329,3 +317,6 @@ def _grad_backward(ctx, grad_grad_input):
 
 
 max_pool2d_input_grad.register_autograd(_grad_backward, setup_context=_grad_setup_context)
+# eager entry points (see _fastpath)
+max_pool2d_op = FastOp(max_pool2d, _setup_context, _backward)
+max_pool2d_input_grad_op = FastOp(max_pool2d_input_grad, _grad_setup_context, _grad_backward)

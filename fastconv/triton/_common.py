@@ -1,11 +1,11 @@
 """Helpers shared by every Triton launcher: interpreter detection, dtype rules, index width."""
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .._backend import interpreting  # noqa: F401 (one definition; re-exported)
 
 INT32_LIMIT = 2**31 - 1
 # GEMM rows, pixel blocks and split-K chunks may run up to one block past the end of what they index (masked
@@ -16,9 +16,6 @@ INDEX_HEADROOM = 2**16
 ACTIVATIONS = {"identity": 0, "relu": 1, "relu6": 2, "silu": 3, "hardswish": 4}
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def check_runnable(*tensors: torch.Tensor) -> None:
