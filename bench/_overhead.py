@@ -15,8 +15,8 @@ Backends (the `provider` column):
     fastconv-cpu-noop       backend 'cpu' (the C++ CPU twins; same op path as 'cuda') with the C++ ops
                             torch.ops.fastconv.ext_* replaced by no-ops (`noop_kernels`) that allocate their
                             outputs as the real ones do (torch.empty, same shapes/dtypes/formats) and compute
-                            nothing. The replaced calls do not go through the torch dispatcher, so this row
-                            leaves out that cost per C++ op call (`ext_op_call_us` estimates it).
+                            nothing. The stand-ins bypass the torch dispatcher but allocate from Python: a
+                            call costs about what a real ext op call doing no work would (`ext_op_call_us`).
     fastconv-cpu            backend 'cpu', real C++ kernels (their tiny compute included).
     fastconv-triton-dryrun  backend 'triton' inside fastconv.triton.launch.dry_run(): every Triton launch does
                             everything but launch (tile chosen, buffers allocated), CPU tensors accepted.
@@ -115,7 +115,8 @@ def default_device() -> torch.device:
 class NoopKernels:
     """Stand-ins for torch.ops.fastconv.ext_*: outputs allocated as the real ops allocate them (torch.empty,
     same shapes, dtypes and memory formats), nothing computed. Ops that write into a given `out` return what
-    the real op returns. `calls` counts the ext op calls made."""
+    the real op returns. `calls` counts the ext op calls made. A call costs about what a real ext op call
+    that does no work costs (Python torch.empty instead of the dispatcher plus C++ allocation)."""
 
     def __init__(self):
         self.calls = 0
@@ -491,10 +492,13 @@ def notes(device: torch.device, ext_call_us: float | None) -> list[str]:
                    "are the pure host path; `fastconv-cpu` and `fastconv-torch` are real calls; the nn modules are "
                    "real calls (their kernels on tiny tensors are the floor). TRITON_INTERPRET unset while timing.")
         if ext_call_us is not None:
-            out.append(f"The no-op C++ ops are called directly, not through the torch dispatcher: each real ext op "
-                       f"call costs about {ext_call_us:.2g} µs more (one call of fastconv::ext_batch_norm_plan, "
-                       f"which does no tensor work, through torch.ops; ops with more arguments cost more). "
-                       f"`kernels/call` counts those calls (C++ ext ops; Triton launches for the triton rows).")
+            out.append(f"The no-op stand-ins of the C++ ops are Python functions called directly (not through "
+                       f"the torch dispatcher) that allocate their outputs with torch.empty; one call costs about "
+                       f"what a real C++ op call through torch.ops that does no tensor work costs "
+                       f"({ext_call_us:.2g} µs here: fastconv::ext_batch_norm_plan; ops with more arguments cost "
+                       f"more), so `fastconv-cpu` minus `fastconv-cpu-noop` is roughly the C++ kernels' compute on "
+                       f"these tiny tensors. `kernels/call`: C++ ext op calls (Triton launches for the triton rows) "
+                       f"per call.")
     else:
         out.append("GPU: every row is a real call on CUDA tensors; a round is a loop of calls between two "
                    "torch.cuda.synchronize(), so host time per call = wall time of the loop / calls (a "
