@@ -547,6 +547,8 @@ def markdown(doc: dict) -> str:
     lines += ["", *table(doc["rows"]), ""]
     nn_modules = dict.fromkeys((r["module"], r["nn_module"]) for r in doc["rows"])
     lines += ["nn counterparts: " + "; ".join(f"{a} vs {b}" for a, b in nn_modules) + ".", ""]
+    timers = list(dict.fromkeys(r["timer"] for r in doc["rows"] if "timer" in r))
+    lines += [f"Timing: {'; '.join(timers)}.", ""] if timers else []
     return "\n".join(lines)
 
 
