@@ -24,10 +24,14 @@ Backends (the `provider` column):
   GPU: real calls on CUDA tensors: fastconv-cuda, fastconv-triton, fastconv-torch.
 The nn modules always run for real (on tiny tensors their kernels are the floor).
 
-Timing: a round times a loop of `calls` calls (perf_counter; on a GPU torch.cuda.synchronize() before the
-loop and after it, so host time per call = wall time of the loop / calls); each round times the nn module's
-loop and then the fastconv loop (interleaved, so both see the same machine load); the figure is the median
-over rounds, µs per call; ratio = fastconv median / nn median. torch.set_num_threads(1) while timing;
+Timing: a round times a loop of `calls` calls; each round times the nn module's loop and then the fastconv
+loop (interleaved, so both see the same machine state); the figure is the median over rounds, µs per call;
+ratio = fastconv median / nn median. Clock: on CPU the thread's CPU time (time.thread_time): with one torch
+thread all of a call's work runs on this thread, and on a shared machine wall time doubles whenever the
+scheduler shares the core with another process, which hits a long fastconv loop far more often than a short
+nn loop (seen here: 36 µs vs 78 µs per call in alternate rounds of the same loop); the wall-clock medians
+are kept too (wall_median_us). On a GPU: wall time (perf_counter), torch.cuda.synchronize() before the loop
+and after it, so host time per call = wall time of the loop / calls. torch.set_num_threads(1) while timing;
 TRITON_INTERPRET is unset while timing (the dry run must take the GPU's tile-choice path, not the
 interpreter's). Goals (issue 16) are reported, never enforced.
 
@@ -370,16 +374,30 @@ def build(case: Case, device: torch.device) -> Pair:
     return Pair(case, fastconv_loop, nn_loop, kernels)
 
 
-def timed_loop(loop, calls: int, device: torch.device) -> float:
-    """Seconds per call of loop(calls), the device synchronized before and after."""
+def clock(device: torch.device):
+    """The clock of record: the thread's CPU time on CPU, wall time on a GPU (see the module doc)."""
+    return time.perf_counter if device.type == "cuda" else time.thread_time
+
+
+def clock_name(device: torch.device) -> str:
+    return "perf_counter (wall)" if device.type == "cuda" else "time.thread_time (this thread's CPU time)"
+
+
+def timed_loop(loop, calls: int, device: torch.device) -> tuple[float, float]:
+    """(seconds per call by the clock of record, wall seconds per call) of loop(calls), the device synchronized
+    before and after."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    c = clock(device)
+    c0, w0 = c(), time.perf_counter()
     loop(calls)  # synchronizes at its end on a GPU
-    return (time.perf_counter() - t0) / calls
+    w1, c1 = time.perf_counter(), c()
+    return (c1 - c0) / calls, (w1 - w0) / calls
 
 
-def row(pair: Pair, fastconv_s: list[float], nn_s: list[float], calls: int, device: torch.device) -> dict:
+def row(pair: Pair, fastconv_s: list[float], nn_s: list[float], calls: int, device: torch.device,
+        fastconv_wall_s: list[float], nn_wall_s: list[float]) -> dict:
+    """One result row from per-round seconds per call (clock of record, and wall)."""
     case = pair.case
     fc_us, nn_us = statistics.median(fastconv_s) * 1e6, statistics.median(nn_s) * 1e6
     ratio = fc_us / nn_us
@@ -395,8 +413,10 @@ def row(pair: Pair, fastconv_s: list[float], nn_s: list[float], calls: int, devi
             "path": PROVIDERS[case.provider][1], "module": module, "nn_module": nn_module,
             "median_us": fc_us, "min_us": min(fastconv_s) * 1e6, "nn_median_us": nn_us, "nn_min_us": min(nn_s) * 1e6,
             "ratio": ratio, "goal": goal, "goal_text": goal_text, "goal_met": (ratio <= goal) if goal else None,
+            "wall_median_us": statistics.median(fastconv_wall_s) * 1e6,
+            "nn_wall_median_us": statistics.median(nn_wall_s) * 1e6,
             "kernel_calls": pair.kernel_calls, "rounds": len(fastconv_s), "calls": calls,
-            "timer": (f"median over {len(fastconv_s)} rounds of a loop of {calls} calls (perf_counter"
+            "timer": (f"median over {len(fastconv_s)} rounds of a loop of {calls} calls ({clock_name(device)}"
                       + (", torch.cuda.synchronize() before and after" if device.type == "cuda" else "")
                       + "), nn and fastconv loops interleaved per round")}
 
@@ -459,15 +479,16 @@ def measure(rounds: int | None = None, calls: int | None = None, device: torch.d
             for _ in range(warmup):
                 pair.nn_loop(calls)
                 pair.fastconv_loop(calls)
-        times = {p.case.id: ([], []) for p in pairs}
+        times = {p.case.id: ([], []) for p in pairs}  # per round: (clock of record, wall) per call
         for _ in range(rounds):
             for pair in pairs:
-                fc_s, nn_s = times[pair.case.id]
-                nn_s.append(timed_loop(pair.nn_loop, calls, device))
-                fc_s.append(timed_loop(pair.fastconv_loop, calls, device))
+                fc, nn_ = times[pair.case.id]
+                nn_.append(timed_loop(pair.nn_loop, calls, device))
+                fc.append(timed_loop(pair.fastconv_loop, calls, device))
         for pair in pairs:
-            fc_s, nn_s = times[pair.case.id]
-            out[pair.case.id] = row(pair, fc_s, nn_s, calls, device)
+            fc, nn_ = times[pair.case.id]
+            out[pair.case.id] = row(pair, [t for t, _ in fc], [t for t, _ in nn_], calls, device,
+                                    [w for _, w in fc], [w for _, w in nn_])
     return [out[c.id] for c in cases(device, ops, provs)]
 
 
@@ -485,6 +506,11 @@ def notes(device: torch.device, ext_call_us: float | None) -> list[str]:
     shape = f"{N}×{C}×{HW}×{HW} fp32 NCHW input; conv {C}→{K} channels, {R}×{R}, padding 1; max-pool {POOL}×{POOL}"
     out = [f"Host overhead per call on tiny tensors ({shape}): kernel time is negligible, the rows time the "
            f"host path of each module against the torch.nn module doing the same. torch CPU threads: 1."]
+    if device.type == "cpu":
+        out.append("Clock: this thread's CPU time (time.thread_time), not wall time: on this shared machine the "
+                   "wall time of a loop doubles whenever another process shares the core, which hits the long "
+                   "fastconv loops far more often than the short nn loops; the JSON keeps the wall-clock medians "
+                   "too (wall_median_us, nn_wall_median_us).")
     if device.type == "cpu":
         out.append("No GPU here: the fastconv rows `fastconv-cpu-noop` (backend `cpu`, the C++ ext ops replaced by "
                    "no-ops that allocate their outputs and compute nothing) and `fastconv-triton-dryrun` (backend "

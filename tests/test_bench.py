@@ -250,7 +250,7 @@ def test_overhead_benchmark_writes_every_row(tmp_path):
             assert r["skipped"] and (c.backend == "cuda" or (c.backend == "cpu" and not _ext_loaded())), r
             continue
         assert r["rounds"] == 2 and r["calls"] == 2
-        for k in ("median_us", "nn_median_us", "ratio"):
+        for k in ("median_us", "nn_median_us", "ratio", "wall_median_us", "nn_wall_median_us"):
             assert math.isfinite(r[k]) and r[k] > 0, (k, r)
         assert r["ratio"] == pytest.approx(r["median_us"] / r["nn_median_us"])
         if c.backend == "torch":
