@@ -1,5 +1,6 @@
 """Collect benchmark rows during a session and write them: <set>.json, <set>.md and <set>-<op>.png under
-bench/results/<device-slug>/ (or $FASTCONV_BENCH_OUT), tagged with device, versions and git commit."""
+bench/results/<device-slug>/ (or $FASTCONV_BENCH_OUT), tagged with device, versions and git commit; the
+host-overhead rows (bench_overhead.py) go to overhead.json and overhead.md beside them."""
 from __future__ import annotations
 
 import datetime
@@ -74,6 +75,7 @@ class Recorder:
         self.rows: list[dict] = []
         self.model_rows: list[dict] = []
         self.memory_rows: list[dict] = []
+        self.overhead_rows: list[dict] = []  # bench_overhead.py, written to overhead.{json,md}
         self.skipped: dict[tuple[str, str, str], int] = {}  # (op, provider, reason) -> rows
         self.providers_skipped: dict[str, str] = {}  # provider not timed on this device at all -> why
         self.peaks: dict | None = None
@@ -96,6 +98,21 @@ class Recorder:
             out.append(r)
         return out
 
+    def has_set_rows(self) -> bool:
+        """Whether the session produced anything for <set>.{json,md} (overhead rows have files of their own)."""
+        return bool(self.rows or self.model_rows or self.memory_rows or self.skipped)
+
+    def write_overhead(self) -> pathlib.Path:
+        from bench import _overhead
+
+        with _overhead.timing_environment():
+            ext_us = _overhead.ext_op_call_us()
+        order = {c.id: i for i, c in enumerate(_overhead.cases(self.device))}
+        rows = sorted(self.overhead_rows, key=lambda r: order.get(f"{r['op']}|{r['mode']}|{r['provider']}", 1e9))
+        out = self.out_dir()
+        _overhead.write(_overhead.document(rows, self.device, self.command, ext_us), out)
+        return out
+
     def out_dir(self) -> pathlib.Path:
         env = os.environ.get(OUT_ENV)
         return pathlib.Path(env) if env else ROOT / "bench" / "results" / slug(device_name(self.device))
@@ -112,6 +129,7 @@ class Recorder:
             "rows": self.with_speedups(),
             "models": self.model_rows,
             "memory": self.memory_rows,
+            "overhead_rows": len(self.overhead_rows),
             "providers_skipped": self.providers_skipped,
             "skipped": [{"op": op, "provider": p, "reason": why, "rows": n}
                         for (op, p, why), n in sorted(self.skipped.items())],
@@ -140,6 +158,9 @@ def markdown(doc: dict) -> str:
         "",
     ]
     lines += [f"- {n}" for n in doc["notes"]]
+    if doc.get("overhead_rows"):
+        lines.append(f"- Host overhead per call ({doc['overhead_rows']} rows, bench_overhead.py): overhead.md and "
+                     f"overhead.json beside this file.")
     if doc["peaks"]:
         p = doc["peaks"]
         peaks = ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in p["flops"].items())

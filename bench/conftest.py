@@ -80,9 +80,11 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_sessionfinish(session, exitstatus):
     rec = session.config.stash.get(RECORDER, None)
-    if rec is None or not (rec.rows or rec.model_rows or rec.memory_rows or rec.skipped):
+    if rec is None or hasattr(session.config, "workerinput"):  # an xdist worker: rows are per worker, write nothing
         return
-    if hasattr(session.config, "workerinput"):  # an xdist worker: rows are per worker, write nothing
+    if rec.overhead_rows:
+        rec.overhead_written_to = rec.write_overhead()
+    if not rec.has_set_rows():
         return
     if rec.peaks is not None:  # measured again at the end: the higher figure of the two is the peak
         again = _roofline.measure_peaks(rec.device, tuple(rec.peaks["flops"]))
@@ -99,7 +101,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr = terminalreporter
     tr.section("fastconv benchmarks")
     tr.write_line(f"set {rec.set_name} on {_report.device_name(rec.device)}: {len(rec.rows)} op rows, "
-                  f"{len(rec.model_rows)} model rows, {len(rec.memory_rows)} memory rows")
+                  f"{len(rec.model_rows)} model rows, {len(rec.memory_rows)} memory rows, "
+                  f"{len(rec.overhead_rows)} host-overhead rows")
     for note in rec.notes[:2]:
         tr.write_line(note)
     for prov, why in rec.providers_skipped.items():
@@ -108,6 +111,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line(f"{op}: {n} {prov} rows skipped: {why}")
     if getattr(rec, "written_to", None):
         tr.write_line(f"results written to {rec.written_to}/{rec.set_name}.{{json,md}} and {rec.set_name}-*.png")
+    if getattr(rec, "overhead_written_to", None):
+        missed = [r for r in rec.overhead_rows if r.get("goal_met") is False]
+        with_goal = sum(r.get("goal") is not None for r in rec.overhead_rows)
+        tr.write_line(f"host overhead written to {rec.overhead_written_to}/overhead.{{json,md}} (goal missed in "
+                      f"{len(missed)} of the {with_goal} rows that have one; reported, not enforced)")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """The benchmark suite itself (bench/): `pytest bench --benchmark` runs a tiny CPU subset end to end and
 writes well-formed results; without the flag every benchmark is skipped; the layer tables match the
-documented architectures; the FLOP counts match PyTorch's own counter."""
+documented architectures; the FLOP counts match PyTorch's own counter; the host-overhead benchmark writes
+every row, and its no-op C++ kernels allocate like the real ones."""
 from __future__ import annotations
 
 import collections
@@ -18,7 +19,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import _report, _roofline, _shapes
+from bench import _overhead, _report, _roofline, _shapes
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LABEL = re.compile(r"^\d+,\d+,\d+,\d+→(\d+,\d+×\d+,\d+,\d+,\d+|pool \d+×\d+,\d+,\d+)$")
@@ -213,3 +214,90 @@ def test_speedups_pair_rows_by_shape_mode_dtype_layout():
     got = rec.with_speedups()
     assert (got[2]["speedup_vs_eager"], got[2]["speedup_vs_compile"]) == (4.0, 2.0)
     assert got[3]["speedup_vs_eager"] is None and got[3]["speedup_vs_compile"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bench_overhead.py / bench/_overhead.py: host overhead per call against the nn modules (issue 16)
+
+def _ext_loaded() -> bool:
+    from fastconv import _ext
+
+    return _ext.load()
+
+
+def test_overhead_benchmark_writes_every_row(tmp_path):
+    proc = _run_bench(tmp_path, "--benchmark", "-k", "overhead", FASTCONV_BENCH_OVERHEAD_ROUNDS="2",
+                      FASTCONV_BENCH_OVERHEAD_CALLS="2")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    res = tmp_path / "results"
+    assert "host overhead written to" in out
+    # only the overhead files: a `-k overhead` run leaves the set's throughput results alone
+    assert sorted(p.name for p in res.iterdir()) == ["overhead.json", "overhead.md"]
+    doc = json.loads((res / "overhead.json").read_text())
+    assert ENV_KEYS <= doc["environment"].keys() and "--benchmark" in doc["command"]
+    device = torch.device("cuda" if GPU else "cpu")
+    expected = _overhead.cases(device)
+    assert len(expected) == 5 * len(_overhead.providers(device))
+    rows = {(r["op"], r["mode"], r["provider"]): r for r in doc["rows"]}
+    assert len(rows) == len(doc["rows"]) and set(rows) == {(c.op, c.mode, c.provider) for c in expected}
+    md = (res / "overhead.md").read_text()
+    assert "| median µs | nn median µs | ratio |" in md
+    for c in expected:
+        r = rows[(c.op, c.mode, c.provider)]
+        assert f"| {c.op} | {c.mode} | {r['module']} | {c.provider} |" in md
+        if "skipped" in r:  # only a backend this machine cannot run, with its reason
+            assert r["skipped"] and (c.backend == "cuda" or (c.backend == "cpu" and not _ext_loaded())), r
+            continue
+        assert r["rounds"] == 2 and r["calls"] == 2
+        for k in ("median_us", "nn_median_us", "ratio", "wall_median_us", "nn_wall_median_us"):
+            assert math.isfinite(r[k]) and r[k] > 0, (k, r)
+        assert r["ratio"] == pytest.approx(r["median_us"] / r["nn_median_us"])
+        if c.backend == "torch":
+            assert r["goal"] is None and r["goal_met"] is None and r["kernel_calls"] is None
+        else:
+            assert isinstance(r["kernel_calls"], int) and r["kernel_calls"] >= 1
+            goal = _overhead.GOALS.get((c.op, c.mode))
+            assert r["goal"] == goal and r["goal_met"] == (None if goal is None else r["ratio"] <= goal)
+    if not GPU and _ext_loaded():
+        assert not any("skipped" in r for r in doc["rows"])
+        assert doc["ext_op_call_us"] > 0
+
+
+@pytest.mark.parametrize("op, mode", list(_overhead.OPS))
+def test_overhead_noop_kernels_allocate_like_the_real_ones(op, mode):
+    """The no-op C++ kernels give the op layer outputs (and gradients) of the real ops' shapes, dtypes and
+    strides, make as many calls, and are unpatched afterwards."""
+    import fastconv
+    from fastconv.ops import conv2d as conv_ops
+
+    if not _ext_loaded():
+        pytest.skip("needs the C++ extension fastconv._C")
+    real_ext_ops = conv_ops.ext_ops
+
+    def outputs(ctx):
+        fc, _, params = _overhead._modules(op, torch.device("cpu"))
+        grad = mode.endswith("fwd+bwd")
+        fc.train(grad)
+        x = torch.randn(2, _overhead.C, 7, 5, requires_grad=grad).to(memory_format=torch.channels_last)
+        with fastconv.backend("cpu"), ctx as counter, torch.set_grad_enabled(grad):
+            y = fc(x)
+            got = [y] + (list(torch.autograd.grad(y, [x, *params(fc)], torch.randn_like(y))) if grad else [])
+        return [(t.shape, t.dtype, t.stride()) for t in got], counter.calls
+
+    real, noop = outputs(_overhead.counting_kernels()), outputs(_overhead.noop_kernels())
+    assert real == noop and real[1] >= 1
+    assert conv_ops.ext_ops is real_ext_ops
+
+
+def test_overhead_measure_standalone():
+    """bench._overhead.measure(): rows for the lead's quick checks, TRITON_INTERPRET (set by tests/conftest.py
+    on CPU) and the thread count restored afterwards."""
+    interp, threads = os.environ.get("TRITON_INTERPRET"), torch.get_num_threads()
+    rows = _overhead.measure(rounds=1, calls=1, ops=["max_pool2d"], warmup=0)
+    assert os.environ.get("TRITON_INTERPRET") == interp and torch.get_num_threads() == threads
+    device = torch.device("cuda" if GPU else "cpu")
+    assert [r["provider"] for r in rows] == list(_overhead.providers(device))
+    for r in rows:
+        assert "skipped" in r or (r["ratio"] > 0 and math.isfinite(r["ratio"]))
+    assert "| max_pool2d | fwd |" in "\n".join(_overhead.table(rows))
