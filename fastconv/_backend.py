@@ -178,3 +178,14 @@ def resolve(op: str, device: torch.device, supported: tuple[str, ...], name: str
             f"fastconv.{op}: backend {name!r} is not supported for {dtype} tensors because the {kind} kernels "
             f"take floating-point tensors (float16, bfloat16, float32, float64)")
     return name
+
+
+@torch.compiler.assume_constant_result
+def choose(op: str, device: torch.device, supported: tuple[str, ...], dtype: torch.dtype | None = None
+           ) -> tuple[str, str]:
+    """(requested, resolved) backend of a call of `op` now: `current()` and `resolve` of it. Under
+    torch.compile this runs once at trace time and its answer is a constant of the compiled graph (the backend
+    in force when a model is compiled is the one its graph keeps)."""
+    requested = current()
+    return requested, resolve(op, device, supported, requested, dtype)
+

@@ -33,8 +33,7 @@ def conv2d_fused(input, weight, bias=None, stride=1, padding=0, dilation=1, grou
     per-output-channel vectors, residual has the output's shape."""
     from .ops import conv2d as conv_ops
 
-    requested = _backend.current()
-    name = _backend.resolve("conv2d", input.device, conv_ops.CONV2D_BACKENDS, requested, input.dtype)
+    requested, name = _backend.choose("conv2d", input.device, conv_ops.CONV2D_BACKENDS, input.dtype)
     if name == "torch" and requested == "auto":  # what nn.Conv2d runs (plus the epilogue as PyTorch ops)
         return conv_ops.torch_conv_epilogue(F.conv2d(input, weight, bias, stride, padding, dilation, groups),
                                             scale, shift, residual, activation)
@@ -61,8 +60,7 @@ def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_v
     epilogue's per-channel scale/shift (a few per-channel ops on C values, then one conv kernel)."""
     from .ops import conv2d as conv_ops, conv_bn_act as cba_ops
 
-    requested = _backend.current()
-    name = _backend.resolve("conv_bn_act", input.device, cba_ops.SUPPORTED_BACKENDS, requested, input.dtype)
+    requested, name = _backend.choose("conv_bn_act", input.device, cba_ops.SUPPORTED_BACKENDS, input.dtype)
     if name == "torch" and requested == "auto":  # exactly nn.Sequential(nn.Conv2d, nn.BatchNorm2d, act)
         if isinstance(momentum, torch.Tensor):
             momentum = float(momentum)  # F.batch_norm takes a float (nn.BatchNorm2d syncs here too)
@@ -154,8 +152,7 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     fname = "max_pool2d_with_indices" if return_indices else "max_pool2d"
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{fname}(): argument 'input' (position 1) must be Tensor, not {type(input).__name__}")
-    requested = _backend.current()
-    name = _pool_ops._resolve(input.device, input.dtype, requested)
+    requested, name = _backend.choose("max_pool2d", input.device, _pool_ops.SUPPORTED_BACKENDS, input.dtype)
     if name == "torch" and requested == "auto":  # what nn.MaxPool2d runs
         return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
                             return_indices=return_indices)
