@@ -6,6 +6,9 @@
 
 #include <torch/library.h>
 
+#include "fastconv/batch_norm.h"
+#include "fastconv/epilogue.h"
+
 #ifdef FASTCONV_WITH_CUDA
 // Defined in csrc/cuda/build_info.cu (compiled by nvcc): the toolkit and the architectures it targeted.
 extern "C" const char* fastconv_cuda_build_info();
@@ -31,6 +34,10 @@ std::string build_info() {
 #else
   json += ", \"cxx\": \"unknown\"";
 #endif
+  // Constants the Python side needs for the ops' fake kernels (shapes of the statistics partials).
+  json += ", \"stats_rows\": " + std::to_string(fastconv::kStatsRows);
+  json += ", \"bn_tile_rows\": {\"cpu\": " + std::to_string(fastconv::kBnTileRowsCpu) +
+          ", \"cuda\": " + std::to_string(fastconv::kBnTileRowsCuda) + "}";
   json += "}";
   return json;
 }

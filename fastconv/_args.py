@@ -24,14 +24,18 @@ def conv_output_size(size: int, k: int, stride: int, pad_lo: int, pad_hi: int, d
     return (size + pad_lo + pad_hi - dilation * (k - 1) - 1) // stride + 1
 
 
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor laid out channels_last (and not simply contiguous), else contiguous:
+    the layout an output or gradient made from `t` takes."""
+    cl = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format
+
+
 def output_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
     """nn.Conv2d's rule (cuDNN and the CPU backends alike): channels_last out if the input or the weight
     is channels_last (and not simply contiguous), else contiguous."""
-
-    def is_cl(t: torch.Tensor) -> bool:
-        return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-    return torch.channels_last if (is_cl(x) or is_cl(weight)) else torch.contiguous_format
+    cl = torch.channels_last in (memory_format_of(x), memory_format_of(weight))
+    return torch.channels_last if cl else torch.contiguous_format
 
 
 class ConvArgs:

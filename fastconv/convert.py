@@ -40,16 +40,16 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import _backend, modules
+from . import _activations, _backend, modules
 from ._args import conv_output_size
 
 __all__ = ["convert", "FusedConv2d", "PassThroughBatchNorm2d"]
 
-_ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish"}
+_ACT_MODULES = _activations.BY_MODULE
 _ACT_FUNCTIONS = {F.relu: "relu", F.relu_: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6",
                   F.silu: "silu", F.hardswish: "hardswish"}
 _ACT_METHODS = {"relu": "relu", "relu_": "relu"}
-_ACT_TORCH = {"identity": lambda t: t, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish}
+_ACT_TORCH = _activations.FUNCTIONS
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import functional as FC
+from . import _activations, functional as FC
 
 __all__ = ["Conv2d", "ConvBNReLU2d", "MaxPool2d", "fused_conv_bn_forward"]
 
@@ -37,8 +37,7 @@ class Conv2d(nn.Conv2d):
         return super().extra_repr() + f", algo={self.algo}"
 
 
-_ACTIVATION_MODULES = {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU,
-                       "hardswish": nn.Hardswish}
+_ACTIVATION_MODULES = _activations.MODULES
 
 
 class ConvBNReLU2d(nn.Module):

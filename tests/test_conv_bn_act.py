@@ -404,7 +404,7 @@ def test_ext_batch_norm_ops_match_float64(case, ext_backend, poisoned):
 
     # statistics: partials of z, Chan-combined, + bias
     cnt, mean_p, m2_p = ops.ext_batch_norm_stats(z)
-    rows = bn_ops.EXT_STATS_TILE_ROWS[ext_backend]
+    rows = bn_ops.ext_stats_tile_rows(ext_backend)
     assert cnt.shape == (-(-3 * 17 * 23 // rows), C) and cnt.dtype == stat and cnt.shape[0] > 1
     mean, var = ops.ext_batch_norm_finalize(cnt, mean_p, m2_p, bias)
     zd = z.detach().cpu().double()

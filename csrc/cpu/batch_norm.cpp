@@ -19,7 +19,7 @@
 namespace fastconv {
 namespace {
 
-constexpr int64_t kTileRows = 1024;
+constexpr int64_t kTileRows = kBnTileRowsCpu;  // pixels per statistics tile (fastconv/batch_norm.h)
 
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;

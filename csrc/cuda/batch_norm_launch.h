@@ -12,8 +12,7 @@
 
 namespace fastconv {
 
-// Pixels per statistics tile: row t of the [T, C] partials covers pixels [t * kBnTileRows, (t+1) * kBnTileRows).
-constexpr int64_t kBnTileRows = 512;
+constexpr int64_t kBnTileRows = kBnTileRowsCuda;  // pixels per statistics tile (fastconv/batch_norm.h)
 
 struct BnView {  // a [N, C, H, W] tensor read or written through strides (elements)
   const void* ptr;

@@ -19,13 +19,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _backend, _ext
-from .._args import output_memory_format
+from .. import _activations, _backend, _ext
+from .._args import conv_output_size, memory_format_of, output_memory_format
 from ._autocast import register_autocast
 from ._fastpath import FastOp
 
 ALGOS = ("implicit", "im2col")
-ACTIVATIONS = ("identity", "relu", "relu6", "silu", "hardswish")
+ACTIVATIONS = _activations.NAMES
 # SUPPORTED_BACKENDS: the backends of the ops that still only have Triton and PyTorch kernels (conv_bn_act
 # imports it); CONV2D_BACKENDS: conv2d's, which also runs on the C++ extension (fastconv._C).
 SUPPORTED_BACKENDS = ("triton", "torch")
@@ -35,15 +35,8 @@ CONV2D_BACKENDS = ("triton", "torch", "cuda", "cpu")
 def _out_hw(x_hw, w_hw, stride, padding, dilation):
     (H, W), (KH, KW) = x_hw, w_hw
     top, bottom, left, right = padding
-    return (
-        (H + top + bottom - dilation[0] * (KH - 1) - 1) // stride[0] + 1,
-        (W + left + right - dilation[1] * (KW - 1) - 1) // stride[1] + 1,
-    )
-
-
-def _channels_last_like(t: torch.Tensor) -> torch.memory_format:
-    cl = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if cl else torch.contiguous_format
+    return (conv_output_size(H, KH, stride[0], top, bottom, dilation[0]),
+            conv_output_size(W, KW, stride[1], left, right, dilation[1]))
 
 
 def alloc(shape, dtype, device, memory_format) -> torch.Tensor:
@@ -66,13 +59,7 @@ def _fake_alloc(shape, dtype, device, memory_format):
 # PyTorch reference implementations (backend 'torch')
 
 def _torch_activation(u: torch.Tensor, activation: str) -> torch.Tensor:
-    return {
-        "identity": lambda t: t,
-        "relu": F.relu,
-        "relu6": F.relu6,
-        "silu": F.silu,
-        "hardswish": F.hardswish,
-    }[activation](u)
+    return _activations.FUNCTIONS[activation](u)
 
 
 def _symmetric(padding):
@@ -126,7 +113,6 @@ def _torch_weight_grad(grad_out, x, weight_size, stride, padding, dilation, grou
 # The C++ extension's ops (backends 'cpu' and 'cuda'); their schemas are in csrc/conv2d.cpp.
 
 _EXT_BACKENDS = ("cpu", "cuda")
-STATS_ROWS = 64  # rows per BatchNorm-partials tile of ext_conv2d (kStatsRows in csrc/include/fastconv/epilogue.h)
 
 
 def _allow_tf32(t: torch.Tensor) -> bool:
@@ -135,7 +121,8 @@ def _allow_tf32(t: torch.Tensor) -> bool:
 
 
 def stats_tiles(n: int, oh: int, ow: int) -> int:
-    return -(-n * oh * ow // STATS_ROWS)
+    """Rows of ext_conv2d's BatchNorm partials: one per kStatsRows output pixels (csrc, via ext_build_info)."""
+    return -(-n * oh * ow // _ext.build_info()["stats_rows"])
 
 
 def ext_conv2d(x, weight, bias, stride, padding, dilation, groups, scale=None, shift=None, residual=None,
@@ -243,7 +230,7 @@ def conv2d_input_grad(
     backend: str = "auto",
 ) -> torch.Tensor:
     name = _backend.resolve("conv2d", grad_output.device, CONV2D_BACKENDS, backend)
-    dx = alloc(input_size, grad_output.dtype, grad_output.device, _channels_last_like(grad_output))
+    dx = alloc(input_size, grad_output.dtype, grad_output.device, memory_format_of(grad_output))
     if name in _EXT_BACKENDS:
         ext_ops().ext_conv2d_input_grad(grad_output, weight, stride, padding, dilation, groups,
                                         _allow_tf32(grad_output), dx)
@@ -259,7 +246,7 @@ def conv2d_input_grad(
 @conv2d_input_grad.register_fake
 def _(grad_output, weight, input_size, stride, padding, dilation, groups, backend="auto"):
     return torch.empty(input_size, dtype=grad_output.dtype, device=grad_output.device,
-                       memory_format=_channels_last_like(grad_output))
+                       memory_format=memory_format_of(grad_output))
 
 
 @torch.library.custom_op("fastconv::conv2d_weight_grad", mutates_args=())

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from .. import _backend, _ext
+from .._args import memory_format_of
 from . import conv2d as conv_ops
 from .conv2d import (
     _check_choice,
@@ -38,9 +39,12 @@ from ._autocast import register_autocast
 from ._fastpath import FastOp
 
 SUPPORTED_BACKENDS = ("triton", "cuda", "cpu", "torch")
-# Pixels per row of the [T, C] statistics partials that fastconv::ext_batch_norm_stats returns, per device
-# (csrc/cpu/batch_norm.cpp kTileRows, csrc/cuda/batch_norm_launch.h kBnTileRows); the fake kernel needs T.
-EXT_STATS_TILE_ROWS = {"cpu": 1024, "cuda": 512}
+
+
+def ext_stats_tile_rows(device_type: str) -> int:
+    """Pixels per row of the [T, C] partials fastconv::ext_batch_norm_stats returns on `device_type`
+    (kBnTileRowsCpu / kBnTileRowsCuda in csrc/include/fastconv/batch_norm.h, via ext_build_info)."""
+    return _ext.build_info()["bn_tile_rows"][device_type]
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -82,7 +86,7 @@ def conv_bn_act_train(
         return _ext_forward(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups,
                             eps, activation, algo, name)
     z = _new_output(input, weight, stride, padding, dilation)
-    y = alloc(z.shape, z.dtype, z.device, _memory_format(z))
+    y = alloc(z.shape, z.dtype, z.device, memory_format_of(z))
     if name == "torch":
         z.copy_(_torch_conv_forward(input, weight, bias, stride, padding, dilation, groups, None, None, None,
                                     "identity"))
@@ -135,7 +139,7 @@ def _register_ext_fakes() -> None:
     @torch.library.register_fake("fastconv::ext_batch_norm_stats")
     def _(z):
         N, C, H, W = z.shape
-        rows = EXT_STATS_TILE_ROWS[z.device.type]
+        rows = ext_stats_tile_rows(z.device.type)
         tiles = max(1, -(-(N * H * W) // rows))
         stat = z.new_empty((tiles, C), dtype=_stat_dtype(z.dtype))
         return stat, torch.empty_like(stat), torch.empty_like(stat)
@@ -147,21 +151,16 @@ def _register_ext_fakes() -> None:
 
     @torch.library.register_fake("fastconv::ext_batch_norm_act")
     def _(z, mean, var, weight, bias, residual, eps, activation):
-        return torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=_memory_format(z))
+        return torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=memory_format_of(z))
 
     @torch.library.register_fake("fastconv::ext_batch_norm_act_backward")
     def _(grad_y, z, mean, var, weight, bias, residual, eps, activation, want_grad_residual):
-        fmt = _memory_format(z)
+        fmt = memory_format_of(z)
         grad_z = torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=fmt)
         grad_res = (torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=fmt) if want_grad_residual
                     else z.new_empty(0))
         stat = z.new_empty(z.shape[1], dtype=_stat_dtype(z.dtype))
         return grad_z, stat, torch.empty_like(stat), grad_res
-
-
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    cl = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if cl else torch.contiguous_format
 
 
 @conv_bn_act_train.register_fake
@@ -202,14 +201,14 @@ def batch_norm_act_backward(
         sum_g, sum_gx = g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))
         grad_z = gamma * invstd * (g - sum_g.view(shape) / P - xhat * sum_gx.view(shape) / P)
         grad_res = g.to(z.dtype) if want_grad_residual else z.new_empty(0)
-        return grad_z.to(z.dtype).contiguous(memory_format=_memory_format(z)), sum_g, sum_gx, grad_res
+        return grad_z.to(z.dtype).contiguous(memory_format=memory_format_of(z)), sum_g, sum_gx, grad_res
     if name in ("cuda", "cpu"):
         return ext_ops().ext_batch_norm_act_backward(grad_y, z, mean, var, bn_weight, bn_bias, residual, eps,
                                                      activation, want_grad_residual)
     from ..triton import batch_norm as tbn
 
-    grad_z = alloc(z.shape, z.dtype, z.device, _memory_format(z))
-    grad_res = alloc(z.shape, z.dtype, z.device, _memory_format(z)) if want_grad_residual else None
+    grad_z = alloc(z.shape, z.dtype, z.device, memory_format_of(z))
+    grad_res = alloc(z.shape, z.dtype, z.device, memory_format_of(z)) if want_grad_residual else None
     _, sum_g, sum_gx, grad_res = tbn.batch_norm_act_backward(
         grad_y, z, mean, var, bn_weight, bn_bias, eps, activation, residual, want_dres=want_grad_residual,
         grad_z=grad_z, grad_res=grad_res)
@@ -238,7 +237,7 @@ def batch_norm_act(
     """y = act((z - mean) / sqrt(var + eps) * bn_weight + bn_bias [+ residual]); used by backward to
     rebuild a fused block's output instead of keeping it."""
     name = _backend.resolve("conv_bn_act", z.device, SUPPORTED_BACKENDS, backend)
-    y = alloc(z.shape, z.dtype, z.device, _memory_format(z))
+    y = alloc(z.shape, z.dtype, z.device, memory_format_of(z))
     if name == "torch":
         return y.copy_(_torch_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation))
     if name in ("cuda", "cpu"):
@@ -305,7 +304,7 @@ def _backward(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
     needs = ctx.needs_input_grad
     want_res = ctx.has_residual and needs[5]
     grad_z, sum_g, sum_gx, grad_res = batch_norm_act_backward_op(
-        grad_y.contiguous(memory_format=_memory_format(z)), z, mean, var, bn_weight, bn_bias, residual, ctx.eps,
+        grad_y.contiguous(memory_format=memory_format_of(z)), z, mean, var, bn_weight, bn_bias, residual, ctx.eps,
         ctx.activation, want_res, ctx.backend)
     grad_x, grad_w, grad_b = conv2d_grads(grad_z, x, weight, ctx.input_size, ctx.weight_size, ctx.geometry,
                                           needs[0], needs[1], ctx.has_bias and needs[2], _conv_backend(ctx.backend))

@@ -5,15 +5,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .._activations import CODES as ACTIVATIONS  # noqa: F401 (the fused epilogue's activation codes)
 from .._backend import interpreting  # noqa: F401 (one definition; re-exported)
 
 INT32_LIMIT = 2**31 - 1
 # GEMM rows, pixel blocks and split-K chunks may run up to one block past the end of what they index (masked
 # lanes); int32 math must leave them that room.
 INDEX_HEADROOM = 2**16
-
-# Activation codes understood by the fused epilogue (see _epilogue.py).
-ACTIVATIONS = {"identity": 0, "relu": 1, "relu6": 2, "silu": 3, "hardswish": 4}
 
 
 

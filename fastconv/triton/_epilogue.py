@@ -14,11 +14,6 @@ import triton.language as tl
 
 from ._common import channels_strided
 
-ACT_IDENTITY: tl.constexpr = 0
-ACT_RELU: tl.constexpr = 1
-ACT_RELU6: tl.constexpr = 2
-ACT_SILU: tl.constexpr = 3
-ACT_HARDSWISH: tl.constexpr = 4
 
 
 @triton.jit

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._args import conv_output_size
 from ._common import (
     ACTIVATIONS,
     acc_dtype,
@@ -340,9 +341,8 @@ def pads(padding) -> tuple[int, int, int, int]:
 
 def output_hw(H: int, W: int, KH: int, KW: int, stride, padding, dilation) -> tuple[int, int]:
     top, bottom, left, right = pads(padding)
-    OH = (H + top + bottom - dilation[0] * (KH - 1) - 1) // stride[0] + 1
-    OW = (W + left + right - dilation[1] * (KW - 1) - 1) // stride[1] + 1
-    return OH, OW
+    return (conv_output_size(H, KH, stride[0], top, bottom, dilation[0]),
+            conv_output_size(W, KW, stride[1], left, right, dilation[1]))
 
 
 def conv2d_forward(

@@ -36,7 +36,6 @@ import time
 import torch
 import triton
 
-from .._backend import planning
 from . import configs as cfgs
 from ._common import interpreting
 

@@ -77,6 +77,11 @@ FASTCONV_HD inline Acc moments_var(const Moments<Acc>& a) {
 // Serial bound: a thread merges at most kBnCombineRowsPerLane rows plus log2(kBnCombineLanes) tree steps per
 // pass (64 + 3), whatever T; T rows take 1 pass up to 512 rows, 2 up to 512^2, 3 up to 512^3 (fastconv::
 // ext_batch_norm_plan lists them).
+// Pixels per statistics tile of ext_batch_norm_stats: row t of the [T, C] partials covers pixels
+// [t * rows, (t + 1) * rows) (reported by ext_build_info for the ops' fake kernels).
+constexpr int64_t kBnTileRowsCpu = 1024;
+constexpr int64_t kBnTileRowsCuda = 512;
+
 constexpr int kBnCombineLanes = 8;                  // row lanes per channel
 constexpr int kBnCombineChannels = 32;              // channel lanes of a CUDA block (a warp, coalesced rows)
 constexpr int64_t kBnCombineRowsPerLane = 64;       // serial merges of one lane per pass

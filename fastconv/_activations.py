@@ -1,0 +1,14 @@
+"""The activations fastconv fuses, in one table. A name's position in NAMES is its code in the kernels (the
+Triton `ACT` constexpr, the C++ ops' `activation` argument, fastconv/triton/_epilogue.activation and
+csrc/include/fastconv/epilogue.h); FUNCTIONS and MODULES are what PyTorch computes for it."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+NAMES = ("identity", "relu", "relu6", "silu", "hardswish")
+CODES = {name: code for code, name in enumerate(NAMES)}
+FUNCTIONS = {"identity": lambda t: t, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish}
+MODULES = {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish}
+# nn activation module class -> name (what convert() fuses; Identity is not an activation there)
+BY_MODULE = {cls: name for name, cls in MODULES.items() if name != "identity"}
