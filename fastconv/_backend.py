@@ -145,8 +145,23 @@ def _availability(device_type: str) -> dict[str, tuple[bool, str]]:
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+_RESOLVED: dict[tuple, str] = {}
+
+
 def resolve(op: str, device: torch.device, supported: tuple[str, ...], name: str | None = None,
             dtype: torch.dtype | None = None) -> str:
+    """The concrete backend that runs `op` (see _resolve); answers are remembered per (arguments, interpreter,
+    planning), since availability cannot change in between: this is on every op's path."""
+    name = _check_name(name or current())
+    key = (op, device.type, supported, name, dtype, interpreting(), planning())
+    found = _RESOLVED.get(key)
+    if found is None:
+        found = _RESOLVED[key] = _resolve(op, device, supported, name, dtype)
+    return found
+
+
+def _resolve(op: str, device: torch.device, supported: tuple[str, ...], name: str | None = None,
+             dtype: torch.dtype | None = None) -> str:
     """The concrete backend that runs `op` on tensors of `device` (and `dtype`, when given).
 
     `supported` lists the backends that implement `op`. 'auto' picks Triton for CUDA tensors, AUTO_CPU's

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from . import _backend
 from ._args import ConvArgs, as_list
+from .ops import conv2d as conv_ops, conv_bn_act as cba_ops, max_pool2d as _pool_ops
 
 __all__ = ["conv2d", "conv2d_fused", "conv_bn_act", "conv_bn_relu", "max_pool2d"]
 
@@ -16,6 +17,36 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     fastconv kernels. `algo` picks the Triton algorithm: 'implicit' (implicit GEMM, no column buffer) or
     'im2col' (explicit column buffer + GEMM)."""
     return conv2d_fused(input, weight, bias, stride, padding, dilation, groups, algo=algo)
+
+
+_GEOMETRY: dict = {}
+_GEOMETRY_MAX = 4096
+
+
+def _hashable(v):
+    return v if isinstance(v, (int, str)) else tuple(v)
+
+
+def _geometry(input, weight, bias, stride, padding, dilation, groups):
+    """F.conv2d's argument checks (ConvArgs) -> (stride, padding (top, bottom, left, right), dilation as lists,
+    output (H, W)). The checks depend only on shapes, dtypes, devices, autocast and the arguments, so in eager
+    mode each distinct call signature is validated once (a module's call costs a dict lookup)."""
+    if torch.compiler.is_compiling():
+        key = None
+    else:
+        dev = input.device.type
+        key = (input.shape, input.dtype, input.device, weight.shape, weight.dtype, weight.device,
+               None if bias is None else (bias.shape, bias.dtype, bias.device),
+               _hashable(stride), _hashable(padding), _hashable(dilation), groups,
+               dev != "meta" and torch.is_autocast_enabled(dev))
+        found = _GEOMETRY.get(key)
+        if found is not None:
+            return found
+    args = ConvArgs(input, weight, bias, stride, padding, dilation, groups)
+    found = (as_list(args.stride), as_list(args.padding), as_list(args.dilation), args.out_hw)
+    if key is not None and len(_GEOMETRY) < _GEOMETRY_MAX:
+        _GEOMETRY[key] = found
+    return found
 
 
 def _batched(input, residual):
@@ -31,18 +62,14 @@ def conv2d_fused(input, weight, bias=None, stride=1, padding=0, dilation=1, grou
                  residual=None, activation: str = "identity", algo: str = "implicit") -> torch.Tensor:
     """act((conv2d(input, weight) + bias) * scale + shift + residual) in one kernel: scale/shift are
     per-output-channel vectors, residual has the output's shape."""
-    from .ops import conv2d as conv_ops
-
     requested, name = _backend.choose("conv2d", input.device, conv_ops.CONV2D_BACKENDS, input.dtype)
     if name == "torch" and requested == "auto":  # what nn.Conv2d runs (plus the epilogue as PyTorch ops)
         return conv_ops.torch_conv_epilogue(F.conv2d(input, weight, bias, stride, padding, dilation, groups),
                                             scale, shift, residual, activation)
     input, residual, unbatched = _batched(input, residual)
-    args = ConvArgs(input, weight, bias, stride, padding, dilation, groups)
-    out = conv_ops.conv2d_op(
-        input, weight, bias, as_list(args.stride), as_list(args.padding), as_list(args.dilation), groups,
-        scale, shift, residual, activation, algo, name,
-    )
+    stride, padding, dilation, _ = _geometry(input, weight, bias, stride, padding, dilation, groups)
+    out = conv_ops.conv2d_op(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual,
+                             activation, algo, name)
     return out.squeeze(0) if unbatched else out
 
 
@@ -58,8 +85,6 @@ def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_v
     Batch statistics: one conv kernel whose epilogue also reduces per-channel statistics, a finalize,
     and one normalize+affine+activation pass. Running statistics (eval): BatchNorm folds into the conv
     epilogue's per-channel scale/shift (a few per-channel ops on C values, then one conv kernel)."""
-    from .ops import conv2d as conv_ops, conv_bn_act as cba_ops
-
     requested, name = _backend.choose("conv_bn_act", input.device, cba_ops.SUPPORTED_BACKENDS, input.dtype)
     if name == "torch" and requested == "auto":  # exactly nn.Sequential(nn.Conv2d, nn.BatchNorm2d, act)
         if isinstance(momentum, torch.Tensor):
@@ -68,13 +93,13 @@ def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_v
         y = F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
         return conv_ops.torch_conv_epilogue(y, None, None, residual, activation)
     input, residual, unbatched = _batched(input, residual)
-    args = ConvArgs(input, weight, bias, stride, padding, dilation, groups)
-    geometry = (as_list(args.stride), as_list(args.padding), as_list(args.dilation), groups)
+    *geometry, out_hw = _geometry(input, weight, bias, stride, padding, dilation, groups)
+    geometry = (*geometry, groups)
     use_batch_stats = training or running_mean is None or running_var is None
     if use_batch_stats:
-        per_channel = input.shape[0] * args.out_hw[0] * args.out_hw[1]
+        per_channel = input.shape[0] * out_hw[0] * out_hw[1]
         if training and per_channel <= 1:
-            size = torch.Size([input.shape[0], weight.shape[0], *args.out_hw])
+            size = torch.Size([input.shape[0], weight.shape[0], *out_hw])
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
         y, z, mean, var = cba_ops.conv_bn_act_train_op(
             input, weight, bias, bn_weight, bn_bias, residual, *geometry, float(eps), activation, algo, name)
@@ -147,8 +172,6 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     """Exactly F.max_pool2d (int/tuple arguments, stride None = kernel_size, unbatched 3-D input, batch 0,
     same errors, same output memory format; return_indices gives PyTorch's int64 indices) on fastconv's
     kernels. Autograd saves only the compact argmax (int8 for windows up to 11x11), never the input."""
-    from .ops import max_pool2d as _pool_ops
-
     fname = "max_pool2d_with_indices" if return_indices else "max_pool2d"
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{fname}(): argument 'input' (position 1) must be Tensor, not {type(input).__name__}")
@@ -156,6 +179,35 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     if name == "torch" and requested == "auto":  # what nn.MaxPool2d runs
         return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
                             return_indices=return_indices)
+    key = None
+    if not torch.compiler.is_compiling():  # validated once per call signature, as conv's _geometry
+        parts = [_hashable_or_none(v) for v in (kernel_size, stride, padding, dilation)]
+        if None not in parts and type(ceil_mode) is bool:
+            key = (input.shape, *parts, ceil_mode)
+            geo = _POOL_GEOMETRY.get(key)
+            if geo is not None:
+                return _max_pool2d(input, geo, ceil_mode, return_indices, name)
+    geo = _pool_geometry(input, kernel_size, stride, padding, dilation, ceil_mode, fname)
+    if key is not None and len(_POOL_GEOMETRY) < _GEOMETRY_MAX:
+        _POOL_GEOMETRY[key] = geo
+    return _max_pool2d(input, geo, ceil_mode, return_indices, name)
+
+
+_POOL_GEOMETRY: dict = {}
+
+
+def _hashable_or_none(v):
+    """A hashable stand-in of an argument; None for one that is not a plain int / sequence of ints (such calls
+    are validated every time)."""
+    if v is None or type(v) is int:
+        return ("v", v)
+    if type(v) in (list, tuple) and all(type(i) is int for i in v):
+        return ("s", tuple(v))
+    return None
+
+
+def _pool_geometry(input, kernel_size, stride, padding, dilation, ceil_mode, fname):
+    """F.max_pool2d's argument parsing and ATen's checks -> (kernel, stride, padding, dilation) pairs."""
     kernel = _pool_ints(kernel_size, "kernel_size", 2, fname)
     stride = [] if stride is None else _pool_ints(stride, "stride", 3, fname)
     padding = _pool_ints(padding, "padding", 4, fname)
@@ -179,7 +231,10 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
         raise RuntimeError("non-empty 3D or 4D (batch mode) tensor expected for input")
     geo = (kernel, stride, padding, dilation)
     _pool_ops.check_pool_args(input.shape, *geo, ceil_mode)
+    return geo
 
+
+def _max_pool2d(input, geo, ceil_mode, return_indices, name):
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     out, offsets = _pool_ops.max_pool2d_op(x, *map(list, geo), ceil_mode, name)
