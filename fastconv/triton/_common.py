@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from .._activations import CODES as ACTIVATIONS  # noqa: F401 (the fused epilogue's activation codes)
@@ -83,5 +82,12 @@ def channels_strided(t: torch.Tensor | None) -> bool:
     return t is not None and t.dim() == 4 and t.size(1) > 1 and t.stride(1) != 1
 
 
+# Host-side integer helpers. triton.cdiv / triton.next_power_of_2 are Triton constexpr functions: called from
+# Python they cost microseconds each through Triton's JIT wrapper, on every launch.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """The smallest power of two >= n (and >= 1)."""
+    return 1 << max(int(n) - 1, 0).bit_length()

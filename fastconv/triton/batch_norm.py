@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACTIVATIONS, acc_dtype, check_runnable, needs_int64
+from ._common import ACTIVATIONS, acc_dtype, cdiv, check_runnable, needs_int64
 from ._epilogue import activation, activation_grad, split_rows
 from .conv2d import workspace
 from .launch import run, sm_count
@@ -208,18 +208,18 @@ def finalize(stats, channels: int, bias: torch.Tensor | None = None) -> tuple[to
     check_runnable(cnt)
     mean = torch.empty(channels, device=cnt.device, dtype=cnt.dtype)
     var = torch.empty_like(mean)
-    blocks_c = triton.cdiv(channels, COMBINE_BLOCK_C)
+    blocks_c = cdiv(channels, COMBINE_BLOCK_C)
     T = cnt.shape[0]
     while T > COMBINE_ROWS:
-        chunks = triton.cdiv(T, COMBINE_ROWS)
+        chunks = cdiv(T, COMBINE_ROWS)
         out = [workspace((chunks, channels), cnt.device, cnt.dtype) for _ in range(3)]
         run(_batch_norm_combine_kernel, (blocks_c, chunks), cnt, mean_p, m2_p, T, channels, COMBINE_ROWS, *out, mean,
-            device=cnt.device, loop=triton.cdiv(COMBINE_ROWS, COMBINE_BLOCK_T),
+            device=cnt.device, loop=cdiv(COMBINE_ROWS, COMBINE_BLOCK_T),
             FINAL=False, HAS_BIAS=False, BLOCK_T=COMBINE_BLOCK_T, BLOCK_C=COMBINE_BLOCK_C)
         (cnt, mean_p, m2_p), T = out, chunks
     run(_batch_norm_combine_kernel, (blocks_c, 1), cnt, mean_p, m2_p, T, channels, COMBINE_ROWS,
         mean, mean, var, bias if bias is not None else mean,
-        device=cnt.device, loop=triton.cdiv(T, COMBINE_BLOCK_T),
+        device=cnt.device, loop=cdiv(T, COMBINE_BLOCK_T),
         FINAL=True, HAS_BIAS=bias is not None, BLOCK_T=COMBINE_BLOCK_T, BLOCK_C=COMBINE_BLOCK_C)
     return mean, var
 
@@ -227,8 +227,8 @@ def finalize(stats, channels: int, bias: torch.Tensor | None = None) -> tuple[to
 def reduce_splits(P: int, C: int, device: torch.device) -> int:
     """Pixel splits of the backward reduction: enough programs for ~4 per SM, and never more than
     REDUCE_MAX_STEPS BLOCK_P steps per program."""
-    fill = (4 * sm_count(device)) // triton.cdiv(C, BLOCK_C)
-    return max(1, triton.cdiv(P, REDUCE_MAX_STEPS * BLOCK_P), min(triton.cdiv(P, 4 * BLOCK_P), fill))
+    fill = (4 * sm_count(device)) // cdiv(C, BLOCK_C)
+    return max(1, cdiv(P, REDUCE_MAX_STEPS * BLOCK_P), min(cdiv(P, 4 * BLOCK_P), fill))
 
 
 def _affine_args(weight, bias, fallback):
@@ -247,7 +247,7 @@ def batch_norm_act_forward(z, mean, var, weight, bias, eps: float, activation: s
         return y
     res = residual if residual is not None else z
     w, b = _affine_args(weight, bias, mean)
-    run(_batch_norm_act_fwd_kernel, (triton.cdiv(P, BLOCK_P), triton.cdiv(C, BLOCK_C)),
+    run(_batch_norm_act_fwd_kernel, (cdiv(P, BLOCK_P), cdiv(C, BLOCK_C)),
         z, y, res, mean, var, w, b, P, C, H, W, eps,
         *z.stride(), *y.stride(), *res.stride(),
         device=z.device,
@@ -274,8 +274,8 @@ def batch_norm_act_backward(grad_y, z, mean, var, weight, bias, eps: float, acti
         return dz, zeros, zeros.clone(), dres
     if splits is None:
         splits = reduce_splits(P, C, z.device)
-    per_split = triton.cdiv(triton.cdiv(P, splits), BLOCK_P) * BLOCK_P
-    splits = triton.cdiv(P, per_split)
+    per_split = cdiv(cdiv(P, splits), BLOCK_P) * BLOCK_P
+    splits = cdiv(P, per_split)
     sum_g_p = torch.empty((splits, C), device=z.device, dtype=acc)
     sum_gx_p = torch.empty_like(sum_g_p)
     res = residual if residual is not None else z
@@ -283,14 +283,14 @@ def batch_norm_act_backward(grad_y, z, mean, var, weight, bias, eps: float, acti
     common = dict(HAS_AFFINE=weight is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS[activation],
                   ACC=acc_dtype(z.dtype), IDX64=force_int64 or needs_int64(z, grad_y, residual),
                   BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
-    run(_batch_norm_act_bwd_reduce_kernel, (triton.cdiv(C, BLOCK_C), splits),
+    run(_batch_norm_act_bwd_reduce_kernel, (cdiv(C, BLOCK_C), splits),
         grad_y, z, res, mean, var, w, b, sum_g_p, sum_gx_p, P, C, H, W, eps, per_split,
         *grad_y.stride(), *z.stride(), *res.stride(),
-        device=z.device, loop=triton.cdiv(per_split, BLOCK_P), **common,
+        device=z.device, loop=cdiv(per_split, BLOCK_P), **common,
     )
     sum_g, sum_gx = sum_g_p.sum(0), sum_gx_p.sum(0)
     dres_t = dres if dres is not None else dz
-    run(_batch_norm_act_bwd_apply_kernel, (triton.cdiv(P, BLOCK_P), triton.cdiv(C, BLOCK_C)),
+    run(_batch_norm_act_bwd_apply_kernel, (cdiv(P, BLOCK_P), cdiv(C, BLOCK_C)),
         grad_y, z, res, mean, var, w, b, sum_g, sum_gx, dz, dres_t, P, C, H, W, eps,
         *grad_y.stride(), *z.stride(), *res.stride(), *dz.stride(), *dres_t.stride(),
         device=z.device, WANT_DRES=want_dres, **common,

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from .._args import conv_output_size
 from ._common import (
+    cdiv,
     ACTIVATIONS,
     acc_dtype,
     channels_contiguous,
@@ -318,7 +319,7 @@ def stats_scratch(M: int, channels: int, like: torch.Tensor, want: bool):
     def scratch(meta):
         if not want:
             return dict.fromkeys(STATS_ARGS, like)
-        rows = triton.cdiv(M, meta["BLOCK_M"])
+        rows = cdiv(M, meta["BLOCK_M"])
         return {name: workspace((rows, channels), like.device, acc) for name in STATS_ARGS}
 
     return scratch
@@ -386,7 +387,7 @@ def conv2d_forward(
     dummy = y  # never read when its HAS_* flag is off
     bias, shift = fold_bias(bias, scale, shift)
     _, extra = _fwd(
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]), groups),
+        lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(cout_g, meta["BLOCK_N"]), groups),
         x, weight, y,
         bias if bias is not None else dummy,
         scale if scale is not None else dummy,
@@ -442,16 +443,16 @@ def conv2d_input_grad(
     if cout_g == 0 or OH * OW == 0:
         return dx.zero_()
     sh, sw = stride
-    HP, WP = triton.cdiv(H, sh), triton.cdiv(W, sw)
+    HP, WP = cdiv(H, sh), cdiv(W, sw)
     MP = N * HP * WP
     _dgrad(
-        lambda meta: (triton.cdiv(MP, meta["BLOCK_M"]) * triton.cdiv(cin_g, meta["BLOCK_N"]), groups * sh * sw),
+        lambda meta: (cdiv(MP, meta["BLOCK_M"]) * cdiv(cin_g, meta["BLOCK_N"]), groups * sh * sw),
         grad_out, weight, dx,
         MP, H, W, OH, OW, HP, WP, cin_g, cout_g, KH, KW,
         sh, sw, pads(padding)[0], pads(padding)[2], dilation[0], dilation[1],
         *grad_out.stride(), *weight.stride(), *dx.stride(),
         # the taps one stride phase walks, at most cdiv(K, stride) per axis (_first_tap)
-        problem=Problem(MP, cin_g, cout_g, triton.cdiv(KH, sh) * triton.cdiv(KW, sw), groups * sh * sw),
+        problem=Problem(MP, cin_g, cout_g, cdiv(KH, sh) * cdiv(KW, sw), groups * sh * sw),
         device=grad_out.device,
         ACC_TYPE=acc_dtype(grad_out.dtype),
         PRECISION=dot_precision(grad_out.dtype),
@@ -491,17 +492,17 @@ def conv2d_weight_grad(
     if P == 0 or C_out == 0 or cin_g == 0:
         dw = x.new_zeros(weight_shape)
         return dw, (x.new_zeros(C_out) if bias_grad else None)
-    tiles_estimate = triton.cdiv(cout_g, 64) * KH * KW * triton.cdiv(cin_g, 64) * groups
+    tiles_estimate = cdiv(cout_g, 64) * KH * KW * cdiv(cin_g, 64) * groups
     split = splits or _num_splits(P, tiles_estimate, x.device)
     # Chunks are whole multiples of the largest BLOCK_K so a K block never straddles two splits.
-    k_per_split = triton.cdiv(triton.cdiv(P, split), 64) * 64
-    split = triton.cdiv(P, k_per_split)
+    k_per_split = cdiv(cdiv(P, split), 64) * 64
+    split = cdiv(P, k_per_split)
     part_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     partial = workspace((split, C_out, KH, KW, cin_g), x.device, part_dtype)
     db_partial = workspace((split, C_out), x.device, part_dtype) if bias_grad else partial
     _wgrad(
         lambda meta: (
-            triton.cdiv(cout_g, meta["BLOCK_M"]) * KH * KW * triton.cdiv(cin_g, meta["BLOCK_N"]),
+            cdiv(cout_g, meta["BLOCK_M"]) * KH * KW * cdiv(cin_g, meta["BLOCK_N"]),
             split,
             groups,
         ),

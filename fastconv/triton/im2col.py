@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACTIVATIONS, acc_dtype, check_runnable, dot_precision, needs_int64, upcast_dot_operands
+from ._common import ACTIVATIONS, acc_dtype, cdiv, check_runnable, dot_precision, needs_int64, upcast_dot_operands
 from ._epilogue import (
     epilogue_store,
     fold_bias,
@@ -134,7 +134,7 @@ def im2col(x: torch.Tensor, kernel_size, stride, padding, dilation, groups: int,
     if col.numel() == 0:
         return col
     bm, bk, warps = IM2COL_BLOCKS
-    run(_im2col_gather_kernel, (triton.cdiv(M, bm), triton.cdiv(KDIM, bk), groups),
+    run(_im2col_gather_kernel, (cdiv(M, bm), cdiv(KDIM, bk), groups),
         x, col, M, KDIM, H, W, OH, OW, cin_g, KW,
         stride[0], stride[1], top, left, dilation[0], dilation[1],
         *x.stride(),
@@ -188,7 +188,7 @@ def conv2d_im2col(
         res_c = residual[n0:n1] if residual is not None else y_c
         M = (n1 - n0) * OH * OW
         _, extra = _gemm(
-            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]), groups),
+            lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(cout_g, meta["BLOCK_N"]), groups),
             col, wpack, y_c,
             bias if bias is not None else dummy,
             scale if scale is not None else dummy,

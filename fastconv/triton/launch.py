@@ -37,7 +37,7 @@ import torch
 import triton
 
 from . import configs as cfgs
-from ._common import interpreting
+from ._common import cdiv, interpreting, next_pow2
 
 Tile = tuple[int, int, int, int, int]
 
@@ -188,10 +188,10 @@ class Problem:
     batch: int = 1
 
     def programs(self, tile: Tile) -> int:
-        return triton.cdiv(self.m, tile[0]) * triton.cdiv(self.n, tile[1]) * self.batch
+        return cdiv(self.m, tile[0]) * cdiv(self.n, tile[1]) * self.batch
 
     def k_steps(self, tile: Tile) -> int:
-        return self.taps * triton.cdiv(self.k_per_tap, tile[2])
+        return self.taps * cdiv(self.k_per_tap, tile[2])
 
     def flops(self) -> float:
         return 2.0 * self.m * self.n * self.k_per_tap * self.taps * self.batch
@@ -203,7 +203,7 @@ def estimated_cost(tile: Tile, p: Problem, sms: int) -> float:
     which grows with its arithmetic intensity BM*BN/(BM+BN) up to 128x128's (data reuse per loaded byte)."""
     bm, bn, bk, _, _ = tile
     resident = 2 if bm * bn <= 64 * 128 else 1
-    waves = triton.cdiv(p.programs(tile), sms * resident)
+    waves = cdiv(p.programs(tile), sms * resident)
     work = bm * bn * p.k_steps(tile) * bk
     efficiency = min(1.0, (bm * bn / (bm + bn)) / 64.0)
     return waves * work / efficiency
@@ -223,7 +223,7 @@ BUCKET_CAP = 2**17
 def bucket(v: int) -> int:
     """Autotune key bucket of a size: pixel-sized dims (>= 4096) round up to a power of two, capped at
     BUCKET_CAP."""
-    return min(triton.next_power_of_2(v), BUCKET_CAP) if v >= 4096 else v
+    return min(next_pow2(v), BUCKET_CAP) if v >= 4096 else v
 
 
 def _meta(tile: Tile, maxnreg: int | None = None) -> dict:

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .._pool_args import offsets_dtype, suggest_memory_format  # noqa: F401 (re-exported)
-from ._common import acc_dtype, check_runnable, interpreting, needs_int64
+from ._common import acc_dtype, cdiv, check_runnable, interpreting, needs_int64
 from .launch import run
 
 # GPU launch: BLOCK elements per program. 512 with 4 warps (4 elements per thread: 16-byte fp32 / 8-byte
@@ -262,7 +262,7 @@ def max_pool2d_forward(
         return y, offsets
     idx64 = force_int64 or needs_int64(x, y)
     block, meta = _launch_meta(idx64, x.dtype)
-    run(_max_pool2d_fwd_kernel, (triton.cdiv(total, block),),
+    run(_max_pool2d_fwd_kernel, (cdiv(total, block),),
         x, y, offsets,
         total, C, H, W, OH, OW,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
@@ -323,7 +323,7 @@ def max_pool2d_backward(
     NW = (KW - 1) * dilation[1] // stride[1] + 1
     idx64 = force_int64 or needs_int64(grad_out, offsets, dx)
     block, meta = _launch_meta(idx64, grad_out.dtype)
-    run(_max_pool2d_bwd_kernel, (triton.cdiv(total, block),),
+    run(_max_pool2d_bwd_kernel, (cdiv(total, block),),
         grad_out, offsets, dx,
         total, C, H, W, OH, OW, KH, KW, NH, NW,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
