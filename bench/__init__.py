@@ -1,1 +1,1 @@
-"""fastconv throughput benchmarks: `pytest bench --benchmark` (see conftest.py and README "Benchmarks")."""
+"""fastconv throughput benchmarks: `pytest bench --benchmark` (see conftest.py and docs/benchmarks.md)."""

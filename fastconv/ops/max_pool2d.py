@@ -36,7 +36,8 @@ from .._pool_args import offsets_dtype, suggest_memory_format  # noqa: F401 (re-
 from ._fastpath import FastOp
 
 SUPPORTED_BACKENDS = ("triton", "cuda", "cpu", "torch")
-# What the fastconv kernels (Triton, CUDA C++ and the C++ CPU twin alike) pool; other dtypes run on PyTorch.
+# The fastconv kernels (Triton, CUDA C++ and the C++ CPU twin alike) pool the dtypes in _backend.KERNEL_DTYPES;
+# under backend 'auto' other dtypes run on PyTorch, an explicit kernel backend refuses them (_backend.resolve).
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """--profile DIR: torch.profiler over a few training steps (schedule: wait, warm-up, active), a trace per
 process in DIR (Chrome trace JSON, `*.pt.trace.json`: open it in https://ui.perfetto.dev or with
-`tensorboard --logdir DIR`), and the top operators printed and saved to DIR/top_ops.txt. fastconv's
+`tensorboard --logdir DIR`), and the top operators printed and saved to DIR/top_ops_rank<rank>.txt. fastconv's
 custom ops show up under their own names (fastconv::conv2d, fastconv::conv_bn_act_train, ...), and the
 training loop marks its forward, backward and optimizer step with record_function ranges."""
 from __future__ import annotations
