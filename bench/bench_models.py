@@ -33,8 +33,9 @@ NAMES = tuple(models.names()) if models else tuple(_shapes.CIFAR_ARCHITECTURES)
 # variant -> fastconv backend (None: the plain PyTorch model)
 VARIANTS = ({"plain": None, "fastconv-triton": "triton", "fastconv-cuda": "cuda"} if DEVICE.type == "cuda"
             else {"plain": None, "fastconv-cpu": "cpu"})
-SELECTION = {"full": NAMES, "quick": ("simple_cnn_bn", "cifar10_cnn", "resnet"), "cpu": NAMES, "tiny": ("lenet5",)}
-BATCH = {"full": 128, "quick": 128, "cpu": 8, "tiny": 2}[SET]
+SELECTION = {"full": NAMES, "quick": ("simple_cnn_bn", "cifar10_cnn", "resnet"), "cpu": NAMES, "tiny": ("lenet5",),
+             "check": ("cifar10_cnn",)}
+BATCH = {"full": 128, "quick": 128, "cpu": 8, "tiny": 2, "check": 128}[SET]
 DTYPE, LAYOUT = ("bf16", "channels_last") if DEVICE.type == "cuda" else ("fp32", "nchw")
 
 
