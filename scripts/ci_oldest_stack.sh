@@ -89,8 +89,8 @@ if [[ -n "${FASTCONV_OLDEST_TESTS:-}" ]]; then
     read -r -a SELECTION <<<"$FASTCONV_OLDEST_TESTS"
 else
     SELECTION=(tests/test_ext_build.py tests/test_backend.py tests/test_conv2d.py tests/test_conv_bn_act.py
-               tests/test_max_pool2d.py tests/test_triton_max_pool2d.py tests/test_kernel_report.py
-               tests/test_tile_sweep.py tests/test_gpu_check.py)
+               tests/test_max_pool2d.py tests/test_triton_max_pool2d.py tests/test_modules.py tests/test_models.py
+               tests/test_kernel_report.py tests/test_tile_sweep.py tests/test_gpu_check.py)
 fi
 start=$(date +%s)
 rc=0
