@@ -51,7 +51,8 @@ ensure_venv() {  # venv, python minor, explicit python, packages...: create and 
     rm -rf "$venv"
     "$base" -m venv "$venv"
     start=$(date +%s)
-    "$venv/bin/python" -m pip install --quiet --progress-bar off "$@"
+    "$venv/bin/python" -m pip install --progress-bar off "$@" >"$venv/pip-install.log" 2>&1 \
+        || { tail -40 "$venv/pip-install.log"; step "pip install into $venv failed"; return 1; }
     step "created $venv with $("$base" --version) and installed $* in $(( $(date +%s) - start )) s ($(du -sm "$venv" | cut -f1) MB)"
 }
 

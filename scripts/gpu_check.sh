@@ -134,10 +134,11 @@ flush() {  # summary.md and the artefacts so far, into $RESULTS (at most 8 files
 : >"$LOGS/steps.tsv"
 HAVE_GPU=0
 ARCH_LIST=""
-if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+PROBE=$("$PY" -c "import torch; ok = torch.cuda.is_available(); print('%d.%d' % torch.cuda.get_device_capability() if ok else '', torch.cuda.get_device_name() if ok else '')" 2>/dev/null)
+if [[ -n "${PROBE// /}" ]]; then
     HAVE_GPU=1
-    GPU_NAME=$("$PY" -c "import torch; print(torch.cuda.get_device_name())" 2>/dev/null)
-    ARCH_LIST=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
+    ARCH_LIST=${PROBE%% *}
+    GPU_NAME=${PROBE#* }
     echo "[gpu_check] GPU: $GPU_NAME (compute capability $ARCH_LIST)"
 else
     GPU_NAME=none
@@ -173,7 +174,7 @@ PYEOF
 }
 export -f env_report
 export PY ROOT
-run_step env 40 "gpu_check/env.log" env_report
+run_step env 30 "gpu_check/env.log" env_report
 flush
 
 # --- build (background; the tile sweep needs no extension) -----------------------------------------------------
@@ -202,8 +203,8 @@ wait_build() {
 # --- tile sweep ------------------------------------------------------------------------------------------------
 mkdir -p "$LOGS/tile_sweep"
 if [[ $HAVE_GPU == 1 ]]; then
-    SWEEP_LIMIT=$(limit_for tile_sweep 95)
-    run_step tile_sweep 95 "tile_sweep.json, tile_sweep.md" "'$PY' '$ROOT/scripts/tile_sweep.py' --out '$LOGS/tile_sweep' \
+    SWEEP_LIMIT=$(limit_for tile_sweep 90)
+    run_step tile_sweep 90 "tile_sweep.json, tile_sweep.md" "'$PY' '$ROOT/scripts/tile_sweep.py' --out '$LOGS/tile_sweep' \
         --jobs ${GPU_CHECK_SWEEP_JOBS:-8} --timeout $(( SWEEP_LIMIT > 15 ? SWEEP_LIMIT - 10 : SWEEP_LIMIT ))"
 else
     skip tile_sweep "$NO_GPU; the sweep's own logic runs under the interpreter in CI (tests/test_tile_sweep.py)"
@@ -215,7 +216,7 @@ flush
 # --- tests ---------------------------------------------------------------------------------------------------------
 wait_build
 if [[ $HAVE_GPU == 1 ]]; then
-    run_step tests 110 "tests.xml" "FASTCONV_AUTOTUNE=0 '$PY' -m pytest -n ${GPU_CHECK_TEST_WORKERS:-8} -p no:cacheprovider \
+    run_step tests 100 "tests.xml" "FASTCONV_AUTOTUNE=0 '$PY' -m pytest -n ${GPU_CHECK_TEST_WORKERS:-8} -p no:cacheprovider \
         -q -rfEs --durations=25 --junitxml='$LOGS/tests.xml' \
         --ignore=tests/test_kernel_report.py --ignore=tests/test_cuda_report.py --ignore=tests/test_tile_sweep.py \
         --ignore=tests/test_gpu_check.py --ignore=tests/test_bench.py --deselect tests/test_triton_max_pool2d.py::test_kernels_compile_for_sm80"
@@ -231,7 +232,7 @@ BENCH_SET=${GPU_CHECK_BENCH_SET:-check}
 mkdir -p "$LOGS/bench"
 if [[ $HAVE_GPU == 1 ]]; then BENCH_FILES="bench/bench_conv2d.py bench/bench_conv_bn_relu.py bench/bench_models.py"
 else BENCH_FILES="bench"; fi
-run_step bench 100 "bench.json, bench.md (set $BENCH_SET$([[ $HAVE_GPU == 0 ]] && echo ", $NO_GPU: CPU providers at tiny sizes"))" \
+run_step bench 90 "bench.json, bench.md (set $BENCH_SET$([[ $HAVE_GPU == 0 ]] && echo ", $NO_GPU: CPU providers at tiny sizes"))" \
     "FASTCONV_BENCH_SET=$BENCH_SET FASTCONV_BENCH_OUT='$LOGS/bench' FASTCONV_BENCH_WARMUP_MS=10 FASTCONV_BENCH_REP_MS=40 \
     $([[ $HAVE_GPU == 0 ]] && echo "FASTCONV_BENCH_THREADS=1 FASTCONV_BENCH_CPU_ROUNDS=2") \
     '$PY' -m pytest $BENCH_FILES --benchmark -p no:xdist -p no:cacheprovider -q -rs \
@@ -240,7 +241,7 @@ flush
 
 # --- profiler trace ---------------------------------------------------------------------------------------------------
 if [[ $HAVE_GPU == 1 ]]; then
-    run_step profile 45 "gpu_check/profile/ (trace, top_ops_rank0.txt)" "'$PY' -m fastconv.train --model cifar10_cnn \
+    run_step profile 40 "gpu_check/profile/ (trace, top_ops_rank0.txt)" "'$PY' -m fastconv.train --model cifar10_cnn \
         --data synthetic --data-dir '$SCRATCH/data' --synthetic-train 2048 --synthetic-test 256 --workers 2 \
         --batch-size 128 --amp bf16 --channels-last --max-steps 8 --no-progress \
         --profile '$LOGS/profile' --out '$LOGS/train'"
