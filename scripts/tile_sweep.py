@@ -160,7 +160,11 @@ class Problems:
         w = rnd(K, C, 3, 3, scale=(9 * C) ** -0.5)
         b = rnd(K)
         d = self.device
-        xd, wd, bd = x.double(), w.double(), b.double()
+
+        def f64(t):  # the reference runs in float64 on the same device (cuDNN / ATen), one per problem
+            return t.double().to(d)
+
+        xd, wd, bd = f64(x), f64(w), f64(b)
         stride = 2 if variant == "stride2" else 1
         geo = dict(stride=[stride, stride], padding=[1, 1, 1, 1], dilation=[1, 1], groups=1)
         if family in ("conv2d_fwd", "im2col_gemm") and variant in ("plain", "fused", "nchw"):
@@ -170,8 +174,7 @@ class Problems:
             if variant == "fused":
                 scale, shift, res = rnd(K).abs() + 0.5, rnd(K), rnd(*ref.shape)
                 act = "silu"
-                ref = F.silu(ref * scale.double()[None, :, None, None] + shift.double()[None, :, None, None]
-                             + res.double())
+                ref = F.silu(ref * f64(scale)[None, :, None, None] + f64(shift)[None, :, None, None] + f64(res))
             fmt = torch.contiguous_format if variant == "nchw" else cl
             algo = "im2col" if family == "im2col_gemm" else "implicit"
             args = [t.to(d).contiguous(memory_format=fmt) if t is not None and t.dim() == 4 else
@@ -188,7 +191,7 @@ class Problems:
             z = F.conv2d(xd, wd, bd, 1, 1)
             mean, var = z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False)
             y = F.relu((z - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + 1e-5)
-                       * gamma.double()[None, :, None, None] + beta.double()[None, :, None, None])
+                       * f64(gamma)[None, :, None, None] + f64(beta)[None, :, None, None])
             args = [x.to(d).contiguous(memory_format=cl), w.to(d).contiguous(memory_format=cl), b.to(d),
                     gamma.float().to(d), beta.float().to(d)]
 
@@ -203,7 +206,7 @@ class Problems:
         if family == "conv2d_dgrad":
             OH, OW = (H - 1) // stride + 1, (W - 1) // stride + 1
             gy = rnd(N, K, OH, OW)
-            ref = torch.nn.grad.conv2d_input(xd.shape, wd, gy.double(), stride, 1)
+            ref = torch.nn.grad.conv2d_input(xd.shape, wd, f64(gy), stride, 1)
             args = [gy.to(d).contiguous(memory_format=cl), w.to(d).contiguous(memory_format=cl)]
 
             def run(args=args):
@@ -214,8 +217,8 @@ class Problems:
             return run, [ref]
         if family == "conv2d_wgrad":
             gy = rnd(N, K, H, W)
-            ref_w = torch.nn.grad.conv2d_weight(xd, wd.shape, gy.double(), 1, 1)
-            ref_b = gy.double().sum((0, 2, 3))
+            ref_w = torch.nn.grad.conv2d_weight(xd, wd.shape, f64(gy), 1, 1)
+            ref_b = f64(gy).sum((0, 2, 3))
             args = [gy.to(d).contiguous(memory_format=cl), x.to(d).contiguous(memory_format=cl)]
 
             def run(args=args):
