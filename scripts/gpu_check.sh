@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One-command GPU verification for fastconv, sized for a lent GPU machine (about 6 minutes on one H200; nothing is
-# fetched, nothing installed):
+# One-command GPU verification for fastconv, sized for a lent GPU machine (a 350 s budget, meant for one H200; not yet
+# run on a GPU; nothing is fetched, nothing installed):
 #   PYTHON=python3 GPU_CHECK_OUT=$OUT bash scripts/gpu_check.sh
 # Steps, in order of value, so that a run stopped early still leaves evidence (each has its own timeout, sent as
 # SIGINT so pytest and the tile sweep still write what they have; GPU_CHECK_TIMEOUT_<STEP> overrides, all capped by
