@@ -109,7 +109,7 @@ flush() {  # summary.md and the artefacts so far, into $RESULTS (at most 8 files
     [[ -f "$LOGS/tile_sweep/tile_sweep.md" ]] && cp -f "$LOGS/tile_sweep/tile_sweep.md" "$RESULTS/tile_sweep.md"
     [[ -f "$LOGS/tests.xml" ]] && cp -f "$LOGS/tests.xml" "$RESULTS/tests.xml"
     local bj bm
-    bj=$(ls "$LOGS"/bench/*.json 2>/dev/null | grep -v pytest_benchmark | head -1)
+    bj=$(ls "$LOGS"/bench/*.json 2>/dev/null | head -1)
     bm=$(ls "$LOGS"/bench/*.md 2>/dev/null | head -1)
     [[ -n "$bj" ]] && cp -f "$bj" "$RESULTS/bench.json"
     [[ -n "$bm" ]] && cp -f "$bm" "$RESULTS/bench.md"
@@ -235,8 +235,9 @@ else BENCH_FILES="bench"; fi
 run_step bench 90 "bench.json, bench.md (set $BENCH_SET$([[ $HAVE_GPU == 0 ]] && echo ", $NO_GPU: CPU providers at tiny sizes"))" \
     "FASTCONV_BENCH_SET=$BENCH_SET FASTCONV_BENCH_OUT='$LOGS/bench' FASTCONV_BENCH_WARMUP_MS=10 FASTCONV_BENCH_REP_MS=40 \
     $([[ $HAVE_GPU == 0 ]] && echo "FASTCONV_BENCH_THREADS=1 FASTCONV_BENCH_CPU_ROUNDS=2") \
-    '$PY' -m pytest $BENCH_FILES --benchmark -p no:xdist -p no:cacheprovider -q -rs \
-    --benchmark-json='$LOGS/bench/pytest_benchmark.json' --benchmark-columns=median,rounds"
+    '$PY' -m pytest $BENCH_FILES --benchmark -p no:xdist -p no:cacheprovider -q -rs --benchmark-columns=median,rounds"
+# (no --benchmark-json: on an interrupted run pytest-benchmark's JSON writer fails on the benchmark cut short and
+# takes fastconv's own results writer down with it; without it the rows done so far are written)
 flush
 
 # --- profiler trace ---------------------------------------------------------------------------------------------------

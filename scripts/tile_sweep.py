@@ -87,24 +87,27 @@ def label(tile) -> str:
 
 
 def plan(arch: str, families=None, kinds=None, variants=None, max_tiles=None) -> list[dict]:
-    """Every (family, kind, tile, variant, dtype) row to run, in a fixed order."""
+    """Every (family, kind, tile, variant, dtype) row to run, in execution order: the first tile of every table
+    in every variant, then the second tile of each, ... -- so a run cut short has covered every family, kind and
+    variant on its leading tiles. `id` is the position in that order; `order` sorts rows for the reports."""
     from fastconv.triton.configs import CONFIGS, KINDS
 
     rows = []
-    for family, table in CONFIGS.items():
+    for fi, (family, table) in enumerate(CONFIGS.items()):
         if families and family not in families:
             continue
-        for kind in KINDS:
+        for ki, kind in enumerate(KINDS):
             if (kinds and kind not in kinds) or kind not in table:
                 continue
             tiles = table[kind][arch][:max_tiles] if max_tiles else table[kind][arch]
-            for tile in tiles:
-                for variant in FAMILY_VARIANTS.get(family, ("plain",)):
+            for ti, tile in enumerate(tiles):
+                for vi, variant in enumerate(FAMILY_VARIANTS.get(family, ("plain",))):
                     if variants and variant not in variants:
                         continue
-                    for dtype in KIND_DTYPES[kind]:
+                    for di, dtype in enumerate(KIND_DTYPES[kind]):
                         rows.append(dict(family=family, kind=kind, tile=list(tile), tile_label=label(tile),
-                                         variant=variant, dtype=dtype))
+                                         variant=variant, dtype=dtype, order=[fi, ki, ti, vi, di]))
+    rows.sort(key=lambda r: (r["order"][2], r["order"][0], r["order"][1], r["order"][3], r["order"][4]))
     for i, r in enumerate(rows):
         r["id"] = i
     return rows
@@ -323,6 +326,7 @@ def summarize(rows) -> dict:
 
 
 def write_reports(out_dir: pathlib.Path, meta: dict, rows: list[dict]) -> None:
+    rows = sorted(rows, key=lambda r: r["order"])  # family, kind, tile, variant, dtype
     summary = summarize(rows)
     doc = dict(meta, rows=[{k: v for k, v in r.items() if k != "traceback"} for r in rows], summary=summary,
                complete=all(r.get("status", "not run") != "not run" for r in rows),
