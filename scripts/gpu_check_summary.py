@@ -40,6 +40,8 @@ def tile_sweep(path) -> list[str]:
         return [f"- Tile sweep: unreadable result ({e})."]
     if doc.get("skipped"):
         return [f"- Tile sweep: skipped: {doc['skipped']}"]
+    if doc.get("error"):
+        return [f"- Tile sweep: NOT RUN: {doc['error']}"]
     out = [f"- Tile sweep ({doc.get('arch')}, {doc.get('device_name')}, triton {doc.get('triton')}"
            f"{'' if doc.get('complete') else ', INCOMPLETE'}): "
            + "; ".join(f"{fam} {s['pass']} pass / {s['fail']} fail / {s['not_run']} not run"

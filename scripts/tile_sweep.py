@@ -356,6 +356,13 @@ def write_reports(out_dir: pathlib.Path, meta: dict, rows: list[dict]) -> None:
     tmp.replace(out_dir / "tile_sweep.md")
 
 
+def write_error(out_dir: pathlib.Path, message: str) -> None:
+    """The reports of a sweep that could not start, saying why (so the artefacts exist either way)."""
+    doc = dict(tool="scripts/tile_sweep.py", error=message, rows=[], summary={}, complete=False)
+    (out_dir / "tile_sweep.json").write_text(json.dumps(doc, indent=1))
+    (out_dir / "tile_sweep.md").write_text(f"# Tile sweep\n\nNot run: {message}\n")
+
+
 def _meta(device, arch, shape, args) -> dict:
     import torch
     import triton
@@ -388,13 +395,15 @@ def _parser():
     return p
 
 
+NO_GPU = ("no GPU (torch.cuda.is_available() is False) and TRITON_INTERPRET is unset: nothing can run the Triton "
+          "kernels here. Run on a GPU, or with TRITON_INTERPRET=1 for a slow CPU check.")
+
+
 def _setup(args):
     import torch
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        print("tile_sweep: no GPU (torch.cuda.is_available() is False) and TRITON_INTERPRET is unset: nothing "
-              "can run the Triton kernels here. Run on a GPU, or with TRITON_INTERPRET=1 for a slow CPU check.",
-              file=sys.stderr)
+        print(f"tile_sweep: {NO_GPU}", file=sys.stderr)
         return None
     import fastconv  # noqa: F401  (registers the ops)
     from fastconv.triton.configs import arch_key
@@ -456,14 +465,17 @@ def main(argv=None) -> int:
     t0 = time.time()
     setup = _setup(args)
     if setup is None:
+        write_error(out_dir, NO_GPU)
         return 3
     device, shape, arch, rows = setup
     try:
         forced = forcing_api()
     except ForcingMissing as e:
-        print(f"tile_sweep: ERROR: the tile-forcing API is missing: {e}. The sweep needs "
-              "`fastconv.triton.launch.forced(tile)` (a context manager under which every autotuned Triton "
-              "launch runs exactly `tile` = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)).", file=sys.stderr)
+        msg = (f"the tile-forcing API is missing: {e}. The sweep needs `fastconv.triton.launch.forced(tile)` (a "
+               "context manager under which every autotuned Triton launch runs exactly `tile` = (BLOCK_M, BLOCK_N, "
+               "BLOCK_K, num_warps, num_stages)).")
+        print(f"tile_sweep: ERROR: {msg}", file=sys.stderr)
+        write_error(out_dir, msg)
         return 2
     meta = _meta(device, arch, shape, argv)
     print(f"tile_sweep: {len(rows)} rows on {meta['device_name']} ({arch}), shape {list(shape)}", flush=True)

@@ -97,6 +97,8 @@ def test_missing_forcing_api_exits_2(tmp_path, monkeypatch, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "fastconv.triton.launch" in err and "forced" in err
+    doc = json.loads((tmp_path / "tile_sweep.json").read_text())  # the artefact exists and says why
+    assert "forcing API is missing" in doc["error"] and doc["rows"] == []
 
 
 def test_worker_processes_merge_their_rows(tmp_path):
