@@ -1,5 +1,6 @@
-"""Build script: the package metadata lives in pyproject.toml; this file adds the C++/CUDA extension
-fastconv._C (one shared library, loaded by fastconv/_ext.py; importing it registers torch.ops.fastconv.ext_*).
+"""Build script: the package metadata lives in pyproject.toml (the license is set here, see _license); this
+file adds the C++/CUDA extension fastconv._C (one shared library, loaded by fastconv/_ext.py; importing it
+registers torch.ops.fastconv.ext_*).
 
     csrc/*.cpp, csrc/cpu/*.cpp                 always (op schemas and the C++ CPU kernels)
     csrc/cuda/*.cu, csrc/cuda/*.cpp            when a CUDA toolkit (nvcc) and a CUDA build of torch are present
@@ -91,5 +92,15 @@ def _extensions():
     return [ext], cmd
 
 
+def _license() -> dict:
+    """The license, declared `dynamic` in pyproject.toml: setuptools >= 77 takes the SPDX expression
+    (`project.license = "..."` as a string is an error before 77, e.g. "`project.license` must be valid exactly
+    by one definition" on 65), older ones the plain field; both build without a deprecation warning."""
+    import setuptools
+
+    major = int(setuptools.__version__.split(".")[0])
+    return {"license_expression": "BSD-3-Clause"} if major >= 77 else {"license": "BSD-3-Clause"}
+
+
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass=cmdclass, **_license())

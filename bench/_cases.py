@@ -9,6 +9,8 @@ Sets:
   cpu    CPU default, reduced sizes so it ends in a few minutes on 2 cores: every CIFAR layer at batch 8,
          ResNet-18 ImageNet layers at batch 1, fp32, both layouts.
   tiny   The test suite's smoke run: two LeNet-5 layers at batch 2, forward, fp32, NCHW.
+  check  What scripts/gpu_check.sh times inside its 6-minute budget: two 3×3 conv layers forward and
+         forward+backward, the fused conv+BN+ReLU training block, one whole model, bf16 channels_last.
 """
 from __future__ import annotations
 
@@ -29,6 +31,10 @@ SETS = {
     "cpu": "every CIFAR layer at batch 8 (fp32, NCHW and channels_last, forward and forward+backward / eval and "
            "train forward+backward) and the ResNet-18 ImageNet layers at batch 1 (channels_last)",
     "tiny": "two LeNet-5 layers at batch 2, forward, fp32, NCHW (the test suite's smoke run)",
+    "check": "two 3×3 conv layers (CIFAR10CNN 128 channels 16×16 at batch 128, ResNet-18 64 channels 56×56 at batch "
+             "64) forward and forward+backward, the fused conv+BN+ReLU training step (forward+backward) on the CIFAR "
+             "layer, bf16 channels_last, and CIFAR10CNN whole-model training and inference at batch 128 "
+             "(what scripts/gpu_check.sh runs)",
 }
 ENV_VAR = "FASTCONV_BENCH_SET"
 HEADLINE = ("bf16", "channels_last")
@@ -129,6 +135,14 @@ def cases(op: str, providers: tuple[str, ...]) -> list[Case]:
             modes = ("fwd", "fwd+bwd") if op == "conv2d" else ("train-fwd+bwd", "eval")
             out += _expand(op, big, providers, modes, ("fp32",), ("channels_last",))
         return out
+    if name == "check":
+        if op == "max_pool2d":
+            return []
+        cifar = _problems(kind, _only(_cifar(("cifar10_cnn",)), {conv(128, 16, 128, 3)}), (128,))
+        if op == "conv_bn_relu":
+            return _expand(op, cifar, providers, ("train-fwd+bwd",), HEADLINE[:1], HEADLINE[1:])
+        imnet = _problems(kind, _only(_imagenet(("resnet18",)), {conv(64, 56, 64, 3)}), (64,))
+        return _expand(op, cifar + imnet, providers, ("fwd", "fwd+bwd"), HEADLINE[:1], HEADLINE[1:])
     if name == "quick":
         pick = {conv(64, 32, 64, 3), conv(128, 16, 128, 3), conv(256, 8, 256, 3), pool(64, 32)}
         cifar = _problems(kind, _only(_cifar(("cifar10_cnn",)), pick), (128,))

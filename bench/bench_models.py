@@ -34,8 +34,9 @@ NAMES = tuple(models.names()) if models else tuple(_shapes.CIFAR_ARCHITECTURES)
 # (fastconv-auto: the default backend; on CPU tensors it must run exactly what the plain model runs, issue 16)
 VARIANTS = ({"plain": None, "fastconv-triton": "triton", "fastconv-cuda": "cuda"} if DEVICE.type == "cuda"
             else {"plain": None, "fastconv-auto": "auto", "fastconv-cpu": "cpu"})
-SELECTION = {"full": NAMES, "quick": ("simple_cnn_bn", "cifar10_cnn", "resnet"), "cpu": NAMES, "tiny": ("lenet5",)}
-BATCH = {"full": 128, "quick": 128, "cpu": 8, "tiny": 2}[SET]
+SELECTION = {"full": NAMES, "quick": ("simple_cnn_bn", "cifar10_cnn", "resnet"), "cpu": NAMES, "tiny": ("lenet5",),
+             "check": ("cifar10_cnn",)}
+BATCH = {"full": 128, "quick": 128, "cpu": 8, "tiny": 2, "check": 128}[SET]
 DTYPE, LAYOUT = ("bf16", "channels_last") if DEVICE.type == "cuda" else ("fp32", "nchw")
 
 

@@ -19,7 +19,10 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade "pip>=24" "setuptools>=77" wheel
 # Runtime + dev dependencies from pyproject.toml (torch must be present before the extension builds).
 mapfile -t DEPS < <(.venv/bin/python - <<'PY'
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pip's vendored copy of the same parser
+    from pip._vendor import tomli as tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 print("\n".join(project["dependencies"] + project["optional-dependencies"]["dev"]))
 PY

@@ -1,6 +1,7 @@
 """The C++/CUDA extension fastconv._C: it is built (unless FASTCONV_BUILD_EXT=0), reports what it was built
-with, holds sm_80 and sm_90 code when a CUDA toolkit and a CUDA torch were present, and its conv ops pass
-torch.library.opcheck and produce the BatchNorm partials of the shared contract."""
+with, holds code for the architectures the build was asked for (TORCH_CUDA_ARCH_LIST; by default sm_80 and
+sm_90) when a CUDA toolkit and a CUDA torch were present, and its conv ops pass torch.library.opcheck and
+produce the BatchNorm partials of the shared contract."""
 from __future__ import annotations
 
 import importlib.util
@@ -31,19 +32,41 @@ def test_extension_is_built_and_loads():
     assert set(info) >= {"cuda", "cuda_version", "nvcc", "archs", "cxx"}, info
 
 
+def requested_archs(arch_list: str | None = None) -> list[str]:
+    """The sm_XY names of the architectures a build is asked for: TORCH_CUDA_ARCH_LIST (as setup.py reads it:
+    "9.0", "8.0;9.0", "8.0 9.0+PTX", "9.0a" -> sm_90a), or setup.py's default sm_80 + sm_90 when it is unset."""
+    if arch_list is None:
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    archs = ["sm_" + a.split("+")[0].replace(".", "") for a in arch_list.replace(" ", ";").split(";") if a.strip()]
+    return archs or ["sm_80", "sm_90"]
+
+
+def test_requested_archs_parses_like_setup_py():
+    assert requested_archs("") == ["sm_80", "sm_90"]
+    assert requested_archs("9.0") == ["sm_90"]
+    assert requested_archs("8.0;9.0") == requested_archs("8.0 9.0+PTX") == ["sm_80", "sm_90"]
+    assert requested_archs("9.0a") == ["sm_90a"]
+
+
 @pytest.mark.skipif(not CUDA_BUILD_EXPECTED, reason="no nvcc or CPU-only torch (or FASTCONV_BUILD_CUDA=0): "
                                                       "the extension is built without CUDA kernels")
-def test_cuda_kernels_compiled_for_sm80_and_sm90():
+def test_cuda_kernels_compiled_for_requested_archs():
+    """Code for every requested architecture (sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise,
+    e.g. scripts/gpu_check.sh builds for the visible GPU only), and the build recorded exactly what it made."""
     assert _ext.load(), _ext.reason()
     info = _ext.build_info()
     assert info["cuda"] is True, info
-    assert {"sm_80", "sm_90"} <= set(info["archs"]), info
+    want = requested_archs()
+    assert set(want) <= set(info["archs"]), (
+        f"the extension was built for {info['archs']}, this test run asks for {want} (TORCH_CUDA_ARCH_LIST="
+        f"{os.environ.get('TORCH_CUDA_ARCH_LIST')!r}; unset means sm_80 + sm_90): rebuild, or set the list the "
+        "build was given")
     cuobjdump = _cuda_report.tool("cuobjdump")
     if cuobjdump is None:
         pytest.skip("cuobjdump not found: cannot list the ELF images in the library")
     so = importlib.util.find_spec("fastconv._C").origin
     elfs = subprocess.run([cuobjdump, "--list-elf", so], capture_output=True, text=True, check=True).stdout
-    for arch in ("sm_80", "sm_90"):
+    for arch in info["archs"]:
         assert f".{arch}." in elfs, f"no {arch} cubin in {so}:\n{elfs}"
 
 
