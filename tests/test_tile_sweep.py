@@ -1,6 +1,5 @@
-"""scripts/tile_sweep.py under the Triton interpreter. The tile-forcing API it is written against,
-fastconv.triton.launch.forced, is replaced here by a stand-in that hands the forced tile to the interpreter's
-launch (configs.interpret_meta), so the sweep's own logic -- planning, problems, float64 references, NaN
+"""scripts/tile_sweep.py under the Triton interpreter, forcing tiles through the real API
+(fastconv.triton.launch.forced), so the sweep's own logic -- planning, problems, float64 references, NaN
 poisoning, reports -- runs on the real kernels at several real tiles."""
 from __future__ import annotations
 
@@ -15,7 +14,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the stand-in forces tiles only under the interpreter")
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
+                                reason="these sweeps run under the interpreter; on a GPU gpu_check.sh runs the sweep")
 
 
 def _sweep_module():
@@ -27,18 +27,21 @@ def _sweep_module():
 
 @pytest.fixture
 def stand_in(monkeypatch):
-    """The stand-in forcing API in this process; returns the (family, tile) pairs launches actually ran."""
-    import fastconv.triton as pkg
-    from fastconv.triton import configs
+    """The (family, tile) of every tuned launch while the sweep runs (a spy on the launch module's config
+    construction): proof that the forced tiles reached the kernels."""
+    from fastconv.triton import launch
 
-    from . import _forced_stand_in as fake
+    used = []
+    real_call = launch.TunedKernel.__call__
 
-    fake.used.clear()
-    monkeypatch.setattr(configs, "interpret_meta", fake.interpret_meta_for(configs.interpret_meta))
-    mod = fake.module()
-    monkeypatch.setitem(sys.modules, "fastconv.triton.launch", mod)
-    monkeypatch.setattr(pkg, "launch", mod, raising=False)
-    return fake.used
+    def spy(self, grid, *args, **kwargs):
+        tile = launch._forced.get()
+        if tile is not None:
+            used.append((self.family, tuple(tile)))
+        return real_call(self, grid, *args, **kwargs)
+
+    monkeypatch.setattr(launch.TunedKernel, "__call__", spy)
+    return used
 
 
 def test_sweep_every_family_and_kind(stand_in, tmp_path):
@@ -56,9 +59,7 @@ def test_sweep_every_family_and_kind(stand_in, tmp_path):
     assert got == want
     # the launches really ran the forced tiles: every family's first tile of every kind
     first = {(f, tuple(CONFIGS[f][k]["sm_80"][0])) for f in CONFIGS for k in KINDS}
-    assert first <= set(stand_in), (
-        "the stand-in's forced tile never reached a launch: fastconv.triton.configs.interpret_meta is no longer "
-        f"what the interpreter launches use; update this test's stand-in. used={sorted(set(stand_in))}")
+    assert first <= set(stand_in), f"a forced tile never reached a launch: used={sorted(set(stand_in))}"
     md = (tmp_path / "tile_sweep.md").read_text()
     assert "| family | pass | fail | not run |" in md and "| conv2d_fwd | 16 | 0 | 0 |" in md
     assert set(doc["summary"]) == set(CONFIGS)
@@ -103,15 +104,7 @@ def test_missing_forcing_api_exits_2(tmp_path, monkeypatch, capsys):
 
 def test_worker_processes_merge_their_rows(tmp_path):
     """--jobs 2: two worker processes (the GPU path) share the rows; the parent merges them into one report."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from tests import _forced_stand_in\n"
-        "_forced_stand_in.install()\n")
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "tile_sweep.py"), "--out", str(out), "--jobs", "2",
                            "--max-tiles", "2", "--shape", "tiny", "--family", "conv2d_dgrad", "--kind", "half"],
