@@ -109,8 +109,9 @@ flush() {  # summary.md and the artefacts so far, into $RESULTS (at most 8 files
     [[ -f "$LOGS/tile_sweep/tile_sweep.md" ]] && cp -f "$LOGS/tile_sweep/tile_sweep.md" "$RESULTS/tile_sweep.md"
     [[ -f "$LOGS/tests.xml" ]] && cp -f "$LOGS/tests.xml" "$RESULTS/tests.xml"
     local bj bm
-    bj=$(ls "$LOGS"/bench/*.json 2>/dev/null | head -1)
-    bm=$(ls "$LOGS"/bench/*.md 2>/dev/null | head -1)
+    bj="" bm=""  # the set's own results (<set>.json / .md); overhead.* and plots stay in the tarball
+    [[ -f "$LOGS/bench/${BENCH_SET:-}.json" ]] && bj="$LOGS/bench/$BENCH_SET.json"
+    [[ -f "$LOGS/bench/${BENCH_SET:-}.md" ]] && bm="$LOGS/bench/$BENCH_SET.md"
     [[ -n "$bj" ]] && cp -f "$bj" "$RESULTS/bench.json"
     [[ -n "$bm" ]] && cp -f "$bm" "$RESULTS/bench.md"
     if ! "$HOSTPY" "$ROOT/scripts/gpu_check_summary.py" --steps "$LOGS/steps.tsv" --header "$LOGS/header.md" \

@@ -102,17 +102,26 @@ def test_train_mode_matches_sequential(activation, algo, kdevice):
 def test_train_mode_low_precision(dtype, kernel_backend, kdevice):
     """In fp32/fp16/bf16 (BatchNorm parameters in fp32, as under AMP) every result is within the dtype's
     tolerance of the float64 truth, or at most 2x as far from it as PyTorch's own computation in that
-    dtype (BatchNorm's backward cancels, so low-precision gradients carry PyTorch's error too)."""
+    dtype (BatchNorm's backward cancels, so low-precision gradients carry PyTorch's error too).
+
+    SiLU, not ReLU: with ReLU a pre-activation within a rounding step of 0 flips its mask between fp16/bf16
+    and the float64 truth, and one flipped element moves grad_input by a whole gradient element (seen here in
+    about 1 of 10 seeds, for PyTorch's own fp16 run too, at other elements); that measures the discontinuity,
+    not the kernels. ReLU's backward is checked exactly in float64 (test_train_mode_matches_sequential)."""
     import copy
 
     from fastconv.triton._common import interpreting
+
+    from .helpers import _stable_seed
+
+    torch.manual_seed(_stable_seed("bn-lowp-init", str(dtype)))  # nn's parameter init: replays with the seed
 
     if dtype == torch.bfloat16 and kernel_backend == "triton" and interpreting():
         pytest.skip("the Triton interpreter truncates fp32->bf16 stores (GPUs round to nearest); BatchNorm's "
                     "backward cancellation turns that one-sided bias into errors beyond PyTorch's own bf16 "
                     "error, so bf16 BN-backward numerics are only judged on a GPU")
     gen = generator("bn-lowp", str(dtype))
-    ref, ours = _pair(8, 20, 3, "relu", dtype, kdevice, gen, stride=2, padding=1, bias=False)
+    ref, ours = _pair(8, 20, 3, "silu", dtype, kdevice, gen, stride=2, padding=1, bias=False)
     ours.bn.float()
     torch_lp = copy.deepcopy(ref).to(dtype)
     torch_lp[1].float()
