@@ -31,6 +31,12 @@ def memory_format_of(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if cl else torch.contiguous_format
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels accumulate in and keep statistics / split-K partials in: fp64 for fp64 tensors
+    (gradcheck), fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def output_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
     """nn.Conv2d's rule (cuDNN and the CPU backends alike): channels_last out if the input or the weight
     is channels_last (and not simply contiguous), else contiguous."""

@@ -23,8 +23,22 @@ _GEOMETRY: dict = {}
 _GEOMETRY_MAX = 4096
 
 
-def _hashable(v):
-    return v if isinstance(v, (int, str)) else tuple(v)
+_NO_KEY = object()
+
+
+def _arg_key(v):
+    """A hashable stand-in of a geometry argument for the validation caches below (equal only where the
+    checks give the same answer); _NO_KEY for one that is not None, a plain int, a string or a sequence of
+    plain ints (such calls are validated every time)."""
+    t = type(v)
+    if t is int or t is str or v is None:
+        return v
+    if t is tuple or t is list:
+        if len(v) == 2 and type(v[0]) is int and type(v[1]) is int:  # the common case, without a generator
+            return (v[0], v[1])
+        if all(type(i) is int for i in v):
+            return tuple(v)
+    return _NO_KEY
 
 
 def _geometry(input, weight, bias, stride, padding, dilation, groups):
@@ -34,14 +48,17 @@ def _geometry(input, weight, bias, stride, padding, dilation, groups):
     if torch.compiler.is_compiling():
         key = None
     else:
-        dev = input.device.type
-        key = (input.shape, input.dtype, input.device, weight.shape, weight.dtype, weight.device,
-               None if bias is None else (bias.shape, bias.dtype, bias.device),
-               _hashable(stride), _hashable(padding), _hashable(dilation), groups,
-               dev != "meta" and torch.is_autocast_enabled(dev))
-        found = _GEOMETRY.get(key)
-        if found is not None:
-            return found
+        s, p, d = _arg_key(stride), _arg_key(padding), _arg_key(dilation)
+        if s is _NO_KEY or p is _NO_KEY or d is _NO_KEY or type(groups) is not int:
+            key = None
+        else:
+            dev = input.device.type
+            key = (input.shape, input.dtype, input.device, weight.shape, weight.dtype, weight.device,
+                   None if bias is None else (bias.shape, bias.dtype, bias.device), s, p, d, groups,
+                   dev != "meta" and torch.is_autocast_enabled(dev))
+            found = _GEOMETRY.get(key)
+            if found is not None:
+                return found
     args = ConvArgs(input, weight, bias, stride, padding, dilation, groups)
     found = (as_list(args.stride), as_list(args.padding), as_list(args.dilation), args.out_hw)
     if key is not None and len(_GEOMETRY) < _GEOMETRY_MAX:
@@ -181,8 +198,8 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
                             return_indices=return_indices)
     key = None
     if not torch.compiler.is_compiling():  # validated once per call signature, as conv's _geometry
-        parts = [_hashable_or_none(v) for v in (kernel_size, stride, padding, dilation)]
-        if None not in parts and type(ceil_mode) is bool:
+        parts = (_arg_key(kernel_size), _arg_key(stride), _arg_key(padding), _arg_key(dilation))
+        if _NO_KEY not in parts and type(ceil_mode) is bool:
             key = (input.shape, *parts, ceil_mode)
             geo = _POOL_GEOMETRY.get(key)
             if geo is not None:
@@ -194,16 +211,6 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
 
 
 _POOL_GEOMETRY: dict = {}
-
-
-def _hashable_or_none(v):
-    """A hashable stand-in of an argument; None for one that is not a plain int / sequence of ints (such calls
-    are validated every time)."""
-    if v is None or type(v) is int:
-        return ("v", v)
-    if type(v) in (list, tuple) and all(type(i) is int for i in v):
-        return ("s", tuple(v))
-    return None
 
 
 def _pool_geometry(input, kernel_size, stride, padding, dilation, ceil_mode, fname):

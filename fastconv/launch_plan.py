@@ -57,8 +57,8 @@ def _tensors(obj):
 def _aten_flops(name: str, args, out) -> float:
     """Multiply-adds (x2) of the ATen ops that do GEMM work; 0 for the rest (bandwidth-bound)."""
     if name == "convolution":
-        w, y, groups = args[1], out, args[8]
-        return 2.0 * y.numel() * (w.shape[1]) * w[0, 0].numel() if groups else 0.0
+        w, y = args[1], out
+        return 2.0 * y.numel() * w.shape[1] * w[0, 0].numel()  # w: [K, C/groups, R, S]
     if name == "convolution_backward":
         grad, w = args[0], args[2]
         return 2 * 2.0 * grad.numel() * w.shape[1] * w[0, 0].numel()

@@ -3,7 +3,7 @@ without torch.library's Python dispatch round trip (about 20 µs of host time pe
 
 Every op here is a torch.library custom op (schema, fake kernel, autograd, autocast), which is what tracing,
 torch.compile, opcheck, FakeTensor, the launch plan and the profiler see. In plain eager mode — no compiler, no
-dispatch mode (FakeTensorMode, the launch plan's), no profiler, no autocast, real CPU/CUDA tensors — `call`
+dispatch mode (FakeTensorMode, the launch plan's), no profiler, no autocast, real CPU/CUDA tensors — `FastOp`
 runs the op's own Python implementation directly, through a torch.autograd.Function built from the op's
 registered setup_context/backward when a gradient is needed: one autograd strategy, two entry points.
 """

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _activations, _backend, _ext
-from .._args import conv_output_size, memory_format_of, output_memory_format
+from .._args import accumulation_dtype, conv_output_size, memory_format_of, output_memory_format
 from ._autocast import register_autocast
 from ._fastpath import FastOp
 
@@ -155,7 +155,7 @@ def _register_ext_fakes() -> None:
 def _fake_ext_conv2d(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual, activation,
                      stats, allow_tf32, out):
     tiles = stats_tiles(out.shape[0], out.shape[2], out.shape[3]) if stats else 0
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(input.dtype)
     return tuple(input.new_empty((tiles, weight.shape[0]), dtype=acc) for _ in range(3))
 
 

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from .. import _backend, _ext
-from .._args import memory_format_of
+from .._args import accumulation_dtype, memory_format_of
 from . import conv2d as conv_ops
 from .conv2d import (
     _check_choice,
@@ -47,8 +47,7 @@ def ext_stats_tile_rows(device_type: str) -> int:
     return _ext.build_info()["bn_tile_rows"][device_type]
 
 
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+_stat_dtype = accumulation_dtype
 
 
 def _torch_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation):

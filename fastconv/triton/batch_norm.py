@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._args import accumulation_dtype
 from ._common import ACTIVATIONS, acc_dtype, cdiv, check_runnable, needs_int64
 from ._epilogue import activation, activation_grad, split_rows
 from .conv2d import workspace
@@ -268,7 +269,7 @@ def batch_norm_act_backward(grad_y, z, mean, var, weight, bias, eps: float, acti
     P = N * H * W
     dz = grad_z if grad_z is not None else torch.empty_like(z)
     dres = (grad_res if grad_res is not None else torch.empty_like(z)) if want_dres else None
-    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(z.dtype)
     if P == 0:
         zeros = torch.zeros(C, device=z.device, dtype=acc)
         return dz, zeros, zeros.clone(), dres

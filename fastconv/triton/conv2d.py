@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._args import conv_output_size
+from .._args import accumulation_dtype, conv_output_size
 from ._common import (
     cdiv,
     ACTIVATIONS,
@@ -314,7 +314,7 @@ def stats_scratch(M: int, channels: int, like: torch.Tensor, want: bool):
     channels] sized for the tile that runs. Every row is written by that launch (one row per row tile, all
     channels), so nothing needs zeroing and a tile the autotuner tried before leaves nothing behind that the
     finalize could read. Without `want`, the pointers are dummies that are never touched."""
-    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(like.dtype)
 
     def scratch(meta):
         if not want:
@@ -417,8 +417,7 @@ def conv2d_forward(
 
 def empty_stats(channels: int, like: torch.Tensor):
     """Partials of an empty conv output: no rows."""
-    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return tuple(like.new_empty((0, channels), dtype=acc) for _ in STATS_ARGS)
+    return tuple(like.new_empty((0, channels), dtype=accumulation_dtype(like.dtype)) for _ in STATS_ARGS)
 
 
 def conv2d_input_grad(
@@ -497,7 +496,7 @@ def conv2d_weight_grad(
     # Chunks are whole multiples of the largest BLOCK_K so a K block never straddles two splits.
     k_per_split = cdiv(cdiv(P, split), 64) * 64
     split = cdiv(P, k_per_split)
-    part_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    part_dtype = accumulation_dtype(x.dtype)
     partial = workspace((split, C_out, KH, KW, cin_g), x.device, part_dtype)
     db_partial = workspace((split, C_out), x.device, part_dtype) if bias_grad else partial
     _wgrad(

@@ -274,7 +274,7 @@ class _DiskCache:
 
 
 CACHE = _DiskCache()
-# How many times each tuned key was benchmarked in this process (`python -m fastconv.launch_plan --tuning`).
+# How many times each tuned key was benchmarked in this process (tests; the launch plan counts keys itself).
 TUNING_RUNS: dict[str, int] = {}
 
 
