@@ -12,11 +12,10 @@ choice and launch. Rows (op / mode, each per fastconv backend, each against the 
 
 Backends (the `provider` column):
   CPU (no GPU here), the fastconv paths with the kernels replaced by no-ops (the pure host path):
-    fastconv-cpu-noop       backend 'cpu' (the C++ CPU twins; same op path as 'cuda') with the C++ ops
-                            torch.ops.fastconv.ext_* replaced by no-ops (`noop_kernels`) that allocate their
-                            outputs as the real ones do (torch.empty, same shapes/dtypes/formats) and compute
-                            nothing. The stand-ins bypass the torch dispatcher but allocate from Python: a
-                            call costs about what a real ext op call doing no work would (`ext_op_call_us`).
+    fastconv-cpu-noop       backend 'cpu' (the C++ CPU twins; same op path as 'cuda') with the extension in
+                            its dry run (`noop_kernels`): each C++ op is really called, checks its arguments
+                            and allocates its outputs, then skips its arithmetic (`ext_op_call_us`: one such
+                            call).
     fastconv-cpu            backend 'cpu', real C++ kernels (their tiny compute included).
     fastconv-triton-dryrun  backend 'triton' inside fastconv.triton.launch.dry_run(): every Triton launch does
                             everything but launch (tile chosen, buffers allocated), CPU tensors accepted.
@@ -116,86 +115,6 @@ def default_device() -> torch.device:
 # The no-op C++ kernels (backend 'cpu' on a machine without a GPU)
 
 
-class NoopKernels:
-    """Stand-ins for torch.ops.fastconv.ext_*: outputs allocated as the real ops allocate them (torch.empty,
-    same shapes, dtypes and memory formats), nothing computed. Ops that write into a given `out` return what
-    the real op returns. `calls` counts the ext op calls made. A call costs about what a real ext op call
-    that does no work costs (Python torch.empty instead of the dispatcher plus C++ allocation)."""
-
-    def __init__(self):
-        self.calls = 0
-
-    @staticmethod
-    def _fmt(t: torch.Tensor) -> torch.memory_format:
-        cl = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-        return torch.channels_last if cl else torch.contiguous_format
-
-    def ext_conv2d(self, input, weight, bias, stride, padding, dilation, groups, scale, shift, residual,
-                   activation, stats, allow_tf32, out):
-        from fastconv.ops import conv2d as conv_ops
-
-        self.calls += 1
-        tiles = conv_ops.stats_tiles(out.shape[0], out.shape[2], out.shape[3]) if stats else 0
-        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-        k = weight.shape[0]
-        return (input.new_empty((tiles, k), dtype=acc), input.new_empty((tiles, k), dtype=acc),
-                input.new_empty((tiles, k), dtype=acc))
-
-    def ext_conv2d_input_grad(self, grad_output, weight, stride, padding, dilation, groups, allow_tf32, out):
-        self.calls += 1
-        return None
-
-    def ext_conv2d_weight_grad(self, grad_output, input, weight_size, stride, padding, dilation, groups, bias_grad,
-                               allow_tf32):
-        self.calls += 1
-        return input.new_empty(weight_size), input.new_empty(weight_size[0] if bias_grad else 0)
-
-    def ext_batch_norm_stats(self, z):
-        from fastconv.ops.conv_bn_act import ext_stats_tile_rows
-
-        self.calls += 1
-        n, c, h, w = z.shape
-        tiles = max(1, -(-(n * h * w) // ext_stats_tile_rows(z.device.type)))
-        acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-        return (z.new_empty((tiles, c), dtype=acc), z.new_empty((tiles, c), dtype=acc),
-                z.new_empty((tiles, c), dtype=acc))
-
-    def ext_batch_norm_finalize(self, count, mean, m2, bias):
-        self.calls += 1
-        return count.new_empty(count.shape[1]), count.new_empty(count.shape[1])
-
-    def ext_batch_norm_act(self, z, mean, var, weight, bias, residual, eps, activation):
-        self.calls += 1
-        return torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=self._fmt(z))
-
-    def ext_batch_norm_act_backward(self, grad_y, z, mean, var, weight, bias, residual, eps, activation,
-                                    want_grad_residual):
-        self.calls += 1
-        fmt = self._fmt(z)
-        grad_z = torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=fmt)
-        grad_res = (torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=fmt) if want_grad_residual
-                    else z.new_empty(0))
-        return grad_z, mean.new_empty(z.shape[1]), mean.new_empty(z.shape[1]), grad_res
-
-    def ext_max_pool2d(self, input, kernel_size, stride, padding, dilation, ceil_mode):
-        from fastconv.ops import max_pool2d as pool_ops
-
-        self.calls += 1
-        n, c, h, w = input.shape
-        oh = pool_ops.pool_output_size(h, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
-        ow = pool_ops.pool_output_size(w, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
-        fmt = pool_ops.suggest_memory_format(input)
-        return (torch.empty((n, c, oh, ow), dtype=input.dtype, device=input.device, memory_format=fmt),
-                torch.empty((n, c, oh, ow), dtype=pool_ops.offsets_dtype(kernel_size), device=input.device,
-                            memory_format=fmt))
-
-    def ext_max_pool2d_input_grad(self, grad_output, offsets, input_size, kernel_size, stride, padding, dilation,
-                                  ceil_mode, channels_last):
-        self.calls += 1
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        return torch.empty(list(input_size), dtype=grad_output.dtype, device=grad_output.device, memory_format=fmt)
-
-
 class _Counting:
     """torch.ops.fastconv, counting the ext_ op calls made through it."""
 
@@ -241,10 +160,16 @@ def _ext_ops_replaced(make):
 
 @contextlib.contextmanager
 def noop_kernels():
-    """The C++ ext ops of every fastconv op replaced by NoopKernels' (yields it: .calls counts the calls)."""
-    noop = NoopKernels()
-    with _ext_ops_replaced(lambda real: noop):
-        yield noop
+    """The C++ extension's dry run (fastconv._C._set_dry_run, csrc/include/fastconv/dry_run.h): every CPU ext op
+    is called for real (bindings, dispatcher, argument checks, output allocation) and returns before its
+    arithmetic."""
+    from fastconv import _C
+
+    _C._set_dry_run(True)
+    try:
+        yield
+    finally:
+        _C._set_dry_run(False)
 
 
 @contextlib.contextmanager
@@ -436,21 +361,28 @@ def timing_environment():
 
 
 def ext_op_call_us(calls: int = 2000) -> float | None:
-    """Median µs of one call of a C++ op through torch.ops with no tensor work (fastconv::ext_batch_norm_plan):
-    roughly what each ext op call costs the dispatcher, which the no-op rows leave out. None without the
-    extension."""
+    """Median µs of one call of a C++ ext op doing no arithmetic: fastconv._C.ext_conv2d on this benchmark's
+    conv shapes in the dry run (the direct entry point, dispatcher, checks, allocation of its outputs). None
+    without the extension."""
     from fastconv import _ext
 
     if not _ext.load():
         return None
-    op = torch.ops.fastconv.ext_batch_norm_plan
-    op(1, 4)
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            op(1, 4)
-        times.append((time.perf_counter() - t0) / calls)
+    from fastconv import _C
+
+    x, w, out = torch.randn(N, C, HW, HW), torch.randn(K, C, R, R), torch.empty(N, K, HW, HW)
+    args = (x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, None, None, None, 0, False, False, out)
+    _C._set_dry_run(True)
+    try:
+        _C.ext_conv2d(*args)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                _C.ext_conv2d(*args)
+            times.append((time.perf_counter() - t0) / calls)
+    finally:
+        _C._set_dry_run(False)
     return statistics.median(times) * 1e6
 
 
@@ -512,19 +444,17 @@ def notes(device: torch.device, ext_call_us: float | None) -> list[str]:
                    "fastconv loops far more often than the short nn loops; the JSON keeps the wall-clock medians "
                    "too (wall_median_us, nn_wall_median_us).")
     if device.type == "cpu":
-        out.append("No GPU here: the fastconv rows `fastconv-cpu-noop` (backend `cpu`, the C++ ext ops replaced by "
-                   "no-ops that allocate their outputs and compute nothing) and `fastconv-triton-dryrun` (backend "
+        out.append("No GPU here: the fastconv rows `fastconv-cpu-noop` (backend `cpu`, the C++ extension in its "
+                   "dry run: every ext op is called, checks its arguments and allocates its outputs, and skips "
+                   "its arithmetic) and `fastconv-triton-dryrun` (backend "
                    "`triton` inside `fastconv.triton.launch.dry_run()`: tiles chosen, buffers allocated, no launch) "
                    "are the pure host path; `fastconv-cpu` and `fastconv-torch` are real calls; the nn modules are "
                    "real calls (their kernels on tiny tensors are the floor). TRITON_INTERPRET unset while timing.")
         if ext_call_us is not None:
-            out.append(f"The no-op stand-ins of the C++ ops are Python functions called directly (not through "
-                       f"the torch dispatcher) that allocate their outputs with torch.empty; one call costs about "
-                       f"what a real C++ op call through torch.ops that does no tensor work costs "
-                       f"({ext_call_us:.2g} µs here: fastconv::ext_batch_norm_plan; ops with more arguments cost "
-                       f"more), so `fastconv-cpu` minus `fastconv-cpu-noop` is roughly the C++ kernels' compute on "
-                       f"these tiny tensors. `kernels/call`: C++ ext op calls (Triton launches for the triton rows) "
-                       f"per call.")
+            out.append(f"One C++ ext op call that does no arithmetic costs {ext_call_us:.2g} µs here "
+                       f"(fastconv._C.ext_conv2d in the dry run, these shapes), so `fastconv-cpu` minus "
+                       f"`fastconv-cpu-noop` is the C++ kernels' compute on these tiny tensors. `kernels/call`: "
+                       f"C++ ext op calls (Triton launches for the triton rows) per call.")
     else:
         out.append("GPU: every row is a real call on CUDA tensors; a round is a loop of calls between two "
                    "torch.cuda.synchronize(), so host time per call = wall time of the loop / calls (a "

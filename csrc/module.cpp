@@ -1,6 +1,6 @@
 // The extension module fastconv._C: importing it loads this library, whose static initialisers register
-// the torch.ops.fastconv.ext_* ops. The Python module itself is empty (no pybind11).
-#include <Python.h>
+// the torch.ops.fastconv.ext_* ops; the module's functions are their direct entry points (csrc/bindings.cpp).
+#include <torch/extension.h>
 
 #include <string>
 
@@ -48,10 +48,11 @@ TORCH_LIBRARY_FRAGMENT(fastconv, m) {
   m.def("ext_build_info() -> str", &build_info);
 }
 
-extern "C" {
-PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "fastconv._C", "fastconv C++/CUDA ops (torch.ops.fastconv.ext_*)",
-                               -1, nullptr};
-  return PyModule_Create(&module);
+namespace fastconv {
+void bind_ops(pybind11::module_& m);  // csrc/bindings.cpp
 }
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastconv C++/CUDA ops: torch.ops.fastconv.ext_* and their direct entry points";
+  fastconv::bind_ops(m);
 }

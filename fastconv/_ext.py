@@ -33,13 +33,17 @@ _fakes_registered: set = set()
 
 
 def ops(op: str, register_fakes):
-    """torch.ops.fastconv with fastconv._C loaded and `register_fakes()` (the fake kernels of `op`'s ext_
-    ops) run once. Fakes register lazily because register_fake needs the op to exist and fastconv imports
-    without the extension. Raises BackendNotSupported naming `op` when the extension is missing."""
+    """The ext ops' entry points with fastconv._C loaded and `register_fakes()` (the fake kernels of `op`'s
+    ext_ ops) run once: the module fastconv._C, whose functions ext_* call torch.ops.fastconv.ext_* through
+    the C++ dispatcher without torch.ops' Python argument parsing (csrc/bindings.cpp), or torch.ops.fastconv
+    for an extension built before those existed. Same arguments, same results. Fakes register lazily because
+    register_fake needs the op to exist and fastconv imports without the extension. Raises
+    BackendNotSupported naming `op` when the extension is missing."""
+    found = _entry.get(op)
+    if found is not None:  # the per-call path: loaded and registered already
+        return found
     import torch
 
-    if op in _fakes_registered:  # the per-call path: loaded and registered already
-        return torch.ops.fastconv
     from ._backend import BackendNotSupported
 
     if not load():
@@ -47,7 +51,12 @@ def ops(op: str, register_fakes):
     if op not in _fakes_registered:
         register_fakes()
         _fakes_registered.add(op)
-    return torch.ops.fastconv
+    module = importlib.import_module("fastconv._C")
+    _entry[op] = module if hasattr(module, "ext_conv2d") else torch.ops.fastconv
+    return _entry[op]
+
+
+_entry: dict = {}  # op -> the object ops() returns for it
 
 
 def reason() -> str:

@@ -41,26 +41,31 @@ def _arg_key(v):
     return _NO_KEY
 
 
-def _geometry(input, weight, bias, stride, padding, dilation, groups):
-    """F.conv2d's argument checks (ConvArgs) -> (stride, padding (top, bottom, left, right), dilation as lists,
-    output (H, W)). The checks depend only on shapes, dtypes, devices, autocast and the arguments, so in eager
-    mode each distinct call signature is validated once (a module's call costs a dict lookup)."""
-    if torch.compiler.is_compiling():
-        key = None
-    else:
+def _conv_call(op, supported, input, weight, bias, stride, padding, dilation, groups):
+    """(requested backend, resolved backend, geometry) of a conv call of fastconv `op`: the backend choice
+    (_backend.choose) and, unless it is nn's own path (requested 'auto' resolved to 'torch': geometry None,
+    F.conv2d validates), F.conv2d's argument checks (ConvArgs) -> geometry = (stride, padding (top, bottom,
+    left, right), dilation as lists, output (H, W)) of the batched input. Both depend only on the backend
+    requested, shapes, dtypes, devices, autocast and the arguments, so in eager mode each distinct call
+    signature is worked out once (a module's call costs a dict lookup)."""
+    key = None
+    if not torch.compiler.is_compiling():
         s, p, d = _arg_key(stride), _arg_key(padding), _arg_key(dilation)
-        if s is _NO_KEY or p is _NO_KEY or d is _NO_KEY or type(groups) is not int:
-            key = None
-        else:
-            dev = input.device.type
-            key = (input.shape, input.dtype, input.device, weight.shape, weight.dtype, weight.device,
+        if s is not _NO_KEY and p is not _NO_KEY and d is not _NO_KEY and type(groups) is int:
+            dev = input.device
+            key = (op, _backend.current(), _backend.planning(), input.shape, input.dtype, dev, weight.shape, weight.dtype, weight.device,
                    None if bias is None else (bias.shape, bias.dtype, bias.device), s, p, d, groups,
-                   dev != "meta" and torch.is_autocast_enabled(dev))
+                   dev.type != "meta" and torch.is_autocast_enabled(dev.type))
             found = _GEOMETRY.get(key)
             if found is not None:
                 return found
-    args = ConvArgs(input, weight, bias, stride, padding, dilation, groups)
-    found = (as_list(args.stride), as_list(args.padding), as_list(args.dilation), args.out_hw)
+    requested, name = _backend.choose(op, input.device, supported, input.dtype)
+    geometry = None
+    if not (name == "torch" and requested == "auto"):
+        batched = input.unsqueeze(0) if input.dim() == 3 else input
+        args = ConvArgs(batched, weight, bias, stride, padding, dilation, groups)
+        geometry = (as_list(args.stride), as_list(args.padding), as_list(args.dilation), args.out_hw)
+    found = (requested, name, geometry)
     if key is not None and len(_GEOMETRY) < _GEOMETRY_MAX:
         _GEOMETRY[key] = found
     return found
@@ -79,12 +84,15 @@ def conv2d_fused(input, weight, bias=None, stride=1, padding=0, dilation=1, grou
                  residual=None, activation: str = "identity", algo: str = "implicit") -> torch.Tensor:
     """act((conv2d(input, weight) + bias) * scale + shift + residual) in one kernel: scale/shift are
     per-output-channel vectors, residual has the output's shape."""
-    requested, name = _backend.choose("conv2d", input.device, conv_ops.CONV2D_BACKENDS, input.dtype)
-    if name == "torch" and requested == "auto":  # what nn.Conv2d runs (plus the epilogue as PyTorch ops)
+    requested, name, geometry = _conv_call("conv2d", conv_ops.CONV2D_BACKENDS, input, weight, bias, stride, padding,
+                                           dilation, groups)
+    if geometry is None:  # 'auto' chose PyTorch: what nn.Conv2d runs (plus the epilogue as PyTorch ops)
         return conv_ops.torch_conv_epilogue(F.conv2d(input, weight, bias, stride, padding, dilation, groups),
                                             scale, shift, residual, activation)
-    input, residual, unbatched = _batched(input, residual)
-    stride, padding, dilation, _ = _geometry(input, weight, bias, stride, padding, dilation, groups)
+    unbatched = False
+    if input.dim() == 3:
+        input, residual, unbatched = _batched(input, residual)
+    stride, padding, dilation, _ = geometry
     out = conv_ops.conv2d_op(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual,
                              activation, algo, name)
     return out.squeeze(0) if unbatched else out
@@ -102,15 +110,16 @@ def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_v
     Batch statistics: one conv kernel whose epilogue also reduces per-channel statistics, a finalize,
     and one normalize+affine+activation pass. Running statistics (eval): BatchNorm folds into the conv
     epilogue's per-channel scale/shift (a few per-channel ops on C values, then one conv kernel)."""
-    requested, name = _backend.choose("conv_bn_act", input.device, cba_ops.SUPPORTED_BACKENDS, input.dtype)
-    if name == "torch" and requested == "auto":  # exactly nn.Sequential(nn.Conv2d, nn.BatchNorm2d, act)
+    requested, name, geometry = _conv_call("conv_bn_act", cba_ops.SUPPORTED_BACKENDS, input, weight, bias, stride,
+                                           padding, dilation, groups)
+    if geometry is None:  # 'auto' chose PyTorch: exactly nn.Sequential(nn.Conv2d, nn.BatchNorm2d, act)
         if isinstance(momentum, torch.Tensor):
             momentum = float(momentum)  # F.batch_norm takes a float (nn.BatchNorm2d syncs here too)
         z = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
         y = F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
         return conv_ops.torch_conv_epilogue(y, None, None, residual, activation)
     input, residual, unbatched = _batched(input, residual)
-    *geometry, out_hw = _geometry(input, weight, bias, stride, padding, dilation, groups)
+    *geometry, out_hw = geometry
     geometry = (*geometry, groups)
     use_batch_stats = training or running_mean is None or running_var is None
     if use_batch_stats:

@@ -30,8 +30,12 @@ class Conv2d(nn.Conv2d):
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return FC.conv2d(input, weight, bias, self.stride, 0, self.dilation, self.groups, algo=self.algo)
-        return FC.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups, algo=self.algo)
+            return FC.conv2d_fused(input, weight, bias, self.stride, 0, self.dilation, self.groups, algo=self.algo)
+        return FC.conv2d_fused(input, weight, bias, self.stride, self.padding, self.dilation, self.groups,
+                               algo=self.algo)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Conv2d.forward, one call shorter
+        return self._conv_forward(input, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", algo={self.algo}"

@@ -17,7 +17,9 @@ PLAN_FIELDS = 5    # per pass: rows, chunks, rows_per_chunk, channel_blocks, ser
 def _ops():
     import fastconv.ops.conv_bn_act as bn_ops
 
-    return bn_ops.ext_ops()
+    bn_ops.ext_ops()  # loads the extension and registers the fakes
+
+    return torch.ops.fastconv
 
 
 def _plan(T, C):

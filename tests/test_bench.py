@@ -5,6 +5,7 @@ every row, and its no-op C++ kernels allocate like the real ones."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib.util
 import json
 import math
@@ -270,8 +271,8 @@ def test_overhead_benchmark_writes_every_row(tmp_path):
 
 @pytest.mark.parametrize("op, mode", list(_overhead.OPS))
 def test_overhead_noop_kernels_allocate_like_the_real_ones(op, mode):
-    """The no-op C++ kernels give the op layer outputs (and gradients) of the real ops' shapes, dtypes and
-    strides, make as many calls, and are unpatched afterwards."""
+    """In the C++ dry run the ext ops give the op layer outputs (and gradients) of the real ops' shapes, dtypes
+    and strides, as many calls are made, and the dry run is off afterwards."""
     import fastconv
     from fastconv.ops import conv2d as conv_ops
 
@@ -289,9 +290,17 @@ def test_overhead_noop_kernels_allocate_like_the_real_ones(op, mode):
             got = [y] + (list(torch.autograd.grad(y, [x, *params(fc)], torch.randn_like(y))) if grad else [])
         return [(t.shape, t.dtype, t.stride()) for t in got], counter.calls
 
-    real, noop = outputs(_overhead.counting_kernels()), outputs(_overhead.noop_kernels())
+    @contextlib.contextmanager
+    def dry_run_counted():
+        with _overhead.noop_kernels(), _overhead.counting_kernels() as counter:
+            yield counter
+
+    real, noop = outputs(_overhead.counting_kernels()), outputs(dry_run_counted())
     assert real == noop and real[1] >= 1
     assert conv_ops.ext_ops is real_ext_ops
+    from fastconv import _C
+
+    assert not _C._dry_run()
 
 
 def test_overhead_measure_standalone():

@@ -400,7 +400,8 @@ def test_ext_batch_norm_ops_match_float64(case, ext_backend, poisoned):
 
     skip_unless_runnable(ext_backend)
     dtype, layout, act, affine, with_res = case
-    ops = bn_ops.ext_ops()
+    bn_ops.ext_ops()  # loads the extension and registers the fakes
+    ops = torch.ops.fastconv  # the registered ops (ext_ops() returns their direct entry points)
     gen = generator("ext-bn", str(case))
     shape, C, eps = (3, 5, 17, 23), 5, 1e-5
     stat = torch.float64 if dtype == torch.float64 else torch.float32
@@ -456,7 +457,8 @@ def test_ext_batch_norm_batch_zero(ext_backend, poisoned):
     import fastconv.ops.conv_bn_act as bn_ops
 
     skip_unless_runnable(ext_backend)
-    ops = bn_ops.ext_ops()
+    bn_ops.ext_ops()  # loads the extension and registers the fakes
+    ops = torch.ops.fastconv  # the registered ops (ext_ops() returns their direct entry points)
     z = torch.empty((0, 4, 5, 5), device=ext_backend)
     cnt, mean_p, m2_p = ops.ext_batch_norm_stats(z)
     assert cnt.shape == (1, 4) and (cnt == 0).all()
@@ -476,7 +478,8 @@ def test_ext_batch_norm_opcheck(ext_backend):
     from torch.library import opcheck
 
     skip_unless_runnable(ext_backend)
-    ops = bn_ops.ext_ops()
+    bn_ops.ext_ops()  # loads the extension and registers the fakes
+    ops = torch.ops.fastconv  # the registered ops (ext_ops() returns their direct entry points)
     gen = generator("ext-bn-opcheck")
     z = randn((2, 3, 30, 20), torch.float32, ext_backend, gen).contiguous(memory_format=torch.channels_last)
     w, b = randn((3,), torch.float32, ext_backend, gen), randn((3,), torch.float32, ext_backend, gen)
@@ -494,7 +497,8 @@ def test_ext_batch_norm_errors(ext_backend):
     import fastconv.ops.conv_bn_act as bn_ops
 
     skip_unless_runnable(ext_backend)
-    ops = bn_ops.ext_ops()
+    bn_ops.ext_ops()  # loads the extension and registers the fakes
+    ops = torch.ops.fastconv  # the registered ops (ext_ops() returns their direct entry points)
     z = torch.randn(2, 3, 4, 4, device=ext_backend)
     mean, var = torch.zeros(3, device=ext_backend), torch.ones(3, device=ext_backend)
     with pytest.raises(RuntimeError, match="unknown activation 'gelu'"):

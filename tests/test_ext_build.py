@@ -88,7 +88,9 @@ def _devices():
 def test_opcheck_ext_ops(device):
     from torch.library import opcheck
 
-    ops = conv_ops.ext_ops()
+    conv_ops.ext_ops()  # loads the extension and registers the fakes
+
+    ops = torch.ops.fastconv  # the registered ops (ext_ops() returns their direct entry points)
     gen, x, w, geo = _conv_case(device)
     out = conv_ops._new_output(x, w, geo[0], geo[1], geo[2])
     res = randn(out.shape, torch.float32, device, gen)
@@ -127,7 +129,8 @@ def test_bn_partials_contract(device, dtype):
 
 @needs_ext
 def test_ext_op_errors_are_clear():
-    ops = conv_ops.ext_ops()
+    conv_ops.ext_ops()  # loads the extension and registers the fakes
+    ops = torch.ops.fastconv  # the registered ops (ext_ops() returns their direct entry points)
     x, w = torch.randn(1, 4, 5, 5), torch.randn(2, 4, 3, 3)
     out = torch.empty(1, 2, 3, 3)
     geo = ([1, 1], [0, 0, 0, 0], [1, 1], 1)
@@ -158,3 +161,46 @@ def test_fastconv_imports_and_explains_without_extension(tmp_path):
     cpu_line, cuda_line = proc.stdout.strip().splitlines()
     assert cpu_line.startswith("(False,") and "fastconv._C" in cpu_line, cpu_line
     assert cuda_line.startswith("(False,"), cuda_line
+
+
+EXT_OPS = ("ext_conv2d", "ext_conv2d_input_grad", "ext_conv2d_weight_grad", "ext_batch_norm_stats",
+           "ext_batch_norm_finalize", "ext_batch_norm_act", "ext_batch_norm_act_backward", "ext_max_pool2d",
+           "ext_max_pool2d_input_grad")
+
+
+@needs_ext
+def test_direct_entry_points_match_the_registered_ops():
+    """fastconv._C.ext_* (csrc/bindings.cpp, what the ops' implementations call) give exactly what
+    torch.ops.fastconv.ext_* give on the same arguments, and report the same errors."""
+    from fastconv import _C
+    from fastconv.ops import conv_bn_act as bn_ops, max_pool2d as pool_ops
+
+    for m in (conv_ops, bn_ops, pool_ops):
+        assert m.ext_ops() is _C
+    assert all(callable(getattr(_C, name)) for name in EXT_OPS)
+    g = generator("direct entry points")
+    x, w, b = (randn(s, torch.float32, "cpu", g) for s in ((2, 6, 9, 7), (4, 3, 3, 3), (4,)))
+    geo = ([2, 1], [1, 0, 1, 1], [1, 2], 2)
+    outs = []
+    for ops in (_C, torch.ops.fastconv):
+        y = torch.full((2, 4, 4, 5), float("nan"))
+        cnt, mean, m2 = ops.ext_conv2d(x, w, b, *geo, None, None, None, 1, True, False, y)
+        fin = ops.ext_batch_norm_finalize(cnt, mean, m2, b)
+        act = ops.ext_batch_norm_act(y, *fin, b, b, None, 1e-5, "silu")
+        bwd = ops.ext_batch_norm_act_backward(torch.ones_like(y), y, *fin, b, b, None, 1e-5, "silu", False)
+        dx = torch.full_like(x, float("nan"))
+        ops.ext_conv2d_input_grad(bwd[0], w, *geo, False, dx)
+        dw = ops.ext_conv2d_weight_grad(bwd[0], x, list(w.shape), *geo, True, False)
+        pool = ops.ext_max_pool2d(x, [3, 2], [2, 2], [1, 0], [1, 1], True)
+        pdx = ops.ext_max_pool2d_input_grad(pool[0], pool[1], list(x.shape), [3, 2], [2, 2], [1, 0], [1, 1], True,
+                                            False)
+        outs.append([y, cnt, mean, m2, *fin, act, *bwd, dx, *dw, *pool, pdx])
+    for a, ref in zip(*outs):
+        assert a.dtype == ref.dtype and a.shape == ref.shape and a.stride() == ref.stride()
+        assert torch.equal(a, ref)
+    with pytest.raises(RuntimeError, match="ext_conv2d") as direct:
+        _C.ext_conv2d(x, w[:, :2], b, *geo, None, None, None, 1, False, False, torch.empty(2, 4, 4, 5))
+    with pytest.raises(RuntimeError, match="ext_conv2d") as registered:
+        torch.ops.fastconv.ext_conv2d(x, w[:, :2], b, *geo, None, None, None, 1, False, False, torch.empty(2, 4, 4, 5))
+    assert str(direct.value).splitlines()[0] == str(registered.value).splitlines()[0]
+    assert not _C._dry_run()

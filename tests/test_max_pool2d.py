@@ -268,7 +268,9 @@ def test_opcheck_ext_ops(ext_backend):
     channels_last, int8 and int16 offsets."""
     from torch.library import opcheck
 
-    ops = pool_ops.ext_ops()
+    pool_ops.ext_ops()  # loads the extension and registers the fakes
+
+    ops = torch.ops.fastconv  # the registered ops (ext_ops() returns their direct entry points)
     device = torch.device(ext_backend)
     for layout, geo in (("channels_last", ([3, 2], [2, 1], [1, 1], [1, 2], True)),
                         ("noncontiguous", ([12, 11], [2, 3], [6, 5], [1, 1], False))):
@@ -522,7 +524,8 @@ def test_ext_batch_sizes(shape, ext_backend, poisoned):
 
 def test_ext_ops_reject_bad_input(ext_backend):
     """Direct callers of the C++ ops get clear errors, not crashes."""
-    ops = pool_ops.ext_ops()
+    pool_ops.ext_ops()  # loads the extension and registers the fakes
+    ops = torch.ops.fastconv  # the registered ops (ext_ops() returns their direct entry points)
     x = _rand((1, 2, 6, 6), "bad").to(ext_backend)
     geo = ([2, 2], [2, 2], [0, 0], [1, 1])
     with pytest.raises(RuntimeError, match="4-D"):

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../batch_norm.h"
+#include "fastconv/dry_run.h"
 
 namespace fastconv {
 namespace {
@@ -187,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ext_batch_norm_stats_cpu(const at
   const int64_t T = std::max<int64_t>(1, (P + kTileRows - 1) / kTileRows);
   auto opts = z.options().dtype(bn_stat_dtype(z));
   at::Tensor cnt = at::empty({T, C}, opts), mean = at::empty({T, C}, opts), m2 = at::empty({T, C}, opts);
-  if (C == 0) return {cnt, mean, m2};
+  if (C == 0 || dry_run()) return {cnt, mean, m2};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ext_batch_norm_stats_cpu",
                                   [&] { stats_cpu<scalar_t>(z, cnt, mean, m2); });
   return {cnt, mean, m2};
@@ -228,6 +229,7 @@ std::tuple<at::Tensor, at::Tensor> ext_batch_norm_finalize_cpu(const at::Tensor&
   }
   at::Tensor c = count.contiguous(), mp = mean.contiguous(), qp = m2.contiguous();
   at::Tensor mean_out = at::empty({C}, count.options()), var_out = at::empty({C}, count.options());
+  if (dry_run()) return {mean_out, var_out};
   if (count.scalar_type() == at::kDouble)
     finalize_cpu<double>(c, mp, qp, b, mean_out, var_out);
   else
@@ -287,7 +289,7 @@ at::Tensor ext_batch_norm_act_cpu(const at::Tensor& z, const at::Tensor& mean, c
   bn_check_z(op, z, true);
   const BnInputs in = bn_inputs(op, z, mean, var, weight, bias, residual, std::string(activation));
   at::Tensor y = at::empty(z.sizes(), z.options().memory_format(bn_format(z)));
-  if (y.numel() == 0) return y;
+  if (y.numel() == 0 || dry_run()) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ext_batch_norm_act_cpu",
                                   [&] { act_cpu<scalar_t>(z, in, eps, y); });
   return y;
@@ -414,6 +416,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ext_batch_norm_act_ba
   const BnInputs in = bn_inputs(op, z, mean, var, weight, bias, residual, std::string(activation));
   const at::Tensor dy = bn_like_z(op, grad_y, z, "grad_y");
   BnBackwardOutputs out = bn_backward_outputs(z, want_grad_residual);
+  if (dry_run()) return {out.dz, out.sum_g, out.sum_gx, out.dres};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ext_batch_norm_act_backward_cpu", [&] {
     backward_cpu<scalar_t>(dy, z, in, eps, out.sum_g, out.sum_gx, out.dz, want_grad_residual ? &out.dres : nullptr);
   });

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "fastconv/conv2d_args.h"
+#include "fastconv/dry_run.h"
 #include "fastconv/epilogue.h"
 #include "fastconv/im2col.h"
 
@@ -59,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& x,
   const auto acc_dtype = acc_type(x.scalar_type());
   auto stats = stats_outputs(g, want_stats, x.scalar_type(), x.device(), kStatsRows);
   const int64_t M = g.rows(), K = g.cols();
-  if (M == 0 || g.C_out == 0) return stats;
+  if (M == 0 || g.C_out == 0 || dry_run()) return stats;
   auto w = weight.to(acc_dtype).contiguous().view({g.groups, g.cout_g, K});
   const auto xs = strides4(x);
   const auto ys = strides4(out);
@@ -146,7 +147,7 @@ void ext_conv2d_input_grad_cpu(const at::Tensor& grad_output, const at::Tensor& 
   const ConvGeom g = check_input_grad_args(grad_output, weight, out, stride, padding, dilation, groups, op);
   TORCH_CHECK(grad_output.device().is_cpu() && weight.device().is_cpu() && out.device().is_cpu(), op,
               ": expected CPU tensors");
-  if (out.numel() == 0) return;
+  if (out.numel() == 0 || dry_run()) return;
   const auto acc_dtype = acc_type(out.scalar_type());
   const int64_t K = g.cols();
   if (g.cout_g == 0 || K == 0) {
@@ -200,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor> ext_conv2d_weight_grad_cpu(const at::Tensor& 
   auto db = at::zeros({bias_grad ? g.C_out : 0}, input.options().dtype(acc_dtype));
   const int64_t nb_max = images_per_chunk(g, std::max<int64_t>(K, 1) * (acc_dtype == at::kDouble ? 8 : 4));
   const auto xs = strides4(input);
-  if (g.N > 0 && K > 0 && g.cout_g > 0) {
+  if (g.N > 0 && K > 0 && g.cout_g > 0 && !dry_run()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ext_conv2d_weight_grad_cpu", [&] {
       using Acc = at::opmath_type<scalar_t>;
       auto cols = at::empty({nb_max * g.OH * g.OW, K}, input.options().dtype(acc_dtype));

@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include "fastconv/dry_run.h"
 
 #include <initializer_list>
 #include <limits>
@@ -204,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor> ext_max_pool2d_cpu(const at::Tensor& input, a
   TORCH_CHECK(input.device().is_cpu(), op, ": expects a CPU tensor, got ", input.device());
   pool_check_float(op, input, "input", true);
   auto [s, y, off] = pool_forward_outputs(op, input, kernel_size, stride, padding, dilation, ceil_mode);
-  if (y.numel() == 0) return {y, off};
+  if (y.numel() == 0 || dry_run()) return {y, off};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ext_max_pool2d_cpu", [&] {
     dispatch_offsets(off.scalar_type(), [&](auto o) { forward_cpu<scalar_t, decltype(o)>(input, y, off, s); });
   });
@@ -220,7 +221,7 @@ at::Tensor ext_max_pool2d_input_grad_cpu(const at::Tensor& grad_output, const at
   pool_check_float(op, grad_output, "grad_output", true);
   auto [s, dx] = pool_backward_output(op, grad_output, offsets, input_size, kernel_size, stride, padding, dilation,
                                       ceil_mode, channels_last);
-  if (dx.numel() == 0) return dx;
+  if (dx.numel() == 0 || dry_run()) return dx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "ext_max_pool2d_bwd_cpu", [&] {
     dispatch_offsets(offsets.scalar_type(),
                      [&](auto o) { backward_cpu<scalar_t, decltype(o)>(grad_output, offsets, dx, s); });

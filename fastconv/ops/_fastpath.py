@@ -9,6 +9,8 @@ registered setup_context/backward when a gradient is needed: one autograd strate
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -34,19 +36,30 @@ class FastOp:
 
     def __init__(self, op, setup_context=None, backward=None):
         self.op = op
-        self.impl = impl_of(op)
+        self.impl = impl = impl_of(op)
+        # the op's defaults for trailing arguments a caller leaves out (setup_context sees every input)
+        params = list(inspect.signature(impl).parameters.values())
+        self.arity = len(params)
+        self.defaults = tuple(p.default for p in params)
         self.fn = None
         if backward is not None:
-            impl = self.impl
+            def forward(ctx, *args):
+                # forward(ctx, ...) style, setup_context called here: torch's apply() binds the arguments of
+                # a forward(*args) + setup_context pair with inspect.signature on every call (~17 µs).
+                out = impl(*args)
+                setup_context(ctx, args, out)
+                return out
+
             self.fn = type(f"{op._name}_eager", (torch.autograd.Function,), {
-                "forward": staticmethod(lambda *args: impl(*args)),
-                "setup_context": staticmethod(setup_context),
+                "forward": staticmethod(forward),
                 "backward": staticmethod(backward),
             })
 
     def __call__(self, *args):
         if not eager(args[0]):
             return self.op(*args)
+        if len(args) < self.arity:
+            args = args + self.defaults[len(args):]
         if self.fn is not None and torch.is_grad_enabled() and any(
                 isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return self.fn.apply(*args)

@@ -32,13 +32,6 @@ SUPPORTED_BACKENDS = ("triton", "torch")
 CONV2D_BACKENDS = ("triton", "torch", "cuda", "cpu")
 
 
-def _out_hw(x_hw, w_hw, stride, padding, dilation):
-    (H, W), (KH, KW) = x_hw, w_hw
-    top, bottom, left, right = padding
-    return (conv_output_size(H, KH, stride[0], top, bottom, dilation[0]),
-            conv_output_size(W, KW, stride[1], left, right, dilation[1]))
-
-
 def alloc(shape, dtype, device, memory_format) -> torch.Tensor:
     """Every output the kernels must fully write comes from here (tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
@@ -46,9 +39,14 @@ def alloc(shape, dtype, device, memory_format) -> torch.Tensor:
 
 def _new_output(x, weight, stride, padding, dilation, allocate=None):
     allocate = allocate or alloc  # looked up per call so tests can patch `alloc`
-    oh, ow = _out_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
-    shape = (x.shape[0], weight.shape[0], oh, ow)
-    return allocate(shape, x.dtype, x.device, output_memory_format(x, weight))
+    n, _, h, w = x.shape
+    k, _, kh, kw = weight.shape
+    top, bottom, left, right = padding
+    shape = (n, k, conv_output_size(h, kh, stride[0], top, bottom, dilation[0]),
+             conv_output_size(w, kw, stride[1], left, right, dilation[1]))
+    fmt = (torch.contiguous_format if x.is_contiguous() and weight.is_contiguous()  # the common case, quickly
+           else output_memory_format(x, weight))
+    return allocate(shape, x.dtype, x.device, fmt)
 
 
 def _fake_alloc(shape, dtype, device, memory_format):

@@ -1,0 +1,131 @@
+// Direct Python entry points of the ext ops: fastconv._C.ext_conv2d(...) etc. Each calls the registered
+// op through the C++ dispatcher (typed handle found once), so device dispatch, the profiler's records and
+// Python dispatch modes behave exactly as for torch.ops.fastconv.ext_*; what it skips is torch.ops'
+// generic Python argument parsing against the schema, about 4 µs per call (bench/bench_overhead.py).
+// fastconv's eager fast path calls these (fastconv/_ext.py); tracing and torch.compile only ever see the
+// Python custom ops around them.
+#include <torch/extension.h>
+
+#include "fastconv/dry_run.h"
+
+#include <string>
+#include <tuple>
+
+namespace fastconv {
+namespace {
+
+using Tensor = at::Tensor;
+using OptTensor = c10::optional<at::Tensor>;
+using Ints = at::IntArrayRef;
+
+// The registered signatures (csrc/cpu/*.cpp, csrc/cuda/*_cuda.cpp implement exactly these).
+using Conv2dFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, Ints, Ints,
+                                                    Ints, int64_t, const OptTensor&, const OptTensor&,
+                                                    const OptTensor&, int64_t, bool, bool, Tensor&);
+using Conv2dInputGradFn = void(const Tensor&, const Tensor&, Ints, Ints, Ints, int64_t, bool, Tensor&);
+using Conv2dWeightGradFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, Ints, Ints, Ints, Ints,
+                                                      int64_t, bool, bool);
+using BnStatsFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&);
+using BnFinalizeFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&);
+using BnActFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                       const OptTensor&, double, c10::string_view);
+using BnActBackwardFn = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                   const Tensor&, const OptTensor&,
+                                                                   const OptTensor&, const OptTensor&, double,
+                                                                   c10::string_view, bool);
+using MaxPoolFn = std::tuple<Tensor, Tensor>(const Tensor&, Ints, Ints, Ints, Ints, bool);
+using MaxPoolInputGradFn = Tensor(const Tensor&, const Tensor&, Ints, Ints, Ints, Ints, Ints, bool, bool);
+
+// A function-local static per entry point: the op's typed handle, looked up on its first call (all ops are
+// registered by then: they register when the library loads).
+#define FASTCONV_HANDLE(Fn, name) \
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>()
+
+}  // namespace
+
+void bind_ops(pybind11::module_& m) {
+  namespace py = pybind11;
+  const auto release = py::call_guard<py::gil_scoped_release>();
+  m.def("_set_dry_run", [](bool on) { dry_run_flag().store(on); },
+        "CPU kernels check and allocate, then skip their arithmetic (the host-overhead benchmark only)");
+  m.def("_dry_run", []() { return dry_run(); });
+  m.def(
+      "ext_conv2d",
+      [](const Tensor& input, const Tensor& weight, const OptTensor& bias, std::vector<int64_t> stride,
+         std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups, const OptTensor& scale,
+         const OptTensor& shift, const OptTensor& residual, int64_t activation, bool stats, bool allow_tf32,
+         Tensor out) {
+        FASTCONV_HANDLE(Conv2dFn, "fastconv::ext_conv2d");
+        return op.call(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual, activation,
+                       stats, allow_tf32, out);
+      },
+      release);
+  m.def(
+      "ext_conv2d_input_grad",
+      [](const Tensor& grad_output, const Tensor& weight, std::vector<int64_t> stride, std::vector<int64_t> padding,
+         std::vector<int64_t> dilation, int64_t groups, bool allow_tf32, Tensor out) {
+        FASTCONV_HANDLE(Conv2dInputGradFn, "fastconv::ext_conv2d_input_grad");
+        op.call(grad_output, weight, stride, padding, dilation, groups, allow_tf32, out);
+      },
+      release);
+  m.def(
+      "ext_conv2d_weight_grad",
+      [](const Tensor& grad_output, const Tensor& input, std::vector<int64_t> weight_size,
+         std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+         bool bias_grad, bool allow_tf32) {
+        FASTCONV_HANDLE(Conv2dWeightGradFn, "fastconv::ext_conv2d_weight_grad");
+        return op.call(grad_output, input, weight_size, stride, padding, dilation, groups, bias_grad, allow_tf32);
+      },
+      release);
+  m.def(
+      "ext_batch_norm_stats",
+      [](const Tensor& z) {
+        FASTCONV_HANDLE(BnStatsFn, "fastconv::ext_batch_norm_stats");
+        return op.call(z);
+      },
+      release);
+  m.def(
+      "ext_batch_norm_finalize",
+      [](const Tensor& count, const Tensor& mean, const Tensor& m2, const OptTensor& bias) {
+        FASTCONV_HANDLE(BnFinalizeFn, "fastconv::ext_batch_norm_finalize");
+        return op.call(count, mean, m2, bias);
+      },
+      release);
+  m.def(
+      "ext_batch_norm_act",
+      [](const Tensor& z, const Tensor& mean, const Tensor& var, const OptTensor& weight, const OptTensor& bias,
+         const OptTensor& residual, double eps, const std::string& activation) {
+        FASTCONV_HANDLE(BnActFn, "fastconv::ext_batch_norm_act");
+        return op.call(z, mean, var, weight, bias, residual, eps, activation);
+      },
+      release);
+  m.def(
+      "ext_batch_norm_act_backward",
+      [](const Tensor& grad_y, const Tensor& z, const Tensor& mean, const Tensor& var, const OptTensor& weight,
+         const OptTensor& bias, const OptTensor& residual, double eps, const std::string& activation,
+         bool want_grad_residual) {
+        FASTCONV_HANDLE(BnActBackwardFn, "fastconv::ext_batch_norm_act_backward");
+        return op.call(grad_y, z, mean, var, weight, bias, residual, eps, activation, want_grad_residual);
+      },
+      release);
+  m.def(
+      "ext_max_pool2d",
+      [](const Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
+         std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode) {
+        FASTCONV_HANDLE(MaxPoolFn, "fastconv::ext_max_pool2d");
+        return op.call(input, kernel_size, stride, padding, dilation, ceil_mode);
+      },
+      release);
+  m.def(
+      "ext_max_pool2d_input_grad",
+      [](const Tensor& grad_output, const Tensor& offsets, std::vector<int64_t> input_size,
+         std::vector<int64_t> kernel_size, std::vector<int64_t> stride, std::vector<int64_t> padding,
+         std::vector<int64_t> dilation, bool ceil_mode, bool channels_last) {
+        FASTCONV_HANDLE(MaxPoolInputGradFn, "fastconv::ext_max_pool2d_input_grad");
+        return op.call(grad_output, offsets, input_size, kernel_size, stride, padding, dilation, ceil_mode,
+                       channels_last);
+      },
+      release);
+}
+
+}  // namespace fastconv
