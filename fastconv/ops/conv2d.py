@@ -131,9 +131,8 @@ def ext_conv2d(x, weight, bias, stride, padding, dilation, groups, scale=None, s
     ops = ext_ops()
     if out is None:
         out = _new_output(x, weight, stride, padding, dilation)
-    partials = ops.ext_conv2d(x, weight, bias, list(stride), list(padding), list(dilation), groups,
-                                             scale, shift, residual, ACTIVATIONS.index(activation), stats,
-                                             _allow_tf32(x), out)
+    partials = ops.ext_conv2d(x, weight, bias, stride, padding, dilation, groups, scale, shift, residual,
+                              _activations.CODES[activation], stats, _allow_tf32(x), out)
     return (out, tuple(partials)) if stats else out
 
 
