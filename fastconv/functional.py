@@ -201,21 +201,28 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     fname = "max_pool2d_with_indices" if return_indices else "max_pool2d"
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{fname}(): argument 'input' (position 1) must be Tensor, not {type(input).__name__}")
-    requested, name = _backend.choose("max_pool2d", input.device, _pool_ops.SUPPORTED_BACKENDS, input.dtype)
-    if name == "torch" and requested == "auto":  # what nn.MaxPool2d runs
-        return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
-                            return_indices=return_indices)
     key = None
-    if not torch.compiler.is_compiling():  # validated once per call signature, as conv's _geometry
+    if not torch.compiler.is_compiling():  # worked out once per call signature, as conv's _conv_call
         parts = (_arg_key(kernel_size), _arg_key(stride), _arg_key(padding), _arg_key(dilation))
         if _NO_KEY not in parts and type(ceil_mode) is bool:
-            key = (input.shape, *parts, ceil_mode)
-            geo = _POOL_GEOMETRY.get(key)
-            if geo is not None:
+            key = (_backend.current(), _backend.planning(), input.shape, input.dtype, input.device, *parts,
+                   ceil_mode)
+            found = _POOL_GEOMETRY.get(key)
+            if found is not None:
+                name, geo = found
+                if geo is None:  # 'auto' chose PyTorch: what nn.MaxPool2d runs
+                    return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
+                                        return_indices=return_indices)
                 return _max_pool2d(input, geo, ceil_mode, return_indices, name)
-    geo = _pool_geometry(input, kernel_size, stride, padding, dilation, ceil_mode, fname)
+    requested, name = _backend.choose("max_pool2d", input.device, _pool_ops.SUPPORTED_BACKENDS, input.dtype)
+    geo = None
+    if not (name == "torch" and requested == "auto"):
+        geo = tuple(map(list, _pool_geometry(input, kernel_size, stride, padding, dilation, ceil_mode, fname)))
     if key is not None and len(_POOL_GEOMETRY) < _GEOMETRY_MAX:
-        _POOL_GEOMETRY[key] = geo
+        _POOL_GEOMETRY[key] = (name, geo)
+    if geo is None:  # 'auto' chose PyTorch: what nn.MaxPool2d runs
+        return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
+                            return_indices=return_indices)
     return _max_pool2d(input, geo, ceil_mode, return_indices, name)
 
 
@@ -251,9 +258,10 @@ def _pool_geometry(input, kernel_size, stride, padding, dilation, ceil_mode, fna
 
 
 def _max_pool2d(input, geo, ceil_mode, return_indices, name):
+    """geo: validated (kernel, stride, padding, dilation) lists."""
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    out, offsets = _pool_ops.max_pool2d_op(x, *map(list, geo), ceil_mode, name)
+    out, offsets = _pool_ops.max_pool2d_op(x, *geo, ceil_mode, name)
     indices = _pool_ops.offsets_to_indices(offsets, x.shape, *geo) if return_indices else None
     if unbatched:  # PyTorch's unbatched outputs are contiguous
         out = out.squeeze(0).contiguous()

@@ -32,13 +32,15 @@ def impl_of(op):
 
 class FastOp:
     """`op` (a custom op) with an eager entry point; `setup_context` / `backward` are the functions given to
-    op.register_autograd (None: the op has no autograd)."""
+    op.register_autograd (None: the op has no autograd). `checked`: the op's implementation after its
+    argument checks, same signature, for an op whose callers in fastconv (the functional layer, backward
+    functions) pass arguments they validated already; the custom op itself always checks."""
 
-    def __init__(self, op, setup_context=None, backward=None):
+    def __init__(self, op, setup_context=None, backward=None, checked=None):
         self.op = op
-        self.impl = impl = impl_of(op)
+        self.impl = impl = checked or impl_of(op)
         # the op's defaults for trailing arguments a caller leaves out (setup_context sees every input)
-        params = list(inspect.signature(impl).parameters.values())
+        params = list(inspect.signature(impl_of(op)).parameters.values())
         self.arity = len(params)
         self.defaults = tuple(p.default for p in params)
         self.fn = None

@@ -200,15 +200,21 @@ _BWD_SCHEMA = ("(Tensor grad_output, Tensor offsets, SymInt[4] input_size, int[2
 def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, backend="auto"):
     """(out, offsets): F.max_pool2d's output and the argmax taps (see module doc)."""
     _check_input(input)
-    geo = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
-    check_pool_args(input.shape, *geo, ceil_mode)
+    check_pool_args(input.shape, kernel_size, stride, padding, dilation, ceil_mode)
+    return _max_pool2d_checked(input, kernel_size, stride, padding, dilation, ceil_mode, backend)
+
+
+def _max_pool2d_checked(input, kernel_size, stride, padding, dilation, ceil_mode, backend="auto"):
+    """max_pool2d after its argument checks: the eager entry point of callers that validated them
+    (functional.max_pool2d, see FastOp)."""
     name = _resolve(input.device, input.dtype, backend)
+    if name in ("cuda", "cpu"):
+        return ext_ops().ext_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+    geo = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
     if name == "triton":
         from ..triton import max_pool2d as tpool
 
         return tpool.max_pool2d_forward(input, *geo, ceil_mode)
-    if name in ("cuda", "cpu"):
-        return ext_ops().ext_max_pool2d(input, *map(list, geo), ceil_mode)
     y_ref, idx = torch.ops.aten.max_pool2d_with_indices(input, *geo, ceil_mode)
     fmt = suggest_memory_format(input)
     y = alloc(y_ref.shape, input.dtype, input.device, fmt)
@@ -319,5 +325,5 @@ def _grad_backward(ctx, grad_grad_input):
 
 max_pool2d_input_grad.register_autograd(_grad_backward, setup_context=_grad_setup_context)
 # eager entry points (see _fastpath)
-max_pool2d_op = FastOp(max_pool2d, _setup_context, _backward)
+max_pool2d_op = FastOp(max_pool2d, _setup_context, _backward, checked=_max_pool2d_checked)
 max_pool2d_input_grad_op = FastOp(max_pool2d_input_grad, _grad_setup_context, _grad_backward)
