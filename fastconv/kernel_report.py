@@ -109,7 +109,12 @@ _FWD_VARIANTS = {
     # split_store(y) sets SPLIT_N
     "NCHW": dict(SPLIT_N=True, args=_conv_args(nchw=("sy",))),
 }
+# the implicit-GEMM kernels' operand prologue (off in the base): x = act(z * in_scale + in_shift) per input channel,
+# the coefficients fp32 (BatchNorm folded from fp32 statistics)
+_NO_PROLOGUE = dict(PROLOGUE=False, IN_ACT=0)
+_PROLOGUE_VARIANTS = {"prologue_relu": dict(PROLOGUE=True, IN_ACT=1), "prologue_silu": dict(PROLOGUE=True, IN_ACT=3)}
 _FP32_STATS = dict(cnt_ptr="fp32", mean_ptr="fp32", m2_ptr="fp32")
+_FP32_PROLOGUE = dict(in_scale_ptr="fp32", in_shift_ptr="fp32")
 _BN_TYPES = dict(mean_ptr="fp32", var_ptr="fp32", w_ptr="fp32", b_ptr="fp32", sum_g_ptr="fp32", sum_gx_ptr="fp32")
 _BN_BASE = dict(HAS_AFFINE=True, HAS_RES=False, ACT=1)
 _BN_RES_SILU = dict(HAS_RES=True, ACT=3)
@@ -151,15 +156,21 @@ def _bn_tiles(m):
 _CONV = _conv_args()
 _BN = _bn_args()
 CASES = {
-    "_conv2d_fwd_kernel": dict(family="conv2d_fwd", base=_FWD_BASE, args=_CONV, variants=_FWD_VARIANTS,
-                               types=_FP32_STATS),
+    "_conv2d_fwd_kernel": dict(family="conv2d_fwd", base=dict(_FWD_BASE, **_NO_PROLOGUE), args=_CONV,
+                               variants=dict(_FWD_VARIANTS, **_PROLOGUE_VARIANTS,
+                                             # a prologue block's conv feeding the next fused block's BN: both ends
+                                             prologue_stats=dict(HAS_BIAS=False, STATS=True, PROLOGUE=True,
+                                                                 IN_ACT=1)),
+                               types=dict(_FP32_STATS, **_FP32_PROLOGUE)),
     "_conv2d_dgrad_kernel": dict(family="conv2d_dgrad", base=dict(stride_h=1, stride_w=1, GROUP_M=8, SPLIT_N=False),
                                  args=_CONV,
                                  variants={"stride2": dict(stride_h=2, stride_w=2, args=_conv_args(stride=2)),
                                            "NCHW": dict(SPLIT_N=True, args=_conv_args(nchw=("sdx",)))}),
-    "_conv2d_wgrad_kernel": dict(family="conv2d_wgrad", base=dict(HAS_DBIAS=False), args=_CONV,
-                                 variants={"dbias": dict(HAS_DBIAS=True)},
-                                 types=dict(dw_ptr="fp32", db_ptr="fp32")),  # fp32 split-K partials
+    "_conv2d_wgrad_kernel": dict(family="conv2d_wgrad", base=dict(HAS_DBIAS=False, **_NO_PROLOGUE), args=_CONV,
+                                 variants={"dbias": dict(HAS_DBIAS=True), **_PROLOGUE_VARIANTS,
+                                           "prologue_dbias": dict(HAS_DBIAS=True, PROLOGUE=True, IN_ACT=1)},
+                                 # fp32 split-K partials
+                                 types=dict(dw_ptr="fp32", db_ptr="fp32", **_FP32_PROLOGUE)),
     "_im2col_gemm_kernel": dict(family="im2col_gemm", base=_FWD_BASE, args=_CONV, variants=_FWD_VARIANTS,
                                 types=_FP32_STATS),
     "_im2col_gather_kernel": dict(tiles=lambda m: [(dict(BLOCK_M=m.IM2COL_BLOCKS[0], BLOCK_K=m.IM2COL_BLOCKS[1]),
