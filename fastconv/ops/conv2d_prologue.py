@@ -182,7 +182,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y):
     z, in_scale, in_shift, weight, bias, scale, shift, residual, y = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.geometry
-    needs = ctx.needs_input_grad
+    # The dispatcher drops trailing arguments equal to their defaults (None, 'identity', 'auto'): no gradient there.
+    needs = tuple(ctx.needs_input_grad) + (False,) * 15
     prologue = (in_scale, in_shift, ctx.in_activation)
 
     def recompute(epilogue):
