@@ -257,3 +257,20 @@ def test_emulated_autotune(device, monkeypatch):
     want = {t[:3] for arch in ("sm_80", "sm_90") for family in ("conv2d_fwd", "conv2d_wgrad")
             for t, _ in configs.tiles(family, arch, "fp32", fused=True)}
     assert {t[:3] for t in tiles} >= want
+
+
+def test_launch_constexprs_hold_no_tensors(device, monkeypatch):
+    """The coefficients travel as positional kernel arguments: keyword arguments of a tuned launch are its
+    constexprs, which key the autotune cache and the per-call memo (a tensor there would key every call anew)."""
+    seen = []
+    real = launch.TunedKernel.__call__
+
+    def spy(self, grid, *args, problem, device, scratch=None, **consts):
+        seen.append((self.family, consts))
+        return real(self, grid, *args, problem=problem, device=device, scratch=scratch, **consts)
+
+    monkeypatch.setattr(launch.TunedKernel, "__call__", spy)
+    check(_cfg(input=(1, 3, 5, 4), out_channels=4, in_act="relu", dtype=torch.float64), device, "consts")
+    families = {family for family, consts in seen if consts.get("PROLOGUE")}
+    assert families == {"conv2d_fwd", "conv2d_wgrad"}, seen
+    assert not any(isinstance(v, torch.Tensor) for _, consts in seen for v in consts.values())

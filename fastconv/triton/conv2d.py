@@ -43,13 +43,13 @@ from .launch import Problem, TunedKernel, sm_count
 @triton.jit
 def _conv2d_fwd_kernel(
     x_ptr, w_ptr, y_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr,
+    in_scale_ptr, in_shift_ptr,  # PROLOGUE per-input-channel coefficients [C_in] (else dummies)
     M, H, W, OH, OW, CIN_G, COUT_G, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sxn, sxc, sxh, sxw,
     swo, swc, swh, sww,
     syn, syc, syh, syw,
     cnt_ptr, mean_ptr, m2_ptr,  # STATS partials [cdiv(M, BLOCK_M), C_out], passed by keyword (stats_scratch)
-    in_scale_ptr, in_shift_ptr,  # PROLOGUE per-input-channel coefficients [C_in], passed by keyword
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, STATS: tl.constexpr, ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, IDX64: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_N: tl.constexpr,
@@ -249,7 +249,7 @@ def _conv2d_wgrad_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sdyn, sdyc, sdyh, sdyw,
     sxn, sxc, sxh, sxw,
-    in_scale_ptr, in_shift_ptr,  # PROLOGUE per-input-channel coefficients [C_in], passed by keyword
+    in_scale_ptr, in_shift_ptr,  # PROLOGUE per-input-channel coefficients [C_in] (else dummies)
     HAS_DBIAS: tl.constexpr, ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     IDX64: tl.constexpr, PROLOGUE: tl.constexpr, IN_ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -430,14 +430,13 @@ def conv2d_forward(
         scale if scale is not None else dummy,
         shift if shift is not None else dummy,
         res,
+        in_scale, in_shift,
         M, H, W, OH, OW, cin_g, cout_g, KH, KW,
         stride[0], stride[1], top, left, dilation[0], dilation[1],
         *x.stride(), *weight.stride(), *y.stride(),
         problem=Problem(M, cout_g, cin_g, KH * KW, groups),
         device=x.device,
         scratch=stats_scratch(M, C_out, y, stats),
-        in_scale_ptr=in_scale,
-        in_shift_ptr=in_shift,
         HAS_BIAS=bias is not None,
         HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None,
@@ -566,10 +565,9 @@ def conv2d_weight_grad(
         P, H, W, OH, OW, cin_g, cout_g, KH, KW, C_out, k_per_split,
         stride[0], stride[1], pads(padding)[0], pads(padding)[2], dilation[0], dilation[1],
         *grad_out.stride(), *x.stride(),
+        in_scale, in_shift,
         problem=Problem(cout_g, cin_g, k_per_split, 1, KH * KW * split * groups),
         device=x.device,
-        in_scale_ptr=in_scale,
-        in_shift_ptr=in_shift,
         HAS_DBIAS=bias_grad,
         ACC_TYPE=acc_dtype(x.dtype),
         PRECISION=dot_precision(x.dtype),
