@@ -274,3 +274,19 @@ def test_launch_constexprs_hold_no_tensors(device, monkeypatch):
     families = {family for family, consts in seen if consts.get("PROLOGUE")}
     assert families == {"conv2d_fwd", "conv2d_wgrad"}, seen
     assert not any(isinstance(v, torch.Tensor) for _, consts in seen for v in consts.values())
+
+
+def test_autocast(device):
+    """Under autocast z, weight and bias follow the autocast dtype (as nn.Conv2d's); the folded BatchNorm
+    coefficients keep fp32."""
+    gen = generator("prologue-autocast")
+    z = randn((2, 4, 6, 5), torch.float32, device, gen)
+    s, t = randn((4,), torch.float32, device, gen), randn((4,), torch.float32, device, gen)
+    w, b = randn((6, 4, 3, 3), torch.float32, device, gen, 0.3), randn((6,), torch.float32, device, gen)
+    with torch.autocast(device.type, dtype=torch.float16):
+        y = torch.ops.fastconv.conv2d_prologue(z, s, t, "silu", w, b, [1, 1], [1, 1, 1, 1], [1, 1], 1,
+                                               backend="triton")
+    x = F.silu(z.double().half().double() * s.double().view(1, -1, 1, 1) + t.double().view(1, -1, 1, 1))
+    ref = F.conv2d(x, w.half().double(), b.half().double(), 1, 1)
+    assert y.dtype == torch.float16
+    assert_close(y, ref, torch.float16, "autocast forward")
