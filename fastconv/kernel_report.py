@@ -324,9 +324,10 @@ def _kernel_jobs(module, name, fn, arches, quick, skipped, all_variants=False, v
     variants = dict(variants(mod) if callable(variants) else variants)
     if "IDX64" in consts:
         variants.setdefault("IDX64", dict(IDX64=True))
-    from fastconv.triton.configs import fits_fused, is_fused
+    from fastconv.triton.configs import is_fused, pin, runs_on
 
-    tuned = _tuned_family(case, name) is not None
+    family = _tuned_family(case, name)
+    tuned = family is not None
     jobs = []
     for arch in arches:
         for dtype in dtypes:
@@ -347,9 +348,12 @@ def _kernel_jobs(module, name, fn, arches, quick, skipped, all_variants=False, v
                 constexprs = {k: v for k, v in _common_constexprs(dtype).items() if k in consts}
                 for layer in (case.get("base", {}), meta, over):
                     constexprs.update(layer)
-                if tuned and is_fused(constexprs) and not fits_fused(
-                        (constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_K"], warps, stages), kind):
-                    continue  # the launcher never runs a fused launch on this tile (configs.fits_fused)
+                if tuned:
+                    tile = (constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_K"], warps, stages)
+                    prologue = bool(constexprs.get("PROLOGUE"))
+                    if not runs_on(family, kind, arch, tile, is_fused(constexprs), prologue):
+                        continue  # the launcher never runs this launch on this tile (configs.runs_on)
+                    maxnreg = pin(family, kind, arch, tile, prologue)
                 config = f"{_label(constexprs, warps, stages, maxnreg)} {flag}".strip()
                 missing = [c for c in consts if c not in constexprs]
                 if missing:

@@ -255,7 +255,7 @@ def test_emulated_autotune(device, monkeypatch):
     check(_cfg(input=(2, 5, 9, 7), out_channels=6, stride=(2, 2), in_act="hardswish", dtype=torch.float64,
                layout="channels_last"), device, "autotune")
     want = {t[:3] for arch in ("sm_80", "sm_90") for family in ("conv2d_fwd", "conv2d_wgrad")
-            for t, _ in configs.tiles(family, arch, "fp32", fused=True)}
+            for t, _ in configs.tiles(family, arch, "fp32", fused=True, prologue=True)}
     assert {t[:3] for t in tiles} >= want
 
 
@@ -310,3 +310,23 @@ def test_compile_fullgraph(device):
     got = torch.autograd.grad(compiled(z, s, t, w), (z, s, t, w))
     for g, e, name in zip(got, eager, ("z", "in_scale", "in_shift", "weight")):
         assert_close(g, e, f64, f"compiled grad {name}")
+
+
+def test_prologue_tile_limits():
+    """configs.PROLOGUE_MAXNREG / PROLOGUE_EXCLUDED name real tiles; a prologue launch's table carries the
+    prologue pin and leaves the excluded tiles out (and is a fused launch's table otherwise), while every other
+    launch keeps its own pins."""
+    for fam, kind, arch, tile in [*configs.PROLOGUE_MAXNREG, *configs.PROLOGUE_EXCLUDED]:
+        assert tile in configs.CONFIGS[fam][kind][arch], (fam, kind, arch, tile)
+    for fam, kinds in configs.CONFIGS.items():
+        for kind, arches in kinds.items():
+            for arch in arches:
+                fused = dict(configs.tiles(fam, arch, kind, fused=True))
+                plain = dict(configs.tiles(fam, arch, kind))
+                pro = dict(configs.tiles(fam, arch, kind, fused=True, prologue=True))
+                assert pro and list(pro)[0] == list(plain)[0]
+                assert set(pro) == {t for t in fused if (fam, kind, arch, t) not in configs.PROLOGUE_EXCLUDED}
+                for t, p in pro.items():
+                    assert p == configs.PROLOGUE_MAXNREG.get((fam, kind, arch, t), plain[t])
+                    assert plain[t] == configs.MAXNREG.get((fam, kind, arch, t))
+    assert configs.is_fused({"PROLOGUE": True}) and not configs.is_fused({"PROLOGUE": False})
