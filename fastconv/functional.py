@@ -6,9 +6,9 @@ import torch.nn.functional as F
 
 from . import _backend
 from ._args import ConvArgs, as_list
-from .ops import conv2d as conv_ops, conv_bn_act as cba_ops, max_pool2d as _pool_ops
+from .ops import conv2d as conv_ops, conv2d_prologue as prologue_ops, conv_bn_act as cba_ops, max_pool2d as _pool_ops
 
-__all__ = ["conv2d", "conv2d_fused", "conv_bn_act", "conv_bn_relu", "max_pool2d"]
+__all__ = ["conv2d", "conv2d_fused", "conv2d_prologue", "conv_bn_act", "conv_bn_relu", "max_pool2d"]
 
 
 def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
@@ -95,6 +95,21 @@ def conv2d_fused(input, weight, bias=None, stride=1, padding=0, dilation=1, grou
     stride, padding, dilation, _ = geometry
     out = conv_ops.conv2d_op(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual,
                              activation, algo, name)
+    return out.squeeze(0) if unbatched else out
+
+
+def conv2d_prologue(input, in_scale, in_shift, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+                    in_activation: str = "relu", scale=None, shift=None, residual=None,
+                    activation: str = "identity") -> torch.Tensor:
+    """conv2d_fused(in_activation(input * in_scale[c] + in_shift[c]), weight, ...): the conv's input rebuilt per
+    input channel c from the previous block's pre-BatchNorm output `input` (in_scale / in_shift: that block's
+    BatchNorm folded). On the Triton backend x is never materialised (forward or backward); the other backends
+    build it with PyTorch ops (fastconv.ops.conv2d_prologue). Gradients flow to input, in_scale and in_shift."""
+    _, name = _backend.choose("conv2d", input.device, conv_ops.CONV2D_BACKENDS, input.dtype)
+    input, residual, unbatched = _batched(input, residual)
+    stride, padding, dilation, _ = _geometry(input, weight, bias, stride, padding, dilation, groups)
+    out = prologue_ops.conv2d_prologue_op(input, in_scale, in_shift, in_activation, weight, bias, stride, padding,
+                                          dilation, groups, scale, shift, residual, activation, name)
     return out.squeeze(0) if unbatched else out
 
 

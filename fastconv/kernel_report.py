@@ -1,7 +1,7 @@
 """Ahead-of-time compile report for fastconv's Triton kernels, no GPU needed.
 
     python -m fastconv.kernel_report [--json] [--arch sm_80|sm_90] [--quick | --all-variants] [--jobs N]
-                                     [--family all|triton|cuda] [--kernel REGEX]
+                                     [--family all|triton|cuda] [--kernel REGEX] [--variant REGEX]
 
 The CUDA C++ kernels of csrc/cuda (family "cuda") are reported by fastconv/_cuda_report.py (nvcc + ptxas -v +
 cuobjdump); every row names its family.
@@ -14,7 +14,9 @@ first config of each list for the dtypes in QUICK_DTYPES (every kernel on both t
 with fp16, bf16 and fp32, the GEMM families with tf32 too) plus one IDX64=True case; the full report adds
 every dtype, every config and, on the first config and on each config with pinned registers, the variants listed
 in CASES; ``--all-variants`` compiles every variant on every config the autotuner may pick for it (fused
-launches skip the tiles configs.fits_fused rules out; about 2.5 times the compiles).
+launches skip the tiles configs.fits_fused rules out; about 2.5 times the compiles). ``--variant REGEX`` keeps only
+the variant rows whose name matches (no plain rows): e.g. ``--all-variants --variant prologue`` compiles just
+the prologue variants, on every tile they may run on.
 
 The constexprs and scalar values mirror the launchers on a representative problem (a channels_last ResNet-50
 layer, 64 channels), and the scalars are specialised as Triton's launcher would (stride 1 -> constexpr,
@@ -109,7 +111,12 @@ _FWD_VARIANTS = {
     # split_store(y) sets SPLIT_N
     "NCHW": dict(SPLIT_N=True, args=_conv_args(nchw=("sy",))),
 }
+# the implicit-GEMM kernels' operand prologue (off in the base): x = act(z * in_scale + in_shift) per input channel,
+# the coefficients fp32 (BatchNorm folded from fp32 statistics)
+_NO_PROLOGUE = dict(PROLOGUE=False, IN_ACT=0)
+_PROLOGUE_VARIANTS = {"prologue_relu": dict(PROLOGUE=True, IN_ACT=1), "prologue_silu": dict(PROLOGUE=True, IN_ACT=3)}
 _FP32_STATS = dict(cnt_ptr="fp32", mean_ptr="fp32", m2_ptr="fp32")
+_FP32_PROLOGUE = dict(in_scale_ptr="fp32", in_shift_ptr="fp32")
 _BN_TYPES = dict(mean_ptr="fp32", var_ptr="fp32", w_ptr="fp32", b_ptr="fp32", sum_g_ptr="fp32", sum_gx_ptr="fp32")
 _BN_BASE = dict(HAS_AFFINE=True, HAS_RES=False, ACT=1)
 _BN_RES_SILU = dict(HAS_RES=True, ACT=3)
@@ -151,15 +158,21 @@ def _bn_tiles(m):
 _CONV = _conv_args()
 _BN = _bn_args()
 CASES = {
-    "_conv2d_fwd_kernel": dict(family="conv2d_fwd", base=_FWD_BASE, args=_CONV, variants=_FWD_VARIANTS,
-                               types=_FP32_STATS),
+    "_conv2d_fwd_kernel": dict(family="conv2d_fwd", base=dict(_FWD_BASE, **_NO_PROLOGUE), args=_CONV,
+                               variants=dict(_FWD_VARIANTS, **_PROLOGUE_VARIANTS,
+                                             # a prologue block's conv feeding the next fused block's BN: both ends
+                                             prologue_stats=dict(HAS_BIAS=False, STATS=True, PROLOGUE=True,
+                                                                 IN_ACT=1)),
+                               types=dict(_FP32_STATS, **_FP32_PROLOGUE)),
     "_conv2d_dgrad_kernel": dict(family="conv2d_dgrad", base=dict(stride_h=1, stride_w=1, GROUP_M=8, SPLIT_N=False),
                                  args=_CONV,
                                  variants={"stride2": dict(stride_h=2, stride_w=2, args=_conv_args(stride=2)),
                                            "NCHW": dict(SPLIT_N=True, args=_conv_args(nchw=("sdx",)))}),
-    "_conv2d_wgrad_kernel": dict(family="conv2d_wgrad", base=dict(HAS_DBIAS=False), args=_CONV,
-                                 variants={"dbias": dict(HAS_DBIAS=True)},
-                                 types=dict(dw_ptr="fp32", db_ptr="fp32")),  # fp32 split-K partials
+    "_conv2d_wgrad_kernel": dict(family="conv2d_wgrad", base=dict(HAS_DBIAS=False, **_NO_PROLOGUE), args=_CONV,
+                                 variants={"dbias": dict(HAS_DBIAS=True), **_PROLOGUE_VARIANTS,
+                                           "prologue_dbias": dict(HAS_DBIAS=True, PROLOGUE=True, IN_ACT=1)},
+                                 # fp32 split-K partials
+                                 types=dict(dw_ptr="fp32", db_ptr="fp32", **_FP32_PROLOGUE)),
     "_im2col_gemm_kernel": dict(family="im2col_gemm", base=_FWD_BASE, args=_CONV, variants=_FWD_VARIANTS,
                                 types=_FP32_STATS),
     "_im2col_gather_kernel": dict(tiles=lambda m: [(dict(BLOCK_M=m.IM2COL_BLOCKS[0], BLOCK_K=m.IM2COL_BLOCKS[1]),
@@ -279,10 +292,11 @@ def _label(constexprs, warps, stages, maxnreg=None):
     return "_".join(blocks + [f"w{warps}", f"s{stages}"] + ([f"r{maxnreg}"] if maxnreg else []))
 
 
-def _plan(arches, quick, only=None, all_variants=False):
+def _plan(arches, quick, only=None, all_variants=False, variant=None):
     """The compile jobs (plain dicts), and rows for what cannot be compiled: failed imports or tables.
     `only`: a regular expression; kernels whose name it does not match (re.search) are left out.
-    `all_variants`: every variant on every tile, not only on the first and the pinned ones."""
+    `all_variants`: every variant on every tile, not only on the first and the pinned ones.
+    `variant`: a regular expression; only the variant rows whose name it matches (no plain rows)."""
     jobs, rows = [], []
     for module, name, fn in _kernels():
         if only and not re.search(only, name):
@@ -291,14 +305,14 @@ def _plan(arches, quick, only=None, all_variants=False):
             rows += [_row(module, "", "", a, note=f"{FAILED}: import: {type(fn).__name__}: {fn}"[:300]) for a in arches]
             continue
         try:
-            jobs += _kernel_jobs(module, name, fn, arches, quick, rows, all_variants)
+            jobs += _kernel_jobs(module, name, fn, arches, quick, rows, all_variants, variant)
         except Exception as e:  # noqa: BLE001 - CASES out of step with the kernel or its launcher
             rows += [_row(name, "", "", a, note=f"{FAILED}: CASES entry: {type(e).__name__}: {e}"[:300])
                      for a in arches]
     return jobs, rows
 
 
-def _kernel_jobs(module, name, fn, arches, quick, skipped, all_variants=False):
+def _kernel_jobs(module, name, fn, arches, quick, skipped, all_variants=False, variant=None):
     case = CASES.get(name, {})
     mod = importlib.import_module(module)
     consts = [n for n, p in zip(fn.arg_names, fn.params) if p.is_constexpr]
@@ -310,20 +324,23 @@ def _kernel_jobs(module, name, fn, arches, quick, skipped, all_variants=False):
     variants = dict(variants(mod) if callable(variants) else variants)
     if "IDX64" in consts:
         variants.setdefault("IDX64", dict(IDX64=True))
-    from fastconv.triton.configs import fits_fused, is_fused
+    from fastconv.triton.configs import is_fused, pin, runs_on
 
-    tuned = _tuned_family(case, name) is not None
+    family = _tuned_family(case, name)
+    tuned = family is not None
     jobs = []
     for arch in arches:
         for dtype in dtypes:
             tiles = _tiles(case, name, mod, arch, dtype)
             kind = _operand_kind(dtype) if tuned else None
-            runs = [(t, "", {}) for t in (tiles[:1] if quick else tiles)]
+            runs = [(t, "", {}) for t in (tiles[:1] if quick else tiles)] if variant is None else []
             if not quick:
                 # every variant on the first tile and on each tile with pinned registers (configs.MAXNREG)
                 pinned = [t for t in tiles[1:] if t[3] or all_variants]
-                runs += [(t, flag, over) for t in tiles[:1] + pinned for flag, over in variants.items()]
-            extra = [(tiles[0], "IDX64", variants["IDX64"])] if quick and (name, dtype) == QUICK_IDX64 else []
+                runs += [(t, flag, over) for t in tiles[:1] + pinned for flag, over in variants.items()
+                         if variant is None or re.search(variant, flag)]
+            extra = ([(tiles[0], "IDX64", variants["IDX64"])] if quick and (name, dtype) == QUICK_IDX64
+                     and (variant is None or re.search(variant, "IDX64")) else [])
             for (meta, warps, stages, maxnreg), flag, over in runs + extra:
                 over = dict(over)
                 warps = over.pop("num_warps", warps)
@@ -331,9 +348,12 @@ def _kernel_jobs(module, name, fn, arches, quick, skipped, all_variants=False):
                 constexprs = {k: v for k, v in _common_constexprs(dtype).items() if k in consts}
                 for layer in (case.get("base", {}), meta, over):
                     constexprs.update(layer)
-                if tuned and is_fused(constexprs) and not fits_fused(
-                        (constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_K"], warps, stages), kind):
-                    continue  # the launcher never runs a fused launch on this tile (configs.fits_fused)
+                if tuned:
+                    tile = (constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_K"], warps, stages)
+                    prologue = bool(constexprs.get("PROLOGUE"))
+                    if not runs_on(family, kind, arch, tile, is_fused(constexprs), prologue):
+                        continue  # the launcher never runs this launch on this tile (configs.runs_on)
+                    maxnreg = pin(family, kind, arch, tile, prologue)
                 config = f"{_label(constexprs, warps, stages, maxnreg)} {flag}".strip()
                 missing = [c for c in consts if c not in constexprs]
                 if missing:
@@ -477,12 +497,13 @@ def _compile(job):
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def report(arches=("sm_80", "sm_90"), quick=False, jobs=2, only=None, all_variants=False) -> list[dict]:
-    """Compile the kernels (those whose name matches the regular expression `only`, if given) and return one
-    row per compile (dicts with KEYS)."""
+def report(arches=("sm_80", "sm_90"), quick=False, jobs=2, only=None, all_variants=False, variant=None
+           ) -> list[dict]:
+    """Compile the kernels (those whose name matches the regular expression `only`, if given; only the variants
+    matching `variant`, if given) and return one row per compile (dicts with KEYS)."""
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx, initializer=_worker_init) as pool:
-        work, unplanned = pool.submit(_plan, tuple(arches), quick, only, all_variants).result()
+        work, unplanned = pool.submit(_plan, tuple(arches), quick, only, all_variants, variant).result()
         # Slowest compiles first so the workers finish together; rows keep plan order.
         order = sorted(range(len(work)), key=lambda i: -_cost(work[i]))
         done = dict(zip(order, pool.map(_compile, [work[i] for i in order])))
@@ -539,13 +560,16 @@ def main(argv=None) -> int:
     p.add_argument("--family", choices=("all", "triton", "cuda"), default="all",
                    help="Triton kernels, CUDA C++ kernels (csrc/cuda), or both (default)")
     p.add_argument("--kernel", metavar="REGEX", help="only the Triton kernels whose name matches REGEX (re.search)")
+    p.add_argument("--variant", metavar="REGEX",
+                   help="only the variant rows (e.g. prologue_relu) whose name matches REGEX; no plain rows")
     args = p.parse_args(argv)
 
     t0 = time.time()
     rows = []
     if args.family in ("all", "triton"):
         rows += [dict(r, family="triton") for r in report(tuple(args.arch or ARCHES), quick=args.quick, jobs=args.jobs,
-                                                            only=args.kernel, all_variants=args.all_variants)]
+                                                            only=args.kernel, all_variants=args.all_variants,
+                                                            variant=args.variant)]
     if args.family in ("all", "cuda"):
         from . import _cuda_report
 

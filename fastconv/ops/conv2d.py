@@ -335,25 +335,36 @@ def conv2d_grads(grad_z, x, weight, input_size, weight_size, geometry, want_x, w
     return grad_x, grad_w, grad_b
 
 
+def epilogue_grads(grad_y, activation, y, scale, shift, residual_given, wants, recompute):
+    """Backward of the fused epilogue y = act(u), u = z * scale + shift + residual, z = conv + bias:
+    (grad_z, grad_scale, grad_shift, grad_residual), the last three None unless `wants` (three bools) asks.
+    recompute(epilogue) reruns the forward without the activation: u with epilogue=True, z with False (only
+    called where y cannot stand in for u, or for grad_scale)."""
+    want_scale, want_shift, want_residual = wants
+    u = recompute(True) if activation not in _MASK_FROM_OUTPUT else None
+    grad_u = activation_grad(grad_y, activation, y, u)
+    grad_residual = grad_u if (residual_given and want_residual) else None
+    grad_shift = grad_u.sum((0, 2, 3)) if (shift is not None and want_shift) else None
+    grad_scale = None
+    grad_z = grad_u
+    if scale is not None:
+        if want_scale:
+            grad_scale = (grad_u * recompute(False)).sum((0, 2, 3))
+        grad_z = grad_u * scale[:, None, None]
+    return grad_z, grad_scale, grad_shift, grad_residual
+
+
 def _backward(ctx, grad_y):
     x, weight, bias, scale, shift, residual, y = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.geometry
     needs = ctx.needs_input_grad
-    u = None
-    if ctx.activation not in _MASK_FROM_OUTPUT:
-        u = conv2d_op(x, weight, bias, stride, padding, dilation, groups, scale, shift, residual, "identity",
-                      ctx.algo, ctx.backend)
-    grad_u = activation_grad(grad_y, ctx.activation, y, u)
-    grad_residual = grad_u if (ctx.residual_given and needs[9]) else None
-    grad_shift = grad_u.sum((0, 2, 3)) if (shift is not None and needs[8]) else None
-    grad_scale = None
-    grad_z = grad_u
-    if scale is not None:
-        if needs[7]:
-            z = conv2d_op(x, weight, bias, stride, padding, dilation, groups, None, None, None, "identity",
-                          ctx.algo, ctx.backend)
-            grad_scale = (grad_u * z).sum((0, 2, 3))
-        grad_z = grad_u * scale[:, None, None]
+
+    def recompute(epilogue):
+        tail = (scale, shift, residual) if epilogue else (None, None, None)
+        return conv2d_op(x, weight, bias, stride, padding, dilation, groups, *tail, "identity", ctx.algo, ctx.backend)
+
+    grad_z, grad_scale, grad_shift, grad_residual = epilogue_grads(
+        grad_y, ctx.activation, y, scale, shift, ctx.residual_given, needs[7:10], recompute)
     grad_x, grad_w, grad_b = conv2d_grads(grad_z.to(x.dtype), x, weight, ctx.input_size, ctx.weight_size,
                                           ctx.geometry, needs[0], needs[1], ctx.has_bias and needs[2], ctx.backend)
     return (grad_x, grad_w, grad_b, None, None, None, None, grad_scale, grad_shift, grad_residual,

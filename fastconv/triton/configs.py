@@ -130,9 +130,28 @@ MAXNREG = {
     ("im2col_gemm", "fp32", "sm_90", (64, 64, 16, 4, 3)): 255,
 }
 
-# Launches whose constexprs set any of these carry a heavy epilogue or address path: per-channel scale/shift,
-# residual, BN statistics partials, an NCHW store in channel halves, 64-bit indices.
-FUSED_FLAGS = ("HAS_SCALE", "HAS_SHIFT", "HAS_RES", "STATS", "SPLIT_N", "IDX64")
+# Launches with the operand PROLOGUE (kernel_report's prologue_* variants, `--all-variants --variant prologue`):
+# the wgrad kernel rebuilding its x tile in registers needs far more of them than its other variants (200-255 on
+# the exact-fp32 FMA tiles). Where a tile's MAXNREG pin made a prologue launch spill (8-1552 B, none with
+# `.maxnreg 255`), such a launch runs without an occupancy target instead; on the tiles in PROLOGUE_EXCLUDED it
+# spilled 8-28 B even at 255 registers, and prologue launches do not run there. The forward's prologue is
+# spill-free on every tile with the plain pins.
+PROLOGUE_MAXNREG = {
+    ("conv2d_wgrad", "tf32", "sm_80", (64, 64, 32, 4, 4)): 255,
+    ("conv2d_wgrad", "tf32", "sm_80", (128, 32, 32, 4, 4)): 255,
+    ("conv2d_wgrad", "tf32", "sm_80", (64, 32, 32, 2, 5)): 255,
+    ("conv2d_wgrad", "fp32", "sm_90", (64, 64, 16, 4, 3)): 255,
+    ("conv2d_wgrad", "fp32", "sm_90", (128, 32, 16, 4, 3)): 255,
+}
+PROLOGUE_EXCLUDED = {
+    ("conv2d_wgrad", "fp32", "sm_80", (64, 64, 16, 4, 3)),
+    ("conv2d_wgrad", "fp32", "sm_90", (32, 64, 16, 2, 3)),
+}
+
+# Launches whose constexprs set any of these carry a heavy epilogue, prologue or address path: per-channel
+# scale/shift, residual, BN statistics partials, an NCHW store in channel halves, 64-bit indices, the operand
+# transform of a PROLOGUE (act(z * scale + shift) on every A tile, in registers).
+FUSED_FLAGS = ("HAS_SCALE", "HAS_SHIFT", "HAS_RES", "STATS", "SPLIT_N", "IDX64", "PROLOGUE")
 # Registers a fused launch needs besides its fp32 accumulator, per operand kind. Compiling every variant on
 # every tile (`kernel_report --all-variants`, triton 3.8 and 3.9) showed the fused variants spilling 24 B - 2 KB
 # on exactly the tiles that leave less than this beside the accumulator (sm_90's 128x128/4-warp and 128x256 /
@@ -180,9 +199,25 @@ def operand_kind(dtype: torch.dtype, precision: str) -> str:
     return "tf32" if precision == "tf32" else "fp32"
 
 
-def tiles(family: str, arch: str, kind: str = "half", fused: bool = False
+def pin(family: str, kind: str, arch: str, tile, prologue: bool = False) -> int | None:
+    """The register limit a launch runs with on `tile` (None: ptxas's choice); `prologue`: a PROLOGUE launch."""
+    key = (family, kind, arch, tuple(tile))
+    if prologue and key in PROLOGUE_MAXNREG:
+        return PROLOGUE_MAXNREG[key]
+    return MAXNREG.get(key)
+
+
+def runs_on(family: str, kind: str, arch: str, tile, fused: bool = False, prologue: bool = False) -> bool:
+    """Whether a launch (`fused`: with FUSED_FLAGS set; `prologue`: with PROLOGUE) may run on `tile`."""
+    if fused and not fits_fused(tile, kind):
+        return False
+    return not (prologue and (family, kind, arch, tuple(tile)) in PROLOGUE_EXCLUDED)
+
+
+def tiles(family: str, arch: str, kind: str = "half", fused: bool = False, prologue: bool = False
           ) -> list[tuple[tuple[int, int, int, int, int], int | None]]:
     """(tile, pinned register limit or None) for each tile of the table a launch may run on (`fused`: one with
-    FUSED_FLAGS set): what the launcher autotunes over and what the kernel report compiles."""
-    return [(c, MAXNREG.get((family, kind, arch, c))) for c in CONFIGS[family][kind][arch]
-            if not fused or fits_fused(c, kind)]
+    FUSED_FLAGS set; `prologue`: one with PROLOGUE, which is fused too): what the launcher autotunes over and
+    what the kernel report compiles."""
+    return [(c, pin(family, kind, arch, c, prologue)) for c in CONFIGS[family][kind][arch]
+            if runs_on(family, kind, arch, c, fused or prologue, prologue)]

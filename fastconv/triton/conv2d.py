@@ -28,6 +28,7 @@ from ._common import (
     upcast_dot_operands,
 )
 from ._epilogue import (
+    activation,
     epilogue_store,
     fold_bias,
     grouped_tile,
@@ -42,6 +43,7 @@ from .launch import Problem, TunedKernel, sm_count
 @triton.jit
 def _conv2d_fwd_kernel(
     x_ptr, w_ptr, y_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr,
+    in_scale_ptr, in_shift_ptr,  # PROLOGUE per-input-channel coefficients [C_in] (else dummies)
     M, H, W, OH, OW, CIN_G, COUT_G, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sxn, sxc, sxh, sxw,
@@ -51,8 +53,11 @@ def _conv2d_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, STATS: tl.constexpr, ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, IDX64: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_N: tl.constexpr,
+    PROLOGUE: tl.constexpr, IN_ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """y = epilogue(conv(x, w)); with PROLOGUE, x_ptr holds z and the A operand is x = act_IN_ACT(z * in_scale[c]
+    + in_shift[c]) (prologue_tile), so the previous block's normalised output is never materialised."""
     g = tl.program_id(1)
     tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(COUT_G, BLOCK_N), GROUP_M)
     if IDX64:
@@ -74,6 +79,9 @@ def _conv2d_fwd_kernel(
     iw0 = iw0.to(tl.int32)
     k_xc = offs_k * sxc
     k_wc = offs_k * swc
+    if PROLOGUE:  # the group's first input channel; the loop adds c0 + offs_k
+        in_scale_ptr += g * CIN_G
+        in_shift_ptr += g * CIN_G
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_TYPE)
     # The flat loop's position (kh, kw, c0) is carried and stepped like an odometer (c0 fastest) rather than
@@ -95,6 +103,10 @@ def _conv2d_fwd_kernel(
             a_rows = x_rows + (dh * sxh + dw * sxw + c0 * sxc)
             b_cols = w_cols + (kh * swh + kw * sww + c0 * swc)
         a = tl.load(x_ptr + a_rows[:, None] + k_xc[None, :], mask=row_ok[:, None] & ci_ok[None, :], other=0.0)
+        if PROLOGUE:
+            s = tl.load(in_scale_ptr + c0 + offs_k, mask=ci_ok, other=0.0)
+            t = tl.load(in_shift_ptr + c0 + offs_k, mask=ci_ok, other=0.0)
+            a = prologue_tile(a, s, t, row_ok[:, None] & ci_ok[None, :], ACC_TYPE, IN_ACT)
         b = tl.load(w_ptr + b_cols[None, :] + k_wc[:, None], mask=ci_ok[:, None] & mask_n[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
@@ -109,6 +121,16 @@ def _conv2d_fwd_kernel(
         HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, ACT,
         tile_m, COUT_G * tl.num_programs(1), cnt_ptr, mean_ptr, m2_ptr, STATS, SPLIT_N, IDX64,
     )
+
+
+@triton.jit
+def prologue_tile(z, scale, shift, valid, ACC_TYPE: tl.constexpr, IN_ACT: tl.constexpr):
+    """The PROLOGUE's GEMM operand from a loaded [pixels, channels] tile of z (the producer's pre-BN conv output):
+    act(z * scale + shift) per channel, in ACC_TYPE, cast back to z's dtype. `scale` / `shift` run along the
+    tile's second axis. Padding and out-of-range lanes are zeroed after the transform: the conv pads x, not z,
+    and act(shift) is not 0 in general."""
+    u = z.to(ACC_TYPE) * scale.to(ACC_TYPE)[None, :] + shift.to(ACC_TYPE)[None, :]
+    return tl.where(valid, activation(u, IN_ACT), 0.0).to(z.dtype)
 
 
 @triton.jit
@@ -227,8 +249,9 @@ def _conv2d_wgrad_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sdyn, sdyc, sdyh, sdyw,
     sxn, sxc, sxh, sxw,
+    in_scale_ptr, in_shift_ptr,  # PROLOGUE per-input-channel coefficients [C_in] (else dummies)
     HAS_DBIAS: tl.constexpr, ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    IDX64: tl.constexpr,
+    IDX64: tl.constexpr, PROLOGUE: tl.constexpr, IN_ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Partial dw for one K split:  dw[co, (kh, kw, ci)] = sum_p dy[co, p] * x_col[p, (kh, kw, ci)], the
@@ -237,6 +260,9 @@ def _conv2d_wgrad_kernel(
 
     The bias gradient is the same reduction of dy alone: the programs at (kh, kw, ci-tile) == 0 also sum
     their dy tiles into db_ptr[split, co].
+
+    With PROLOGUE, x_ptr holds z and x = act_IN_ACT(z * in_scale[c] + in_shift[c]) is rebuilt per tile
+    (prologue_tile); a program's channels are fixed, so its scale/shift are loaded once.
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -264,6 +290,9 @@ def _conv2d_wgrad_kernel(
     dh = kh * dil_h - pad_h
     dw = kw * dil_w - pad_w
     with_bias = (tap == 0) & (tile_n == 0)
+    if PROLOGUE:
+        in_s = tl.load(in_scale_ptr + g * CIN_G + offs_n, mask=mask_n, other=0.0)
+        in_t = tl.load(in_shift_ptr + g * CIN_G + offs_n, mask=mask_n, other=0.0)
     # Pixel indices p = (n, oh, ow) take P's width (int64 only once P itself passes 2**31, which Triton's
     # launcher passes as i64): P * 0 promotes the chunk start.
     k_lo = (P * 0 + split) * K_PER_SPLIT
@@ -281,6 +310,8 @@ def _conv2d_wgrad_kernel(
         x_p = n * sxn + ih * sxh + iw * sxw
         a = tl.load(dy_base + dy_cols[:, None] + dy_p[None, :], mask=mask_m[:, None] & p_ok[None, :], other=0.0)
         b = tl.load(x_base + x_p[:, None] + x_cols[None, :], mask=x_ok[:, None] & mask_n[None, :], other=0.0)
+        if PROLOGUE:
+            b = prologue_tile(b, in_s, in_t, x_ok[:, None] & mask_n[None, :], ACC_TYPE, IN_ACT)
         if HAS_DBIAS:
             if with_bias:
                 db += tl.sum(a.to(ACC_TYPE), axis=1)
@@ -361,10 +392,15 @@ def conv2d_forward(
     activation: str = "identity",
     out: torch.Tensor | None = None,
     stats: bool = False,
+    prologue: tuple[torch.Tensor, torch.Tensor, str] | None = None,
     force_int64: bool = False,
 ):
     """Implicit-GEMM conv2d on a 4-D NCHW-shaped x (any strides; read channels_last, see
     channels_contiguous) with the fused epilogue.
+
+    prologue = (in_scale, in_shift, in_activation): x is then the previous block's pre-BN output z, and the conv
+    reads act(z * in_scale[c] + in_shift[c]) (per input channel c, 1-D [C_in] coefficients) without
+    materialising it; padding stays zero after the transform.
 
     padding is (pad_h, pad_w) or (top, bottom, left, right); the gradients only need top and left.
     `out` (optional) is the preallocated [N, C_out, OH, OW] result in the memory format the caller wants;
@@ -386,6 +422,7 @@ def conv2d_forward(
     res = residual if residual is not None else y
     dummy = y  # never read when its HAS_* flag is off
     bias, shift = fold_bias(bias, scale, shift)
+    in_scale, in_shift, in_act = prologue_args(prologue, C, dummy)
     _, extra = _fwd(
         lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(cout_g, meta["BLOCK_N"]), groups),
         x, weight, y,
@@ -393,6 +430,7 @@ def conv2d_forward(
         scale if scale is not None else dummy,
         shift if shift is not None else dummy,
         res,
+        in_scale, in_shift,
         M, H, W, OH, OW, cin_g, cout_g, KH, KW,
         stride[0], stride[1], top, left, dilation[0], dilation[1],
         *x.stride(), *weight.stride(), *y.stride(),
@@ -411,8 +449,22 @@ def conv2d_forward(
         IDX64=force_int64 or needs_int64(x, weight, y, residual),
         GROUP_M=GROUP_M,
         SPLIT_N=split_store(y),
+        PROLOGUE=prologue is not None,
+        IN_ACT=in_act,
     )
     return (y, stats_of(extra)) if stats else y
+
+
+def prologue_args(prologue, channels: int, dummy: torch.Tensor):
+    """(in_scale, in_shift, IN_ACT) for a launch: the prologue's per-channel coefficients (contiguous, as the
+    kernels index them by channel) and activation code; without a prologue, dummies never read."""
+    if prologue is None:
+        return dummy, dummy, 0
+    in_scale, in_shift, in_act = prologue
+    for t in (in_scale, in_shift):
+        if t.shape != (channels,):
+            raise ValueError(f"prologue coefficients must have shape ({channels},), got {tuple(t.shape)}")
+    return in_scale.contiguous(), in_shift.contiguous(), ACTIVATIONS[in_act]
 
 
 def empty_stats(channels: int, like: torch.Tensor):
@@ -478,9 +530,12 @@ def conv2d_weight_grad(
     *,
     bias_grad: bool = False,
     splits: int | None = None,
+    prologue: tuple[torch.Tensor, torch.Tensor, str] | None = None,
     force_int64: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """wgrad (and optionally the bias gradient) by split-K GEMM over the N*OH*OW pixels."""
+    """wgrad (and optionally the bias gradient) by split-K GEMM over the N*OH*OW pixels. With `prologue`
+    (see conv2d_forward), x is z and the gradient is taken with respect to the weight of conv(act(z * in_scale +
+    in_shift), w): the kernel rebuilds each x tile from z."""
     check_runnable(grad_out, x)
     grad_out, x = channels_contiguous(grad_out), channels_contiguous(x)
     N, C, H, W = x.shape
@@ -499,6 +554,7 @@ def conv2d_weight_grad(
     part_dtype = accumulation_dtype(x.dtype)
     partial = workspace((split, C_out, KH, KW, cin_g), x.device, part_dtype)
     db_partial = workspace((split, C_out), x.device, part_dtype) if bias_grad else partial
+    in_scale, in_shift, in_act = prologue_args(prologue, C, partial)
     _wgrad(
         lambda meta: (
             cdiv(cout_g, meta["BLOCK_M"]) * KH * KW * cdiv(cin_g, meta["BLOCK_N"]),
@@ -509,6 +565,7 @@ def conv2d_weight_grad(
         P, H, W, OH, OW, cin_g, cout_g, KH, KW, C_out, k_per_split,
         stride[0], stride[1], pads(padding)[0], pads(padding)[2], dilation[0], dilation[1],
         *grad_out.stride(), *x.stride(),
+        in_scale, in_shift,
         problem=Problem(cout_g, cin_g, k_per_split, 1, KH * KW * split * groups),
         device=x.device,
         HAS_DBIAS=bias_grad,
@@ -516,6 +573,8 @@ def conv2d_weight_grad(
         PRECISION=dot_precision(x.dtype),
         UPCAST=upcast_dot_operands(x.dtype),
         IDX64=force_int64 or needs_int64(grad_out, x, partial),
+        PROLOGUE=prologue is not None,
+        IN_ACT=in_act,
     )
     dw = partial.sum(0) if split > 1 else partial[0]
     dw = dw.permute(0, 3, 1, 2).to(x.dtype).contiguous()

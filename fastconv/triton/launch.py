@@ -297,8 +297,8 @@ class TunedKernel:
         # (device, dtype, problem, autotune on/off, constexprs) -> (tile, pinned registers): the per-call fast path
         self._memo: dict[tuple, tuple[Tile, int | None]] = {}
 
-    def candidates(self, arch: str, kind: str, fused: bool) -> list[tuple[Tile, int | None]]:
-        return cfgs.tiles(self.family, arch, kind, fused)
+    def candidates(self, arch: str, kind: str, fused: bool, prologue: bool = False) -> list[tuple[Tile, int | None]]:
+        return cfgs.tiles(self.family, arch, kind, fused, prologue)
 
     def __call__(self, grid, *args, problem: Problem, device: torch.device, scratch=None, **consts):
         def launch(tile: Tile, maxnreg: int | None = None):
@@ -333,18 +333,19 @@ class TunedKernel:
         """(tile, pinned registers) for this launch; see the module doc."""
         kind = cfgs.operand_kind(dtype, consts.get("PRECISION", "ieee"))
         fused = cfgs.is_fused(consts)
+        prologue = bool(consts.get("PROLOGUE"))
         arch = cfgs.arch_key(device if device.type == "cuda" else None)
         tile = _forced.get()
         if tile is not None:
-            return tile, cfgs.MAXNREG.get((self.family, kind, arch, tile))
+            return tile, cfgs.pin(self.family, kind, arch, tile, prologue)
         sms = sm_count(device)
-        table = self.candidates(arch, kind, fused)
+        table = self.candidates(arch, kind, fused, prologue)
         tiles = [t for t, _ in table]
         pins = dict(table)
         if interpreting() and _recorder.get() is None:
             if not interpret_autotune():
                 return cfgs.INTERPRET[self.family], None
-            self._emulate_autotune(launch, kind, fused)
+            self._emulate_autotune(launch, kind, fused, prologue)
             tile = heuristic_pick(tiles, problem, sms)
         elif _recorder.get() is not None or not autotune_enabled():
             tile = heuristic_pick(tiles, problem, sms)
@@ -356,13 +357,13 @@ class TunedKernel:
                 CACHE.put(device, key, tile)
         return tile, pins[tile]
 
-    def _emulate_autotune(self, launch, kind: str, fused: bool) -> None:
+    def _emulate_autotune(self, launch, kind: str, fused: bool, prologue: bool = False) -> None:
         """Run every tile the GPU autotuner could try for this launch (both architectures' tables), once each,
         on the real arguments and buffers; tiles differing only in warps/stages run once (the interpreter
         ignores both)."""
         seen = set()
         for arch in ("sm_80", "sm_90"):
-            for tile, _ in self.candidates(arch, kind, fused):
+            for tile, _ in self.candidates(arch, kind, fused, prologue):
                 if tile[:3] not in seen:
                     seen.add(tile[:3])
                     launch(tile)
