@@ -82,6 +82,8 @@ class PassThroughBatchNorm2d(nn.BatchNorm2d):
     """A BatchNorm2d applied by the FusedConv2d it was fused into: same parameters, buffers and
     state_dict as nn.BatchNorm2d, identity forward. Made by convert()."""
 
+    fused_into_conv = True  # a FusedSequential chain steps over it (modules._passes_through)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return input
 
@@ -232,6 +234,15 @@ def _fuse_sequential(seq: nn.Sequential, shared) -> None:
             seq._modules[items[i + 2][0]] = nn.Identity()
         _fuse(conv, bn, activation or "identity")
         i += 3 if activation else 2
+    _chain_sequential(seq)
+
+
+def _chain_sequential(seq: nn.Sequential) -> None:
+    """Retype `seq` to FusedSequential (same modules and state_dict) when two of its fused blocks follow each
+    other (over identities and fused-away BatchNorms): in training on Triton their intermediate output is
+    then never materialised (modules.FusedSequential)."""
+    if modules.has_chain(list(seq._modules.values())):
+        seq.__class__ = modules.FusedSequential
 
 
 class _OwnCodeTracer(torch.fx.Tracer):

@@ -1,12 +1,15 @@
 """Functional API with torch.nn.functional semantics, running on the backend fastconv.backend() selects."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from . import _backend
 from ._args import ConvArgs, as_list
-from .ops import conv2d as conv_ops, conv2d_prologue as prologue_ops, conv_bn_act as cba_ops, max_pool2d as _pool_ops
+from .ops import conv2d as conv_ops, conv2d_prologue as prologue_ops, conv_bn_act as cba_ops
+from .ops import conv_bn_chain as chain_ops, max_pool2d as _pool_ops
 
 __all__ = ["conv2d", "conv2d_fused", "conv2d_prologue", "conv_bn_act", "conv_bn_relu", "max_pool2d"]
 
@@ -155,14 +158,76 @@ def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_v
                 running_var.lerp_(unbiased.to(running_var.dtype), momentum)
     else:
         # Fold: ((z - mean) * invstd) * gamma + beta == z * scale + shift, z = conv + bias.
-        scale = torch.rsqrt(running_var + eps)
-        if bn_weight is not None:
-            scale = scale * bn_weight
-        shift = -running_mean * scale
-        if bn_bias is not None:
-            shift = shift + bn_bias
+        scale, shift = cba_ops.fold_batch_norm(running_mean, running_var, bn_weight, bn_bias, eps)
         y = conv_ops.conv2d_op(input, weight, bias, *geometry, scale, shift, residual, activation, algo, name)
     return y.squeeze(0) if unbatched else y
+
+
+class PendingBlock(NamedTuple):
+    """A training-mode fused conv + BatchNorm + activation block stopped before its normalize pass: its output
+    y = activation((z - mean) / sqrt(var + eps) * bn_weight + bn_bias) is virtual. conv_bn_stats takes one as
+    its input (reading y through the next conv's operand prologue); bn_act makes y."""
+    z: torch.Tensor
+    mean: torch.Tensor
+    var: torch.Tensor
+    bn_weight: torch.Tensor | None
+    bn_bias: torch.Tensor | None
+    eps: float
+    activation: str
+
+
+def conv_bn_stats(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, *, stride=1, padding=0,
+                  dilation=1, groups: int = 1, momentum=0.1, eps: float = 1e-5, activation: str = "relu",
+                  algo: str = "implicit") -> PendingBlock:
+    """Training-mode conv_bn_act (batch statistics; running statistics updated as F.batch_norm does) without
+    the normalize pass: returns the block's PendingBlock. `input` is a 4-D tensor or the previous block's
+    PendingBlock, whose output is then read through this conv's prologue and never materialised (Triton
+    backend; the others compute it with PyTorch ops). bn_act(block) gives the block's output."""
+    prev = input if isinstance(input, PendingBlock) else None
+    x = prev.z if prev is not None else input
+    if x.dim() != 4:
+        raise ValueError(f"fastconv.conv_bn_stats: expected a 4-D input, got {x.dim()}-D")
+    _, name, geometry = _conv_call("conv_bn_act", cba_ops.SUPPORTED_BACKENDS, x, weight, bias, stride, padding,
+                                   dilation, groups)
+    if geometry is None:  # 'auto' chose PyTorch (which has no such op): PyTorch ops through the same op
+        args = ConvArgs(x, weight, bias, stride, padding, dilation, groups)
+        geometry = (as_list(args.stride), as_list(args.padding), as_list(args.dilation), args.out_hw)
+    stride, padding, dilation, out_hw = geometry
+    per_channel = x.shape[0] * out_hw[0] * out_hw[1]
+    if per_channel <= 1:
+        size = torch.Size([x.shape[0], weight.shape[0], *out_hw])
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+    prologue = ((prev.mean, prev.var, prev.bn_weight, prev.bn_bias, float(prev.eps), prev.activation)
+                if prev is not None else (None, None, None, None, 0.0, "identity"))
+    z, mean, var = chain_ops.conv_bn_stats_train_op(x, weight, bias, *prologue, stride, padding, dilation, groups,
+                                                    algo, name)
+    _update_running(running_mean, running_var, mean, var, per_channel, momentum)
+    return PendingBlock(z, mean, var, bn_weight, bn_bias, float(eps), activation)
+
+
+def _update_running(running_mean, running_var, mean, var, count: int, momentum) -> None:
+    """F.batch_norm's running-statistics update: lerp toward the batch mean and the unbiased variance."""
+    if running_mean is None or running_var is None:
+        return
+    with torch.no_grad():
+        if isinstance(momentum, torch.Tensor):
+            momentum = momentum.to(running_mean.dtype)
+        unbiased = var * (count / max(count - 1, 1))
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+
+
+def bn_act(block: PendingBlock, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The output of a PendingBlock: activation(bn(z) [+ residual]) with its batch statistics, differentiable
+    with respect to z (BatchNorm's training-mode gradient), bn_weight, bn_bias and residual."""
+    z = block.z
+    _, name = _backend.choose("conv_bn_act", z.device, cba_ops.SUPPORTED_BACKENDS, z.dtype)
+    y = chain_ops.batch_norm_act_train_op(z, block.mean, block.var, block.bn_weight, block.bn_bias, residual,
+                                          block.eps, block.activation, name)
+    if y.requires_grad and not torch.compiler.is_compiling():
+        _mark_producer(y, z, block.mean, block.var, block.bn_weight, block.bn_bias, residual, block.eps,
+                       block.activation)
+    return y
 
 
 def _mark_producer(y, z, mean, var, bn_weight, bn_bias, residual, eps, activation):

@@ -8,7 +8,7 @@ from torch import nn
 
 from . import _activations, functional as FC
 
-__all__ = ["Conv2d", "ConvBNReLU2d", "MaxPool2d", "fused_conv_bn_forward"]
+__all__ = ["Conv2d", "ConvBNReLU2d", "FusedSequential", "MaxPool2d", "fused_conv_bn_forward"]
 
 
 class Conv2d(nn.Conv2d):
@@ -84,12 +84,10 @@ class ConvBNReLU2d(nn.Module):
         return f"activation={self.activation}"
 
 
-def fused_conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str, x: torch.Tensor,
-                          residual: torch.Tensor | None = None) -> torch.Tensor:
-    """nn.BatchNorm2d.forward's bookkeeping (num_batches_tracked, momentum=None, bn_training) around
-    functional.conv_bn_act. Shared by ConvBNReLU2d and fastconv.convert()."""
-    if x.dim() != 4:  # what nn.BatchNorm2d says about the conv's output of an unbatched input
-        raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+def _bn_call_state(bn: nn.BatchNorm2d):
+    """nn.BatchNorm2d.forward's bookkeeping for one call: bumps num_batches_tracked in training and returns
+    (momentum factor (a 0-dim tensor for momentum=None: the cumulative average, no host sync), whether batch
+    statistics are used, the running statistics to read or update (None, None when not tracked))."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
@@ -97,17 +95,131 @@ def fused_conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str, 
             factor = 1.0 / bn.num_batches_tracked
     bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
     track = not bn.training or bn.track_running_stats
+    return factor, bn_training, (bn.running_mean, bn.running_var) if track else (None, None)
+
+
+def fused_conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str, x: torch.Tensor,
+                          residual: torch.Tensor | None = None) -> torch.Tensor:
+    """nn.BatchNorm2d.forward's bookkeeping (num_batches_tracked, momentum=None, bn_training) around
+    functional.conv_bn_act. Shared by ConvBNReLU2d and fastconv.convert()."""
+    if x.dim() != 4:  # what nn.BatchNorm2d says about the conv's output of an unbatched input
+        raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+    factor, bn_training, running = _bn_call_state(bn)
     padding = conv.padding
     if conv.padding_mode != "zeros":
         x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
         padding = 0
     return FC.conv_bn_act(
-        x, conv.weight, conv.bias, bn.weight, bn.bias,
-        bn.running_mean if track else None, bn.running_var if track else None,
+        x, conv.weight, conv.bias, bn.weight, bn.bias, *running,
         stride=conv.stride, padding=padding, dilation=conv.dilation, groups=conv.groups,
         training=bn_training, momentum=factor, eps=bn.eps, activation=activation, residual=residual,
         algo=getattr(conv, "algo", "implicit"),
     )
+
+
+def fused_conv_bn_pending(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str, x) -> FC.PendingBlock:
+    """A training-mode fused block stopped before its normalize pass (functional.conv_bn_stats), `x` a tensor
+    or the previous block's PendingBlock; same bookkeeping as fused_conv_bn_forward. Callers check
+    chain_block(...) first (batch statistics, zero padding)."""
+    factor, _, running = _bn_call_state(bn)
+    return FC.conv_bn_stats(x, conv.weight, conv.bias, bn.weight, bn.bias, *running, stride=conv.stride,
+                            padding=conv.padding, dilation=conv.dilation, groups=conv.groups, momentum=factor,
+                            eps=bn.eps, activation=activation, algo=getattr(conv, "algo", "implicit"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chains: consecutive training-mode fused blocks whose intermediate outputs are never materialised
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return any(getattr(m, h, None) for h in _HOOKS)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as nn_module
+
+    return any(getattr(nn_module, h, None) for h in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                      "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
+def chain_block(m: nn.Module, consumer: bool, any_mode: bool = False):
+    """(conv, bn, activation) of `m` if it is a fused block (ConvBNReLU2d, or convert()'s FusedConv2d) that
+    can take part in a chain now: batch statistics (unless `any_mode`), zero padding, no hooks; a consumer
+    (whose input is virtual) also needs the implicit-GEMM algorithm (the one with an operand prologue).
+    Else None."""
+    if isinstance(m, ConvBNReLU2d):
+        conv, bn = m.conv, m.bn
+    elif getattr(m, "_fused_bn", None) is not None:  # convert.FusedConv2d
+        conv, bn = m, m._fused_bn
+    else:
+        return None
+    if _has_hooks(m) or conv.padding_mode != "zeros" or not (bn.training or any_mode):
+        return None
+    if consumer and getattr(conv, "algo", "implicit") != "implicit":
+        return None
+    return conv, bn, m.activation
+
+
+def _passes_through(m: nn.Module) -> bool:
+    """An identity module a chain may step over: nn.Identity, or a BatchNorm convert() fused into its conv."""
+    return (type(m) is nn.Identity or getattr(type(m), "fused_into_conv", False)) and not _has_hooks(m)
+
+
+def _next_is_consumer(mods, j: int, any_mode: bool = False) -> bool:
+    while j < len(mods) and _passes_through(mods[j]):
+        j += 1
+    return j < len(mods) and chain_block(mods[j], consumer=True, any_mode=any_mode) is not None
+
+
+def has_chain(mods) -> bool:
+    """Whether two fused blocks of `mods` (a Sequential's modules) follow each other, whatever their mode."""
+    return any(chain_block(m, consumer=False, any_mode=True) is not None and _next_is_consumer(mods, i + 1, True)
+               for i, m in enumerate(mods))
+
+
+class FusedSequential(nn.Sequential):
+    """nn.Sequential that runs consecutive training-mode fused conv + BatchNorm + activation blocks as a chain
+    (ops/conv_bn_chain): each block's output is read by the next conv through its operand prologue and never
+    materialised, in forward or backward; the last block of a chain is normalised once, for whatever follows.
+    Same modules, state_dict and results as nn.Sequential. It chains only on the Triton backend, in training,
+    without hooks on the modules involved or global module hooks; otherwise it is exactly nn.Sequential.
+    fastconv.convert() makes its nn.Sequentials with such blocks FusedSequentials."""
+
+    def forward(self, input):
+        mods = list(self._modules.values())
+        if not (self.training and isinstance(input, torch.Tensor) and input.dim() == 4 and _chains_on(input)):
+            for m in mods:
+                input = m(input)
+            return input
+        pending = None
+        for i, m in enumerate(mods):
+            if pending is not None:
+                if _passes_through(m):
+                    continue
+                parts = chain_block(m, consumer=True)
+                if parts is not None:
+                    pending = fused_conv_bn_pending(*parts, pending)
+                    continue
+                input, pending = FC.bn_act(pending), None
+            parts = chain_block(m, consumer=False)
+            if parts is not None and _next_is_consumer(mods, i + 1):
+                pending = fused_conv_bn_pending(*parts, input)
+                continue
+            input = m(input)
+        return FC.bn_act(pending) if pending is not None else input
+
+
+def _chains_on(x: torch.Tensor) -> bool:
+    """Whether a chain pays off for input x: the fused blocks run on Triton (the only backend whose conv
+    has the operand prologue) and no global module hook expects to see every block's output."""
+    from .ops import conv_bn_act as cba_ops
+
+    from . import _backend
+
+    name = _backend.choose("conv_bn_act", x.device, cba_ops.SUPPORTED_BACKENDS, x.dtype)[1]
+    return name == "triton" and not _global_hooks()
 
 
 class MaxPool2d(nn.MaxPool2d):

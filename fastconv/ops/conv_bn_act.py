@@ -50,6 +50,18 @@ def ext_stats_tile_rows(device_type: str) -> int:
 _stat_dtype = accumulation_dtype
 
 
+def fold_batch_norm(mean, var, weight, bias, eps: float):
+    """BatchNorm with statistics (mean, var) as a per-channel affine map: ((z - mean) / sqrt(var + eps)) * weight
+    + bias == z * scale + shift; returns (scale, shift). weight / bias may be None (affine=False)."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
 def _torch_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation):
     acc = _stat_dtype(z.dtype)
     shape = (1, -1, 1, 1)

@@ -1,0 +1,225 @@
+"""Chains of training-mode fused conv + BatchNorm + activation blocks whose normalised outputs never exist.
+
+In a chain x -> [conv1, bn1, act1] -> [conv2, bn2, act2] -> ..., block k's output y_k = act_k(bn_k(z_k)) is
+only the next conv's input. These ops keep it virtual: block k stops after its conv and batch statistics
+(z_k, mean_k, var_k); block k+1's conv reads z_k and applies act_k(z_k * scale_k + shift_k) while loading its
+operand tiles (the Triton kernels' PROLOGUE, forward and wgrad); the chain's last block is normalised once,
+where a consumer needs the tensor.
+
+    fastconv::conv_bn_stats_train(input, weight, bias?, in_mean?, in_var?, in_weight?, in_bias?, in_eps,
+                                  in_activation, stride, padding[4], dilation, groups, algo, backend)
+        -> (z, mean, var)
+        z = conv(x) + bias and its batch mean / biased variance (fp32; fp64 for fp64), where x = input, or,
+        with in_mean / in_var, x = in_activation(bn(input)) with the producer's batch statistics and affine
+        (input is then the producer's z).
+    fastconv::batch_norm_act_train(z, mean, var, bn_weight?, bn_bias?, residual?, eps, activation, backend) -> y
+        y = act((z - mean) / sqrt(var + eps) * bn_weight + bn_bias [+ residual]), mean / var z's batch
+        statistics.
+
+Autograd. mean / var are batch statistics of z, so they carry no gradient of their own: the consumer's
+backward applies BatchNorm's training-mode gradient, which accounts for them (fastconv::batch_norm_act_backward:
+grad_z = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)), g = grad_y * act'). conv_bn_stats_train's
+backward from grad_z: dgrad gives the gradient of the virtual x, batch_norm_act_backward turns it into the
+gradients of the producer's z, gamma and beta, and the weight gradient reads z through the prologue again.
+Saved per block: its input (the producer's z, or x) and the statistics; never y.
+
+Only the Triton backend fuses. The other backends compute the same values by materialising x with PyTorch
+ops (correct, no saving), which is why fastconv.FusedSequential chains blocks only on the Triton backend.
+Running statistics are updated by the caller (functional.conv_bn_stats).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _backend
+from . import conv2d as conv_ops
+from .conv2d import ALGOS, ACTIVATIONS, _check_choice, _fake_alloc, _new_output
+from .conv2d_prologue import prologue_weight_grad_op, torch_prologue
+from .conv_bn_act import (
+    SUPPORTED_BACKENDS,
+    _conv_backend,
+    _stat_dtype,
+    batch_norm_act,
+    batch_norm_act_backward_op,
+    ext_ops,
+    fold_batch_norm,
+)
+from ._autocast import register_autocast
+from ._fastpath import FastOp, impl_of
+
+_NUM_INPUTS = 15  # conv_bn_stats_train's arguments
+
+
+def _resolve(device: torch.device, backend: str) -> str:
+    return _backend.resolve("conv_bn_act", device, SUPPORTED_BACKENDS, backend)
+
+
+def _prologue(in_mean, in_var, in_weight, in_bias, in_eps, in_activation):
+    """(in_scale, in_shift, in_activation) of the producer's BatchNorm, or None without one."""
+    if in_mean is None:
+        return None
+    return (*fold_batch_norm(in_mean, in_var, in_weight, in_bias, in_eps), in_activation)
+
+
+def _stats_of(z: torch.Tensor):
+    zf = z.to(_stat_dtype(z.dtype))
+    return zf.mean((0, 2, 3)), zf.var((0, 2, 3), unbiased=False)
+
+
+@torch.library.custom_op("fastconv::conv_bn_stats_train", mutates_args=())
+def conv_bn_stats_train(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    in_mean: Optional[torch.Tensor],
+    in_var: Optional[torch.Tensor],
+    in_weight: Optional[torch.Tensor],
+    in_bias: Optional[torch.Tensor],
+    in_eps: float,
+    in_activation: str,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    algo: str = "implicit",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_choice(in_activation, ACTIVATIONS, "activation")
+    _check_choice(algo, ALGOS, "algo")
+    if (in_mean is None) != (in_var is None):
+        raise ValueError("fastconv.conv_bn_stats_train: in_mean and in_var are given together or not at all")
+    prologue = _prologue(in_mean, in_var, in_weight, in_bias, in_eps, in_activation)
+    name = _resolve(input.device, backend)
+    if name == "triton" and (prologue is None or algo == "implicit"):
+        from ..triton import batch_norm as tbn, conv2d as tconv, im2col as tim2col
+
+        z = _new_output(input, weight, stride, padding, dilation)
+        if prologue is None:
+            conv = tconv.conv2d_forward if algo == "implicit" else tim2col.conv2d_im2col
+            _, stats = conv(input, weight, bias, stride, padding, dilation, groups, out=z, stats=True)
+        else:
+            _, stats = tconv.conv2d_forward(input, weight, bias, stride, padding, dilation, groups, out=z,
+                                            stats=True, prologue=prologue)
+        mean, var = tbn.finalize(stats, z.shape[1], bias)
+        return z, mean, var
+    x = input if prologue is None else torch_prologue(input, *prologue)  # materialised: only Triton fuses
+    conv_name = _conv_backend(name)
+    if conv_name in ("cpu", "cuda"):
+        z, (cnt, mean_p, m2_p) = conv_ops.ext_conv2d(x, weight, bias, stride, padding, dilation, groups, stats=True)
+        mean, var = ext_ops().ext_batch_norm_finalize(cnt, mean_p, m2_p, bias)
+        return z, mean, var
+    z = conv_ops.conv2d_op(x, weight, bias, stride, padding, dilation, groups, None, None, None, "identity", algo,
+                           conv_name)
+    return (z, *_stats_of(z))
+
+
+@conv_bn_stats_train.register_fake
+def _(input, weight, bias, in_mean, in_var, in_weight, in_bias, in_eps, in_activation, stride, padding, dilation,
+      groups, algo="implicit", backend="auto"):
+    z = _new_output(input, weight, stride, padding, dilation, _fake_alloc)
+    stat = input.new_empty(weight.shape[0], dtype=_stat_dtype(input.dtype))
+    return z, stat, torch.empty_like(stat)
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, in_mean, in_var, in_weight, in_bias, in_eps, in_activation, stride, padding, dilation,
+     groups, algo, backend) = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.set_materialize_grads(False)
+    ctx.geometry = (list(stride), list(padding), list(dilation), groups)
+    ctx.in_eps, ctx.in_activation = in_eps, in_activation
+    ctx.backend = _resolve(x.device, backend)
+    ctx.has_bias = bias is not None
+    ctx.input_size, ctx.weight_size = list(x.shape), list(weight.shape)
+    ctx.save_for_backward(x, weight, in_mean, in_var, in_weight, in_bias)
+
+
+def _backward(ctx, grad_z, _grad_mean, _grad_var):
+    if grad_z is None:
+        return (None,) * _NUM_INPUTS
+    x, weight, in_mean, in_var, in_weight, in_bias = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.geometry
+    needs = tuple(ctx.needs_input_grad) + (False,) * _NUM_INPUTS  # trailing defaults may be dropped
+    conv_backend = _conv_backend(ctx.backend)
+    grad_z = grad_z.to(x.dtype)
+    prologue = _prologue(in_mean, in_var, in_weight, in_bias, ctx.in_eps, ctx.in_activation)
+    grad_input = grad_in_weight = grad_in_bias = grad_w = grad_b = None
+    if needs[0] or (prologue is not None and (needs[5] or needs[6])):
+        # the gradient of the conv's input x (virtual with a prologue)
+        grad_x = conv_ops.input_grad_op(grad_z, weight, ctx.input_size, stride, padding, dilation, groups,
+                                        conv_backend)
+        if prologue is None:
+            grad_input = grad_x
+        else:  # x = act(bn(input)) with input's batch statistics: BatchNorm's training-mode gradient
+            grad_input, sum_g, sum_gx, _ = batch_norm_act_backward_op(
+                grad_x, x, in_mean, in_var, in_weight, in_bias, None, ctx.in_eps, ctx.in_activation, False,
+                ctx.backend)
+            grad_in_weight = sum_gx.to(in_weight.dtype) if (in_weight is not None and needs[5]) else None
+            grad_in_bias = sum_g.to(in_bias.dtype) if (in_bias is not None and needs[6]) else None
+            grad_input = grad_input if needs[0] else None
+    want_b = ctx.has_bias and needs[2]
+    if needs[1] or want_b:
+        if prologue is None:
+            grad_w, db = conv_ops.weight_grad_op(grad_z, x, ctx.weight_size, stride, padding, dilation, groups,
+                                                 want_b, conv_backend)
+        else:
+            grad_w, db = prologue_weight_grad_op(grad_z, x, *prologue, ctx.weight_size, stride, padding, dilation,
+                                                 groups, want_b, conv_backend)
+        grad_w = grad_w if needs[1] else None
+        grad_b = db if want_b else None
+    return (grad_input, grad_w, grad_b, None, None, grad_in_weight, grad_in_bias, *(None,) * (_NUM_INPUTS - 7))
+
+
+conv_bn_stats_train.register_autograd(_backward, setup_context=_setup_context)
+conv_bn_stats_train_op = FastOp(conv_bn_stats_train, _setup_context, _backward)
+
+
+@torch.library.custom_op("fastconv::batch_norm_act_train", mutates_args=())
+def batch_norm_act_train(
+    z: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    bn_weight: Optional[torch.Tensor],
+    bn_bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    eps: float,
+    activation: str,
+    backend: str = "auto",
+) -> torch.Tensor:
+    return impl_of(batch_norm_act)(z, mean, var, bn_weight, bn_bias, residual, eps, activation, backend)
+
+
+@batch_norm_act_train.register_fake
+def _(z, mean, var, bn_weight, bn_bias, residual, eps, activation, backend="auto"):
+    return torch.empty_like(z)
+
+
+def _bn_setup_context(ctx, inputs, output):
+    z, mean, var, bn_weight, bn_bias, residual, eps, activation, backend = inputs
+    ctx.eps, ctx.activation = eps, activation
+    ctx.backend = _resolve(z.device, backend)
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(z, mean, var, bn_weight, bn_bias, residual if activation != "identity" else None)
+
+
+def _bn_backward(ctx, grad_y):
+    z, mean, var, bn_weight, bn_bias, residual = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad) + (False,) * 9
+    want_res = ctx.has_residual and needs[5]
+    grad_z, sum_g, sum_gx, grad_res = batch_norm_act_backward_op(
+        grad_y, z, mean, var, bn_weight, bn_bias, residual, ctx.eps, ctx.activation, want_res, ctx.backend)
+    grad_gamma = sum_gx.to(bn_weight.dtype) if (bn_weight is not None and needs[3]) else None
+    grad_beta = sum_g.to(bn_bias.dtype) if (bn_bias is not None and needs[4]) else None
+    return (grad_z if needs[0] else None, None, None, grad_gamma, grad_beta, grad_res if want_res else None,
+            None, None, None)
+
+
+batch_norm_act_train.register_autograd(_bn_backward, setup_context=_bn_setup_context)
+batch_norm_act_train_op = FastOp(batch_norm_act_train, _bn_setup_context, _bn_backward)
+
+_lib = torch.library.Library("fastconv", "IMPL")
+# the conv's input, weight and bias follow autocast like nn.Conv2d; statistics and BatchNorm parameters do not
+register_autocast(_lib, "fastconv::conv_bn_stats_train", cast_args=(0, 1, 2))
