@@ -30,12 +30,14 @@ def impl_of(op):
 
 class FastOp:
     """`op` (a custom op) with an eager entry point; `setup_context` / `backward` are the functions given to
-    op.register_autograd (None: the op has no autograd)."""
+    op.register_autograd (None: the op has no autograd); `mutated`: positions of the tensor arguments the op
+    mutates (its mutates_args), whose version counters the eager path bumps as the dispatcher would."""
 
-    def __init__(self, op, setup_context=None, backward=None):
+    def __init__(self, op, setup_context=None, backward=None, mutated: tuple[int, ...] = ()):
         self.op = op
         self.impl = impl_of(op)
         self.fn = None
+        self.mutated = mutated
         if backward is not None:
             impl = self.impl
             self.fn = type(f"{op._name}_eager", (torch.autograd.Function,), {
@@ -49,5 +51,10 @@ class FastOp:
             return self.op(*args)
         if self.fn is not None and torch.is_grad_enabled() and any(
                 isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            return self.fn.apply(*args)
-        return self.impl(*args)
+            out = self.fn.apply(*args)
+        else:
+            out = self.impl(*args)
+        for i in self.mutated:
+            if i < len(args) and isinstance(args[i], torch.Tensor):
+                torch.autograd.graph.increment_version(args[i])
+        return out
