@@ -65,7 +65,7 @@ def _batch_norm_combine_kernel(cnt_ptr, mean_ptr, m2_ptr, T, C, ROWS,
     n_a = tl.zeros((BLOCK_C,), dtype=acc)
     mean_a = tl.zeros((BLOCK_C,), dtype=acc)
     m2_a = tl.zeros((BLOCK_C,), dtype=acc)
-    for t0 in tl.range(lo, hi, BLOCK_T, num_stages=2):
+    for t0 in range(lo, hi, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         mask = (t < hi)[:, None] & cm[None, :]
         off = t[:, None] * C + c[None, :]
