@@ -168,8 +168,10 @@ def test_running_statistics_every_buffer_dtype(momentum, buffers, kernel_backend
     for step, shape in enumerate([(2, 3, 5, 4), (1, 3, 1, 2), (1, 3, 6, 7)]):
         x = randn(shape, torch.float64, kdevice, gen)
         factor = 0.3 if momentum is not None else 1.0 / torch.tensor(step + 1, device=kdevice)
+        versions = rm._version, rv._version
         y = conv_bn_act(x, w, b, None, None, rm, rv, padding=1, training=True, momentum=factor,
                         activation="identity")
+        assert rm._version > versions[0] and rv._version > versions[1]  # in-place writes are visible to autograd
         z = torch.nn.functional.conv2d(x, w, b, padding=1)
         f = float(factor)
         ref_m = ((1 - f) * ref_m + f * z.mean((0, 2, 3))).to(buffers).double()
@@ -178,6 +180,29 @@ def test_running_statistics_every_buffer_dtype(momentum, buffers, kernel_backend
         assert_close(rm, ref_m, buffers, f"step {step} running_mean")
         assert_close(rv, ref_v, buffers, f"step {step} running_var")
         assert_close(y, torch.nn.functional.batch_norm(z, None, None, training=True), torch.float64, "y")
+
+
+@pytest.mark.parametrize("momentum", [0.2, None])
+def test_running_statistics_same_on_every_backend(momentum):
+    """triton (finalize's last pass), torch and cpu (PyTorch ops in the op) update the running statistics alike:
+    fp64 buffers, 3 steps, 21 channels, residual + SiLU (the update does not depend on them)."""
+    results = {}
+    for backend in ("triton", "torch", "cpu"):
+        if backend == "cpu":
+            skip_unless_runnable("cpu")
+        gen = generator("bn-running-backends", str(momentum))  # the same data for every backend
+        block = fastconv.ConvBNReLU2d(4, 21, 3, padding=1, activation="silu", momentum=momentum).double()
+        with torch.no_grad():
+            for t in (block.conv.weight, block.conv.bias, block.bn.running_mean):
+                t.copy_(randn(t.shape, torch.float64, "cpu", gen))
+        with fastconv.backend(backend):
+            for _ in range(3):
+                x = randn((2, 4, 5, 6), torch.float64, "cpu", gen)
+                block(x, randn((2, 21, 5, 6), torch.float64, "cpu", gen)).sum().backward()
+        results[backend] = (block.bn.running_mean.clone(), block.bn.running_var.clone())
+    for backend, (rm, rv) in results.items():
+        assert_close(rm, results["torch"][0], torch.float64, f"{backend} running_mean")
+        assert_close(rv, results["torch"][1], torch.float64, f"{backend} running_var")
 
 
 def test_running_statistics_direct_op_calls(kernel_backend, kdevice):
