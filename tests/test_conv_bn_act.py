@@ -224,6 +224,14 @@ def test_running_statistics_direct_op_calls(kernel_backend, kdevice):
     n = 2 * 5 * 5
     assert_close(rm, 0.75 * rm0.double() + 0.25 * mean, torch.float32, "running_mean")
     assert_close(rv, 0.75 * rv0.double() + 0.25 * var * n / (n - 1), torch.float32, "running_var")
+    # strided buffers (views): updated through their strides, nothing else touched
+    store = torch.stack([rm0, rv0, torch.full_like(rm0, 7.0)], 1).contiguous()  # [5, 3]: columns are strided
+    torch.ops.fastconv.conv_bn_act_train(*args, store[:, 0], store[:, 1], 0.25, None)
+    assert_close(store[:, 0], 0.75 * rm0.double() + 0.25 * mean, torch.float32, "strided running_mean")
+    assert_close(store[:, 1], 0.75 * rv0.double() + 0.25 * var * n / (n - 1), torch.float32, "strided running_var")
+    assert (store[:, 2] == 7.0).all()
+    with pytest.raises(RuntimeError, match="running_mean should contain 5 elements not 4"):  # F.batch_norm's words
+        torch.ops.fastconv.conv_bn_act_train(*args, rm[:4], rv, 0.25, None)
 
 
 def test_residual_before_activation(kdevice):

@@ -89,7 +89,7 @@ def conv_bn_act_train(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_choice(activation, ACTIVATIONS, "activation")
     _check_choice(algo, ALGOS, "algo")
-    _check_running(running_mean, running_var, momentum_tensor)
+    _check_running(running_mean, running_var, momentum_tensor, weight.shape[0])
     name = _backend.resolve("conv_bn_act", input.device, SUPPORTED_BACKENDS, backend)
     if name in ("cuda", "cpu"):
         y, z, mean, var = _ext_forward(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation,
@@ -111,15 +111,22 @@ def conv_bn_act_train(
 
     conv = tconv.conv2d_forward if algo == "implicit" else tim2col.conv2d_im2col
     _, stats = conv(input, weight, bias, stride, padding, dilation, groups, out=z, stats=True)
-    running = None if running_mean is None else (running_mean, running_var, momentum, momentum_tensor)
-    mean, var = tbn.finalize(stats, z.shape[1], bias, running)  # its last pass also updates the running stats
+    # the finalize's last pass also updates the running statistics (contiguous buffers: the kernel's indexing)
+    in_kernel = running_mean is not None and running_mean.is_contiguous() and running_var.is_contiguous()
+    running = (running_mean, running_var, momentum, momentum_tensor) if in_kernel else None
+    mean, var = tbn.finalize(stats, z.shape[1], bias, running)
+    if not in_kernel:
+        update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor)
     tbn.batch_norm_act_forward(z, mean, var, bn_weight, bn_bias, eps, activation, residual, out=y)
     return y, z, mean, var
 
 
-def _check_running(running_mean, running_var, momentum_tensor) -> None:
+def _check_running(running_mean, running_var, momentum_tensor, channels: int) -> None:
     if (running_mean is None) != (running_var is None):
         raise ValueError("conv_bn_act_train: running_mean and running_var are given together or not at all")
+    for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
+        if buf is not None and buf.numel() != channels:  # F.batch_norm's check and message
+            raise RuntimeError(f"{name} should contain {channels} elements not {buf.numel()}")
     if momentum_tensor is not None and momentum_tensor.dim() != 0:
         raise ValueError(f"conv_bn_act_train: momentum_tensor must be 0-dim, got shape {list(momentum_tensor.shape)}")
 
@@ -201,7 +208,7 @@ def _register_ext_fakes() -> None:
 def _(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps,
       activation="relu", algo="implicit", backend="auto", running_mean=None, running_var=None, momentum=0.1,
       momentum_tensor=None):
-    _check_running(running_mean, running_var, momentum_tensor)
+    _check_running(running_mean, running_var, momentum_tensor, weight.shape[0])
     z = _new_output(input, weight, stride, padding, dilation, _fake_alloc)
     y = torch.empty_like(z)
     c = weight.shape[0]
