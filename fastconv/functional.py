@@ -145,17 +145,16 @@ def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_v
         if training and per_channel <= 1:
             size = torch.Size([input.shape[0], weight.shape[0], *out_hw])
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+        # With running statistics the op also updates them in place (on Triton in the statistics finalize's
+        # last pass); a tensor momentum is read on the device.
+        update = training and running_mean is not None and running_var is not None
+        momentum_tensor = momentum if (update and isinstance(momentum, torch.Tensor)) else None
+        momentum = float(momentum) if (update and momentum_tensor is None) else 0.0
         y, z, mean, var = cba_ops.conv_bn_act_train_op(
-            input, weight, bias, bn_weight, bn_bias, residual, *geometry, float(eps), activation, algo, name)
+            input, weight, bias, bn_weight, bn_bias, residual, *geometry, float(eps), activation, algo, name,
+            running_mean if update else None, running_var if update else None, momentum, momentum_tensor)
         if y.requires_grad and not torch.compiler.is_compiling():
             _mark_producer(y, z, mean, var, bn_weight, bn_bias, residual, eps, activation)
-        if training and running_mean is not None and running_var is not None:
-            with torch.no_grad():
-                if isinstance(momentum, torch.Tensor):
-                    momentum = momentum.to(running_mean.dtype)
-                unbiased = var * (per_channel / max(per_channel - 1, 1))
-                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                running_var.lerp_(unbiased.to(running_var.dtype), momentum)
     else:
         # Fold: ((z - mean) * invstd) * gamma + beta == z * scale + shift, z = conv + bias.
         scale, shift = cba_ops.fold_batch_norm(running_mean, running_var, bn_weight, bn_bias, eps)

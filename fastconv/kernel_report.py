@@ -181,12 +181,21 @@ CASES = {
     "_max_pool2d_fwd_kernel": _pool_case(dict(KH=3, KW=3, UNROLL=True, CHANNELS_LAST=True), total=32 * 64 * 56 * 56,
                                          k7_loop=dict(KH=7, KW=7, UNROLL=False)),
     "_max_pool2d_bwd_kernel": _pool_case(dict(CHANNELS_LAST=True), total=32 * 64 * 112 * 112),
-    # the BN finalize tree: inner passes write chunk partials, the last one the mean (+ conv bias) and var
+    # the BN finalize tree: inner passes write chunk partials, the last one the mean (+ conv bias) and var, and
+    # with RUNNING updates the running statistics (here bf16 buffers) with a float or a 0-dim tensor momentum
     "_batch_norm_combine_kernel": dict(
         tiles=lambda m: [(dict(BLOCK_T=m.COMBINE_BLOCK_T, BLOCK_C=m.COMBINE_BLOCK_C), 4, 3)],
-        base=dict(FINAL=False, HAS_BIAS=False), args=dict(_BN, ROWS=1024),
-        variants={"final": dict(FINAL=True, HAS_BIAS=True)},
+        base=dict(FINAL=False, HAS_BIAS=False, RUNNING=False, MOMENTUM_TENSOR=False),
+        args=dict(_BN, ROWS=1024, momentum_hi=0.1, momentum_lo=0.0),
+        variants={"final": dict(FINAL=True, HAS_BIAS=True),
+                  "final_running": dict(FINAL=True, HAS_BIAS=True, RUNNING=True),
+                  "final_running_tensor": dict(FINAL=True, HAS_BIAS=True, RUNNING=True, MOMENTUM_TENSOR=True)},
+        types=dict(run_mean_ptr="bf16", run_var_ptr="bf16"),
         dtypes=("fp32",)),  # fp32 statistics whatever the model's dtype
+    # the BN backward's split sums (sum_rows): fp32 partials
+    "_batch_norm_sum_rows_kernel": dict(
+        tiles=lambda m: [(dict(BLOCK_T=m.COMBINE_BLOCK_T, BLOCK_C=m.COMBINE_BLOCK_C), 4, 3)],
+        args=dict(T=33, C=64, ROWS=1024), dtypes=("fp32",)),
     "_batch_norm_act_fwd_kernel": dict(tiles=_bn_tiles, base=_BN_BASE, args=_BN, types=_BN_TYPES,
                                        variants={"res_silu": _BN_RES_SILU}),
     "_batch_norm_act_bwd_reduce_kernel": dict(tiles=_bn_tiles, base=_BN_BASE, args=_BN, types=_BN_TYPES,
@@ -211,6 +220,7 @@ QUICK_DTYPES = {
     "_batch_norm_act_bwd_reduce_kernel": ("bf16",),
     "_batch_norm_act_bwd_apply_kernel": ("fp32",),
     "_batch_norm_combine_kernel": ("fp32",),
+    "_batch_norm_sum_rows_kernel": ("fp32",),
 }
 
 

@@ -108,19 +108,22 @@ def test_converted_torchvision_compiles_fullgraph(name):
     _compare_training(model, x, target, dtype, steps=1)
 
 
-def test_cumulative_momentum_has_no_host_sync():
-    """BatchNorm2d(momentum=None) inside fused blocks: the cumulative factor stays a tensor (fullgraph)."""
-    skip_unless_runnable("cpu")
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_cumulative_momentum_has_no_host_sync(backend):
+    """BatchNorm2d(momentum=None) inside fused blocks: the cumulative factor stays a tensor (fullgraph) down to the
+    op, which mutates the running statistics (on Triton the finalize kernel reads the factor on the device)."""
+    if backend == "cpu":
+        skip_unless_runnable("cpu")
     dtype = torch.float64
-    gen = generator("compile-momentum")
+    gen = generator("compile-momentum", backend)
     plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=None), nn.ReLU(),
                           nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
     model = fastconv.convert(plain).to(dtype)
     x = randn((4, 3, 8, 8), dtype, "cpu", gen)
     target = torch.randint(0, 10, (4,), generator=gen)
     model.train()
-    assert _graph_breaks(model, x) == 0
-    _compare_training(model, x, target, dtype, steps=3)
+    assert _graph_breaks(model, x, backend=backend) == 0
+    _compare_training(model, x, target, dtype, backend=backend, steps=3)
 
 
 def test_triton_kernels_compile_fullgraph(device):

@@ -150,6 +150,90 @@ def test_momentum_and_cumulative_average(momentum, kdevice):
     _compare_steps(ref, ours, (2, 3, 6, 6), torch.float64, kdevice, gen, steps=3)
 
 
+@pytest.mark.parametrize("buffers", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_running_statistics_every_buffer_dtype(momentum, buffers, kernel_backend, kdevice):
+    """The op's running-statistics update (Triton: in the finalize's last pass) against F.batch_norm's in
+    float64, over 3 steps: float momentum and momentum=None's cumulative average (1 / num_batches_tracked as a
+    0-dim tensor), running buffers in fp64/fp32/fp16/bf16 beside fp64 activations, 37 channels (two channel
+    tiles, the second one partial), and batch-1 steps, one with 2 values per channel (unbiased n / (n - 1) = 2).
+    The reference rounds to the buffers' dtype once per step, as the kernel does."""
+    gen = generator("bn-running", str(momentum), str(buffers), kernel_backend)
+    C = 37
+    w = randn((C, 3, 3, 3), torch.float64, kdevice, gen, 0.3)
+    b = randn((C,), torch.float64, kdevice, gen)
+    rm = (randn((C,), torch.float64, kdevice, gen) * 0.1).to(buffers)
+    rv = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(buffers).to(kdevice)
+    ref_m, ref_v = rm.double().clone(), rv.double().clone()
+    for step, shape in enumerate([(2, 3, 5, 4), (1, 3, 1, 2), (1, 3, 6, 7)]):
+        x = randn(shape, torch.float64, kdevice, gen)
+        factor = 0.3 if momentum is not None else 1.0 / torch.tensor(step + 1, device=kdevice)
+        versions = rm._version, rv._version
+        y = conv_bn_act(x, w, b, None, None, rm, rv, padding=1, training=True, momentum=factor,
+                        activation="identity")
+        assert rm._version > versions[0] and rv._version > versions[1]  # in-place writes are visible to autograd
+        z = torch.nn.functional.conv2d(x, w, b, padding=1)
+        f = float(factor)
+        ref_m = ((1 - f) * ref_m + f * z.mean((0, 2, 3))).to(buffers).double()
+        ref_v = ((1 - f) * ref_v + f * z.var((0, 2, 3), unbiased=True)).to(buffers).double()
+        assert rm.dtype == rv.dtype == buffers
+        assert_close(rm, ref_m, buffers, f"step {step} running_mean")
+        assert_close(rv, ref_v, buffers, f"step {step} running_var")
+        assert_close(y, torch.nn.functional.batch_norm(z, None, None, training=True), torch.float64, "y")
+
+
+@pytest.mark.parametrize("momentum", [0.2, None])
+def test_running_statistics_same_on_every_backend(momentum):
+    """triton (finalize's last pass), torch and cpu (PyTorch ops in the op) update the running statistics alike:
+    fp64 buffers, 3 steps, 21 channels, residual + SiLU (the update does not depend on them)."""
+    results = {}
+    for backend in ("triton", "torch", "cpu"):
+        if backend == "cpu":
+            skip_unless_runnable("cpu")
+        gen = generator("bn-running-backends", str(momentum))  # the same data for every backend
+        block = fastconv.ConvBNReLU2d(4, 21, 3, padding=1, activation="silu", momentum=momentum).double()
+        with torch.no_grad():
+            for t in (block.conv.weight, block.conv.bias, block.bn.running_mean):
+                t.copy_(randn(t.shape, torch.float64, "cpu", gen))
+        with fastconv.backend(backend):
+            for _ in range(3):
+                x = randn((2, 4, 5, 6), torch.float64, "cpu", gen)
+                block(x, randn((2, 21, 5, 6), torch.float64, "cpu", gen)).sum().backward()
+        results[backend] = (block.bn.running_mean.clone(), block.bn.running_var.clone())
+    for backend, (rm, rv) in results.items():
+        assert_close(rm, results["torch"][0], torch.float64, f"{backend} running_mean")
+        assert_close(rv, results["torch"][1], torch.float64, f"{backend} running_var")
+
+
+def test_running_statistics_direct_op_calls(kernel_backend, kdevice):
+    """torch.ops.fastconv.conv_bn_act_train itself: running buffers mutated in place (version counters bumped),
+    untouched without them; its mean/var outputs are the batch statistics either way."""
+    gen = generator("bn-running-op", kernel_backend)
+    x = randn((2, 3, 5, 5), torch.float64, kdevice, gen)
+    w = randn((5, 3, 3, 3), torch.float64, kdevice, gen)
+    rm, rv = randn((5,), torch.float32, kdevice, gen), (torch.rand(5, generator=gen) + 0.5).to(kdevice)
+    rm0, rv0 = rm.clone(), rv.clone()
+    args = (x, w, None, None, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, 1e-5, "identity", "implicit",
+            kernel_backend)
+    _, _, mean, var = torch.ops.fastconv.conv_bn_act_train(*args)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    versions = rm._version, rv._version
+    _, _, mean2, var2 = torch.ops.fastconv.conv_bn_act_train(*args, rm, rv, 0.0, torch.tensor(0.25, device=kdevice))
+    assert rm._version > versions[0] and rv._version > versions[1]
+    assert torch.equal(mean, mean2) and torch.equal(var, var2)
+    n = 2 * 5 * 5
+    assert_close(rm, 0.75 * rm0.double() + 0.25 * mean, torch.float32, "running_mean")
+    assert_close(rv, 0.75 * rv0.double() + 0.25 * var * n / (n - 1), torch.float32, "running_var")
+    # strided buffers (views): updated through their strides, nothing else touched
+    store = torch.stack([rm0, rv0, torch.full_like(rm0, 7.0)], 1).contiguous()  # [5, 3]: columns are strided
+    torch.ops.fastconv.conv_bn_act_train(*args, store[:, 0], store[:, 1], 0.25, None)
+    assert_close(store[:, 0], 0.75 * rm0.double() + 0.25 * mean, torch.float32, "strided running_mean")
+    assert_close(store[:, 1], 0.75 * rv0.double() + 0.25 * var * n / (n - 1), torch.float32, "strided running_var")
+    assert (store[:, 2] == 7.0).all()
+    with pytest.raises(RuntimeError, match="running_mean should contain 5 elements not 4"):  # F.batch_norm's words
+        torch.ops.fastconv.conv_bn_act_train(*args, rm[:4], rv, 0.25, None)
+
+
 def test_residual_before_activation(kdevice):
     gen = generator("bn-residual")
     ref, ours = _pair(4, 8, 3, "relu", torch.float64, kdevice, gen, padding=1, bias=False)
@@ -261,6 +345,11 @@ def test_opcheck(kernel_backend, kdevice):
     be = randn((4,), torch.float32, kdevice, gen).requires_grad_()
     args = (x, w, None, g, be, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, 1e-5, "relu", "implicit", kernel_backend)
     opcheck(torch.ops.fastconv.conv_bn_act_train.default, args)
+    # with running statistics (mutated in place: opcheck checks the schema declares it), float and 0-dim momentum
+    rm, rv = randn((4,), torch.float32, kdevice, gen), (torch.rand(4, generator=gen) + 0.5).to(kdevice)
+    opcheck(torch.ops.fastconv.conv_bn_act_train.default, args + (rm, rv, 0.2, None))
+    opcheck(torch.ops.fastconv.conv_bn_act_train.default,
+            args + (rm, rv, 0.0, torch.tensor(0.25, device=kdevice)))
     y, z, mean, var = torch.ops.fastconv.conv_bn_act_train(*args)
     opcheck(torch.ops.fastconv.batch_norm_act_backward.default,
             (torch.randn_like(y), z, mean, var, g.detach(), be.detach(), None, 1e-5, "relu", False, kernel_backend))

@@ -95,32 +95,39 @@ def test_emulated_autotune_im2col(emulate, device):
     assert {t[:3] for t in emulate} >= _table_tiles("im2col_gemm", "fp32", fused=True)  # NCHW y: SPLIT_N
 
 
-@pytest.mark.parametrize("algo", ["implicit", "im2col"])
-def test_emulated_autotune_training_block(emulate, monkeypatch, device, algo):
+@pytest.mark.parametrize("algo,momentum", [("implicit", 0.1), ("im2col", 0.1), ("implicit", None)])
+def test_emulated_autotune_training_block(emulate, monkeypatch, device, algo, momentum):
     """The issue's hazard: a 32-row config runs before a larger winner on the same arguments. The winner here
-    is the table's largest-BLOCK_M tile, so any statistics row left by an earlier config would be merged."""
+    is the table's largest-BLOCK_M tile, so any statistics row left by an earlier config would be merged. Two
+    steps: the running statistics (updated once per step, in the finalize after the tuned conv) must follow
+    nn's, with a float momentum and with momentum=None's cumulative average. 19 channels: a partial tile."""
     monkeypatch.setattr(launch, "heuristic_pick", lambda tiles, p, sms: max(tiles, key=lambda t: (t[0], t[1])))
     dtype = torch.float64
-    gen = generator("emulate-train", algo)
-    ref = nn.Sequential(nn.Conv2d(5, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()).double()
-    ours = fastconv.ConvBNReLU2d(5, 16, 3, padding=1, algo=algo).double()
+    gen = generator("emulate-train", algo, str(momentum))
+    ref = nn.Sequential(nn.Conv2d(5, 19, 3, padding=1), nn.BatchNorm2d(19, momentum=momentum), nn.ReLU()).double()
+    ours = fastconv.ConvBNReLU2d(5, 19, 3, padding=1, algo=algo, momentum=momentum).double()
     ours.conv.load_state_dict(ref[0].state_dict())
     ours.bn.load_state_dict(ref[1].state_dict())
     ref, ours = ref.to(device), ours.to(device)
-    x = randn((3, 5, 11, 9), dtype, device, gen)
-    xr = x.clone().requires_grad_()
-    x.requires_grad_()
-    y, y_ref = ours(x), ref(xr)
-    g = randn(y.shape, dtype, device, gen)
-    y.backward(g)
-    y_ref.backward(g)
-    assert_close(y, y_ref, dtype, "y")
-    assert_close(ours.bn.running_mean, ref[1].running_mean, dtype, "running_mean")
-    assert_close(ours.bn.running_var, ref[1].running_var, dtype, "running_var")
-    assert_close(x.grad, xr.grad, dtype, "dx")
-    assert_close(ours.conv.weight.grad, ref[0].weight.grad, dtype, "dw")
-    assert_close(ours.bn.weight.grad, ref[1].weight.grad, dtype, "dgamma")
-    assert len(set(emulate)) > 3
+    for step in range(2):
+        emulate.clear()
+        x = randn((3, 5, 11, 9), dtype, device, gen)
+        xr = x.clone().requires_grad_()
+        x.requires_grad_()
+        y, y_ref = ours(x), ref(xr)
+        g = randn(y.shape, dtype, device, gen)
+        y.backward(g)
+        y_ref.backward(g)
+        what = f"step {step}"
+        assert_close(y, y_ref, dtype, f"{what} y")
+        assert_close(ours.bn.running_mean, ref[1].running_mean, torch.float32, f"{what} running_mean")
+        assert_close(ours.bn.running_var, ref[1].running_var, torch.float32, f"{what} running_var")
+        assert_close(x.grad, xr.grad, dtype, f"{what} dx")
+        assert_close(ours.conv.weight.grad, ref[0].weight.grad, dtype, f"{what} dw")
+        assert_close(ours.bn.weight.grad, ref[1].weight.grad, dtype, f"{what} dgamma")
+        assert len(set(emulate)) > 3
+        for p in list(ref.parameters()) + list(ours.parameters()):
+            p.grad = None
 
 
 @pytest.mark.parametrize("sms", [1, 7, 108, 132])
@@ -169,6 +176,51 @@ def test_finalize_tree_matches_float64(device, rows):
     allv = torch.cat(data)
     assert_close(got_mean, allv.mean(0) + bias, torch.float64, "mean")
     assert_close(got_var, allv.var(0, unbiased=False), torch.float64, "var")
+
+
+@pytest.mark.parametrize("rows", [1, 5000])
+@pytest.mark.parametrize("buffers", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("momentum", [0.25, "tensor"])
+def test_finalize_tree_updates_running_statistics(device, rows, buffers, momentum, monkeypatch):
+    """The running-statistics update in the combine tree's last pass, after 1 or 2 levels, over 37 channels (a
+    partial second channel tile): lerp with the unbiased variance, in the buffers' dtype, with a float momentum
+    or a 0-dim tensor read in the kernel. Tree scratch NaN-poisoned."""
+    from .helpers import nan_workspace
+
+    monkeypatch.setattr(fastconv.triton.conv2d, "workspace", nan_workspace)
+    gen = generator("finalize-running", rows, str(buffers), momentum)
+    C = 37
+    counts = torch.randint(2, 9, (rows,), generator=gen)  # >= 2 values: an unbiased variance exists
+    data = [torch.randn((int(n), C), generator=gen, dtype=torch.float64) * 3 + 10 for n in counts]
+    cnt = counts.double()[:, None].expand(rows, C).contiguous()
+    mean = torch.stack([d.mean(0) for d in data])
+    m2 = torch.stack([((d - d.mean(0)) ** 2).sum(0) for d in data])
+    rm = (torch.randn(C, generator=gen, dtype=torch.float64)).to(buffers).to(device)
+    rv = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(buffers).to(device)
+    want_m, want_v = rm.double().cpu().clone(), rv.double().cpu().clone()
+    m = 0.25 if momentum != "tensor" else torch.tensor(1 / 3, device=device)
+    running = (rm, rv, m, None) if momentum != "tensor" else (rm, rv, 0.0, m)
+    got_mean, got_var = tbn.finalize(tuple(t.to(device) for t in (cnt, mean, m2)), C, None, running)
+    allv = torch.cat(data)
+    f = float(m)
+    assert_close(got_mean, allv.mean(0), torch.float64, "mean")
+    assert_close(got_var, allv.var(0, unbiased=False), torch.float64, "var")
+    assert_close(rm, ((1 - f) * want_m + f * allv.mean(0)).to(buffers), buffers, "running_mean")
+    assert_close(rv, ((1 - f) * want_v + f * allv.var(0, unbiased=True)).to(buffers), buffers, "running_var")
+
+
+@pytest.mark.parametrize("rows", [2, 700, 5000])
+def test_sum_rows_tree_matches_float64(device, rows, monkeypatch):
+    """The BatchNorm backward's split sums (sum_rows): 1 or 2 tree levels, 37 channels, NaN-poisoned scratch."""
+    from .helpers import nan_workspace
+
+    monkeypatch.setattr(fastconv.triton.conv2d, "workspace", nan_workspace)
+    gen = generator("sum-rows", rows)
+    a = torch.randn((rows, 37), generator=gen, dtype=torch.float64)
+    b = torch.randn((rows, 37), generator=gen, dtype=torch.float64) * 100
+    sa, sb = tbn.sum_rows(a.to(device), b.to(device))
+    assert_close(sa, a.sum(0), torch.float64, "sum a")
+    assert_close(sb, b.sum(0), torch.float64, "sum b")
 
 
 def test_every_triton_launch_goes_through_the_launch_module():
@@ -294,8 +346,22 @@ def test_launch_plan_fused_block_launches():
     rows = launch_plan.record_step(model, x, True)
     triton = [r.launch.kernel for r in rows if not r.launch.kernel.startswith("aten.")]
     assert triton == ["_conv2d_fwd_kernel", "_batch_norm_combine_kernel", "_batch_norm_act_fwd_kernel",
-                      "_batch_norm_act_bwd_reduce_kernel", "_batch_norm_act_bwd_apply_kernel",
-                      "_conv2d_dgrad_kernel", "_conv2d_wgrad_kernel"], triton
+                      "_batch_norm_act_bwd_reduce_kernel", "_batch_norm_sum_rows_kernel",
+                      "_batch_norm_act_bwd_apply_kernel", "_conv2d_dgrad_kernel", "_conv2d_wgrad_kernel"], triton
+    # the running statistics are updated in the finalize (no ATen mul / casts / lerp_ after the forward), and
+    # the backward's split sums are a Triton kernel; only num_batches_tracked's add_ runs around the forward
+    aten_fwd = [r.launch.kernel for r in rows[:[r.op for r in rows].index("batch_norm_act_backward")]
+                if r.launch.kernel.startswith("aten.")]
+    assert aten_fwd == ["aten.add_"], aten_fwd
+    assert not [r for r in rows if r.op in ("conv_bn_act_train", "batch_norm_act_backward")
+                and r.launch.kernel.startswith("aten.")]
+    # the finalize touches the two bf16 running buffers exactly when they are tracked
+    combine = next(r.launch for r in rows if r.launch.kernel == "_batch_norm_combine_kernel")
+    model.bn.track_running_stats, model.bn.running_mean, model.bn.running_var = False, None, None
+    untracked = launch_plan.record_step(model, x, True)
+    plain = next(r.launch for r in untracked if r.launch.kernel == "_batch_norm_combine_kernel")
+    assert combine.bytes - plain.bytes == 2 * 16 * 2, (combine.bytes, plain.bytes)
+    model, x = launch_plan.layer_model("8,16,8,8,16,3,3,1,1,1", torch.bfloat16)
     rows = launch_plan.record_step(model, x, False)
     assert [r.launch.kernel for r in rows if not r.launch.kernel.startswith("aten.")] == ["_conv2d_fwd_kernel"]
 

@@ -34,9 +34,11 @@ class FastOp:
     """`op` (a custom op) with an eager entry point; `setup_context` / `backward` are the functions given to
     op.register_autograd (None: the op has no autograd). `checked`: the op's implementation after its
     argument checks, same signature, for an op whose callers in fastconv (the functional layer, backward
-    functions) pass arguments they validated already; the custom op itself always checks."""
+    functions) pass arguments they validated already; the custom op itself always checks. `mutated`:
+    positions of the tensor arguments the op mutates (its mutates_args), whose version counters the eager
+    path bumps as the dispatcher would."""
 
-    def __init__(self, op, setup_context=None, backward=None, checked=None):
+    def __init__(self, op, setup_context=None, backward=None, checked=None, mutated: tuple[int, ...] = ()):
         self.op = op
         self.impl = impl = checked or impl_of(op)
         # the op's defaults for trailing arguments a caller leaves out (setup_context sees every input)
@@ -44,6 +46,7 @@ class FastOp:
         self.arity = len(params)
         self.defaults = tuple(p.default for p in params)
         self.fn = None
+        self.mutated = mutated
         if backward is not None:
             def forward(ctx, *args):
                 # forward(ctx, ...) style, setup_context called here: torch's apply() binds the arguments of
@@ -64,5 +67,10 @@ class FastOp:
             args = args + self.defaults[len(args):]
         if self.fn is not None and torch.is_grad_enabled() and any(
                 isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            return self.fn.apply(*args)
-        return self.impl(*args)
+            out = self.fn.apply(*args)
+        else:
+            out = self.impl(*args)
+        for i in self.mutated:
+            if i < len(args) and isinstance(args[i], torch.Tensor):
+                torch.autograd.graph.increment_version(args[i])
+        return out

@@ -1,11 +1,16 @@
 """Training-mode fused conv + BatchNorm + activation as custom ops.
 
     fastconv::conv_bn_act_train(input, weight, bias?, bn_weight?, bn_bias?, residual?, stride, padding[4],
-                                dilation, groups, eps, activation, algo, backend) -> (y, z, mean, var)
+                                dilation, groups, eps, activation, algo, backend, running_mean(a!)?,
+                                running_var(b!)?, momentum, momentum_tensor?) -> (y, z, mean, var)
         z = conv(input) + bias, its batch statistics taken in the conv kernel's epilogue;
         y = act((z - mean) / sqrt(var + eps) * bn_weight + bn_bias [+ residual]).
-        mean and biased var are per channel in fp32 (fp64 for fp64 input); z, mean, var are outputs so the
-        caller can update running statistics; they carry no gradient.
+        mean and biased var are per channel in fp32 (fp64 for fp64 input); z, mean, var carry no gradient.
+        With running_mean / running_var (mutated in place, in their own dtype) the op also does F.batch_norm's
+        running-statistics update, lerp(running, stat, momentum) with the unbiased variance; the momentum is
+        momentum_tensor (0-dim, e.g. momentum=None's 1 / num_batches_tracked: read on the device, no host sync)
+        when given, else the float momentum. Triton: in the statistics finalize's last pass; other backends:
+        PyTorch ops.
     fastconv::batch_norm_act_backward(grad_y, z, mean, var, bn_weight?, bn_bias?, residual?, eps, activation,
                                       want_grad_residual, backend) -> (grad_z, sum_g, sum_gx, grad_residual)
         with g = grad_y * act'(u): grad_bn_bias = sum_g, grad_bn_weight = sum_gx (sum of g * xhat).
@@ -73,7 +78,7 @@ def _torch_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation):
     return _torch_activation(u, activation).to(z.dtype)
 
 
-@torch.library.custom_op("fastconv::conv_bn_act_train", mutates_args=())
+@torch.library.custom_op("fastconv::conv_bn_act_train", mutates_args=("running_mean", "running_var"))
 def conv_bn_act_train(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -89,13 +94,20 @@ def conv_bn_act_train(
     activation: str = "relu",
     algo: str = "implicit",
     backend: str = "auto",
+    running_mean: Optional[torch.Tensor] = None,
+    running_var: Optional[torch.Tensor] = None,
+    momentum: float = 0.1,
+    momentum_tensor: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_choice(activation, ACTIVATIONS, "activation")
     _check_choice(algo, ALGOS, "algo")
+    _check_running(running_mean, running_var, momentum_tensor, weight.shape[0])
     name = _backend.resolve("conv_bn_act", input.device, SUPPORTED_BACKENDS, backend)
     if name in ("cuda", "cpu"):
-        return _ext_forward(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups,
-                            eps, activation, algo, name)
+        y, z, mean, var = _ext_forward(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation,
+                                       groups, eps, activation, algo, name)
+        update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor)
+        return y, z, mean, var
     z = _new_output(input, weight, stride, padding, dilation)
     y = alloc(z.shape, z.dtype, z.device, memory_format_of(z))
     if name == "torch":
@@ -105,14 +117,44 @@ def conv_bn_act_train(
         mean = zf.mean((0, 2, 3))
         var = zf.var((0, 2, 3), unbiased=False)
         y.copy_(_torch_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation))
+        update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor)
         return y, z, mean, var
     from ..triton import batch_norm as tbn, conv2d as tconv, im2col as tim2col
 
     conv = tconv.conv2d_forward if algo == "implicit" else tim2col.conv2d_im2col
     _, stats = conv(input, weight, bias, stride, padding, dilation, groups, out=z, stats=True)
-    mean, var = tbn.finalize(stats, z.shape[1], bias)
+    # the finalize's last pass also updates the running statistics (contiguous buffers: the kernel's indexing)
+    in_kernel = running_mean is not None and running_mean.is_contiguous() and running_var.is_contiguous()
+    running = (running_mean, running_var, momentum, momentum_tensor) if in_kernel else None
+    mean, var = tbn.finalize(stats, z.shape[1], bias, running)
+    if not in_kernel:
+        update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor)
     tbn.batch_norm_act_forward(z, mean, var, bn_weight, bn_bias, eps, activation, residual, out=y)
     return y, z, mean, var
+
+
+def _check_running(running_mean, running_var, momentum_tensor, channels: int) -> None:
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("conv_bn_act_train: running_mean and running_var are given together or not at all")
+    for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
+        if buf is not None and buf.numel() != channels:  # F.batch_norm's check and message
+            raise RuntimeError(f"{name} should contain {channels} elements not {buf.numel()}")
+    if momentum_tensor is not None and momentum_tensor.dim() != 0:
+        raise ValueError(f"conv_bn_act_train: momentum_tensor must be 0-dim, got shape {list(momentum_tensor.shape)}")
+
+
+def update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor) -> None:
+    """F.batch_norm's running-statistics update with PyTorch ops (backends torch, cpu, cuda; the Triton backend
+    does it in the finalize's last pass): running = lerp(running, batch statistic, momentum), unbiased
+    variance."""
+    if running_mean is None:
+        return
+    count = z.shape[0] * z.shape[2] * z.shape[3]
+    with torch.no_grad():
+        unbiased = var * (count / max(count - 1, 1))
+        for buf, stat in ((running_mean, mean), (running_var, unbiased)):
+            w = momentum_tensor.to(device=buf.device, dtype=buf.dtype) if momentum_tensor is not None else momentum
+            buf.lerp_(stat.to(buf.dtype), w)
 
 
 def _ext_forward(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps,
@@ -176,7 +218,9 @@ def _register_ext_fakes() -> None:
 
 @conv_bn_act_train.register_fake
 def _(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps,
-      activation="relu", algo="implicit", backend="auto"):
+      activation="relu", algo="implicit", backend="auto", running_mean=None, running_var=None, momentum=0.1,
+      momentum_tensor=None):
+    _check_running(running_mean, running_var, momentum_tensor, weight.shape[0])
     z = _new_output(input, weight, stride, padding, dilation, _fake_alloc)
     y = torch.empty_like(z)
     c = weight.shape[0]
@@ -285,7 +329,7 @@ def _producer_of(x: torch.Tensor):
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, activation, algo,
-     backend) = inputs
+     backend, *_running) = inputs
     y, z, mean, var = output
     ctx.mark_non_differentiable(z, mean, var)
     ctx.set_materialize_grads(False)  # z, mean, var get no gradient: no zero-filled tensors for them
@@ -295,7 +339,8 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
     ctx.input_size, ctx.weight_size = list(x.shape), list(weight.shape)
     keep_residual = residual is not None and activation != "identity"
-    producer = _producer_of(x) if not isinstance(x, torch._subclasses.FakeTensor) else None
+    producer = (_producer_of(x) if not (torch.compiler.is_compiling() or isinstance(x, torch._subclasses.FakeTensor))
+                else None)
     ctx.input_producer = None
     saved_x = x
     if producer is not None:  # rebuild x in backward from what its producer keeps anyway
@@ -305,9 +350,12 @@ def _setup_context(ctx, inputs, output):
                           *(producer.tensors if producer is not None else ()))
 
 
+_NUM_INPUTS = 18  # conv_bn_act_train's arguments
+
+
 def _backward(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
     if grad_y is None:  # y took no part in the loss
-        return (None,) * 14
+        return (None,) * _NUM_INPUTS
     x, weight, bn_weight, bn_bias, residual, z, mean, var, *producer = ctx.saved_tensors
     if ctx.input_producer is not None:
         p_eps, p_activation, _ = ctx.input_producer
@@ -322,14 +370,30 @@ def _backward(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
     grad_gamma = sum_gx.to(bn_weight.dtype) if (bn_weight is not None and needs[3]) else None
     grad_beta = sum_g.to(bn_bias.dtype) if (bn_bias is not None and needs[4]) else None
     return (grad_x, grad_w, grad_b, grad_gamma, grad_beta, grad_res if want_res else None,
-            None, None, None, None, None, None, None, None)
+            *(None,) * (_NUM_INPUTS - 6))
 
 
-conv_bn_act_train.register_autograd(_backward, setup_context=_setup_context)
-conv_bn_act_train_op = FastOp(conv_bn_act_train, _setup_context, _backward)  # see _fastpath
+def _register_autograd_of_mutating_op(op, backward, setup_context) -> None:
+    """op.register_autograd for an op that mutates some inputs (here: the running statistics, which get no
+    gradient). torch.library refuses register_autograd on any op with a mutable schema, although the autograd
+    kernel every custom op already has (torch._library.autograd.make_autograd_impl: forward below autograd,
+    defaults filled in, then setup_context; backward) handles one: what it needs is only the two functions, set
+    here where register_autograd would set them. Covered by opcheck (with and without running statistics,
+    inputs requiring grad), gradcheck and torch.compile(fullgraph) training."""
+    if not (hasattr(op, "_backward_fn") and hasattr(op, "_setup_context_fn")):
+        raise RuntimeError("fastconv: this torch's CustomOpDef has no _backward_fn/_setup_context_fn; "
+                           "conv_bn_act_train's autograd needs updating for it")
+    op._backward_fn = backward
+    op._setup_context_fn = setup_context
+
+
+_register_autograd_of_mutating_op(conv_bn_act_train, _backward, _setup_context)
+# see _fastpath; the eager path bumps the running statistics' version counters as the dispatcher does
+conv_bn_act_train_op = FastOp(conv_bn_act_train, _setup_context, _backward, mutated=(14, 15))
 batch_norm_act_op = FastOp(batch_norm_act)
 batch_norm_act_backward_op = FastOp(batch_norm_act_backward)
 
 _lib = torch.library.Library("fastconv", "IMPL")
-# input, weight, bias and residual follow autocast like nn.Conv2d; BatchNorm parameters stay as they are.
+# input, weight, bias and residual follow autocast like nn.Conv2d; BatchNorm parameters and running statistics stay
+# as they are.
 register_autocast(_lib, "fastconv::conv_bn_act_train", cast_args=(0, 1, 2, 5))

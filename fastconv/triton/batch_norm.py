@@ -13,6 +13,8 @@ Tensors are [N, C, H, W] read through their strides; a tile is [BLOCK_P pixels, 
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -20,23 +22,41 @@ import triton.language as tl
 from .._args import accumulation_dtype
 from ._common import ACTIVATIONS, acc_dtype, cdiv, check_runnable, needs_int64
 from ._epilogue import activation, activation_grad, split_rows
-from .conv2d import workspace
+from . import conv2d as _conv
 from .launch import run, sm_count
 
 BLOCK_P, BLOCK_C = 64, 32
 
 
 @triton.jit
+def _lerp_store(ptr, end, w, mask, ACC: tl.constexpr):
+    """*ptr = lerp(*ptr, end, w) in ACC, stored in *ptr's dtype; ATen's lerp formula (exact at w = 0 and 1).
+    16-bit buffers are rounded from fp32 (fp64 -> bf16 has no direct conversion everywhere; the interpreter's
+    gives garbage)."""
+    old = tl.load(ptr, mask=mask, other=0.0).to(ACC)
+    diff = end - old
+    new = tl.where(tl.abs(w) < 0.5, old + w * diff, end - diff * (1.0 - w))
+    if ptr.dtype.element_ty.primitive_bitwidth == 16:
+        new = new.to(tl.float32)
+    tl.store(ptr, new.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _batch_norm_combine_kernel(cnt_ptr, mean_ptr, m2_ptr, T, C, ROWS,
                             cnt_out_ptr, mean_out_ptr, m2_out_ptr, bias_ptr,
-                            FINAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                            run_mean_ptr, run_var_ptr, momentum_ptr, momentum_hi, momentum_lo,
+                            FINAL: tl.constexpr, HAS_BIAS: tl.constexpr, RUNNING: tl.constexpr,
+                            MOMENTUM_TENSOR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """Combine rows [chunk * ROWS, (chunk + 1) * ROWS) of T (count, mean, M2) partials per channel, BLOCK_T rows
     at a time: a block's rows merge at once (n = sum n_i, mean = sum n_i mean_i / n,
     M2 = sum M2_i + sum n_i (mean_i - mean)^2), then into the running result with Chan's pairwise formula
     (n = na + nb, d = mb - ma, mean = ma + d nb / n, M2 = M2a + M2b + d^2 na nb / n). Not FINAL: writes the
     chunk's combined row [chunk, C]; FINAL (one chunk): writes the mean (plus the conv bias, which the partials
-    leave out) and the biased variance [C]."""
+    leave out) and the biased variance [C], and with RUNNING also updates the running statistics in place, in
+    their own dtype: running = lerp(running, batch statistic, momentum) with the unbiased variance M2 / (n - 1),
+    as F.batch_norm does. The momentum is a 0-dim tensor read here (MOMENTUM_TENSOR: momentum=None's
+    1 / num_batches_tracked, no host sync) or a float passed as fp32 hi + lo parts (exact for fp64 buffers).
+    Each program owns its channels: no other program touches them."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     lo = tl.program_id(1) * ROWS
@@ -66,11 +86,42 @@ def _batch_norm_combine_kernel(cnt_ptr, mean_ptr, m2_ptr, T, C, ROWS,
             mean_a += tl.load(bias_ptr + c, mask=cm, other=0.0).to(acc)
         tl.store(mean_out_ptr + c, mean_a, mask=cm)
         tl.store(m2_out_ptr + c, m2_a / tl.maximum(n_a, 1.0), mask=cm)
+        if RUNNING:
+            if MOMENTUM_TENSOR:
+                w = tl.load(momentum_ptr).to(acc)
+            else:
+                w = tl.cast(momentum_hi, acc) + tl.cast(momentum_lo, acc)
+            _lerp_store(run_mean_ptr + c, mean_a, w, cm, acc)
+            _lerp_store(run_var_ptr + c, m2_a / tl.maximum(n_a - 1.0, 1.0), w, cm, acc)
     else:
         out = tl.program_id(1) * C + c
         tl.store(cnt_out_ptr + out, n_a, mask=cm)
         tl.store(mean_out_ptr + out, mean_a, mask=cm)
         tl.store(m2_out_ptr + out, m2_a, mask=cm)
+
+
+@triton.jit
+def _batch_norm_sum_rows_kernel(a_ptr, b_ptr, T, C, ROWS, a_out_ptr, b_out_ptr,
+                                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Column sums of rows [chunk * ROWS, (chunk + 1) * ROWS) of two [T, C] arrays -> row `chunk` of two
+    [chunks, C] arrays (one chunk: the [C] sums). BLOCK_T rows per step, element-wise partials in registers to
+    the loop end, then one reduction: a fixed order, so the result is deterministic."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    lo = tl.program_id(1) * ROWS
+    hi = tl.minimum(lo + ROWS, T)
+    acc = a_out_ptr.dtype.element_ty
+    sum_a = tl.zeros((BLOCK_T, BLOCK_C), dtype=acc)
+    sum_b = tl.zeros((BLOCK_T, BLOCK_C), dtype=acc)
+    for t0 in tl.range(lo, hi, BLOCK_T, num_stages=2):
+        t = t0 + tl.arange(0, BLOCK_T)
+        mask = (t < hi)[:, None] & cm[None, :]
+        off = t[:, None] * C + c[None, :]
+        sum_a += tl.load(a_ptr + off, mask=mask, other=0.0).to(acc)
+        sum_b += tl.load(b_ptr + off, mask=mask, other=0.0).to(acc)
+    out = tl.program_id(1) * C + c
+    tl.store(a_out_ptr + out, tl.sum(sum_a, axis=0), mask=cm)
+    tl.store(b_out_ptr + out, tl.sum(sum_b, axis=0), mask=cm)
 
 
 @triton.jit
@@ -150,24 +201,27 @@ def _batch_norm_act_bwd_reduce_kernel(
     HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
     IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Partial sums of g and g * xhat over pixels [split * P_PER_SPLIT, ...) -> [split, C]."""
+    """Partial sums of g and g * xhat over pixels [split * P_PER_SPLIT, ...) -> [split, C]. One pass over the
+    pixels, software-pipelined (tl.range num_stages: the next tiles' loads are in flight while this one is
+    reduced); the partials stay element-wise [BLOCK_P, BLOCK_C] in registers and are reduced across pixels once,
+    after the loop, not once per step."""
     split = tl.program_id(1)
     c0 = tl.program_id(0) * BLOCK_C
     c = c0 + tl.arange(0, BLOCK_C)
     mean, invstd, gamma, beta = _bn_coefficients(c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_AFFINE, ACC)
-    acc_g = tl.zeros((BLOCK_C,), ACC)
-    acc_gx = tl.zeros((BLOCK_C,), ACC)
+    acc_g = tl.zeros((BLOCK_P, BLOCK_C), ACC)
+    acc_gx = tl.zeros((BLOCK_P, BLOCK_C), ACC)
     p_lo = split * P_PER_SPLIT
     p_hi = tl.minimum(p_lo + P_PER_SPLIT, P)
-    for p0 in range(p_lo, p_hi, BLOCK_P):
+    for p0 in tl.range(p_lo, p_hi, BLOCK_P, num_stages=3):
         n, h, w, cc, mask = _bn_tile(p0, c0, p_hi, C, H, W, IDX64, BLOCK_P, BLOCK_C)
         g, xhat = _bn_grad_u(dy_ptr, z_ptr, res_ptr, n, h, w, cc, mask, mean, invstd, gamma, beta,
                              sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw, HAS_RES, ACT, ACC)
-        acc_g += tl.sum(g, axis=0)
-        acc_gx += tl.sum(g * xhat, axis=0)
+        acc_g += g
+        acc_gx += g * xhat
     cm = c < C
-    tl.store(sum_g_ptr + split * C + c, acc_g, mask=cm)
-    tl.store(sum_gx_ptr + split * C + c, acc_gx, mask=cm)
+    tl.store(sum_g_ptr + split * C + c, tl.sum(acc_g, axis=0), mask=cm)
+    tl.store(sum_gx_ptr + split * C + c, tl.sum(acc_gx, axis=0), mask=cm)
 
 
 @triton.jit
@@ -202,27 +256,72 @@ COMBINE_ROWS = 16 * COMBINE_BLOCK_T
 REDUCE_MAX_STEPS = 256
 
 
-def finalize(stats, channels: int, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _momentum_parts(momentum: float) -> tuple[float, float]:
+    """A float momentum as fp32 hi + lo (Triton passes float scalars as fp32): their sum in fp64 is the
+    float to about 48 bits, so fp64 running statistics see the same factor as nn.BatchNorm2d."""
+    def fp32(v: float) -> float:
+        return struct.unpack("f", struct.pack("f", v))[0]
+
+    hi = fp32(momentum)
+    return hi, fp32(momentum - hi)
+
+
+def finalize(stats, channels: int, bias: torch.Tensor | None = None, running=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(count, mean, M2) partials [T, C] of the bias-free conv output -> per-channel batch mean (bias
-    added) and biased variance, by a tree of _batch_norm_combine_kernel levels (no long serial loop)."""
+    added) and biased variance, by a tree of _batch_norm_combine_kernel levels (no long serial loop).
+
+    running: None or (running_mean, running_var, momentum, momentum_tensor): the tree's last pass also updates
+    the running statistics in place (unbiased variance), with momentum_tensor (0-dim, read in the kernel) when
+    it is not None, else the float momentum."""
     cnt, mean_p, m2_p = stats
     check_runnable(cnt)
     mean = torch.empty(channels, device=cnt.device, dtype=cnt.dtype)
     var = torch.empty_like(mean)
     blocks_c = cdiv(channels, COMBINE_BLOCK_C)
     T = cnt.shape[0]
+    no_running = (mean, mean, mean, 0.0, 0.0)
     while T > COMBINE_ROWS:
         chunks = cdiv(T, COMBINE_ROWS)
-        out = [workspace((chunks, channels), cnt.device, cnt.dtype) for _ in range(3)]
+        out = [_conv.workspace((chunks, channels), cnt.device, cnt.dtype) for _ in range(3)]
         run(_batch_norm_combine_kernel, (blocks_c, chunks), cnt, mean_p, m2_p, T, channels, COMBINE_ROWS, *out, mean,
-            device=cnt.device, loop=cdiv(COMBINE_ROWS, COMBINE_BLOCK_T),
-            FINAL=False, HAS_BIAS=False, BLOCK_T=COMBINE_BLOCK_T, BLOCK_C=COMBINE_BLOCK_C)
+            *no_running, device=cnt.device, loop=cdiv(COMBINE_ROWS, COMBINE_BLOCK_T),
+            FINAL=False, HAS_BIAS=False, RUNNING=False, MOMENTUM_TENSOR=False,
+            BLOCK_T=COMBINE_BLOCK_T, BLOCK_C=COMBINE_BLOCK_C)
         (cnt, mean_p, m2_p), T = out, chunks
+    running_args, momentum_tensor = no_running, False
+    if running is not None:
+        run_mean, run_var, momentum, mom_t = running
+        check_runnable(run_mean, run_var)
+        momentum_tensor = mom_t is not None
+        if momentum_tensor:
+            mom_t = mom_t if mom_t.device == cnt.device else mom_t.to(cnt.device)
+            running_args = (run_mean, run_var, mom_t, 0.0, 0.0)
+        else:
+            running_args = (run_mean, run_var, mean, *_momentum_parts(momentum))
     run(_batch_norm_combine_kernel, (blocks_c, 1), cnt, mean_p, m2_p, T, channels, COMBINE_ROWS,
-        mean, mean, var, bias if bias is not None else mean,
+        mean, mean, var, bias if bias is not None else mean, *running_args,
         device=cnt.device, loop=cdiv(T, COMBINE_BLOCK_T),
-        FINAL=True, HAS_BIAS=bias is not None, BLOCK_T=COMBINE_BLOCK_T, BLOCK_C=COMBINE_BLOCK_C)
+        FINAL=True, HAS_BIAS=bias is not None, RUNNING=running is not None, MOMENTUM_TENSOR=momentum_tensor,
+        BLOCK_T=COMBINE_BLOCK_T, BLOCK_C=COMBINE_BLOCK_C)
     return mean, var
+
+
+def sum_rows(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column sums of two [T, C] partial arrays (the backward reduction's per-split sums) -> two [C], by a tree
+    of _batch_norm_sum_rows_kernel levels in a fixed order (deterministic, no atomics)."""
+    T, C = a.shape
+    blocks_c = cdiv(C, COMBINE_BLOCK_C)
+    while T > COMBINE_ROWS:
+        chunks = cdiv(T, COMBINE_ROWS)
+        out = [_conv.workspace((chunks, C), a.device, a.dtype) for _ in range(2)]
+        run(_batch_norm_sum_rows_kernel, (blocks_c, chunks), a, b, T, C, COMBINE_ROWS, *out,
+            device=a.device, loop=cdiv(COMBINE_ROWS, COMBINE_BLOCK_T), BLOCK_T=COMBINE_BLOCK_T, BLOCK_C=COMBINE_BLOCK_C)
+        (a, b), T = out, chunks
+    sum_a = torch.empty(C, device=a.device, dtype=a.dtype)
+    sum_b = torch.empty_like(sum_a)
+    run(_batch_norm_sum_rows_kernel, (blocks_c, 1), a, b, T, C, COMBINE_ROWS, sum_a, sum_b,
+        device=a.device, loop=cdiv(T, COMBINE_BLOCK_T), BLOCK_T=COMBINE_BLOCK_T, BLOCK_C=COMBINE_BLOCK_C)
+    return sum_a, sum_b
 
 
 def reduce_splits(P: int, C: int, device: torch.device) -> int:
@@ -277,8 +376,9 @@ def batch_norm_act_backward(grad_y, z, mean, var, weight, bias, eps: float, acti
         splits = reduce_splits(P, C, z.device)
     per_split = cdiv(cdiv(P, splits), BLOCK_P) * BLOCK_P
     splits = cdiv(P, per_split)
-    sum_g_p = torch.empty((splits, C), device=z.device, dtype=acc)
-    sum_gx_p = torch.empty_like(sum_g_p)
+    # One split writes the sums themselves ([C]); more write [splits, C] partials that sum_rows adds up.
+    sum_g_p = _conv.workspace((splits, C) if splits > 1 else (C,), z.device, acc)
+    sum_gx_p = _conv.workspace(sum_g_p.shape, z.device, acc)
     res = residual if residual is not None else z
     w, b = _affine_args(weight, bias, mean)
     common = dict(HAS_AFFINE=weight is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS[activation],
@@ -289,7 +389,7 @@ def batch_norm_act_backward(grad_y, z, mean, var, weight, bias, eps: float, acti
         *grad_y.stride(), *z.stride(), *res.stride(),
         device=z.device, loop=cdiv(per_split, BLOCK_P), **common,
     )
-    sum_g, sum_gx = sum_g_p.sum(0), sum_gx_p.sum(0)
+    sum_g, sum_gx = sum_rows(sum_g_p, sum_gx_p) if splits > 1 else (sum_g_p, sum_gx_p)
     dres_t = dres if dres is not None else dz
     run(_batch_norm_act_bwd_apply_kernel, (cdiv(P, BLOCK_P), cdiv(C, BLOCK_C)),
         grad_y, z, res, mean, var, w, b, sum_g, sum_gx, dz, dres_t, P, C, H, W, eps,
