@@ -147,12 +147,10 @@ def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_v
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
         # With running statistics the op also updates them in place (on Triton in the statistics finalize's
         # last pass); a tensor momentum is read on the device.
-        update = training and running_mean is not None and running_var is not None
-        momentum_tensor = momentum if (update and isinstance(momentum, torch.Tensor)) else None
-        momentum = float(momentum) if (update and momentum_tensor is None) else 0.0
+        running = _running_args(running_mean, running_var, momentum) if training else (None, None, 0.0, None)
         y, z, mean, var = cba_ops.conv_bn_act_train_op(
             input, weight, bias, bn_weight, bn_bias, residual, *geometry, float(eps), activation, algo, name,
-            running_mean if update else None, running_var if update else None, momentum, momentum_tensor)
+            *running)
         if y.requires_grad and not torch.compiler.is_compiling():
             _mark_producer(y, z, mean, var, bn_weight, bn_bias, residual, eps, activation)
     else:
@@ -199,21 +197,18 @@ def conv_bn_stats(input, weight, bias, bn_weight, bn_bias, running_mean, running
     prologue = ((prev.mean, prev.var, prev.bn_weight, prev.bn_bias, float(prev.eps), prev.activation)
                 if prev is not None else (None, None, None, None, 0.0, "identity"))
     z, mean, var = chain_ops.conv_bn_stats_train_op(x, weight, bias, *prologue, stride, padding, dilation, groups,
-                                                    algo, name)
-    _update_running(running_mean, running_var, mean, var, per_channel, momentum)
+                                                    algo, name, *_running_args(running_mean, running_var, momentum))
     return PendingBlock(z, mean, var, bn_weight, bn_bias, float(eps), activation)
 
 
-def _update_running(running_mean, running_var, mean, var, count: int, momentum) -> None:
-    """F.batch_norm's running-statistics update: lerp toward the batch mean and the unbiased variance."""
+def _running_args(running_mean, running_var, momentum):
+    """(running_mean, running_var, momentum, momentum_tensor) for a training op that updates running statistics
+    (None, None, 0.0, None without them): a tensor momentum is read on the device (no host sync)."""
     if running_mean is None or running_var is None:
-        return
-    with torch.no_grad():
-        if isinstance(momentum, torch.Tensor):
-            momentum = momentum.to(running_mean.dtype)
-        unbiased = var * (count / max(count - 1, 1))
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+        return None, None, 0.0, None
+    if isinstance(momentum, torch.Tensor):
+        return running_mean, running_var, 0.0, momentum
+    return running_mean, running_var, float(momentum), None
 
 
 def bn_act(block: PendingBlock, residual: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,7 +7,8 @@ operand tiles (the Triton kernels' PROLOGUE, forward and wgrad); the chain's las
 where a consumer needs the tensor.
 
     fastconv::conv_bn_stats_train(input, weight, bias?, in_mean?, in_var?, in_weight?, in_bias?, in_eps,
-                                  in_activation, stride, padding[4], dilation, groups, algo, backend)
+                                  in_activation, stride, padding[4], dilation, groups, algo, backend,
+                                  running_mean(a!)?, running_var(b!)?, momentum, momentum_tensor?)
         -> (z, mean, var)
         z = conv(x) + bias and its batch mean / biased variance (fp32; fp64 for fp64), where x = input, or,
         with in_mean / in_var, x = in_activation(bn(input)) with the producer's batch statistics and affine
@@ -25,7 +26,8 @@ Saved per block: its input (the producer's z, or x) and the statistics; never y.
 
 Only the Triton backend fuses. The other backends compute the same values by materialising x with PyTorch
 ops (correct, no saving), which is why fastconv.FusedSequential chains blocks only on the Triton backend.
-Running statistics are updated by the caller (functional.conv_bn_stats).
+With running_mean / running_var the op also updates them as fastconv::conv_bn_act_train does (Triton: in the
+statistics finalize's last pass).
 """
 from __future__ import annotations
 
@@ -39,17 +41,20 @@ from .conv2d import ALGOS, ACTIVATIONS, _check_choice, _fake_alloc, _new_output
 from .conv2d_prologue import prologue_weight_grad_op, torch_prologue
 from .conv_bn_act import (
     SUPPORTED_BACKENDS,
+    _check_running,
     _conv_backend,
+    _register_autograd_of_mutating_op,
     _stat_dtype,
     batch_norm_act,
     batch_norm_act_backward_op,
     ext_ops,
     fold_batch_norm,
+    update_running_stats,
 )
 from ._autocast import register_autocast
 from ._fastpath import FastOp, impl_of
 
-_NUM_INPUTS = 15  # conv_bn_stats_train's arguments
+_NUM_INPUTS = 19  # conv_bn_stats_train's arguments
 
 
 def _resolve(device: torch.device, backend: str) -> str:
@@ -68,7 +73,7 @@ def _stats_of(z: torch.Tensor):
     return zf.mean((0, 2, 3)), zf.var((0, 2, 3), unbiased=False)
 
 
-@torch.library.custom_op("fastconv::conv_bn_stats_train", mutates_args=())
+@torch.library.custom_op("fastconv::conv_bn_stats_train", mutates_args=("running_mean", "running_var"))
 def conv_bn_stats_train(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -85,9 +90,14 @@ def conv_bn_stats_train(
     groups: int,
     algo: str = "implicit",
     backend: str = "auto",
+    running_mean: Optional[torch.Tensor] = None,
+    running_var: Optional[torch.Tensor] = None,
+    momentum: float = 0.1,
+    momentum_tensor: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_choice(in_activation, ACTIVATIONS, "activation")
     _check_choice(algo, ALGOS, "algo")
+    _check_running(running_mean, running_var, momentum_tensor, weight.shape[0])
     if (in_mean is None) != (in_var is None):
         raise ValueError("fastconv.conv_bn_stats_train: in_mean and in_var are given together or not at all")
     prologue = _prologue(in_mean, in_var, in_weight, in_bias, in_eps, in_activation)
@@ -102,22 +112,31 @@ def conv_bn_stats_train(
         else:
             _, stats = tconv.conv2d_forward(input, weight, bias, stride, padding, dilation, groups, out=z,
                                             stats=True, prologue=prologue)
-        mean, var = tbn.finalize(stats, z.shape[1], bias)
+        # the finalize's last pass also updates the running statistics (contiguous buffers: the kernel's indexing)
+        in_kernel = running_mean is not None and running_mean.is_contiguous() and running_var.is_contiguous()
+        running = (running_mean, running_var, momentum, momentum_tensor) if in_kernel else None
+        mean, var = tbn.finalize(stats, z.shape[1], bias, running)
+        if not in_kernel:
+            update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor)
         return z, mean, var
     x = input if prologue is None else torch_prologue(input, *prologue)  # materialised: only Triton fuses
     conv_name = _conv_backend(name)
     if conv_name in ("cpu", "cuda"):
         z, (cnt, mean_p, m2_p) = conv_ops.ext_conv2d(x, weight, bias, stride, padding, dilation, groups, stats=True)
         mean, var = ext_ops().ext_batch_norm_finalize(cnt, mean_p, m2_p, bias)
-        return z, mean, var
-    z = conv_ops.conv2d_op(x, weight, bias, stride, padding, dilation, groups, None, None, None, "identity", algo,
-                           conv_name)
-    return (z, *_stats_of(z))
+    else:
+        z = conv_ops.conv2d_op(x, weight, bias, stride, padding, dilation, groups, None, None, None, "identity",
+                               algo, conv_name)
+        mean, var = _stats_of(z)
+    update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor)
+    return z, mean, var
 
 
 @conv_bn_stats_train.register_fake
 def _(input, weight, bias, in_mean, in_var, in_weight, in_bias, in_eps, in_activation, stride, padding, dilation,
-      groups, algo="implicit", backend="auto"):
+      groups, algo="implicit", backend="auto", running_mean=None, running_var=None, momentum=0.1,
+      momentum_tensor=None):
+    _check_running(running_mean, running_var, momentum_tensor, weight.shape[0])
     z = _new_output(input, weight, stride, padding, dilation, _fake_alloc)
     stat = input.new_empty(weight.shape[0], dtype=_stat_dtype(input.dtype))
     return z, stat, torch.empty_like(stat)
@@ -125,7 +144,7 @@ def _(input, weight, bias, in_mean, in_var, in_weight, in_bias, in_eps, in_activ
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, in_mean, in_var, in_weight, in_bias, in_eps, in_activation, stride, padding, dilation,
-     groups, algo, backend) = inputs
+     groups, algo, backend, *_running) = inputs
     _, mean, var = output
     ctx.mark_non_differentiable(mean, var)
     ctx.set_materialize_grads(False)
@@ -173,8 +192,8 @@ def _backward(ctx, grad_z, _grad_mean, _grad_var):
     return (grad_input, grad_w, grad_b, None, None, grad_in_weight, grad_in_bias, *(None,) * (_NUM_INPUTS - 7))
 
 
-conv_bn_stats_train.register_autograd(_backward, setup_context=_setup_context)
-conv_bn_stats_train_op = FastOp(conv_bn_stats_train, _setup_context, _backward)
+_register_autograd_of_mutating_op(conv_bn_stats_train, _backward, _setup_context)
+conv_bn_stats_train_op = FastOp(conv_bn_stats_train, _setup_context, _backward, mutated=(15, 16))
 
 
 @torch.library.custom_op("fastconv::batch_norm_act_train", mutates_args=())
