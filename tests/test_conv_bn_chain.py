@@ -1,0 +1,314 @@
+"""Chains of training-mode fused conv + BatchNorm + activation blocks (fastconv/ops/conv_bn_chain.py,
+functional.conv_bn_stats / bn_act, modules.FusedSequential, convert()) against nn.Sequential in float64:
+
+    x -> [conv1, bn1, act1] -> [conv2, bn2, act2] -> ... -> y
+
+where every block but the last stops after its batch statistics and the next conv reads its output through the
+Triton operand prologue. Chains of 2-4 blocks with stride, groups, dilation, padding, no conv bias, affine=False,
+momentum=None, a residual on the last block, NCHW and channels_last, fp32 / fp16 / fp64: the output, every
+gradient (input, conv weights and biases, BatchNorm weights and biases, residual) and the running statistics
+after two steps. The Triton kernels run through the interpreter without a GPU (bf16 left out: the interpreter's
+tl.dot on bf16 is wrong); 'torch' and 'cpu' compose the same ops.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastconv
+import fastconv.ops.conv2d as conv_ops
+import fastconv.triton.conv2d as tconv
+from fastconv import functional as FC, modules
+from fastconv.ops import conv2d_prologue as prologue_ops
+from fastconv.triton import launch
+
+from .backends import skip_unless_runnable
+from .helpers import TOL, assert_close, generator, nan_alloc, nan_workspace, randn
+
+ACT_MODULES = {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish,
+               "identity": nn.Identity}
+
+
+def _block(cout, k=3, stride=1, padding=1, dilation=1, groups=1, bias=True, act="relu", affine=True,
+           momentum=0.1):
+    return dict(cout=cout, k=k, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
+                act=act, affine=affine, momentum=momentum)
+
+
+# Each covers something else; fp16 chains avoid activations with kinks (a mask flipping at a kink against the
+# float64 reference is no kernel error).
+CHAINS = {
+    "two_relu_stride2": dict(input=(2, 3, 9, 7), dtype=torch.float32, layout="nchw", blocks=[
+        _block(5), _block(4, stride=2, bias=False, act="silu")]),
+    "three_groups_dilation_fp16_cl": dict(input=(2, 4, 10, 9), dtype=torch.float16, layout="channels_last", blocks=[
+        _block(6, groups=2, act="silu"), _block(6, padding=2, dilation=2, groups=3, act="silu", bias=False),
+        _block(8, k=1, padding=0, act="silu")]),
+    "four_affine_false_momentum_none_fp64": dict(input=(1, 3, 8, 8), dtype=torch.float64, layout="nchw", blocks=[
+        _block(4, act="relu6"), _block(5, stride=2, affine=False, act="hardswish"),
+        _block(5, padding=0, k=1, momentum=None, act="relu"), _block(3, act="identity", bias=False)]),
+    "channel_tiles_fp32_cl": dict(input=(2, 40, 6, 5), dtype=torch.float32, layout="channels_last", blocks=[
+        _block(36, act="relu"), _block(34, k=(3, 1), padding=(1, 0), act="silu")]),
+}
+
+
+def plain_model(cfg, salt) -> nn.Sequential:
+    """nn.Sequential(conv, bn, act, ...) in float64 with fresh random parameters and running statistics."""
+    torch.manual_seed(generator("chain", salt, repr(cfg)).initial_seed() % 2**31)
+    layers, cin = [], cfg["input"][1]
+    for b in cfg["blocks"]:
+        conv = nn.Conv2d(cin, b["cout"], b["k"], b["stride"], b["padding"], b["dilation"], b["groups"], b["bias"])
+        bn = nn.BatchNorm2d(b["cout"], affine=b["affine"], momentum=b["momentum"])
+        with torch.no_grad():
+            if b["affine"]:  # negative gammas and shifts: a wrong padding mask or prologue sign shows up
+                bn.weight.uniform_(-1.5, 1.5)
+                bn.bias.uniform_(-1, 1)
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+        layers += [conv, bn, ACT_MODULES[b["act"]]()]
+        cin = b["cout"]
+    return nn.Sequential(*layers).double().train()
+
+
+def _layout(t, cfg):
+    return t.contiguous(memory_format=torch.channels_last) if cfg["layout"] == "channels_last" else t
+
+
+def _step(model, x, g):
+    """Output and gradients of the input and parameters of one training step; g(shape) gives the output's
+    gradient."""
+    y = model(x)
+    grad = g(y.shape)
+    return y, torch.autograd.grad(y, [x, *model.parameters()], grad), grad
+
+
+def _running(model):
+    return [b for name, b in model.named_buffers() if "running" in name]
+
+
+def check_functional(cfg, backend, device, salt, residual=False):
+    """functional.conv_bn_stats over the blocks, bn_act at the end, against the plain Sequential (two steps)."""
+    ref = plain_model(cfg, salt)
+    gen = generator("chain-input", salt, repr(cfg))
+    dtype = cfg["dtype"]
+    mods = copy.deepcopy(ref).to(device=device, dtype=dtype)
+    convs, bns = mods[0::3], mods[1::3]
+    for step in range(2):
+        x = randn(cfg["input"], torch.float64, "cpu", gen).requires_grad_()
+        u = ref[:-1](x)  # the residual goes before the last activation
+        res = randn(tuple(u.shape), torch.float64, "cpu", gen).requires_grad_() if residual else None
+        y_ref = ref[-1](u + res if residual else u)
+        g = randn(tuple(y_ref.shape), torch.float64, "cpu", gen)
+        wrt = [x, *ref.parameters()] + ([res] if residual else [])
+        grads_ref = torch.autograd.grad(y_ref, wrt, g)
+
+        xk = _layout(x.detach().to(device=device, dtype=dtype), cfg).requires_grad_()
+        rk = _layout(res.detach().to(device=device, dtype=dtype), cfg).requires_grad_() if residual else None
+        with fastconv.backend(backend):
+            h = xk
+            for conv, bn, b in zip(convs, bns, cfg["blocks"]):
+                bn.num_batches_tracked.add_(1)
+                factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked
+                h = FC.conv_bn_stats(h, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                                     bn.running_var, stride=conv.stride, padding=conv.padding,
+                                     dilation=conv.dilation, groups=conv.groups, momentum=factor, eps=bn.eps,
+                                     activation=b["act"])
+            y = FC.bn_act(h, rk)
+            wrt_k = [xk, *mods.parameters()] + ([rk] if residual else [])
+            grads = torch.autograd.grad(y, wrt_k, _layout(g.to(device=device, dtype=dtype), cfg))
+        what = f"{backend} step {step}"
+        assert_close(y, y_ref, dtype, f"{what} output", cfg)
+        names = ["input", *(n for n, _ in ref.named_parameters())] + (["residual"] if residual else [])
+        for got, want, name in zip(grads, grads_ref, names):
+            if name.endswith(".bias") and name.split(".")[0] in {str(3 * i) for i in range(len(cfg["blocks"]))}:
+                # a conv bias before batch-statistics BatchNorm has gradient 0 up to rounding (mean removed)
+                assert got.abs().max() <= 4 * TOL[dtype] * max(1.0, float(g.abs().max())), (what, name, got)
+                continue
+            assert_close(got, want, dtype, f"{what} grad {name}", cfg)
+        for got, want in zip(_running(mods), _running(ref)):
+            assert_close(got, want, dtype, f"{what} running statistics", cfg)
+
+
+@pytest.mark.parametrize("name", list(CHAINS))
+@pytest.mark.parametrize("backend", ["triton", "torch", "cpu"])
+def test_functional_chain(name, backend, device):
+    skip_unless_runnable(backend)
+    cfg = CHAINS[name]
+    if backend != "triton":
+        device = torch.device("cpu")
+    check_functional(cfg, backend, device, "functional", residual=(name == "two_relu_stride2"))
+
+
+def test_chain_residual_on_last_block(device, triton_backend):
+    check_functional(CHAINS["four_affine_false_momentum_none_fp64"], "triton", device, "residual", residual=True)
+
+
+def _converted(cfg, device, salt):
+    ref = plain_model(cfg, salt)
+    model = fastconv.convert(ref).to(device=device, dtype=cfg["dtype"])
+    return ref, model
+
+
+class _Spy:
+    """Counts functional.conv_bn_stats / bn_act / conv_bn_act calls and Triton normalize launches."""
+
+    def __init__(self, monkeypatch):
+        self.calls = {"conv_bn_stats": 0, "bn_act": 0, "conv_bn_act": 0}
+        for fn in self.calls:
+            real = getattr(FC, fn)
+
+            def wrap(*a, _real=real, _fn=fn, **k):
+                self.calls[_fn] += 1
+                return _real(*a, **k)
+
+            monkeypatch.setattr(FC, fn, wrap)
+
+
+@pytest.mark.parametrize("name", ["two_relu_stride2", "three_groups_dilation_fp16_cl"])
+def test_fused_sequential_chains(name, device, triton_backend, monkeypatch):
+    """convert() makes the Sequential a FusedSequential (same keys); in training every block runs through
+    conv_bn_stats and the chain's one bn_act, and matches the plain model; in eval it is the plain fused path."""
+    cfg = CHAINS[name]
+    ref, model = _converted(cfg, device, name)
+    assert type(model) is modules.FusedSequential and list(model.state_dict()) == list(ref.state_dict())
+    spy = _Spy(monkeypatch)
+    gen = generator("fused-seq", name)
+    for step in range(2):
+        x = randn(cfg["input"], torch.float64, "cpu", gen).requires_grad_()
+        y_ref, grads_ref, g = _step(ref, x, lambda shape: randn(tuple(shape), torch.float64, "cpu", gen))
+        xk = _layout(x.detach().to(device=device, dtype=cfg["dtype"]), cfg).requires_grad_()
+        y, grads, _ = _step(model, xk, lambda shape: _layout(g.to(device=device, dtype=cfg["dtype"]), cfg))
+        assert_close(y, y_ref, cfg["dtype"], f"step {step} output", cfg)
+        for (pname, _), got, want in zip([("input", None), *ref.named_parameters()], grads, grads_ref):
+            if pname.endswith(".bias") and isinstance(dict(ref.named_modules())[pname.split(".")[0]], nn.Conv2d):
+                continue  # 0 up to rounding (BatchNorm removes the mean), checked in test_functional_chain
+            assert_close(got, want, cfg["dtype"], f"step {step} grad {pname}", cfg)
+    for got, want in zip(_running(model), _running(ref)):
+        assert_close(got, want, cfg["dtype"], "running statistics", cfg)
+    n = len(cfg["blocks"])
+    assert spy.calls == {"conv_bn_stats": 2 * n, "bn_act": 2, "conv_bn_act": 0}
+    ref.eval(), model.eval()
+    spy.calls.update(dict.fromkeys(spy.calls, 0))
+    with torch.no_grad():
+        x = randn(cfg["input"], torch.float64, "cpu", gen)
+        assert_close(model(_layout(x.to(device=device, dtype=cfg["dtype"]), cfg)), ref(x), cfg["dtype"], "eval", cfg)
+    assert spy.calls == {"conv_bn_stats": 0, "bn_act": 0, "conv_bn_act": n}
+
+
+def test_chain_never_materialises_intermediate_outputs(device, triton_backend, monkeypatch):
+    """A chain of three blocks launches the normalize kernel once (forward) and never rebuilds an output in
+    backward; the prologue is never done with PyTorch ops."""
+    cfg = dict(CHAINS["three_groups_dilation_fp16_cl"], dtype=torch.float32)
+    _, model = _converted(cfg, device, "materialise")
+
+    def fail(*a, **k):
+        raise AssertionError("x was materialised with PyTorch ops on the Triton path")
+
+    monkeypatch.setattr(prologue_ops, "torch_prologue", fail)
+    x = randn(cfg["input"], torch.float32, device, generator("materialise")).requires_grad_()
+    with launch.recording() as launches:
+        y = model(x)
+        y.backward(torch.ones_like(y))
+    kernels = [getattr(rec, "kernel", None) or getattr(rec, "name", None) or str(rec) for rec in launches]
+    normalize = [k for k in kernels if "batch_norm_act_fwd" in str(k)]
+    assert len(normalize) == 1, kernels
+
+
+def test_hooks_and_other_backends_keep_sequential_semantics(device, triton_backend, monkeypatch):
+    """A forward hook on a block (it must see that block's output) stops the chain there; on backend 'torch' a
+    FusedSequential is exactly nn.Sequential. Both match the plain model."""
+    cfg = CHAINS["two_relu_stride2"]
+    ref, model = _converted(cfg, device, "hooks")
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    spy = _Spy(monkeypatch)
+    x = randn(cfg["input"], torch.float64, "cpu", generator("hooks"))
+    y = model(x.to(device=device, dtype=cfg["dtype"]))
+    assert_close(y, ref(x), cfg["dtype"], "hooked chain", cfg)
+    assert seen and spy.calls["conv_bn_stats"] == 0 and spy.calls["conv_bn_act"] == 2
+    model2 = fastconv.convert(ref)
+    with fastconv.backend("torch"):
+        assert_close(model2(x), ref(x), torch.float64, "torch backend", cfg)
+
+
+def test_every_output_element_written(device, triton_backend, monkeypatch):
+    """Outputs, statistics scratch and split-K scratch start as NaN: a chain's forward and backward write every
+    element they read."""
+    monkeypatch.setattr(conv_ops, "alloc", nan_alloc)
+    monkeypatch.setattr(tconv, "workspace", nan_workspace)
+    check_functional(CHAINS["two_relu_stride2"], "triton", device, "nan")
+
+
+def test_emulated_autotune(device, triton_backend, monkeypatch):
+    """FASTCONV_INTERPRET_AUTOTUNE=1: every tile of the tables runs on the same buffers before the final call,
+    and the chain's output, gradients and running statistics are still right."""
+    if not launch.interpreting():
+        pytest.skip("autotune emulation runs under the Triton interpreter; on a GPU the real autotuner runs")
+    monkeypatch.setenv("FASTCONV_INTERPRET_AUTOTUNE", "1")
+    cfg = dict(input=(2, 3, 7, 6), dtype=torch.float64, layout="channels_last",
+               blocks=[_block(4, act="silu"), _block(5, stride=2, act="relu", momentum=None)])
+    check_functional(cfg, "triton", device, "autotune")
+
+
+def test_opcheck(device, triton_backend):
+    from torch.library import opcheck
+
+    gen = generator("chain-opcheck")
+    f32 = torch.float32
+    x = randn((2, 4, 6, 5), f32, device, gen).requires_grad_()
+    w = randn((6, 2, 3, 3), f32, device, gen, 0.3).requires_grad_()
+    b = randn((6,), f32, device, gen).requires_grad_()
+    mean, var = randn((4,), f32, device, gen), randn((4,), f32, device, gen).abs() + 0.5
+    gamma, beta = randn((4,), f32, device, gen).requires_grad_(), randn((4,), f32, device, gen).requires_grad_()
+    geo = ([1, 2], [1, 1, 1, 0], [1, 1], 2)
+    op = torch.ops.fastconv.conv_bn_stats_train.default
+    opcheck(op, (x, w, b, None, None, None, None, 0.0, "identity", *geo, "implicit", "triton"))
+    opcheck(op, (x, w, None, mean, var, gamma, beta, 1e-5, "silu", *geo, "implicit", "triton"))
+    running = (torch.zeros(6, device=device), torch.ones(6, device=device))
+    opcheck(op, (x, w, b, mean, var, None, None, 1e-5, "relu", *geo, "implicit", "triton", *running, 0.1, None))
+    z, m, v = op(x.detach(), w.detach(), b.detach(), None, None, None, None, 0.0, "identity", *geo)
+    g6, b6 = (randn((6,), f32, device, gen).requires_grad_() for _ in range(2))
+    opcheck(torch.ops.fastconv.batch_norm_act_train.default,
+            (z.requires_grad_(), m, v, g6, b6, None, 1e-5, "silu", "triton"))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gradcheck(backend, device):
+    """torch.autograd.gradcheck in float64 through a two-block chain (prologue, BatchNorm training gradient)."""
+    skip_unless_runnable(backend)
+    if backend != "triton":
+        device = torch.device("cpu")
+    gen = generator("chain-gradcheck", backend)
+    f64 = torch.float64
+    x = randn((2, 2, 4, 3), f64, device, gen).requires_grad_()
+    w1, w2 = (randn((3, c, 3, 3), f64, device, gen, 0.5).requires_grad_() for c in (2, 3))
+    g1, b1, g2, b2 = (randn((3,), f64, device, gen).requires_grad_() for _ in range(4))
+
+    def fn(x, w1, w2, g1, b1, g2, b2):
+        with fastconv.backend(backend):
+            p = FC.conv_bn_stats(x, w1, None, g1, b1, None, None, padding=1, activation="silu")
+            p = FC.conv_bn_stats(p, w2, None, g2, b2, None, None, padding=1, stride=2, activation="silu")
+            return FC.bn_act(p)
+
+    assert torch.autograd.gradcheck(fn, (x, w1, w2, g1, b1, g2, b2), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_compile_fullgraph_training(device, triton_backend):
+    """torch.compile(fullgraph=True, aot_eager) of a converted chain's training step: no graph break, same
+    output, gradients and running statistics as eager."""
+    cfg = dict(CHAINS["two_relu_stride2"], dtype=torch.float64)
+    _, eager = _converted(cfg, device, "compile")
+    compiled_model = copy.deepcopy(eager)
+    x = randn(cfg["input"], torch.float64, device, generator("chain-compile"))
+    y_e = eager(x)
+    g_e = torch.autograd.grad(y_e.square().sum(), list(eager.parameters()))
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    y_c = compiled(x)
+    g_c = torch.autograd.grad(y_c.square().sum(), list(compiled_model.parameters()))
+    assert_close(y_c, y_e, torch.float64, "compiled output")
+    for a, b in zip(g_c, g_e):
+        assert_close(a, b, torch.float64, "compiled grad")
+    for a, b in zip(_running(compiled_model), _running(eager)):
+        assert_close(a, b, torch.float64, "compiled running statistics")
