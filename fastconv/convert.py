@@ -61,6 +61,8 @@ class FusedConv2d(modules.Conv2d):
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         bn = self._fused_bn
+        if isinstance(input, modules.PendingBlock):  # the previous block's virtual output (modules.chain_start)
+            return modules.consume_pending(self, input, residual)
         if residual is None or self._fits(input, residual):
             return modules.fused_conv_bn_forward(self, bn, self.activation, input, residual)
         # A residual that broadcasts (or is not a tensor): add it outside the kernel.
@@ -245,6 +247,23 @@ def _chain_sequential(seq: nn.Sequential) -> None:
         seq.__class__ = modules.FusedSequential
 
 
+def _chain_graph(graph: torch.fx.Graph, fused_nodes: set) -> None:
+    """Where a fused call without residual has one user, another fused call taking it as its input (ResNet's
+    conv1 -> conv2), call it through modules.chain_start: in training on Triton the producer then hands the
+    consumer a PendingBlock (its output, never materialised; see modules.FusedSequential), else its output."""
+    for node in list(graph.nodes):
+        if node not in fused_nodes or len(node.args) != 1:
+            continue
+        users = list(node.users)
+        if len(users) != 1 or users[0] not in fused_nodes or users[0].args[0] is not node or node in users[0].args[1:]:
+            continue
+        with graph.inserting_before(node):
+            producer, consumer = graph.get_attr(node.target), graph.get_attr(users[0].target)
+            started = graph.call_function(modules.chain_start, (producer, consumer, node.args[0]))
+        node.replace_all_uses_with(started)
+        graph.erase_node(node)
+
+
 class _OwnCodeTracer(torch.fx.Tracer):
     """Traces only the root module's own forward: every submodule call is a leaf."""
 
@@ -351,10 +370,11 @@ def _fuse_graph(module: nn.Module, graph: torch.fx.Graph, shared) -> None:
         for node in reversed(chain):
             graph.erase_node(node)
         erased.update(chain)
-        fusions.append((conv, bn, activation or "identity"))
+        fusions.append((conv, bn, activation or "identity", fused_node))
     if fusions:
+        _chain_graph(graph, {f[3] for f in fusions})
         graph.lint()
         code = graph.python_code(root_module="self")
         module.forward = _InstanceForward(module, code.src, code.globals)
-        for conv, bn, activation in fusions:
+        for conv, bn, activation, _ in fusions:
             _fuse(conv, bn, activation)

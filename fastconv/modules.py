@@ -78,6 +78,8 @@ class ConvBNReLU2d(nn.Module):
         return new
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(x, FC.PendingBlock):  # the previous block's virtual output (chain_start)
+            return consume_pending(self, x, residual)
         return fused_conv_bn_forward(self.conv, self.bn, self.activation, x, residual)
 
     def extra_repr(self) -> str:
@@ -209,6 +211,34 @@ class FusedSequential(nn.Sequential):
                 continue
             input = m(input)
         return FC.bn_act(pending) if pending is not None else input
+
+
+PendingBlock = FC.PendingBlock
+
+
+def chain_start(producer: nn.Module, consumer: nn.Module, x):
+    """producer(x), where `consumer` is the only user of the result, taking it as its input (convert()'s fx
+    rewrite): a PendingBlock (the producer's output left virtual) when the two can chain now (training,
+    Triton, no hooks: see FusedSequential), else the producer's output. `x` may itself be a PendingBlock."""
+    pending_in = isinstance(x, PendingBlock)
+    parts = chain_block(producer, consumer=pending_in)
+    if (parts is not None and chain_block(consumer, consumer=True) is not None and producer.training
+            and _chains_on(x.z if pending_in else x)):
+        return fused_conv_bn_pending(*parts, x)
+    return producer(x)
+
+
+def consume_pending(module: nn.Module, pending: PendingBlock, residual=None) -> torch.Tensor:
+    """`module`'s forward (a fused block) on the previous block's PendingBlock: as a chain's consumer when it
+    can be one, else on the materialised input."""
+    parts = chain_block(module, consumer=True)
+    if parts is not None and (residual is None or (isinstance(residual, torch.Tensor)
+                                                    and residual.dtype == pending.z.dtype)):
+        block = fused_conv_bn_pending(*parts, pending)
+        if residual is None or residual.shape == block.z.shape:
+            return FC.bn_act(block, residual)
+        return _activations.FUNCTIONS[parts[2]](FC.bn_act(block._replace(activation="identity")) + residual)
+    return module(FC.bn_act(pending), residual) if residual is not None else module(FC.bn_act(pending))
 
 
 def _chains_on(x: torch.Tensor) -> bool:
