@@ -312,3 +312,39 @@ def test_compile_fullgraph_training(device, triton_backend):
         assert_close(a, b, torch.float64, "compiled grad")
     for a, b in zip(_running(compiled_model), _running(eager)):
         assert_close(a, b, torch.float64, "compiled running statistics")
+
+
+def test_fx_traced_residual_blocks_chain(device, triton_backend, monkeypatch):
+    """convert() of ResNet blocks (fx-traced forwards): conv1 -> conv2 inside each block is called through
+    modules.chain_start, so conv1's output stays virtual in training; output, gradients and running statistics
+    match the plain blocks over two steps; the projection shortcut is an ordinary fused call."""
+    from fastconv.models import ResidualBlock
+
+    torch.manual_seed(generator("fx-chain").initial_seed() % 2**31)
+    ref = nn.Sequential(ResidualBlock(3, 5, stride=2), ResidualBlock(5, 5)).double().train()
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(-1.5, 1.5)
+                m.bias.uniform_(-1, 1)
+    model = fastconv.convert(ref).to(device=device, dtype=torch.float32)
+    assert "chain_start" in model[0].forward.code and "chain_start" in model[1].forward.code
+    spy = _Spy(monkeypatch)
+    gen = generator("fx-chain-steps")
+    for step in range(2):
+        x = randn((2, 3, 9, 8), torch.float64, "cpu", gen).requires_grad_()
+        y_ref, grads_ref, g = _step(ref, x, lambda shape: randn(tuple(shape), torch.float64, "cpu", gen))
+        xk = x.detach().to(device=device, dtype=torch.float32).requires_grad_()
+        y, grads, _ = _step(model, xk, lambda shape: g.to(device=device, dtype=torch.float32))
+        assert_close(y, y_ref, torch.float32, f"step {step} output")
+        for (name, _), got, want in zip([("input", None), *ref.named_parameters()], grads, grads_ref):
+            assert_close(got, want, torch.float32, f"step {step} grad {name}")
+    for got, want in zip(_running(model), _running(ref)):
+        assert_close(got, want, torch.float32, "running statistics")
+    assert spy.calls["conv_bn_stats"] == 2 * 4 and spy.calls["bn_act"] == 2 * 2
+    ref.eval(), model.eval()
+    spy.calls.update(dict.fromkeys(spy.calls, 0))
+    with torch.no_grad():
+        x = randn((2, 3, 9, 8), torch.float64, "cpu", gen)
+        assert_close(model(x.to(device=device, dtype=torch.float32)), ref(x), torch.float32, "eval")
+    assert spy.calls["conv_bn_stats"] == 0
