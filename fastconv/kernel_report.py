@@ -168,11 +168,18 @@ CASES = {
                                  args=_CONV,
                                  variants={"stride2": dict(stride_h=2, stride_w=2, args=_conv_args(stride=2)),
                                            "NCHW": dict(SPLIT_N=True, args=_conv_args(nchw=("sdx",)))}),
-    "_conv2d_wgrad_kernel": dict(family="conv2d_wgrad", base=dict(HAS_DBIAS=False, **_NO_PROLOGUE), args=_CONV,
+    "_conv2d_wgrad_kernel": dict(family="conv2d_wgrad", base=dict(HAS_DBIAS=False, **_NO_PROLOGUE),
+                                 args=dict(_CONV, sws=64 * 9 * 64, sbs=64),
                                  variants={"dbias": dict(HAS_DBIAS=True), **_PROLOGUE_VARIANTS,
                                            "prologue_dbias": dict(HAS_DBIAS=True, PROLOGUE=True, IN_ACT=1)},
-                                 # fp32 split-K partials
+                                 # fp32 split-K partials (one split stores dw / db in their own dtype instead)
                                  types=dict(dw_ptr="fp32", db_ptr="fp32", **_FP32_PROLOGUE)),
+    # the split-K wgrad's epilogue: fp32 partials -> dw (NCHW-contiguous weight, its dtype) and db
+    "_conv2d_wgrad_reduce_kernel": dict(
+        tiles=lambda m: [(dict(BLOCK=m.WGRAD_REDUCE_BLOCK), 4, 3)], base=dict(HAS_DBIAS=True),
+        args=dict(SPLIT=8, COUT=64, CIN_G=64, KH=3, KW=3, swo=64 * 9, swc=9, swh=3, sww=1),
+        variants={"no_dbias": dict(HAS_DBIAS=False)},
+        types=dict(part_ptr="fp32", dbp_ptr="fp32")),
     "_im2col_gemm_kernel": dict(family="im2col_gemm", base=_FWD_BASE, args=_CONV, variants=_FWD_VARIANTS,
                                 types=_FP32_STATS),
     "_im2col_gather_kernel": dict(tiles=lambda m: [(dict(BLOCK_M=m.IM2COL_BLOCKS[0], BLOCK_K=m.IM2COL_BLOCKS[1]),
@@ -200,9 +207,12 @@ CASES = {
                                        variants={"res_silu": _BN_RES_SILU}),
     "_batch_norm_act_bwd_reduce_kernel": dict(tiles=_bn_tiles, base=_BN_BASE, args=_BN, types=_BN_TYPES,
                                               variants={"res_silu": _BN_RES_SILU}),
-    "_batch_norm_act_bwd_apply_kernel": dict(tiles=_bn_tiles, base=dict(_BN_BASE, WANT_DRES=False), args=_BN,
-                                             types=_BN_TYPES,
-                                             variants={"res_silu_dres": dict(_BN_RES_SILU, WANT_DRES=True)}),
+    # WRITE_PARAM_GRADS: the parameter gradients stored cast from the fp32 sums (parameters in the case's dtype)
+    "_batch_norm_act_bwd_apply_kernel": dict(tiles=_bn_tiles,
+                                             base=dict(_BN_BASE, WANT_DRES=False, WRITE_PARAM_GRADS=False),
+                                             args=_BN, types=_BN_TYPES,
+                                             variants={"res_silu_dres": dict(_BN_RES_SILU, WANT_DRES=True),
+                                                       "param_grads": dict(WRITE_PARAM_GRADS=True)}),
 }
 QUICK_IDX64 = ("_conv2d_fwd_kernel", "fp16")  # the one IDX64=True case of --quick
 # --quick: the dtypes compiled per kernel (first config, each arch), spread so that each family (conv2d,
@@ -212,6 +222,7 @@ QUICK_DTYPES = {
     "_conv2d_fwd_kernel": ("fp16", "bf16", "tf32", "fp32"),
     "_conv2d_dgrad_kernel": ("bf16", "tf32"),
     "_conv2d_wgrad_kernel": ("fp16", "fp32"),
+    "_conv2d_wgrad_reduce_kernel": ("bf16", "fp16", "fp32"),
     "_im2col_gemm_kernel": ("fp16", "tf32", "fp32"),
     "_im2col_gather_kernel": ("bf16",),
     "_max_pool2d_fwd_kernel": ("fp16", "fp32"),
