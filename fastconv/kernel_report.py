@@ -169,10 +169,11 @@ CASES = {
                                  variants={"stride2": dict(stride_h=2, stride_w=2, args=_conv_args(stride=2)),
                                            "NCHW": dict(SPLIT_N=True, args=_conv_args(nchw=("sdx",)))}),
     "_conv2d_wgrad_kernel": dict(family="conv2d_wgrad", base=dict(HAS_DBIAS=False, **_NO_PROLOGUE),
-                                 args=dict(_CONV, sws=64 * 9 * 64, sbs=64),
+                                 args=_CONV,
                                  variants={"dbias": dict(HAS_DBIAS=True), **_PROLOGUE_VARIANTS,
                                            "prologue_dbias": dict(HAS_DBIAS=True, PROLOGUE=True, IN_ACT=1)},
-                                 # fp32 split-K partials (one split stores dw / db in their own dtype instead)
+                                 # fp32 split-K partials (one split into a channels_last weight stores dw / db
+                                 # in their own dtype instead)
                                  types=dict(dw_ptr="fp32", db_ptr="fp32", **_FP32_PROLOGUE)),
     # the split-K wgrad's epilogue: fp32 partials -> dw (NCHW-contiguous weight, its dtype) and db
     "_conv2d_wgrad_reduce_kernel": dict(
@@ -192,12 +193,17 @@ CASES = {
     # with RUNNING updates the running statistics (here bf16 buffers) with a float or a 0-dim tensor momentum
     "_batch_norm_combine_kernel": dict(
         tiles=lambda m: [(dict(BLOCK_T=m.COMBINE_BLOCK_T, BLOCK_C=m.COMBINE_BLOCK_C), 4, 3)],
-        base=dict(FINAL=False, HAS_BIAS=False, RUNNING=False, MOMENTUM_TENSOR=False),
-        args=dict(_BN, ROWS=1024, momentum_hi=0.1, momentum_lo=0.0),
+        base=dict(FINAL=False, HAS_BIAS=False, RUNNING=False, MOMENTUM_TENSOR=False, FOLD=False, HAS_GAMMA=False,
+                  HAS_BETA=False),
+        args=dict(_BN, ROWS=1024, momentum_hi=0.1, momentum_lo=0.0, eps_hi=1e-5, eps_lo=0.0),
         variants={"final": dict(FINAL=True, HAS_BIAS=True),
                   "final_running": dict(FINAL=True, HAS_BIAS=True, RUNNING=True),
-                  "final_running_tensor": dict(FINAL=True, HAS_BIAS=True, RUNNING=True, MOMENTUM_TENSOR=True)},
-        types=dict(run_mean_ptr="bf16", run_var_ptr="bf16"),
+                  "final_running_tensor": dict(FINAL=True, HAS_BIAS=True, RUNNING=True, MOMENTUM_TENSOR=True),
+                  # a chain producer's: the BatchNorm folded into the next conv's prologue scale/shift too
+                  "final_running_fold": dict(FINAL=True, HAS_BIAS=True, RUNNING=True, FOLD=True, HAS_GAMMA=True,
+                                             HAS_BETA=True),
+                  "final_fold_no_affine": dict(FINAL=True, FOLD=True)},
+        types=dict(run_mean_ptr="bf16", run_var_ptr="bf16", gamma_ptr="bf16", beta_ptr="bf16"),
         dtypes=("fp32",)),  # fp32 statistics whatever the model's dtype
     # the BN backward's split sums (sum_rows): fp32 partials
     "_batch_norm_sum_rows_kernel": dict(

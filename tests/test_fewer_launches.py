@@ -67,13 +67,17 @@ def test_wgrad_epilogue_matches_float64(dtype, splits, geo, device, poisoned, mo
 
 
 def test_wgrad_reduce_kernel_only_with_splits(device):
-    """One split: the wgrad kernel alone; more: one reduce launch, no ATen ops; the split count follows the tile."""
+    """One split into a channels_last (or 1x1) weight: the wgrad kernel alone; more splits, or an NCHW 3x3 weight:
+    one reduce launch besides; never an ATen op."""
     x = torch.randn(4, 8, 16, 16, device=device)
     gy = torch.randn(4, 8, 16, 16, device=device)
-    for splits, want in ((1, ["_conv2d_wgrad_kernel"]), (4, ["_conv2d_wgrad_kernel", "_conv2d_wgrad_reduce_kernel"])):
+    both = ["_conv2d_wgrad_kernel", "_conv2d_wgrad_reduce_kernel"]
+    for splits, cl, k, want in ((1, True, 3, both[:1]), (1, False, 1, both[:1]), (1, False, 3, both),
+                                (4, True, 3, both), (4, False, 3, both)):
         with launch.recording() as rec:
-            tconv.conv2d_weight_grad(gy, x, (8, 8, 3, 3), (1, 1), (1, 1), (1, 1), 1, bias_grad=True, splits=splits)
-        assert [r.kernel for r in rec] == want
+            tconv.conv2d_weight_grad(gy, x, (8, 8, k, k), (1, 1), (k // 2, k // 2), (1, 1), 1, bias_grad=True,
+                                     splits=splits, channels_last=cl)
+        assert [r.kernel for r in rec] == want, (splits, cl, k)
         assert rec[0].grid[1] == splits
 
 
@@ -314,7 +318,7 @@ def test_weight_grads_in_the_weights_layout(dtype, device, poisoned):
     x = randn((2, 6, 9, 7), dtype, device, gen).contiguous(memory_format=torch.channels_last)
     gy = randn((2, 7, 9, 7), dtype, device, gen)
     ref = torch.nn.grad.conv2d_weight(x.double().cpu(), (7, 6, 3, 3), gy.double().cpu(), 1, 1)
-    for splits in (1, 3):
+    for splits in (1, 3):  # the kernel's own store; the reduce pass
         dw, _ = tconv.conv2d_weight_grad(gy, x, (7, 6, 3, 3), (1, 1), (1, 1), (1, 1), 1, splits=splits,
                                          channels_last=True)
         assert dw.is_contiguous(memory_format=torch.channels_last) and not dw.is_contiguous()

@@ -250,20 +250,21 @@ def _conv2d_wgrad_kernel(
     sdyn, sdyc, sdyh, sdyw,
     sxn, sxc, sxh, sxw,
     in_scale_ptr, in_shift_ptr,  # PROLOGUE per-input-channel coefficients [C_in] (else dummies)
-    # per tile (wgrad_scratch, by keyword): where this split's dw / db go, through these strides
-    dw_ptr, db_ptr, K_PER_SPLIT, sws, swo, swc, swh, sww, sbs,
+    COUT,
+    # per tile (the launcher's scratch, by keyword): where dw / db go, and the split length
+    dw_ptr, db_ptr, K_PER_SPLIT,
     HAS_DBIAS: tl.constexpr, ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     IDX64: tl.constexpr, PROLOGUE: tl.constexpr, IN_ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dw for one K split:  dw[co, (kh, kw, ci)] = sum_p dy[co, p] * x_col[p, (kh, kw, ci)], the reduction over
-    p = (n, oh, ow) cut into contiguous chunks of K_PER_SPLIT (grid axis 1), stored at dw_ptr + split * sws +
-    co * swo + ci * swc + kh * swh + kw * sww in dw_ptr's dtype. One split: dw_ptr is the weight gradient itself
-    (no other pass); more: fp32 partials [split, co, kh, kw, ci] that _conv2d_wgrad_reduce_kernel sums in split
-    order (deterministic, no atomics).
+    p = (n, oh, ow) cut into contiguous chunks of K_PER_SPLIT (grid axis 1), stored at dw_ptr[split, co, kh, kw, ci]
+    in dw_ptr's dtype. One split into a channels_last weight: dw_ptr is the weight gradient itself (that layout;
+    no other pass); else fp32 partials that _conv2d_wgrad_reduce_kernel sums in split order (deterministic, no
+    atomics), casts and lays out.
 
     The bias gradient is the same reduction of dy alone: the programs at (kh, kw, ci-tile) == 0 also sum
-    their dy tiles into db_ptr[split * sbs + co].
+    their dy tiles into db_ptr[split, co].
 
     With PROLOGUE, x_ptr holds z and x = act_IN_ACT(z * in_scale[c] + in_shift[c]) is rebuilt per tile
     (prologue_tile); a program's channels are fixed, so its scale/shift are loaded once.
@@ -324,16 +325,16 @@ def _conv2d_wgrad_kernel(
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_TYPE)
 
+    # layout [SPLIT, COUT, KH, KW, CIN_G]
     co = g * COUT_G + offs_m
-    ci = offs_n  # dw's second dim is the group's input channel
     if IDX64:
         split = split.to(tl.int64)
-    dw_base = dw_ptr + split * sws + kh * swh + kw * sww
-    off = (co * swo)[:, None] + (ci * swc)[None, :]
-    tl.store(dw_base + off, acc.to(dw_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    row = (split * COUT + co) * (KH * KW) + tap
+    off = (row * CIN_G)[:, None] + offs_n[None, :]
+    tl.store(dw_ptr + off, acc.to(dw_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
     if HAS_DBIAS:
         if with_bias:
-            tl.store(db_ptr + split * sbs + co, db.to(db_ptr.dtype.element_ty), mask=mask_m)
+            tl.store(db_ptr + split * COUT + co, db.to(db_ptr.dtype.element_ty), mask=mask_m)
 
 
 @triton.jit
@@ -601,20 +602,19 @@ def conv2d_weight_grad(
             return cdiv(P, problem.k_per_tap), problem.k_per_tap
         return problem.splits((meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], 0, 0))
 
+    # dw laid out [C_out, KH, KW, cin_g] (channels_last, or any 1x1 weight) takes the kernel's own store
+    direct_ok = dw.permute(0, 2, 3, 1).is_contiguous()
+
     def scratch(meta):
-        """One split: dw and db themselves; more: fp32 partials [split, C_out, KH, KW, cin_g] and [split, C_out]
-        for the reduce pass (sized per tile: the split count depends on it)."""
+        """One split into a dw the kernel can store: dw and db themselves; else fp32 partials
+        [split, C_out, KH, KW, cin_g] and [split, C_out] for the reduce pass (sized per tile: the split count
+        depends on it)."""
         split, chunk = split_of(meta)
-        if split == 1:
-            dw_t, db_t, sws, sbs = dw, (db if db is not None else dw), 0, 0
-            swo, swc, swh, sww = dw.stride()
-        else:
-            dw_t = workspace((split, C_out, KH, KW, cin_g), x.device, part_dtype)
-            db_t = workspace((split, C_out), x.device, part_dtype) if bias_grad else dw_t
-            sws, swo, swh, sww, swc = dw_t.stride()
-            sbs = C_out
-        return dict(dw_ptr=dw_t, db_ptr=db_t, K_PER_SPLIT=chunk, sws=sws, swo=swo, swc=swc, swh=swh, sww=sww,
-                    sbs=sbs)
+        if split == 1 and direct_ok:
+            return dict(dw_ptr=dw, db_ptr=db if db is not None else dw, K_PER_SPLIT=chunk)
+        partial = workspace((split, C_out, KH, KW, cin_g), x.device, part_dtype)
+        db_partial = workspace((split, C_out), x.device, part_dtype) if bias_grad else partial
+        return dict(dw_ptr=partial, db_ptr=db_partial, K_PER_SPLIT=chunk)
 
     in_scale, in_shift, in_act = prologue_args(prologue, C, x)
     meta, extra = _wgrad(
@@ -628,6 +628,7 @@ def conv2d_weight_grad(
         stride[0], stride[1], pads(padding)[0], pads(padding)[2], dilation[0], dilation[1],
         *grad_out.stride(), *x.stride(),
         in_scale, in_shift,
+        C_out,
         problem=problem,
         device=x.device,
         scratch=scratch,
@@ -641,7 +642,7 @@ def conv2d_weight_grad(
         IN_ACT=in_act,
     )
     split = split_of(meta)[0]
-    if split > 1:
+    if split > 1 or not direct_ok:
         reduce_splits(extra["dw_ptr"], extra["db_ptr"] if bias_grad else None, dw, db, split,
                       force_int64=force_int64)
     return dw, db
