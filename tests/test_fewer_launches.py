@@ -363,3 +363,27 @@ def test_chain_compiles_fullgraph(device):
     model.train()
     assert _graph_breaks(model, x, backend="triton") == 0
     _compare_training(model, x, target, dtype, backend="triton", steps=1)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_opcheck_new_arguments(backend, device):
+    """opcheck (schema, fake tensors, autograd registration) of conv_bn_stats_train with the BatchNorm to fold and
+    the producer's coefficients, and of the weight-gradient ops with channels_last."""
+    from torch.library import opcheck
+
+    dev = device if backend == "triton" else torch.device("cpu")
+    x = torch.randn(2, 5, 6, 7, device=dev, dtype=torch.float64)
+    w = torch.randn(4, 5, 3, 3, device=dev, dtype=torch.float64, requires_grad=True)
+    g, b = (torch.rand(5, device=dev, dtype=torch.float64) + 0.5 for _ in range(2))
+    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    scale, shift = bn_ops.fold_batch_norm(mean, var, g, b, 1e-5)
+    rm, rv = torch.zeros(4, device=dev, dtype=torch.float64), torch.ones(4, device=dev, dtype=torch.float64)
+    bn_w = torch.rand(4, device=dev, dtype=torch.float64, requires_grad=True)
+    args = (x, w, None, mean, var, g, b, 1e-5, "relu", [1, 1], [1, 1, 1, 1], [1, 1], 1, "implicit", backend, rm, rv,
+            0.1, None, bn_w, None, 1e-3, scale, shift)
+    opcheck(torch.ops.fastconv.conv_bn_stats_train.default, args)
+    gy = torch.randn(2, 4, 6, 7, device=dev, dtype=torch.float64)
+    opcheck(torch.ops.fastconv.conv2d_weight_grad.default,
+            (gy, x, [4, 5, 3, 3], [1, 1], [1, 1, 1, 1], [1, 1], 1, True, backend, True))
+    opcheck(torch.ops.fastconv.conv2d_prologue_weight_grad.default,
+            (gy, x, scale, shift, "relu", [4, 5, 3, 3], [1, 1], [1, 1, 1, 1], [1, 1], 1, True, backend, True))
