@@ -5,7 +5,8 @@
         y = act((conv(input, weight) + bias) * scale + shift + residual), in one kernel.
     fastconv::conv2d_input_grad(grad_output, weight, input_size, stride, padding[4], dilation, groups, backend)
     fastconv::conv2d_weight_grad(grad_output, input, weight_size, stride, padding[4], dilation, groups,
-                                 bias_grad, backend) -> (grad_weight, grad_bias or an empty tensor)
+                                 bias_grad, backend, channels_last) -> (grad_weight, grad_bias or an empty tensor)
+        grad_weight channels_last with `channels_last` (the weight's layout, weight_layout()), else contiguous.
 
 padding is (top, bottom, left, right). `backend` is a name from fastconv._backend ('auto' resolves per
 device); the forward's choice is saved and reused by its backward. Backends 'cpu' and 'cuda' run the C++

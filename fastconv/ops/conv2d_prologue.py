@@ -5,7 +5,7 @@
         x = in_act(input * in_scale[c] + in_shift[c])           (the prologue, per input channel c)
         y = act((conv(x, weight) + bias) * scale + shift + residual)   (fastconv::conv2d's epilogue)
     fastconv::conv2d_prologue_weight_grad(grad_output, input, in_scale, in_shift, in_activation, weight_size,
-                                          stride, padding[4], dilation, groups, bias_grad, backend)
+                                          stride, padding[4], dilation, groups, bias_grad, backend, channels_last)
         -> (grad_weight, grad_bias or an empty tensor): conv2d_weight_grad of the conv on x, from `input`.
 
 `input` is z, the producer's conv output; in_scale / in_shift are its BatchNorm folded per channel
