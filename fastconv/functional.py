@@ -171,6 +171,10 @@ class PendingBlock(NamedTuple):
     bn_bias: torch.Tensor | None
     eps: float
     activation: str
+    # the BatchNorm folded per channel, bn(z) = z * scale + shift (from the statistics op, no launches of their
+    # own on Triton): the next conv's prologue coefficients
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
 
 
 def conv_bn_stats(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, *, stride=1, padding=0,
@@ -196,9 +200,11 @@ def conv_bn_stats(input, weight, bias, bn_weight, bn_bias, running_mean, running
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
     prologue = ((prev.mean, prev.var, prev.bn_weight, prev.bn_bias, float(prev.eps), prev.activation)
                 if prev is not None else (None, None, None, None, 0.0, "identity"))
-    z, mean, var = chain_ops.conv_bn_stats_train_op(x, weight, bias, *prologue, stride, padding, dilation, groups,
-                                                    algo, name, *_running_args(running_mean, running_var, momentum))
-    return PendingBlock(z, mean, var, bn_weight, bn_bias, float(eps), activation)
+    z, mean, var, scale, shift = chain_ops.conv_bn_stats_train_op(
+        x, weight, bias, *prologue, stride, padding, dilation, groups, algo, name,
+        *_running_args(running_mean, running_var, momentum), bn_weight, bn_bias, float(eps),
+        *((prev.scale, prev.shift) if prev is not None else (None, None)))
+    return PendingBlock(z, mean, var, bn_weight, bn_bias, float(eps), activation, scale, shift)
 
 
 def _running_args(running_mean, running_var, momentum):

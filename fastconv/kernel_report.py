@@ -168,11 +168,19 @@ CASES = {
                                  args=_CONV,
                                  variants={"stride2": dict(stride_h=2, stride_w=2, args=_conv_args(stride=2)),
                                            "NCHW": dict(SPLIT_N=True, args=_conv_args(nchw=("sdx",)))}),
-    "_conv2d_wgrad_kernel": dict(family="conv2d_wgrad", base=dict(HAS_DBIAS=False, **_NO_PROLOGUE), args=_CONV,
+    "_conv2d_wgrad_kernel": dict(family="conv2d_wgrad", base=dict(HAS_DBIAS=False, **_NO_PROLOGUE),
+                                 args=_CONV,
                                  variants={"dbias": dict(HAS_DBIAS=True), **_PROLOGUE_VARIANTS,
                                            "prologue_dbias": dict(HAS_DBIAS=True, PROLOGUE=True, IN_ACT=1)},
-                                 # fp32 split-K partials
+                                 # fp32 split-K partials (one split into a channels_last weight stores dw / db
+                                 # in their own dtype instead)
                                  types=dict(dw_ptr="fp32", db_ptr="fp32", **_FP32_PROLOGUE)),
+    # the split-K wgrad's epilogue: fp32 partials -> dw (NCHW-contiguous weight, its dtype) and db
+    "_conv2d_wgrad_reduce_kernel": dict(
+        tiles=lambda m: [(dict(BLOCK=m.WGRAD_REDUCE_BLOCK), 4, 3)], base=dict(HAS_DBIAS=True),
+        args=dict(SPLIT=8, COUT=64, CIN_G=64, KH=3, KW=3, swo=64 * 9, swc=9, swh=3, sww=1),
+        variants={"no_dbias": dict(HAS_DBIAS=False)},
+        types=dict(part_ptr="fp32", dbp_ptr="fp32")),
     "_im2col_gemm_kernel": dict(family="im2col_gemm", base=_FWD_BASE, args=_CONV, variants=_FWD_VARIANTS,
                                 types=_FP32_STATS),
     "_im2col_gather_kernel": dict(tiles=lambda m: [(dict(BLOCK_M=m.IM2COL_BLOCKS[0], BLOCK_K=m.IM2COL_BLOCKS[1]),
@@ -185,12 +193,17 @@ CASES = {
     # with RUNNING updates the running statistics (here bf16 buffers) with a float or a 0-dim tensor momentum
     "_batch_norm_combine_kernel": dict(
         tiles=lambda m: [(dict(BLOCK_T=m.COMBINE_BLOCK_T, BLOCK_C=m.COMBINE_BLOCK_C), 4, 3)],
-        base=dict(FINAL=False, HAS_BIAS=False, RUNNING=False, MOMENTUM_TENSOR=False),
-        args=dict(_BN, ROWS=1024, momentum_hi=0.1, momentum_lo=0.0),
+        base=dict(FINAL=False, HAS_BIAS=False, RUNNING=False, MOMENTUM_TENSOR=False, FOLD=False, HAS_GAMMA=False,
+                  HAS_BETA=False),
+        args=dict(_BN, ROWS=1024, momentum_hi=0.1, momentum_lo=0.0, eps_hi=1e-5, eps_lo=0.0),
         variants={"final": dict(FINAL=True, HAS_BIAS=True),
                   "final_running": dict(FINAL=True, HAS_BIAS=True, RUNNING=True),
-                  "final_running_tensor": dict(FINAL=True, HAS_BIAS=True, RUNNING=True, MOMENTUM_TENSOR=True)},
-        types=dict(run_mean_ptr="bf16", run_var_ptr="bf16"),
+                  "final_running_tensor": dict(FINAL=True, HAS_BIAS=True, RUNNING=True, MOMENTUM_TENSOR=True),
+                  # a chain producer's: the BatchNorm folded into the next conv's prologue scale/shift too
+                  "final_running_fold": dict(FINAL=True, HAS_BIAS=True, RUNNING=True, FOLD=True, HAS_GAMMA=True,
+                                             HAS_BETA=True),
+                  "final_fold_no_affine": dict(FINAL=True, FOLD=True)},
+        types=dict(run_mean_ptr="bf16", run_var_ptr="bf16", gamma_ptr="bf16", beta_ptr="bf16"),
         dtypes=("fp32",)),  # fp32 statistics whatever the model's dtype
     # the BN backward's split sums (sum_rows): fp32 partials
     "_batch_norm_sum_rows_kernel": dict(
@@ -200,9 +213,12 @@ CASES = {
                                        variants={"res_silu": _BN_RES_SILU}),
     "_batch_norm_act_bwd_reduce_kernel": dict(tiles=_bn_tiles, base=_BN_BASE, args=_BN, types=_BN_TYPES,
                                               variants={"res_silu": _BN_RES_SILU}),
-    "_batch_norm_act_bwd_apply_kernel": dict(tiles=_bn_tiles, base=dict(_BN_BASE, WANT_DRES=False), args=_BN,
-                                             types=_BN_TYPES,
-                                             variants={"res_silu_dres": dict(_BN_RES_SILU, WANT_DRES=True)}),
+    # WRITE_PARAM_GRADS: the parameter gradients stored cast from the fp32 sums (parameters in the case's dtype)
+    "_batch_norm_act_bwd_apply_kernel": dict(tiles=_bn_tiles,
+                                             base=dict(_BN_BASE, WANT_DRES=False, WRITE_PARAM_GRADS=False),
+                                             args=_BN, types=_BN_TYPES,
+                                             variants={"res_silu_dres": dict(_BN_RES_SILU, WANT_DRES=True),
+                                                       "param_grads": dict(WRITE_PARAM_GRADS=True)}),
 }
 QUICK_IDX64 = ("_conv2d_fwd_kernel", "fp16")  # the one IDX64=True case of --quick
 # --quick: the dtypes compiled per kernel (first config, each arch), spread so that each family (conv2d,
@@ -212,6 +228,7 @@ QUICK_DTYPES = {
     "_conv2d_fwd_kernel": ("fp16", "bf16", "tf32", "fp32"),
     "_conv2d_dgrad_kernel": ("bf16", "tf32"),
     "_conv2d_wgrad_kernel": ("fp16", "fp32"),
+    "_conv2d_wgrad_reduce_kernel": ("bf16", "fp16", "fp32"),
     "_im2col_gemm_kernel": ("fp16", "tf32", "fp32"),
     "_im2col_gather_kernel": ("bf16",),
     "_max_pool2d_fwd_kernel": ("fp16", "fp32"),

@@ -341,13 +341,19 @@ def test_launch_plan_has_no_long_serial_loops():
 
 def test_launch_plan_fused_block_launches():
     """One fused conv+BN+ReLU block (input needing its gradient): train step = conv with statistics,
-    finalize, normalize+act, BN backward reduce and apply, dgrad, wgrad; eval = one conv kernel."""
+    finalize, normalize+act, BN backward reduce and apply, dgrad, split-K wgrad and its reduce; eval = one conv
+    kernel."""
     model, x = launch_plan.layer_model("8,16,8,8,16,3,3,1,1,1", torch.bfloat16)
     rows = launch_plan.record_step(model, x, True)
     triton = [r.launch.kernel for r in rows if not r.launch.kernel.startswith("aten.")]
     assert triton == ["_conv2d_fwd_kernel", "_batch_norm_combine_kernel", "_batch_norm_act_fwd_kernel",
                       "_batch_norm_act_bwd_reduce_kernel", "_batch_norm_sum_rows_kernel",
-                      "_batch_norm_act_bwd_apply_kernel", "_conv2d_dgrad_kernel", "_conv2d_wgrad_kernel"], triton
+                      "_batch_norm_act_bwd_apply_kernel", "_conv2d_dgrad_kernel", "_conv2d_wgrad_kernel",
+                      "_conv2d_wgrad_reduce_kernel"], triton  # 512 pixels: 2 splits, reduced in one pass
+    # no ATen op at all after the forward: parameter-gradient casts and wgrad's split sum / cast are in kernels
+    aten_bwd = [r.launch.kernel for r in rows[[r.op for r in rows].index("batch_norm_act_backward"):]
+                if r.launch.kernel.startswith("aten.")]
+    assert not aten_bwd, aten_bwd
     # the running statistics are updated in the finalize (no ATen mul / casts / lerp_ after the forward), and
     # the backward's split sums are a Triton kernel; only num_batches_tracked's add_ runs around the forward
     aten_fwd = [r.launch.kernel for r in rows[:[r.op for r in rows].index("batch_norm_act_backward")]

@@ -5,7 +5,8 @@
         y = act((conv(input, weight) + bias) * scale + shift + residual), in one kernel.
     fastconv::conv2d_input_grad(grad_output, weight, input_size, stride, padding[4], dilation, groups, backend)
     fastconv::conv2d_weight_grad(grad_output, input, weight_size, stride, padding[4], dilation, groups,
-                                 bias_grad, backend) -> (grad_weight, grad_bias or an empty tensor)
+                                 bias_grad, backend, channels_last) -> (grad_weight, grad_bias or an empty tensor)
+        grad_weight channels_last with `channels_last` (the weight's layout, weight_layout()), else contiguous.
 
 padding is (top, bottom, left, right). `backend` is a name from fastconv._backend ('auto' resolves per
 device); the forward's choice is saved and reused by its backward. Backends 'cpu' and 'cuda' run the C++
@@ -257,25 +258,37 @@ def conv2d_weight_grad(
     groups: int,
     bias_grad: bool,
     backend: str = "auto",
+    channels_last: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dw, db): dw contiguous, or channels_last with `channels_last` (the weight's layout: see weight_layout)."""
     name = _backend.resolve("conv2d", grad_output.device, CONV2D_BACKENDS, backend)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     if name in _EXT_BACKENDS:
-        return ext_ops().ext_conv2d_weight_grad(grad_output, input, weight_size, stride, padding, dilation, groups,
-                                                bias_grad, _allow_tf32(input))
+        dw, db = ext_ops().ext_conv2d_weight_grad(grad_output, input, weight_size, stride, padding, dilation, groups,
+                                                  bias_grad, _allow_tf32(input))
+        return dw.contiguous(memory_format=fmt), db
     if name == "torch":
         dw = _torch_weight_grad(grad_output, input, weight_size, stride, padding, dilation, groups)
         db = grad_output.sum((0, 2, 3)) if bias_grad else grad_output.new_empty(0)
-        return dw.contiguous(), db
+        return dw.contiguous(memory_format=fmt), db
     from ..triton import conv2d as tconv
 
     dw, db = tconv.conv2d_weight_grad(grad_output, input, tuple(weight_size), stride, padding, dilation, groups,
-                                      bias_grad=bias_grad)
+                                      bias_grad=bias_grad, channels_last=channels_last)
     return dw, (db if db is not None else grad_output.new_empty(0))
 
 
+def weight_layout(weight: torch.Tensor) -> bool:
+    """The weight-gradient ops' `channels_last` for this weight: its gradient is made in its own layout, which
+    autograd's accumulation then keeps without a copy."""
+    return memory_format_of(weight) == torch.channels_last
+
+
 @conv2d_weight_grad.register_fake
-def _(grad_output, input, weight_size, stride, padding, dilation, groups, bias_grad, backend="auto"):
-    dw = input.new_empty(weight_size)
+def _(grad_output, input, weight_size, stride, padding, dilation, groups, bias_grad, backend="auto",
+      channels_last=False):
+    dw = torch.empty(weight_size, dtype=input.dtype, device=input.device,
+                     memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     db = grad_output.new_empty(weight_size[0] if bias_grad else 0)
     return dw, db
 
@@ -329,7 +342,8 @@ def conv2d_grads(grad_z, x, weight, input_size, weight_size, geometry, want_x, w
     if want_x:
         grad_x = input_grad_op(grad_z, weight, input_size, stride, padding, dilation, groups, backend)
     if want_w or want_b:
-        grad_w, db = weight_grad_op(grad_z, x, weight_size, stride, padding, dilation, groups, want_b, backend)
+        grad_w, db = weight_grad_op(grad_z, x, weight_size, stride, padding, dilation, groups, want_b, backend,
+                                    weight_layout(weight))
         grad_w = grad_w if want_w else None
         grad_b = db if want_b else None
     return grad_x, grad_w, grad_b

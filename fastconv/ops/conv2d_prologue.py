@@ -5,7 +5,7 @@
         x = in_act(input * in_scale[c] + in_shift[c])           (the prologue, per input channel c)
         y = act((conv(x, weight) + bias) * scale + shift + residual)   (fastconv::conv2d's epilogue)
     fastconv::conv2d_prologue_weight_grad(grad_output, input, in_scale, in_shift, in_activation, weight_size,
-                                          stride, padding[4], dilation, groups, bias_grad, backend)
+                                          stride, padding[4], dilation, groups, bias_grad, backend, channels_last)
         -> (grad_weight, grad_bias or an empty tensor): conv2d_weight_grad of the conv on x, from `input`.
 
 `input` is z, the producer's conv output; in_scale / in_shift are its BatchNorm folded per channel
@@ -142,22 +142,27 @@ def conv2d_prologue_weight_grad(
     groups: int,
     bias_grad: bool,
     backend: str = "auto",
+    channels_last: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     name = _resolve(grad_output.device, backend)
     if name == "triton":
         from ..triton import conv2d as tconv
 
         dw, db = tconv.conv2d_weight_grad(grad_output, input, tuple(weight_size), stride, padding, dilation, groups,
-                                          bias_grad=bias_grad, prologue=(in_scale, in_shift, in_activation))
+                                          bias_grad=bias_grad, prologue=(in_scale, in_shift, in_activation),
+                                          channels_last=channels_last)
         return dw, (db if db is not None else grad_output.new_empty(0))
     x = torch_prologue(input, in_scale, in_shift, in_activation)
-    return conv_ops.weight_grad_op(grad_output, x, weight_size, stride, padding, dilation, groups, bias_grad, name)
+    return conv_ops.weight_grad_op(grad_output, x, weight_size, stride, padding, dilation, groups, bias_grad, name,
+                                   channels_last)
 
 
 @conv2d_prologue_weight_grad.register_fake
 def _(grad_output, input, in_scale, in_shift, in_activation, weight_size, stride, padding, dilation, groups,
-      bias_grad, backend="auto"):
-    return input.new_empty(weight_size), grad_output.new_empty(weight_size[0] if bias_grad else 0)
+      bias_grad, backend="auto", channels_last=False):
+    dw = torch.empty(weight_size, dtype=input.dtype, device=input.device,
+                     memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return dw, grad_output.new_empty(weight_size[0] if bias_grad else 0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -202,7 +207,7 @@ def _backward(ctx, grad_y):
     want_b = ctx.has_bias and needs[5]
     if needs[4] or want_b:
         dw, db = prologue_weight_grad_op(grad_c, z, *prologue, ctx.weight_size, stride, padding, dilation, groups,
-                                         want_b, ctx.backend)
+                                         want_b, ctx.backend, conv_ops.weight_layout(weight))
         grad_w = dw if needs[4] else None
         grad_b = db if want_b else None
     return (grad_z, grad_in_scale, grad_in_shift, None, grad_w, grad_b, None, None, None, None,

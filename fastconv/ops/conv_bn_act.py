@@ -13,7 +13,9 @@
         PyTorch ops.
     fastconv::batch_norm_act_backward(grad_y, z, mean, var, bn_weight?, bn_bias?, residual?, eps, activation,
                                       want_grad_residual, backend) -> (grad_z, sum_g, sum_gx, grad_residual)
-        with g = grad_y * act'(u): grad_bn_bias = sum_g, grad_bn_weight = sum_gx (sum of g * xhat).
+        with g = grad_y * act'(u): grad_bn_bias = sum_g, grad_bn_weight = sum_gx (sum of g * xhat). Accumulated in
+        fp32 (fp64 for fp64); sum_g is returned in bn_bias's dtype and sum_gx in bn_weight's (the statistics'
+        dtype without them), ready as the parameter gradients (Triton: stored cast by the apply pass).
 
 Autograd saves input, weight, z, mean, var (and residual when an activation mask needs it); xhat, u and
 the mask are recomputed in backward, never stored. Eval mode needs no op of its own: BatchNorm folds into
@@ -243,6 +245,7 @@ def batch_norm_act_backward(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     name = _backend.resolve("conv_bn_act", z.device, SUPPORTED_BACKENDS, backend)
+    g_dtype, gx_dtype = _sum_dtypes(mean, bn_weight, bn_bias)
     if name == "torch":
         acc = _stat_dtype(z.dtype)
         shape = (1, -1, 1, 1)
@@ -256,25 +259,34 @@ def batch_norm_act_backward(
         sum_g, sum_gx = g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))
         grad_z = gamma * invstd * (g - sum_g.view(shape) / P - xhat * sum_gx.view(shape) / P)
         grad_res = g.to(z.dtype) if want_grad_residual else z.new_empty(0)
-        return grad_z.to(z.dtype).contiguous(memory_format=memory_format_of(z)), sum_g, sum_gx, grad_res
+        return (grad_z.to(z.dtype).contiguous(memory_format=memory_format_of(z)), sum_g.to(g_dtype),
+                sum_gx.to(gx_dtype), grad_res)
     if name in ("cuda", "cpu"):
-        return ext_ops().ext_batch_norm_act_backward(grad_y, z, mean, var, bn_weight, bn_bias, residual, eps,
-                                                     activation, want_grad_residual)
+        grad_z, sum_g, sum_gx, grad_res = ext_ops().ext_batch_norm_act_backward(
+            grad_y, z, mean, var, bn_weight, bn_bias, residual, eps, activation, want_grad_residual)
+        return grad_z, sum_g.to(g_dtype), sum_gx.to(gx_dtype), grad_res
     from ..triton import batch_norm as tbn
 
     grad_z = alloc(z.shape, z.dtype, z.device, memory_format_of(z))
     grad_res = alloc(z.shape, z.dtype, z.device, memory_format_of(z)) if want_grad_residual else None
     _, sum_g, sum_gx, grad_res = tbn.batch_norm_act_backward(
         grad_y, z, mean, var, bn_weight, bn_bias, eps, activation, residual, want_dres=want_grad_residual,
-        grad_z=grad_z, grad_res=grad_res)
+        grad_z=grad_z, grad_res=grad_res, param_dtypes=(g_dtype, gx_dtype))
     return grad_z, sum_g, sum_gx, (grad_res if grad_res is not None else z.new_empty(0))
+
+
+def _sum_dtypes(mean, bn_weight, bn_bias):
+    """(sum_g's, sum_gx's) dtype out of batch_norm_act_backward: the parameters' they are the gradients of."""
+    return (bn_bias.dtype if bn_bias is not None else mean.dtype,
+            bn_weight.dtype if bn_weight is not None else mean.dtype)
 
 
 @batch_norm_act_backward.register_fake
 def _(grad_y, z, mean, var, bn_weight, bn_bias, residual, eps, activation, want_grad_residual, backend="auto"):
     grad_z = torch.empty_like(z)
     grad_res = torch.empty_like(z) if want_grad_residual else z.new_empty(0)
-    return grad_z, torch.empty_like(mean), torch.empty_like(mean), grad_res
+    g_dtype, gx_dtype = _sum_dtypes(mean, bn_weight, bn_bias)
+    return grad_z, torch.empty_like(mean, dtype=g_dtype), torch.empty_like(mean, dtype=gx_dtype), grad_res
 
 
 @torch.library.custom_op("fastconv::batch_norm_act", mutates_args=())
@@ -362,13 +374,14 @@ def _backward(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
         x = batch_norm_act_op(*producer, p_eps, p_activation, ctx.backend)
     needs = ctx.needs_input_grad
     want_res = ctx.has_residual and needs[5]
+    # sum_g / sum_gx come in the parameters' dtypes: the gradients as they are
     grad_z, sum_g, sum_gx, grad_res = batch_norm_act_backward_op(
         grad_y.contiguous(memory_format=memory_format_of(z)), z, mean, var, bn_weight, bn_bias, residual, ctx.eps,
         ctx.activation, want_res, ctx.backend)
     grad_x, grad_w, grad_b = conv2d_grads(grad_z, x, weight, ctx.input_size, ctx.weight_size, ctx.geometry,
                                           needs[0], needs[1], ctx.has_bias and needs[2], _conv_backend(ctx.backend))
-    grad_gamma = sum_gx.to(bn_weight.dtype) if (bn_weight is not None and needs[3]) else None
-    grad_beta = sum_g.to(bn_bias.dtype) if (bn_bias is not None and needs[4]) else None
+    grad_gamma = sum_gx if (bn_weight is not None and needs[3]) else None
+    grad_beta = sum_g if (bn_bias is not None and needs[4]) else None
     return (grad_x, grad_w, grad_b, grad_gamma, grad_beta, grad_res if want_res else None,
             *(None,) * (_NUM_INPUTS - 6))
 

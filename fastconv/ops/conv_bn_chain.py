@@ -8,11 +8,17 @@ where a consumer needs the tensor.
 
     fastconv::conv_bn_stats_train(input, weight, bias?, in_mean?, in_var?, in_weight?, in_bias?, in_eps,
                                   in_activation, stride, padding[4], dilation, groups, algo, backend,
-                                  running_mean(a!)?, running_var(b!)?, momentum, momentum_tensor?)
-        -> (z, mean, var)
+                                  running_mean(a!)?, running_var(b!)?, momentum, momentum_tensor?,
+                                  bn_weight?, bn_bias?, bn_eps, in_scale?, in_shift?)
+        -> (z, mean, var, scale, shift)
         z = conv(x) + bias and its batch mean / biased variance (fp32; fp64 for fp64), where x = input, or,
         with in_mean / in_var, x = in_activation(bn(input)) with the producer's batch statistics and affine
-        (input is then the producer's z).
+        (input is then the producer's z). scale / shift: this block's BatchNorm (bn_weight, bn_bias, bn_eps)
+        folded per channel, scale = bn_weight * rsqrt(var + bn_eps), shift = bn_bias - mean * scale, in the
+        statistics' dtype: the next block's in_scale / in_shift (Triton: written by the statistics finalize's
+        last pass, no launch of their own). With in_scale / in_shift (the producer's), the prologue uses them
+        in forward and backward; without, they are folded from in_mean, in_var, in_weight, in_bias here
+        (fold_batch_norm, PyTorch ops).
     fastconv::batch_norm_act_train(z, mean, var, bn_weight?, bn_bias?, residual?, eps, activation, backend) -> y
         y = act((z - mean) / sqrt(var + eps) * bn_weight + bn_bias [+ residual]), mean / var z's batch
         statistics.
@@ -54,17 +60,20 @@ from .conv_bn_act import (
 from ._autocast import register_autocast
 from ._fastpath import FastOp, impl_of
 
-_NUM_INPUTS = 19  # conv_bn_stats_train's arguments
+_NUM_INPUTS = 24  # conv_bn_stats_train's arguments
 
 
 def _resolve(device: torch.device, backend: str) -> str:
     return _backend.resolve("conv_bn_act", device, SUPPORTED_BACKENDS, backend)
 
 
-def _prologue(in_mean, in_var, in_weight, in_bias, in_eps, in_activation):
-    """(in_scale, in_shift, in_activation) of the producer's BatchNorm, or None without one."""
+def _prologue(in_mean, in_var, in_weight, in_bias, in_eps, in_activation, in_scale=None, in_shift=None):
+    """(in_scale, in_shift, in_activation) of the producer's BatchNorm, or None without one: the producer's folded
+    coefficients when given, else folded here."""
     if in_mean is None:
         return None
+    if in_scale is not None and in_shift is not None:
+        return in_scale, in_shift, in_activation
     return (*fold_batch_norm(in_mean, in_var, in_weight, in_bias, in_eps), in_activation)
 
 
@@ -94,13 +103,20 @@ def conv_bn_stats_train(
     running_var: Optional[torch.Tensor] = None,
     momentum: float = 0.1,
     momentum_tensor: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    bn_weight: Optional[torch.Tensor] = None,
+    bn_bias: Optional[torch.Tensor] = None,
+    bn_eps: float = 1e-5,
+    in_scale: Optional[torch.Tensor] = None,
+    in_shift: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_choice(in_activation, ACTIVATIONS, "activation")
     _check_choice(algo, ALGOS, "algo")
     _check_running(running_mean, running_var, momentum_tensor, weight.shape[0])
     if (in_mean is None) != (in_var is None):
         raise ValueError("fastconv.conv_bn_stats_train: in_mean and in_var are given together or not at all")
-    prologue = _prologue(in_mean, in_var, in_weight, in_bias, in_eps, in_activation)
+    if (in_scale is None) != (in_shift is None) or (in_scale is not None and in_mean is None):
+        raise ValueError("fastconv.conv_bn_stats_train: in_scale and in_shift are given together, with in_mean")
+    prologue = _prologue(in_mean, in_var, in_weight, in_bias, in_eps, in_activation, in_scale, in_shift)
     name = _resolve(input.device, backend)
     if name == "triton" and (prologue is None or algo == "implicit"):
         from ..triton import batch_norm as tbn, conv2d as tconv, im2col as tim2col
@@ -115,10 +131,10 @@ def conv_bn_stats_train(
         # the finalize's last pass also updates the running statistics (contiguous buffers: the kernel's indexing)
         in_kernel = running_mean is not None and running_mean.is_contiguous() and running_var.is_contiguous()
         running = (running_mean, running_var, momentum, momentum_tensor) if in_kernel else None
-        mean, var = tbn.finalize(stats, z.shape[1], bias, running)
+        mean, var, scale, shift = tbn.finalize(stats, z.shape[1], bias, running, fold=(bn_weight, bn_bias, bn_eps))
         if not in_kernel:
             update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor)
-        return z, mean, var
+        return z, mean, var, scale, shift
     x = input if prologue is None else torch_prologue(input, *prologue)  # materialised: only Triton fuses
     conv_name = _conv_backend(name)
     if conv_name in ("cpu", "cuda"):
@@ -129,42 +145,43 @@ def conv_bn_stats_train(
                                algo, conv_name)
         mean, var = _stats_of(z)
     update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor)
-    return z, mean, var
+    return (z, mean, var, *fold_batch_norm(mean, var, bn_weight, bn_bias, bn_eps))
 
 
 @conv_bn_stats_train.register_fake
 def _(input, weight, bias, in_mean, in_var, in_weight, in_bias, in_eps, in_activation, stride, padding, dilation,
       groups, algo="implicit", backend="auto", running_mean=None, running_var=None, momentum=0.1,
-      momentum_tensor=None):
+      momentum_tensor=None, bn_weight=None, bn_bias=None, bn_eps=1e-5, in_scale=None, in_shift=None):
     _check_running(running_mean, running_var, momentum_tensor, weight.shape[0])
     z = _new_output(input, weight, stride, padding, dilation, _fake_alloc)
     stat = input.new_empty(weight.shape[0], dtype=_stat_dtype(input.dtype))
-    return z, stat, torch.empty_like(stat)
+    return z, stat, torch.empty_like(stat), torch.empty_like(stat), torch.empty_like(stat)
 
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, in_mean, in_var, in_weight, in_bias, in_eps, in_activation, stride, padding, dilation,
-     groups, algo, backend, *_running) = inputs
-    _, mean, var = output
-    ctx.mark_non_differentiable(mean, var)
+     groups, algo, backend, *rest) = inputs
+    in_scale, in_shift = (list(rest) + [None] * 9)[7:9]  # trailing defaults may be dropped
+    _, mean, var, scale, shift = output
+    ctx.mark_non_differentiable(mean, var, scale, shift)
     ctx.set_materialize_grads(False)
     ctx.geometry = (list(stride), list(padding), list(dilation), groups)
     ctx.in_eps, ctx.in_activation = in_eps, in_activation
     ctx.backend = _resolve(x.device, backend)
     ctx.has_bias = bias is not None
     ctx.input_size, ctx.weight_size = list(x.shape), list(weight.shape)
-    ctx.save_for_backward(x, weight, in_mean, in_var, in_weight, in_bias)
+    ctx.save_for_backward(x, weight, in_mean, in_var, in_weight, in_bias, in_scale, in_shift)
 
 
-def _backward(ctx, grad_z, _grad_mean, _grad_var):
+def _backward(ctx, grad_z, _grad_mean, _grad_var, _grad_scale, _grad_shift):
     if grad_z is None:
         return (None,) * _NUM_INPUTS
-    x, weight, in_mean, in_var, in_weight, in_bias = ctx.saved_tensors
+    x, weight, in_mean, in_var, in_weight, in_bias, in_scale, in_shift = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.geometry
     needs = tuple(ctx.needs_input_grad) + (False,) * _NUM_INPUTS  # trailing defaults may be dropped
     conv_backend = _conv_backend(ctx.backend)
     grad_z = grad_z.to(x.dtype)
-    prologue = _prologue(in_mean, in_var, in_weight, in_bias, ctx.in_eps, ctx.in_activation)
+    prologue = _prologue(in_mean, in_var, in_weight, in_bias, ctx.in_eps, ctx.in_activation, in_scale, in_shift)
     grad_input = grad_in_weight = grad_in_bias = grad_w = grad_b = None
     if needs[0] or (prologue is not None and (needs[5] or needs[6])):
         # the gradient of the conv's input x (virtual with a prologue)
@@ -176,17 +193,17 @@ def _backward(ctx, grad_z, _grad_mean, _grad_var):
             grad_input, sum_g, sum_gx, _ = batch_norm_act_backward_op(
                 grad_x, x, in_mean, in_var, in_weight, in_bias, None, ctx.in_eps, ctx.in_activation, False,
                 ctx.backend)
-            grad_in_weight = sum_gx.to(in_weight.dtype) if (in_weight is not None and needs[5]) else None
-            grad_in_bias = sum_g.to(in_bias.dtype) if (in_bias is not None and needs[6]) else None
+            grad_in_weight = sum_gx if (in_weight is not None and needs[5]) else None
+            grad_in_bias = sum_g if (in_bias is not None and needs[6]) else None
             grad_input = grad_input if needs[0] else None
     want_b = ctx.has_bias and needs[2]
     if needs[1] or want_b:
         if prologue is None:
             grad_w, db = conv_ops.weight_grad_op(grad_z, x, ctx.weight_size, stride, padding, dilation, groups,
-                                                 want_b, conv_backend)
+                                                 want_b, conv_backend, conv_ops.weight_layout(weight))
         else:
             grad_w, db = prologue_weight_grad_op(grad_z, x, *prologue, ctx.weight_size, stride, padding, dilation,
-                                                 groups, want_b, conv_backend)
+                                                 groups, want_b, conv_backend, conv_ops.weight_layout(weight))
         grad_w = grad_w if needs[1] else None
         grad_b = db if want_b else None
     return (grad_input, grad_w, grad_b, None, None, grad_in_weight, grad_in_bias, *(None,) * (_NUM_INPUTS - 7))
@@ -230,8 +247,8 @@ def _bn_backward(ctx, grad_y):
     want_res = ctx.has_residual and needs[5]
     grad_z, sum_g, sum_gx, grad_res = batch_norm_act_backward_op(
         grad_y, z, mean, var, bn_weight, bn_bias, residual, ctx.eps, ctx.activation, want_res, ctx.backend)
-    grad_gamma = sum_gx.to(bn_weight.dtype) if (bn_weight is not None and needs[3]) else None
-    grad_beta = sum_g.to(bn_bias.dtype) if (bn_bias is not None and needs[4]) else None
+    grad_gamma = sum_gx if (bn_weight is not None and needs[3]) else None
+    grad_beta = sum_g if (bn_bias is not None and needs[4]) else None
     return (grad_z if needs[0] else None, None, None, grad_gamma, grad_beta, grad_res if want_res else None,
             None, None, None)
 

@@ -42,11 +42,21 @@ def _lerp_store(ptr, end, w, mask, ACC: tl.constexpr):
 
 
 @triton.jit
+def _store_cast(ptr, value, mask):
+    """Store in *ptr's dtype; 16-bit from fp32 (see _lerp_store)."""
+    if ptr.dtype.element_ty.primitive_bitwidth == 16:
+        value = value.to(tl.float32)
+    tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _batch_norm_combine_kernel(cnt_ptr, mean_ptr, m2_ptr, T, C, ROWS,
                             cnt_out_ptr, mean_out_ptr, m2_out_ptr, bias_ptr,
                             run_mean_ptr, run_var_ptr, momentum_ptr, momentum_hi, momentum_lo,
+                            gamma_ptr, beta_ptr, eps_hi, eps_lo, scale_out_ptr, shift_out_ptr,
                             FINAL: tl.constexpr, HAS_BIAS: tl.constexpr, RUNNING: tl.constexpr,
-                            MOMENTUM_TENSOR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                            MOMENTUM_TENSOR: tl.constexpr, FOLD: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                            HAS_BETA: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """Combine rows [chunk * ROWS, (chunk + 1) * ROWS) of T (count, mean, M2) partials per channel, BLOCK_T rows
     at a time: a block's rows merge at once (n = sum n_i, mean = sum n_i mean_i / n,
     M2 = sum M2_i + sum n_i (mean_i - mean)^2), then into the running result with Chan's pairwise formula
@@ -56,6 +66,9 @@ def _batch_norm_combine_kernel(cnt_ptr, mean_ptr, m2_ptr, T, C, ROWS,
     their own dtype: running = lerp(running, batch statistic, momentum) with the unbiased variance M2 / (n - 1),
     as F.batch_norm does. The momentum is a 0-dim tensor read here (MOMENTUM_TENSOR: momentum=None's
     1 / num_batches_tracked, no host sync) or a float passed as fp32 hi + lo parts (exact for fp64 buffers).
+    FOLD (FINAL): also the BatchNorm folded per channel for the next conv's operand prologue,
+    scale = gamma * rsqrt(var + eps), shift = beta - mean * scale (gamma 1 / beta 0 without HAS_GAMMA / HAS_BETA;
+    eps as fp32 hi + lo), in the statistics' dtype.
     Each program owns its channels: no other program touches them."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
@@ -84,8 +97,18 @@ def _batch_norm_combine_kernel(cnt_ptr, mean_ptr, m2_ptr, T, C, ROWS,
     if FINAL:
         if HAS_BIAS:
             mean_a += tl.load(bias_ptr + c, mask=cm, other=0.0).to(acc)
+        var = m2_a / tl.maximum(n_a, 1.0)
         tl.store(mean_out_ptr + c, mean_a, mask=cm)
-        tl.store(m2_out_ptr + c, m2_a / tl.maximum(n_a, 1.0), mask=cm)
+        tl.store(m2_out_ptr + c, var, mask=cm)
+        if FOLD:
+            scale = 1.0 / tl.sqrt(var + (tl.cast(eps_hi, acc) + tl.cast(eps_lo, acc)))
+            if HAS_GAMMA:
+                scale = scale * tl.load(gamma_ptr + c, mask=cm, other=1.0).to(acc)
+            shift = -mean_a * scale
+            if HAS_BETA:
+                shift += tl.load(beta_ptr + c, mask=cm, other=0.0).to(acc)
+            tl.store(scale_out_ptr + c, scale, mask=cm)
+            tl.store(shift_out_ptr + c, shift, mask=cm)
         if RUNNING:
             if MOMENTUM_TENSOR:
                 w = tl.load(momentum_ptr).to(acc)
@@ -227,19 +250,29 @@ def _batch_norm_act_bwd_reduce_kernel(
 @triton.jit
 def _batch_norm_act_bwd_apply_kernel(
     dy_ptr, z_ptr, res_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, sum_g_ptr, sum_gx_ptr, dz_ptr, dres_ptr,
+    dbeta_ptr, dgamma_ptr,
     P, C, H, W, eps,
     sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw, sxn, sxc, sxh, sxw, sqn, sqc, sqh, sqw,
-    HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, WANT_DRES: tl.constexpr, ACT: tl.constexpr,
-    ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, WANT_DRES: tl.constexpr, WRITE_PARAM_GRADS: tl.constexpr,
+    ACT: tl.constexpr, ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """dz (and the residual's gradient g). WRITE_PARAM_GRADS: the first pixel tile's programs also store the sums
+    (fp32 / fp64, as accumulated) cast to the BatchNorm parameters' dtype, dbeta = sum_g, dgamma = sum_gx: the
+    parameter gradients without a cast launch."""
     n, h, w, c, mask = _bn_tile(tl.program_id(0) * BLOCK_P, tl.program_id(1) * BLOCK_C, P, C, H, W,
                                 IDX64, BLOCK_P, BLOCK_C)
     mean, invstd, gamma, beta = _bn_coefficients(c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_AFFINE, ACC)
     g, xhat = _bn_grad_u(dy_ptr, z_ptr, res_ptr, n, h, w, c, mask, mean, invstd, gamma, beta,
                          sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw, HAS_RES, ACT, ACC)
     cm = c < C
-    mean_g = tl.load(sum_g_ptr + c, mask=cm, other=0.0).to(ACC) / P
-    mean_gx = tl.load(sum_gx_ptr + c, mask=cm, other=0.0).to(ACC) / P
+    sum_g = tl.load(sum_g_ptr + c, mask=cm, other=0.0).to(ACC)
+    sum_gx = tl.load(sum_gx_ptr + c, mask=cm, other=0.0).to(ACC)
+    if WRITE_PARAM_GRADS:
+        if tl.program_id(0) == 0:
+            _store_cast(dbeta_ptr + c, sum_g, cm)
+            _store_cast(dgamma_ptr + c, sum_gx, cm)
+    mean_g = sum_g / P
+    mean_gx = sum_gx / P
     dz = (gamma * invstd)[None, :] * (g - mean_g[None, :] - xhat * mean_gx[None, :])
     tl.store(dz_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + (c * sxc)[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=mask)
@@ -257,7 +290,7 @@ REDUCE_MAX_STEPS = 256
 
 
 def _momentum_parts(momentum: float) -> tuple[float, float]:
-    """A float momentum as fp32 hi + lo (Triton passes float scalars as fp32): their sum in fp64 is the
+    """A float momentum (or eps) as fp32 hi + lo (Triton passes float scalars as fp32): their sum in fp64 is the
     float to about 48 bits, so fp64 running statistics see the same factor as nn.BatchNorm2d."""
     def fp32(v: float) -> float:
         return struct.unpack("f", struct.pack("f", v))[0]
@@ -266,13 +299,16 @@ def _momentum_parts(momentum: float) -> tuple[float, float]:
     return hi, fp32(momentum - hi)
 
 
-def finalize(stats, channels: int, bias: torch.Tensor | None = None, running=None) -> tuple[torch.Tensor, torch.Tensor]:
+def finalize(stats, channels: int, bias: torch.Tensor | None = None, running=None, fold=None):
     """(count, mean, M2) partials [T, C] of the bias-free conv output -> per-channel batch mean (bias
     added) and biased variance, by a tree of _batch_norm_combine_kernel levels (no long serial loop).
 
     running: None or (running_mean, running_var, momentum, momentum_tensor): the tree's last pass also updates
     the running statistics in place (unbiased variance), with momentum_tensor (0-dim, read in the kernel) when
-    it is not None, else the float momentum."""
+    it is not None, else the float momentum.
+
+    fold: None or (bn_weight, bn_bias, eps) of this BatchNorm (weight / bias may be None): the last pass also
+    writes its per-channel (scale, shift) for the next conv's prologue, returned as (mean, var, scale, shift)."""
     cnt, mean_p, m2_p = stats
     check_runnable(cnt)
     mean = torch.empty(channels, device=cnt.device, dtype=cnt.dtype)
@@ -280,12 +316,14 @@ def finalize(stats, channels: int, bias: torch.Tensor | None = None, running=Non
     blocks_c = cdiv(channels, COMBINE_BLOCK_C)
     T = cnt.shape[0]
     no_running = (mean, mean, mean, 0.0, 0.0)
+    no_fold = (mean, mean, 0.0, 0.0, mean, mean)
+    no_fold_flags = dict(FOLD=False, HAS_GAMMA=False, HAS_BETA=False)
     while T > COMBINE_ROWS:
         chunks = cdiv(T, COMBINE_ROWS)
         out = [_conv.workspace((chunks, channels), cnt.device, cnt.dtype) for _ in range(3)]
         run(_batch_norm_combine_kernel, (blocks_c, chunks), cnt, mean_p, m2_p, T, channels, COMBINE_ROWS, *out, mean,
-            *no_running, device=cnt.device, loop=cdiv(COMBINE_ROWS, COMBINE_BLOCK_T),
-            FINAL=False, HAS_BIAS=False, RUNNING=False, MOMENTUM_TENSOR=False,
+            *no_running, *no_fold, device=cnt.device, loop=cdiv(COMBINE_ROWS, COMBINE_BLOCK_T),
+            FINAL=False, HAS_BIAS=False, RUNNING=False, MOMENTUM_TENSOR=False, **no_fold_flags,
             BLOCK_T=COMBINE_BLOCK_T, BLOCK_C=COMBINE_BLOCK_C)
         (cnt, mean_p, m2_p), T = out, chunks
     running_args, momentum_tensor = no_running, False
@@ -298,12 +336,19 @@ def finalize(stats, channels: int, bias: torch.Tensor | None = None, running=Non
             running_args = (run_mean, run_var, mom_t, 0.0, 0.0)
         else:
             running_args = (run_mean, run_var, mean, *_momentum_parts(momentum))
+    fold_args, fold_flags = no_fold, no_fold_flags
+    if fold is not None:
+        gamma, beta, eps = fold
+        scale, shift = torch.empty_like(mean), torch.empty_like(mean)
+        fold_args = (gamma.contiguous() if gamma is not None else mean, beta.contiguous() if beta is not None else mean,
+                     *_momentum_parts(float(eps)), scale, shift)
+        fold_flags = dict(FOLD=True, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None)
     run(_batch_norm_combine_kernel, (blocks_c, 1), cnt, mean_p, m2_p, T, channels, COMBINE_ROWS,
-        mean, mean, var, bias if bias is not None else mean, *running_args,
+        mean, mean, var, bias if bias is not None else mean, *running_args, *fold_args,
         device=cnt.device, loop=cdiv(T, COMBINE_BLOCK_T),
         FINAL=True, HAS_BIAS=bias is not None, RUNNING=running is not None, MOMENTUM_TENSOR=momentum_tensor,
-        BLOCK_T=COMBINE_BLOCK_T, BLOCK_C=COMBINE_BLOCK_C)
-    return mean, var
+        **fold_flags, BLOCK_T=COMBINE_BLOCK_T, BLOCK_C=COMBINE_BLOCK_C)
+    return (mean, var) if fold is None else (mean, var, fold_args[4], fold_args[5])
 
 
 def sum_rows(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,17 +406,20 @@ def batch_norm_act_forward(z, mean, var, weight, bias, eps: float, activation: s
 def batch_norm_act_backward(grad_y, z, mean, var, weight, bias, eps: float, activation: str,
                             residual: torch.Tensor | None = None, *, want_dres: bool = False,
                             grad_z: torch.Tensor | None = None, grad_res: torch.Tensor | None = None,
-                            splits: int | None = None, force_int64: bool = False):
-    """Returns (grad_z, sum_g, sum_gx, grad_residual or None); dgamma = sum_gx, dbeta = sum_g."""
+                            splits: int | None = None, force_int64: bool = False,
+                            param_dtypes: tuple[torch.dtype, torch.dtype] | None = None):
+    """Returns (grad_z, sum_g, sum_gx, grad_residual or None); dgamma = sum_gx, dbeta = sum_g, accumulated in
+    fp32 (fp64 for fp64) and returned in param_dtypes = (sum_g's, sum_gx's) when given (the BatchNorm bias's and
+    weight's dtypes): the apply pass stores them cast, no separate cast launch."""
     check_runnable(grad_y, z)
     N, C, H, W = z.shape
     P = N * H * W
     dz = grad_z if grad_z is not None else torch.empty_like(z)
     dres = (grad_res if grad_res is not None else torch.empty_like(z)) if want_dres else None
     acc = accumulation_dtype(z.dtype)
+    g_dtype, gx_dtype = param_dtypes if param_dtypes is not None else (acc, acc)
     if P == 0:
-        zeros = torch.zeros(C, device=z.device, dtype=acc)
-        return dz, zeros, zeros.clone(), dres
+        return dz, torch.zeros(C, device=z.device, dtype=g_dtype), torch.zeros(C, device=z.device, dtype=gx_dtype), dres
     if splits is None:
         splits = reduce_splits(P, C, z.device)
     per_split = cdiv(cdiv(P, splits), BLOCK_P) * BLOCK_P
@@ -389,11 +437,18 @@ def batch_norm_act_backward(grad_y, z, mean, var, weight, bias, eps: float, acti
         *grad_y.stride(), *z.stride(), *res.stride(),
         device=z.device, loop=cdiv(per_split, BLOCK_P), **common,
     )
-    sum_g, sum_gx = sum_rows(sum_g_p, sum_gx_p) if splits > 1 else (sum_g_p, sum_gx_p)
+    sum_g_acc, sum_gx_acc = sum_rows(sum_g_p, sum_gx_p) if splits > 1 else (sum_g_p, sum_gx_p)
+    sum_g, sum_gx = sum_g_acc, sum_gx_acc
     dres_t = dres if dres is not None else dz
+    cast = (g_dtype, gx_dtype) != (acc, acc)
+    if cast:  # written by the apply pass (every element: its first pixel tile covers all channels)
+        sum_g = _conv.workspace((C,), z.device, g_dtype)
+        sum_gx = _conv.workspace((C,), z.device, gx_dtype)
+        dbeta, dgamma = sum_g, sum_gx
     run(_batch_norm_act_bwd_apply_kernel, (cdiv(P, BLOCK_P), cdiv(C, BLOCK_C)),
-        grad_y, z, res, mean, var, w, b, sum_g, sum_gx, dz, dres_t, P, C, H, W, eps,
+        grad_y, z, res, mean, var, w, b, sum_g_acc, sum_gx_acc, dz, dres_t,
+        *((dbeta, dgamma) if cast else (sum_g, sum_gx)), P, C, H, W, eps,
         *grad_y.stride(), *z.stride(), *res.stride(), *dz.stride(), *dres_t.stride(),
-        device=z.device, WANT_DRES=want_dres, **common,
+        device=z.device, WANT_DRES=want_dres, WRITE_PARAM_GRADS=cast, **common,
     )
     return dz, sum_g, sum_gx, dres

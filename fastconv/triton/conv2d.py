@@ -38,7 +38,7 @@ from ._epilogue import (
     store_tile,
     tile_rows,
 )
-from .launch import Problem, TunedKernel, sm_count
+from .launch import SPLIT_K_ALIGN, SPLIT_K_MAX, Problem, TunedKernel, run, sm_count
 
 @triton.jit
 def _conv2d_fwd_kernel(
@@ -244,19 +244,24 @@ def _conv2d_dgrad_kernel(
 
 @triton.jit
 def _conv2d_wgrad_kernel(
-    dy_ptr, x_ptr, dw_ptr, db_ptr,
-    P, H, W, OH, OW, CIN_G, COUT_G, KH, KW, COUT, K_PER_SPLIT,
+    dy_ptr, x_ptr,
+    P, H, W, OH, OW, CIN_G, COUT_G, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sdyn, sdyc, sdyh, sdyw,
     sxn, sxc, sxh, sxw,
     in_scale_ptr, in_shift_ptr,  # PROLOGUE per-input-channel coefficients [C_in] (else dummies)
+    COUT,
+    # per tile (the launcher's scratch, by keyword): where dw / db go, and the split length
+    dw_ptr, db_ptr, K_PER_SPLIT,
     HAS_DBIAS: tl.constexpr, ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     IDX64: tl.constexpr, PROLOGUE: tl.constexpr, IN_ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Partial dw for one K split:  dw[co, (kh, kw, ci)] = sum_p dy[co, p] * x_col[p, (kh, kw, ci)], the
-    reduction over p = (n, oh, ow) cut into SPLIT contiguous chunks (grid axis 1) whose fp32 partials
-    land in dw_ptr[split, co, kh, kw, ci] and are summed afterwards (deterministic, no atomics).
+    """dw for one K split:  dw[co, (kh, kw, ci)] = sum_p dy[co, p] * x_col[p, (kh, kw, ci)], the reduction over
+    p = (n, oh, ow) cut into contiguous chunks of K_PER_SPLIT (grid axis 1), stored at dw_ptr[split, co, kh, kw, ci]
+    in dw_ptr's dtype. One split into a channels_last weight: dw_ptr is the weight gradient itself (that layout;
+    no other pass); else fp32 partials that _conv2d_wgrad_reduce_kernel sums in split order (deterministic, no
+    atomics), casts and lays out.
 
     The bias gradient is the same reduction of dy alone: the programs at (kh, kw, ci-tile) == 0 also sum
     their dy tiles into db_ptr[split, co].
@@ -320,7 +325,7 @@ def _conv2d_wgrad_kernel(
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_TYPE)
 
-    # partial layout [SPLIT, COUT, KH, KW, CIN_G]
+    # layout [SPLIT, COUT, KH, KW, CIN_G]
     co = g * COUT_G + offs_m
     if IDX64:
         split = split.to(tl.int64)
@@ -330,6 +335,43 @@ def _conv2d_wgrad_kernel(
     if HAS_DBIAS:
         if with_bias:
             tl.store(db_ptr + split * COUT + co, db.to(db_ptr.dtype.element_ty), mask=mask_m)
+
+
+@triton.jit
+def _conv2d_wgrad_reduce_kernel(part_ptr, dbp_ptr, dw_ptr, db_ptr, SPLIT, COUT, CIN_G, KH, KW,
+                                swo, swc, swh, sww, HAS_DBIAS: tl.constexpr, IDX64: tl.constexpr,
+                                BLOCK: tl.constexpr):
+    """The split-K wgrad's epilogue: dw = sum over the SPLIT partials [SPLIT, COUT, KH, KW, CIN_G] (contiguous,
+    fp32 / fp64), added in split order (deterministic), cast to dw's dtype and stored through dw's strides; with
+    HAS_DBIAS the first programs do the same for db from its partials [SPLIT, COUT]. BLOCK partial elements per
+    program, read coalesced."""
+    pid = tl.program_id(0)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    if IDX64:
+        idx = idx.to(tl.int64)
+    per = COUT * KH * KW * CIN_G
+    mask = idx < per
+    acc = tl.zeros((BLOCK,), part_ptr.dtype.element_ty)
+    src = part_ptr + idx
+    for s in range(SPLIT):
+        acc += tl.load(src, mask=mask, other=0.0)
+        src += per
+    ci = idx % CIN_G
+    rest = idx // CIN_G
+    kw = rest % KW
+    rest = rest // KW
+    kh = rest % KH
+    co = rest // KH
+    tl.store(dw_ptr + co * swo + ci * swc + kh * swh + kw * sww, acc.to(dw_ptr.dtype.element_ty), mask=mask)
+    if HAS_DBIAS:
+        if pid * BLOCK < COUT:
+            bmask = idx < COUT
+            acc_b = tl.zeros((BLOCK,), dbp_ptr.dtype.element_ty)
+            src_b = dbp_ptr + idx
+            for s in range(SPLIT):
+                acc_b += tl.load(src_b, mask=bmask, other=0.0)
+                src_b += COUT
+            tl.store(db_ptr + idx, acc_b.to(db_ptr.dtype.element_ty), mask=bmask)
 
 
 _fwd = TunedKernel(_conv2d_fwd_kernel, "conv2d_fwd")
@@ -515,13 +557,6 @@ def conv2d_input_grad(
     return dx
 
 
-def _num_splits(P: int, tiles: int, device: torch.device) -> int:
-    """Split the N*OH*OW reduction until the grid fills the GPU (about 2 waves of sm_count programs), but keep
-    >= 256 pixels per split so each program still streams real work."""
-    want = max(1, (2 * sm_count(device)) // max(tiles, 1))
-    return max(1, min(want, P // 256, 64))
-
-
 def conv2d_weight_grad(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -531,11 +566,13 @@ def conv2d_weight_grad(
     bias_grad: bool = False,
     splits: int | None = None,
     prologue: tuple[torch.Tensor, torch.Tensor, str] | None = None,
+    channels_last: bool = False,
     force_int64: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """wgrad (and optionally the bias gradient) by split-K GEMM over the N*OH*OW pixels. With `prologue`
     (see conv2d_forward), x is z and the gradient is taken with respect to the weight of conv(act(z * in_scale +
-    in_shift), w): the kernel rebuilds each x tile from z."""
+    in_shift), w): the kernel rebuilds each x tile from z. dw is contiguous, or channels_last with
+    `channels_last` (the weight's own layout, so that autograd's gradient accumulation copies nothing)."""
     check_runnable(grad_out, x)
     grad_out, x = channels_contiguous(grad_out), channels_contiguous(x)
     N, C, H, W = x.shape
@@ -544,41 +581,82 @@ def conv2d_weight_grad(
     P = N * OH * OW
     cout_g = C_out // groups
     if P == 0 or C_out == 0 or cin_g == 0:
-        dw = x.new_zeros(weight_shape)
+        dw = x.new_zeros(weight_shape).contiguous(memory_format=torch.channels_last if channels_last
+                                                   else torch.contiguous_format)
         return dw, (x.new_zeros(C_out) if bias_grad else None)
-    tiles_estimate = cdiv(cout_g, 64) * KH * KW * cdiv(cin_g, 64) * groups
-    split = splits or _num_splits(P, tiles_estimate, x.device)
-    # Chunks are whole multiples of the largest BLOCK_K so a K block never straddles two splits.
-    k_per_split = cdiv(cdiv(P, split), 64) * 64
-    split = cdiv(P, k_per_split)
     part_dtype = accumulation_dtype(x.dtype)
-    partial = workspace((split, C_out, KH, KW, cin_g), x.device, part_dtype)
-    db_partial = workspace((split, C_out), x.device, part_dtype) if bias_grad else partial
-    in_scale, in_shift, in_act = prologue_args(prologue, C, partial)
-    _wgrad(
+    # every element written by the wgrad kernel (one split) or the reduce pass, in the weight's layout
+    if channels_last:
+        dw = workspace((C_out, KH, KW, cin_g), x.device, x.dtype).permute(0, 3, 1, 2)
+    else:
+        dw = workspace(weight_shape, x.device, x.dtype)
+    db = workspace((C_out,), x.device, grad_out.dtype) if bias_grad else None
+    if splits:  # a fixed split count (tests); else per tile, to fill one wave (Problem.split_fill)
+        k_per_split = cdiv(cdiv(P, splits), SPLIT_K_ALIGN) * SPLIT_K_ALIGN
+        problem = Problem(cout_g, cin_g, k_per_split, 1, KH * KW * cdiv(P, k_per_split) * groups)
+    else:
+        problem = Problem(cout_g, cin_g, P, 1, KH * KW * groups, split_fill=sm_count(x.device))
+
+    def split_of(meta):
+        if splits:
+            return cdiv(P, problem.k_per_tap), problem.k_per_tap
+        return problem.splits((meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], 0, 0))
+
+    # dw laid out [C_out, KH, KW, cin_g] (channels_last, or any 1x1 weight) takes the kernel's own store
+    direct_ok = dw.permute(0, 2, 3, 1).is_contiguous()
+
+    def scratch(meta):
+        """One split into a dw the kernel can store: dw and db themselves; else fp32 partials
+        [split, C_out, KH, KW, cin_g] and [split, C_out] for the reduce pass (sized per tile: the split count
+        depends on it)."""
+        split, chunk = split_of(meta)
+        if split == 1 and direct_ok:
+            return dict(dw_ptr=dw, db_ptr=db if db is not None else dw, K_PER_SPLIT=chunk)
+        partial = workspace((split, C_out, KH, KW, cin_g), x.device, part_dtype)
+        db_partial = workspace((split, C_out), x.device, part_dtype) if bias_grad else partial
+        return dict(dw_ptr=partial, db_ptr=db_partial, K_PER_SPLIT=chunk)
+
+    in_scale, in_shift, in_act = prologue_args(prologue, C, x)
+    meta, extra = _wgrad(
         lambda meta: (
             cdiv(cout_g, meta["BLOCK_M"]) * KH * KW * cdiv(cin_g, meta["BLOCK_N"]),
-            split,
+            split_of(meta)[0],
             groups,
         ),
-        grad_out, x, partial, db_partial,
-        P, H, W, OH, OW, cin_g, cout_g, KH, KW, C_out, k_per_split,
+        grad_out, x,
+        P, H, W, OH, OW, cin_g, cout_g, KH, KW,
         stride[0], stride[1], pads(padding)[0], pads(padding)[2], dilation[0], dilation[1],
         *grad_out.stride(), *x.stride(),
         in_scale, in_shift,
-        problem=Problem(cout_g, cin_g, k_per_split, 1, KH * KW * split * groups),
+        C_out,
+        problem=problem,
         device=x.device,
+        scratch=scratch,
         HAS_DBIAS=bias_grad,
         ACC_TYPE=acc_dtype(x.dtype),
         PRECISION=dot_precision(x.dtype),
         UPCAST=upcast_dot_operands(x.dtype),
-        IDX64=force_int64 or needs_int64(grad_out, x, partial),
+        # the partials hold up to max(splits, SPLIT_K_MAX) copies of dw
+        IDX64=force_int64 or needs_int64(grad_out, x, dw) or max(splits or 0, SPLIT_K_MAX) * dw.numel() >= 2**31 - 2**20,
         PROLOGUE=prologue is not None,
         IN_ACT=in_act,
     )
-    dw = partial.sum(0) if split > 1 else partial[0]
-    dw = dw.permute(0, 3, 1, 2).to(x.dtype).contiguous()
-    db = None
-    if bias_grad:
-        db = (db_partial.sum(0) if split > 1 else db_partial[0]).to(grad_out.dtype)
+    split = split_of(meta)[0]
+    if split > 1 or not direct_ok:
+        reduce_splits(extra["dw_ptr"], extra["db_ptr"] if bias_grad else None, dw, db, split,
+                      force_int64=force_int64)
     return dw, db
+
+
+WGRAD_REDUCE_BLOCK = 512
+
+
+def reduce_splits(partial, db_partial, dw, db, split: int, force_int64: bool = False) -> None:
+    """dw (and db) = the split-K partials summed in split order (_conv2d_wgrad_reduce_kernel): one launch."""
+    C_out, KH, KW, cin_g = partial.shape[1:]
+    run(_conv2d_wgrad_reduce_kernel, (cdiv(C_out * KH * KW * cin_g, WGRAD_REDUCE_BLOCK),),
+        partial, db_partial if db_partial is not None else partial, dw, db if db is not None else dw,
+        split, C_out, cin_g, KH, KW, *dw.stride(),
+        device=dw.device, loop=split,
+        HAS_DBIAS=db is not None, IDX64=force_int64 or needs_int64(partial, dw),
+        BLOCK=WGRAD_REDUCE_BLOCK, num_warps=4)

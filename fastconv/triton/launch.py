@@ -186,15 +186,39 @@ class Problem:
     k_per_tap: int
     taps: int = 1
     batch: int = 1
+    # > 0: split-K. k_per_tap is then the whole reduction, cut per tile into split_k(...) chunks (one more grid
+    # axis) so that the grid reaches split_fill programs (one wave: sm_count); 0: no split.
+    split_fill: int = 0
+
+    def splits(self, tile: Tile) -> tuple[int, int]:
+        """(splits, reduction length per split) on this tile."""
+        if not self.split_fill:
+            return 1, self.k_per_tap
+        return split_k(self.k_per_tap, cdiv(self.m, tile[0]) * cdiv(self.n, tile[1]) * self.batch, self.split_fill)
 
     def programs(self, tile: Tile) -> int:
-        return cdiv(self.m, tile[0]) * cdiv(self.n, tile[1]) * self.batch
+        return cdiv(self.m, tile[0]) * cdiv(self.n, tile[1]) * self.batch * self.splits(tile)[0]
 
     def k_steps(self, tile: Tile) -> int:
-        return self.taps * cdiv(self.k_per_tap, tile[2])
+        return self.taps * cdiv(self.splits(tile)[1], tile[2])
 
     def flops(self) -> float:
         return 2.0 * self.m * self.n * self.k_per_tap * self.taps * self.batch
+
+
+# Split-K: chunks are whole multiples of the largest BLOCK_K (a K block never straddles two splits), at least
+# SPLIT_K_MIN long (each program streams real work), at most SPLIT_K_MAX of them.
+SPLIT_K_ALIGN, SPLIT_K_MIN, SPLIT_K_MAX = 64, 256, 64
+
+
+def split_k(K: int, tiles: int, fill: int) -> tuple[int, int]:
+    """(splits, chunk length) of a K-long reduction over a grid of `tiles` output tiles: the fewest splits for
+    which tiles * splits >= fill (one wave), within the bounds above."""
+    want = max(1, min(cdiv(fill, max(tiles, 1)), K // SPLIT_K_MIN, SPLIT_K_MAX))
+    chunk = max(SPLIT_K_ALIGN, (K // want) // SPLIT_K_ALIGN * SPLIT_K_ALIGN)  # rounded down: >= want splits
+    if cdiv(K, chunk) > SPLIT_K_MAX:
+        chunk = cdiv(cdiv(K, want), SPLIT_K_ALIGN) * SPLIT_K_ALIGN
+    return cdiv(K, chunk), chunk
 
 
 def estimated_cost(tile: Tile, p: Problem, sms: int) -> float:
