@@ -318,6 +318,7 @@ def test_prologue_tile_limits():
     launch keeps its own pins."""
     for fam, kind, arch, tile in [*configs.PROLOGUE_MAXNREG, *configs.PROLOGUE_EXCLUDED]:
         assert tile in configs.CONFIGS[fam][kind][arch], (fam, kind, arch, tile)
+    assert all(p % 8 == 0 or p == 255 for p in configs.PROLOGUE_MAXNREG.values())
     for fam, kinds in configs.CONFIGS.items():
         for kind, arches in kinds.items():
             for arch in arches:
