@@ -114,7 +114,8 @@ _FWD_VARIANTS = {
 # the implicit-GEMM kernels' operand prologue (off in the base): x = act(z * in_scale + in_shift) per input channel,
 # the coefficients fp32 (BatchNorm folded from fp32 statistics)
 _NO_PROLOGUE = dict(PROLOGUE=False, IN_ACT=0)
-_PROLOGUE_VARIANTS = {"prologue_relu": dict(PROLOGUE=True, IN_ACT=1), "prologue_silu": dict(PROLOGUE=True, IN_ACT=3)}
+_PROLOGUE_VARIANTS = {"prologue_relu": dict(PROLOGUE=True, IN_ACT=1), "prologue_silu": dict(PROLOGUE=True, IN_ACT=3),
+                      "prologue_idx64": dict(PROLOGUE=True, IN_ACT=1, IDX64=True)}
 _FP32_STATS = dict(cnt_ptr="fp32", mean_ptr="fp32", m2_ptr="fp32")
 _FP32_PROLOGUE = dict(in_scale_ptr="fp32", in_shift_ptr="fp32")
 _BN_TYPES = dict(mean_ptr="fp32", var_ptr="fp32", w_ptr="fp32", b_ptr="fp32", sum_g_ptr="fp32", sum_gx_ptr="fp32")

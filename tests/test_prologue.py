@@ -318,6 +318,7 @@ def test_prologue_tile_limits():
     launch keeps its own pins."""
     for fam, kind, arch, tile in [*configs.PROLOGUE_MAXNREG, *configs.PROLOGUE_EXCLUDED]:
         assert tile in configs.CONFIGS[fam][kind][arch], (fam, kind, arch, tile)
+    assert all(p % 8 == 0 or p == 255 for p in configs.PROLOGUE_MAXNREG.values())
     for fam, kinds in configs.CONFIGS.items():
         for kind, arches in kinds.items():
             for arch in arches:
@@ -330,3 +331,21 @@ def test_prologue_tile_limits():
                     assert p == configs.PROLOGUE_MAXNREG.get((fam, kind, arch, t), plain[t])
                     assert plain[t] == configs.MAXNREG.get((fam, kind, arch, t))
     assert configs.is_fused({"PROLOGUE": True}) and not configs.is_fused({"PROLOGUE": False})
+
+
+def test_int64_indexing(device):
+    """The IDX64 path of both prologue kernels (forced; real sizes past 2**31 elements do not fit a test)."""
+    cfg = _cfg(input=(2, 5, 7, 6), out_channels=6, stride=(2, 1), padding=(1, 0, 2, 1), groups=1, in_act="silu",
+               dtype=torch.float64, layout="channels_last")
+    t, gen = make_inputs(cfg, device, "idx64")
+    stride, padding, dilation, groups = _geometry(cfg)
+    prologue = (t["in_scale"].detach(), t["in_shift"].detach(), cfg["in_act"])
+    z, w = t["z"].detach(), t["w"].detach()
+    y = tconv.conv2d_forward(z, w, None, stride, padding, dilation, groups, prologue=prologue, force_int64=True)
+    y_ref, d = reference(cfg, dict(t, b=None))
+    assert_close(y, y_ref, torch.float64, "IDX64 forward", cfg)
+    g = randn(y.shape, torch.float64, device, gen)
+    dw, db = tconv.conv2d_weight_grad(g, z, tuple(w.shape), stride, padding, dilation, groups, bias_grad=True,
+                                      prologue=prologue, force_int64=True)
+    assert_close(dw, torch.autograd.grad(y_ref, d["w"], g.double())[0], torch.float64, "IDX64 wgrad", cfg)
+    assert_close(db, g.sum((0, 2, 3)), torch.float64, "IDX64 bias grad", cfg)
