@@ -108,9 +108,14 @@ def conv2d_prologue(input, in_scale, in_shift, weight, bias=None, stride=1, padd
     input channel c from the previous block's pre-BatchNorm output `input` (in_scale / in_shift: that block's
     BatchNorm folded). On the Triton backend x is never materialised (forward or backward); the other backends
     build it with PyTorch ops (fastconv.ops.conv2d_prologue). Gradients flow to input, in_scale and in_shift."""
-    _, name = _backend.choose("conv2d", input.device, conv_ops.CONV2D_BACKENDS, input.dtype)
     input, residual, unbatched = _batched(input, residual)
-    stride, padding, dilation, _ = _geometry(input, weight, bias, stride, padding, dilation, groups)
+    _, name, geometry = _conv_call("conv2d", conv_ops.CONV2D_BACKENDS, input, weight, bias, stride, padding,
+                                   dilation, groups)
+    if geometry is None:  # 'auto' chose PyTorch: the op composes PyTorch ops
+        args = ConvArgs(input, weight, bias, stride, padding, dilation, groups)
+        geometry = (as_list(args.stride), as_list(args.padding), as_list(args.dilation), args.out_hw)
+        name = "torch"
+    stride, padding, dilation, _ = geometry
     out = prologue_ops.conv2d_prologue_op(input, in_scale, in_shift, in_activation, weight, bias, stride, padding,
                                           dilation, groups, scale, shift, residual, activation, name)
     return out.squeeze(0) if unbatched else out

@@ -43,7 +43,7 @@ def _block(cout, k=3, stride=1, padding=1, dilation=1, groups=1, bias=True, act=
 CHAINS = {
     "two_relu_stride2": dict(input=(2, 3, 9, 7), dtype=torch.float32, layout="nchw", blocks=[
         _block(5), _block(4, stride=2, bias=False, act="silu")]),
-    "three_groups_dilation_fp16_cl": dict(input=(2, 4, 10, 9), dtype=torch.float16, layout="channels_last", blocks=[
+    "three_groups_dilation_fp32_cl": dict(input=(2, 4, 10, 9), dtype=torch.float32, layout="channels_last", blocks=[
         _block(6, groups=2, act="silu"), _block(6, padding=2, dilation=2, groups=3, act="silu", bias=False),
         _block(8, k=1, padding=0, act="silu")]),
     "four_affine_false_momentum_none_fp64": dict(input=(1, 3, 8, 8), dtype=torch.float64, layout="nchw", blocks=[
@@ -166,7 +166,7 @@ class _Spy:
             monkeypatch.setattr(FC, fn, wrap)
 
 
-@pytest.mark.parametrize("name", ["two_relu_stride2", "three_groups_dilation_fp16_cl"])
+@pytest.mark.parametrize("name", ["two_relu_stride2", "three_groups_dilation_fp32_cl"])
 def test_fused_sequential_chains(name, device, triton_backend, monkeypatch):
     """convert() makes the Sequential a FusedSequential (same keys); in training every block runs through
     conv_bn_stats and the chain's one bn_act, and matches the plain model; in eval it is the plain fused path."""
@@ -200,7 +200,7 @@ def test_fused_sequential_chains(name, device, triton_backend, monkeypatch):
 def test_chain_never_materialises_intermediate_outputs(device, triton_backend, monkeypatch):
     """A chain of three blocks launches the normalize kernel once (forward) and never rebuilds an output in
     backward; the prologue is never done with PyTorch ops."""
-    cfg = dict(CHAINS["three_groups_dilation_fp16_cl"], dtype=torch.float32)
+    cfg = dict(CHAINS["three_groups_dilation_fp32_cl"], dtype=torch.float32)
     _, model = _converted(cfg, device, "materialise")
 
     def fail(*a, **k):
