@@ -267,7 +267,7 @@ def test_opcheck(device, triton_backend):
     opcheck(op, (x, w, None, mean, var, gamma, beta, 1e-5, "silu", *geo, "implicit", "triton"))
     running = (torch.zeros(6, device=device), torch.ones(6, device=device))
     opcheck(op, (x, w, b, mean, var, None, None, 1e-5, "relu", *geo, "implicit", "triton", *running, 0.1, None))
-    z, m, v = op(x.detach(), w.detach(), b.detach(), None, None, None, None, 0.0, "identity", *geo)
+    z, m, v, _, _ = op(x.detach(), w.detach(), b.detach(), None, None, None, None, 0.0, "identity", *geo)
     g6, b6 = (randn((6,), f32, device, gen).requires_grad_() for _ in range(2))
     opcheck(torch.ops.fastconv.batch_norm_act_train.default,
             (z.requires_grad_(), m, v, g6, b6, None, 1e-5, "silu", "triton"))
