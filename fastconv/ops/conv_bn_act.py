@@ -373,17 +373,24 @@ def _backward(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
         p_eps, p_activation, _ = ctx.input_producer
         x = batch_norm_act_op(*producer, p_eps, p_activation, ctx.backend)
     needs = ctx.needs_input_grad
-    want_res = ctx.has_residual and needs[5]
-    # sum_g / sum_gx come in the parameters' dtypes: the gradients as they are
-    grad_z, sum_g, sum_gx, grad_res = batch_norm_act_backward_op(
-        grad_y.contiguous(memory_format=memory_format_of(z)), z, mean, var, bn_weight, bn_bias, residual, ctx.eps,
-        ctx.activation, want_res, ctx.backend)
+    grad_z, grad_gamma, grad_beta, grad_res = batch_norm_act_grads(
+        grad_y, z, mean, var, bn_weight, bn_bias, residual, ctx.eps, ctx.activation, needs[3], needs[4],
+        ctx.has_residual and needs[5], ctx.backend)
     grad_x, grad_w, grad_b = conv2d_grads(grad_z, x, weight, ctx.input_size, ctx.weight_size, ctx.geometry,
                                           needs[0], needs[1], ctx.has_bias and needs[2], _conv_backend(ctx.backend))
-    grad_gamma = sum_gx if (bn_weight is not None and needs[3]) else None
-    grad_beta = sum_g if (bn_bias is not None and needs[4]) else None
-    return (grad_x, grad_w, grad_b, grad_gamma, grad_beta, grad_res if want_res else None,
-            *(None,) * (_NUM_INPUTS - 6))
+    return (grad_x, grad_w, grad_b, grad_gamma, grad_beta, grad_res, *(None,) * (_NUM_INPUTS - 6))
+
+
+def batch_norm_act_grads(grad_y, z, mean, var, bn_weight, bn_bias, residual, eps, activation, want_weight,
+                         want_bias, want_residual, backend):
+    """(grad_z, grad_bn_weight, grad_bn_bias, grad_residual) of y = act(bn(z) [+ residual]) with z's batch
+    statistics (BatchNorm's training-mode gradient), the last three None unless wanted (and present). The
+    parameter gradients come in the parameters' dtypes; grad_y is laid out like z for the kernels."""
+    grad_z, sum_g, sum_gx, grad_res = batch_norm_act_backward_op(
+        grad_y.contiguous(memory_format=memory_format_of(z)), z, mean, var, bn_weight, bn_bias, residual, eps,
+        activation, want_residual, backend)
+    return (grad_z, sum_gx if (bn_weight is not None and want_weight) else None,
+            sum_g if (bn_bias is not None and want_bias) else None, grad_res if want_residual else None)
 
 
 def _register_autograd_of_mutating_op(op, backward, setup_context) -> None:

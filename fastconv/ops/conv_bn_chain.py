@@ -52,7 +52,7 @@ from .conv_bn_act import (
     _register_autograd_of_mutating_op,
     _stat_dtype,
     batch_norm_act,
-    batch_norm_act_backward_op,
+    batch_norm_act_grads,
     ext_ops,
     fold_batch_norm,
     update_running_stats,
@@ -190,11 +190,9 @@ def _backward(ctx, grad_z, _grad_mean, _grad_var, _grad_scale, _grad_shift):
         if prologue is None:
             grad_input = grad_x
         else:  # x = act(bn(input)) with input's batch statistics: BatchNorm's training-mode gradient
-            grad_input, sum_g, sum_gx, _ = batch_norm_act_backward_op(
-                grad_x, x, in_mean, in_var, in_weight, in_bias, None, ctx.in_eps, ctx.in_activation, False,
-                ctx.backend)
-            grad_in_weight = sum_gx if (in_weight is not None and needs[5]) else None
-            grad_in_bias = sum_g if (in_bias is not None and needs[6]) else None
+            grad_input, grad_in_weight, grad_in_bias, _ = batch_norm_act_grads(
+                grad_x, x, in_mean, in_var, in_weight, in_bias, None, ctx.in_eps, ctx.in_activation, needs[5],
+                needs[6], False, ctx.backend)
             grad_input = grad_input if needs[0] else None
     want_b = ctx.has_bias and needs[2]
     if needs[1] or want_b:
@@ -244,13 +242,10 @@ def _bn_setup_context(ctx, inputs, output):
 def _bn_backward(ctx, grad_y):
     z, mean, var, bn_weight, bn_bias, residual = ctx.saved_tensors
     needs = tuple(ctx.needs_input_grad) + (False,) * 9
-    want_res = ctx.has_residual and needs[5]
-    grad_z, sum_g, sum_gx, grad_res = batch_norm_act_backward_op(
-        grad_y, z, mean, var, bn_weight, bn_bias, residual, ctx.eps, ctx.activation, want_res, ctx.backend)
-    grad_gamma = sum_gx if (bn_weight is not None and needs[3]) else None
-    grad_beta = sum_g if (bn_bias is not None and needs[4]) else None
-    return (grad_z if needs[0] else None, None, None, grad_gamma, grad_beta, grad_res if want_res else None,
-            None, None, None)
+    grad_z, grad_gamma, grad_beta, grad_res = batch_norm_act_grads(
+        grad_y, z, mean, var, bn_weight, bn_bias, residual, ctx.eps, ctx.activation, needs[3], needs[4],
+        ctx.has_residual and needs[5], ctx.backend)
+    return (grad_z if needs[0] else None, None, None, grad_gamma, grad_beta, grad_res, None, None, None)
 
 
 batch_norm_act_train.register_autograd(_bn_backward, setup_context=_bn_setup_context)
