@@ -162,7 +162,11 @@ def _ext_ops_replaced(make):
 def noop_kernels():
     """The C++ extension's dry run (fastconv._C._set_dry_run, csrc/include/fastconv/dry_run.h): every CPU ext op
     is called for real (bindings, dispatcher, argument checks, output allocation) and returns before its
-    arithmetic."""
+    arithmetic. Raises fastconv.BackendNotSupported (the row is skipped with the reason) without the extension."""
+    from fastconv import _ext
+
+    if not _ext.load():
+        raise fastconv.BackendNotSupported(f"fastconv-cpu-noop: the C++ dry run needs fastconv._C: {_ext.reason()}")
     from fastconv import _C
 
     _C._set_dry_run(True)
@@ -238,18 +242,21 @@ class Pair:
     kernel_calls: int | None  # Triton launches / C++ ext op calls per fastconv call (None: not counted)
 
 
+@contextlib.contextmanager
 def _contexts(case: Case, device: torch.device, grad: bool):
-    stack = contextlib.ExitStack()
-    stack.enter_context(fastconv.backend(case.backend))
-    if case.provider == "fastconv-triton-dryrun":
-        from fastconv.triton import launch
+    """The row's backend, dry run and grad mode; entered inside one `with`, so a context that raises on entry
+    (noop_kernels without the extension) unwinds those entered before it instead of leaking the backend."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(fastconv.backend(case.backend))
+        if case.provider == "fastconv-triton-dryrun":
+            from fastconv.triton import launch
 
-        stack.enter_context(launch.dry_run())
-    if case.provider == "fastconv-cpu-noop":
-        stack.enter_context(noop_kernels())
-    if not grad:
-        stack.enter_context(torch.no_grad())
-    return stack
+            stack.enter_context(launch.dry_run())
+        if case.provider == "fastconv-cpu-noop":
+            stack.enter_context(noop_kernels())
+        if not grad:
+            stack.enter_context(torch.no_grad())
+        yield
 
 
 def _count_kernels(case: Case, device: torch.device, call, grad: bool) -> int | None:

@@ -314,3 +314,23 @@ def test_overhead_measure_standalone():
     for r in rows:
         assert "skipped" in r or (r["ratio"] > 0 and math.isfinite(r["ratio"]))
     assert "| max_pool2d | fwd |" in "\n".join(_overhead.table(rows))
+
+
+def test_overhead_row_that_cannot_run_leaves_the_backend_as_it_was(monkeypatch):
+    """A row whose context raises on entry (the C++ dry run without the extension) is reported as not
+    supported, and the backend it had already selected is restored: a leaked backend('cpu') made every later
+    row of the run fail."""
+    import fastconv
+
+    @contextlib.contextmanager
+    def no_dry_run():
+        raise fastconv.BackendNotSupported("no C++ dry run in this test")
+        yield
+
+    monkeypatch.setattr(_overhead, "noop_kernels", no_dry_run)
+    case = _overhead.Case("conv2d", "eval-fwd", "fastconv-cpu-noop")
+    before = fastconv.current_backend()
+    with pytest.raises(fastconv.BackendNotSupported, match=r"no C\+\+ dry run") as raised:
+        _overhead.build(case, torch.device("cpu"))
+    # checked while the traceback (which holds the frames, as pytest's skip report did) is still alive
+    assert raised.tb is not None and fastconv.current_backend() == before
