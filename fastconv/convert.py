@@ -247,10 +247,29 @@ def _chain_sequential(seq: nn.Sequential) -> None:
         seq.__class__ = modules.FusedSequential
 
 
-def _chain_graph(graph: torch.fx.Graph, fused_nodes: set) -> None:
+def _chain_graph(graph: torch.fx.Graph, fused_nodes: set, submodules: dict) -> None:
     """Where a fused call without residual has one user, another fused call taking it as its input (ResNet's
     conv1 -> conv2), call it through modules.chain_start: in training on Triton the producer then hands the
-    consumer a PendingBlock (its output, never materialised; see modules.FusedSequential), else its output."""
+    consumer a PendingBlock (its output, never materialised; see modules.FusedSequential), else its output.
+    Where that one user is a max-pool module (torchvision ResNet's stem), call both through
+    modules.pool_start: the block's output is then pooled as it is normalised, never materialised."""
+    _chain_pairs(graph, fused_nodes)
+    for node in list(graph.nodes):
+        if node not in fused_nodes or len(node.args) != 1:
+            continue
+        user = _only_user(node)
+        if (user is None or user.op != "call_module" or user.args != (node,) or user.kwargs
+                or not isinstance(submodules.get(user.target), nn.MaxPool2d)):
+            continue
+        with graph.inserting_before(node):
+            producer, pool = graph.get_attr(node.target), graph.get_attr(user.target)
+            pooled = graph.call_function(modules.pool_start, (producer, pool, node.args[0]))
+        user.replace_all_uses_with(pooled)
+        graph.erase_node(user)
+        graph.erase_node(node)
+
+
+def _chain_pairs(graph: torch.fx.Graph, fused_nodes: set) -> None:
     for node in list(graph.nodes):
         if node not in fused_nodes or len(node.args) != 1:
             continue
@@ -372,7 +391,7 @@ def _fuse_graph(module: nn.Module, graph: torch.fx.Graph, shared) -> None:
         erased.update(chain)
         fusions.append((conv, bn, activation or "identity", fused_node))
     if fusions:
-        _chain_graph(graph, {f[3] for f in fusions})
+        _chain_graph(graph, {f[3] for f in fusions}, submodules)
         graph.lint()
         code = graph.python_code(root_module="self")
         module.forward = _InstanceForward(module, code.src, code.globals)

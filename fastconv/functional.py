@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from . import _backend
 from ._args import ConvArgs, as_list
 from .ops import conv2d as conv_ops, conv2d_prologue as prologue_ops, conv_bn_act as cba_ops
-from .ops import conv_bn_chain as chain_ops, max_pool2d as _pool_ops
+from .ops import batch_norm_act_pool as bn_pool_ops, conv_bn_chain as chain_ops, max_pool2d as _pool_ops
 
 __all__ = ["conv2d", "conv2d_fused", "conv2d_prologue", "conv_bn_act", "conv_bn_relu", "max_pool2d"]
 
@@ -123,12 +123,15 @@ def conv2d_prologue(input, in_scale, in_shift, weight, bias=None, stride=1, padd
 
 def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, *, stride=1, padding=0,
                 dilation=1, groups: int = 1, training: bool = False, momentum=0.1, eps: float = 1e-5,
-                activation: str = "relu", residual=None, algo: str = "implicit") -> torch.Tensor:
+                activation: str = "relu", residual=None, algo: str = "implicit",
+                num_batches_tracked: torch.Tensor | None = None) -> torch.Tensor:
     """act(F.batch_norm(F.conv2d(input, weight, bias, ...), running_mean, running_var, bn_weight, bn_bias,
     training, momentum, eps) + residual) with F.batch_norm's semantics: batch statistics when `training`
     or when there are no running statistics, and then (when training) running_mean / running_var are
     updated in place with `momentum` as the exponential factor (unbiased variance, as PyTorch). `momentum`
     may be a 0-dim tensor (the cumulative average of momentum=None, 1 / num_batches_tracked: no host sync).
+    `num_batches_tracked` (nn.BatchNorm2d's counter), when given with a training update of the running
+    statistics, is incremented by the op (on Triton by the statistics finalize: no launch of its own).
 
     Batch statistics: one conv kernel whose epilogue also reduces per-channel statistics, a finalize,
     and one normalize+affine+activation pass. Running statistics (eval): BatchNorm folds into the conv
@@ -136,6 +139,9 @@ def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_v
     requested, name, geometry = _conv_call("conv_bn_act", cba_ops.SUPPORTED_BACKENDS, input, weight, bias, stride,
                                            padding, dilation, groups)
     if geometry is None:  # 'auto' chose PyTorch: exactly nn.Sequential(nn.Conv2d, nn.BatchNorm2d, act)
+        if training and running_mean is not None and not isinstance(momentum, torch.Tensor) and (
+                num_batches_tracked is not None):
+            num_batches_tracked.add_(1)  # (with a tensor momentum the caller counted: ops.conv_bn_act.counted_here)
         if isinstance(momentum, torch.Tensor):
             momentum = float(momentum)  # F.batch_norm takes a float (nn.BatchNorm2d syncs here too)
         z = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
@@ -152,7 +158,8 @@ def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_v
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
         # With running statistics the op also updates them in place (on Triton in the statistics finalize's
         # last pass); a tensor momentum is read on the device.
-        running = _running_args(running_mean, running_var, momentum) if training else (None, None, 0.0, None)
+        running = (_running_args(running_mean, running_var, momentum, num_batches_tracked) if training
+                   else (None, None, 0.0, None, None))
         y, z, mean, var = cba_ops.conv_bn_act_train_op(
             input, weight, bias, bn_weight, bn_bias, residual, *geometry, float(eps), activation, algo, name,
             *running)
@@ -184,7 +191,7 @@ class PendingBlock(NamedTuple):
 
 def conv_bn_stats(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, *, stride=1, padding=0,
                   dilation=1, groups: int = 1, momentum=0.1, eps: float = 1e-5, activation: str = "relu",
-                  algo: str = "implicit") -> PendingBlock:
+                  algo: str = "implicit", num_batches_tracked: torch.Tensor | None = None) -> PendingBlock:
     """Training-mode conv_bn_act (batch statistics; running statistics updated as F.batch_norm does) without
     the normalize pass: returns the block's PendingBlock. `input` is a 4-D tensor or the previous block's
     PendingBlock, whose output is then read through this conv's prologue and never materialised (Triton
@@ -205,21 +212,22 @@ def conv_bn_stats(input, weight, bias, bn_weight, bn_bias, running_mean, running
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
     prologue = ((prev.mean, prev.var, prev.bn_weight, prev.bn_bias, float(prev.eps), prev.activation)
                 if prev is not None else (None, None, None, None, 0.0, "identity"))
+    *running, count = _running_args(running_mean, running_var, momentum, num_batches_tracked)
     z, mean, var, scale, shift = chain_ops.conv_bn_stats_train_op(
-        x, weight, bias, *prologue, stride, padding, dilation, groups, algo, name,
-        *_running_args(running_mean, running_var, momentum), bn_weight, bn_bias, float(eps),
-        *((prev.scale, prev.shift) if prev is not None else (None, None)))
+        x, weight, bias, *prologue, stride, padding, dilation, groups, algo, name, *running, bn_weight, bn_bias,
+        float(eps), *((prev.scale, prev.shift) if prev is not None else (None, None)), count)
     return PendingBlock(z, mean, var, bn_weight, bn_bias, float(eps), activation, scale, shift)
 
 
-def _running_args(running_mean, running_var, momentum):
-    """(running_mean, running_var, momentum, momentum_tensor) for a training op that updates running statistics
-    (None, None, 0.0, None without them): a tensor momentum is read on the device (no host sync)."""
+def _running_args(running_mean, running_var, momentum, num_batches_tracked=None):
+    """(running_mean, running_var, momentum, momentum_tensor, num_batches_tracked) for a training op that updates
+    running statistics (None, None, 0.0, None, None without them): a tensor momentum is read on the device (no
+    host sync)."""
     if running_mean is None or running_var is None:
-        return None, None, 0.0, None
+        return None, None, 0.0, None, None
     if isinstance(momentum, torch.Tensor):
-        return running_mean, running_var, 0.0, momentum
-    return running_mean, running_var, float(momentum), None
+        return running_mean, running_var, 0.0, momentum, num_batches_tracked
+    return running_mean, running_var, float(momentum), None, num_batches_tracked
 
 
 def bn_act(block: PendingBlock, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -233,6 +241,20 @@ def bn_act(block: PendingBlock, residual: torch.Tensor | None = None) -> torch.T
         _mark_producer(y, z, block.mean, block.var, block.bn_weight, block.bn_bias, residual, block.eps,
                        block.activation)
     return y
+
+
+def bn_act_max_pool(block: PendingBlock, kernel_size, stride=None, padding=0, dilation=1,
+                    ceil_mode: bool = False) -> torch.Tensor:
+    """max_pool2d(bn_act(block), kernel_size, stride, padding, dilation, ceil_mode) (F.max_pool2d's arguments
+    and checks) without the block's output ever existing: on Triton one kernel pools the normalised values as
+    it reads z, and the backward gathers the pool's gradient inside BatchNorm's (ops.batch_norm_act_pool).
+    Differentiable with respect to z, bn_weight and bn_bias."""
+    z = block.z
+    _, name = _backend.choose("conv_bn_act", z.device, cba_ops.SUPPORTED_BACKENDS, z.dtype)
+    geo = tuple(map(list, _pool_geometry(z, kernel_size, stride, padding, dilation, ceil_mode, "max_pool2d")))
+    out, _ = bn_pool_ops.batch_norm_act_pool_train_op(z, block.mean, block.var, block.bn_weight, block.bn_bias,
+                                                      block.eps, block.activation, *geo, ceil_mode, name)
+    return out
 
 
 def _mark_producer(y, z, mean, var, bn_weight, bn_bias, residual, eps, activation):

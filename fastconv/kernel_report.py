@@ -119,8 +119,20 @@ _PROLOGUE_VARIANTS = {"prologue_relu": dict(PROLOGUE=True, IN_ACT=1), "prologue_
 _FP32_STATS = dict(cnt_ptr="fp32", mean_ptr="fp32", m2_ptr="fp32")
 _FP32_PROLOGUE = dict(in_scale_ptr="fp32", in_shift_ptr="fp32")
 _BN_TYPES = dict(mean_ptr="fp32", var_ptr="fp32", w_ptr="fp32", b_ptr="fp32", sum_g_ptr="fp32", sum_gx_ptr="fp32")
-_BN_BASE = dict(HAS_AFFINE=True, HAS_RES=False, ACT=1)
+_BN_BASE = dict(HAS_AFFINE=True, HAS_RES=False, ACT=1, POOL=False)
+# the reduce pass with split partials added up by each channel block's last program (LAST_SUMS)
+_BN_REDUCE_BASE = dict(_BN_BASE, LAST_SUMS=True, BLOCK_T=64)
 _BN_RES_SILU = dict(HAS_RES=True, ACT=3)
+# The BatchNorm backward of a block whose output was max-pooled (batch_norm_act_pool): grad_y gathered from the
+# pooled gradient through int8 argmax taps; 2x2 windows (one candidate) and ResNet's overlapping 3x3 stride 2.
+_BN_POOL_ARGS = dict(OH=28, OW=28, KH=2, KW=2, NH=1, NW=1, pool_sh=2, pool_sw=2, pool_ph=0, pool_pw=0, pool_dh=1,
+                     pool_dw=1, **_strides("sd", 64, 28, 28), **_strides("so", 64, 28, 28))
+_BN_POOL = dict(POOL=True, args=dict(_bn_args(), **_BN_POOL_ARGS))
+_BN_POOL_3x3 = dict(POOL=True, args=dict(_bn_args(), **dict(_BN_POOL_ARGS, KH=3, KW=3, NH=2, NW=2, pool_ph=1,
+                                                                pool_pw=1)))
+_BN_POOL_TYPES = dict(_BN_TYPES, off_ptr="i8")
+_BN_POOL_FWD = dict(Q=32 * 28 * 28, C=64, H=56, W=56, OH=28, OW=28, eps=1e-5, stride_h=2, stride_w=2, pad_h=0, pad_w=0,
+                    dil_h=1, dil_w=1, **_strides("sz", 64, 56, 56), **_strides("sy", 64, 28, 28))
 
 # Per kernel, mirroring its launcher:
 #   family   key of configs.CONFIGS giving the (BM, BN, BK, warps, stages) tiles; or `tiles`, a function of the
@@ -169,19 +181,14 @@ CASES = {
                                  args=_CONV,
                                  variants={"stride2": dict(stride_h=2, stride_w=2, args=_conv_args(stride=2)),
                                            "NCHW": dict(SPLIT_N=True, args=_conv_args(nchw=("sdx",)))}),
-    "_conv2d_wgrad_kernel": dict(family="conv2d_wgrad", base=dict(HAS_DBIAS=False, **_NO_PROLOGUE),
+    # split-K: fp32 partials whose tile's last split sums them into dw / db (REDUCE_LAST; ticket counters i32)
+    "_conv2d_wgrad_kernel": dict(family="conv2d_wgrad", base=dict(HAS_DBIAS=False, REDUCE_LAST=True, **_NO_PROLOGUE),
                                  args=_CONV,
                                  variants={"dbias": dict(HAS_DBIAS=True), **_PROLOGUE_VARIANTS,
-                                           "prologue_dbias": dict(HAS_DBIAS=True, PROLOGUE=True, IN_ACT=1)},
-                                 # fp32 split-K partials (one split into a channels_last weight stores dw / db
-                                 # in their own dtype instead)
-                                 types=dict(dw_ptr="fp32", db_ptr="fp32", **_FP32_PROLOGUE)),
-    # the split-K wgrad's epilogue: fp32 partials -> dw (NCHW-contiguous weight, its dtype) and db
-    "_conv2d_wgrad_reduce_kernel": dict(
-        tiles=lambda m: [(dict(BLOCK=m.WGRAD_REDUCE_BLOCK), 4, 3)], base=dict(HAS_DBIAS=True),
-        args=dict(SPLIT=8, COUT=64, CIN_G=64, KH=3, KW=3, swo=64 * 9, swc=9, swh=3, sww=1),
-        variants={"no_dbias": dict(HAS_DBIAS=False)},
-        types=dict(part_ptr="fp32", dbp_ptr="fp32")),
+                                           "prologue_dbias": dict(HAS_DBIAS=True, PROLOGUE=True, IN_ACT=1),
+                                           # one split into a channels_last weight: dw / db stored directly
+                                           "one_split": dict(REDUCE_LAST=False, HAS_DBIAS=True)},
+                                 types=dict(dw_ptr="fp32", db_ptr="fp32", lock_ptr="i32", **_FP32_PROLOGUE)),
     "_im2col_gemm_kernel": dict(family="im2col_gemm", base=_FWD_BASE, args=_CONV, variants=_FWD_VARIANTS,
                                 types=_FP32_STATS),
     "_im2col_gather_kernel": dict(tiles=lambda m: [(dict(BLOCK_M=m.IM2COL_BLOCKS[0], BLOCK_K=m.IM2COL_BLOCKS[1]),
@@ -194,32 +201,45 @@ CASES = {
     # with RUNNING updates the running statistics (here bf16 buffers) with a float or a 0-dim tensor momentum
     "_batch_norm_combine_kernel": dict(
         tiles=lambda m: [(dict(BLOCK_T=m.COMBINE_BLOCK_T, BLOCK_C=m.COMBINE_BLOCK_C), 4, 3)],
-        base=dict(FINAL=False, HAS_BIAS=False, RUNNING=False, MOMENTUM_TENSOR=False, FOLD=False, HAS_GAMMA=False,
-                  HAS_BETA=False),
+        base=dict(FINAL=False, HAS_BIAS=False, RUNNING=False, MOMENTUM_TENSOR=False, COUNT=False, FOLD=False,
+                  HAS_GAMMA=False, HAS_BETA=False),
         args=dict(_BN, ROWS=1024, momentum_hi=0.1, momentum_lo=0.0, eps_hi=1e-5, eps_lo=0.0),
         variants={"final": dict(FINAL=True, HAS_BIAS=True),
                   "final_running": dict(FINAL=True, HAS_BIAS=True, RUNNING=True),
+                  # with a float momentum the last pass also counts num_batches_tracked (int64)
+                  "final_running_count": dict(FINAL=True, HAS_BIAS=True, RUNNING=True, COUNT=True),
                   "final_running_tensor": dict(FINAL=True, HAS_BIAS=True, RUNNING=True, MOMENTUM_TENSOR=True),
                   # a chain producer's: the BatchNorm folded into the next conv's prologue scale/shift too
                   "final_running_fold": dict(FINAL=True, HAS_BIAS=True, RUNNING=True, FOLD=True, HAS_GAMMA=True,
                                              HAS_BETA=True),
                   "final_fold_no_affine": dict(FINAL=True, FOLD=True)},
-        types=dict(run_mean_ptr="bf16", run_var_ptr="bf16", gamma_ptr="bf16", beta_ptr="bf16"),
+        types=dict(run_mean_ptr="bf16", run_var_ptr="bf16", gamma_ptr="bf16", beta_ptr="bf16", count_ptr="i64"),
         dtypes=("fp32",)),  # fp32 statistics whatever the model's dtype
-    # the BN backward's split sums (sum_rows): fp32 partials
-    "_batch_norm_sum_rows_kernel": dict(
-        tiles=lambda m: [(dict(BLOCK_T=m.COMBINE_BLOCK_T, BLOCK_C=m.COMBINE_BLOCK_C), 4, 3)],
-        args=dict(T=33, C=64, ROWS=1024), dtypes=("fp32",)),
     "_batch_norm_act_fwd_kernel": dict(tiles=_bn_tiles, base=_BN_BASE, args=_BN, types=_BN_TYPES,
                                        variants={"res_silu": _BN_RES_SILU}),
-    "_batch_norm_act_bwd_reduce_kernel": dict(tiles=_bn_tiles, base=_BN_BASE, args=_BN, types=_BN_TYPES,
-                                              variants={"res_silu": _BN_RES_SILU}),
+    "_batch_norm_act_bwd_reduce_kernel": dict(tiles=_bn_tiles, base=_BN_REDUCE_BASE, args=dict(_BN, SPLITS=33),
+                                              types=dict(_BN_POOL_TYPES, total_g_ptr="fp32", total_gx_ptr="fp32",
+                                                         lock_ptr="i32"),
+                                              variants={"res_silu": _BN_RES_SILU, "one_split": dict(LAST_SUMS=False),
+                                                        "pool2x2": dict(_BN_POOL, args=dict(_BN_POOL["args"], SPLITS=33)),
+                                                        "pool3x3_s2": dict(_BN_POOL_3x3,
+                                                                           args=dict(_BN_POOL_3x3["args"], SPLITS=33))}),
     # WRITE_PARAM_GRADS: the parameter gradients stored cast from the fp32 sums (parameters in the case's dtype)
     "_batch_norm_act_bwd_apply_kernel": dict(tiles=_bn_tiles,
                                              base=dict(_BN_BASE, WANT_DRES=False, WRITE_PARAM_GRADS=False),
-                                             args=_BN, types=_BN_TYPES,
+                                             args=_BN, types=_BN_POOL_TYPES,
                                              variants={"res_silu_dres": dict(_BN_RES_SILU, WANT_DRES=True),
-                                                       "param_grads": dict(WRITE_PARAM_GRADS=True)}),
+                                                       "param_grads": dict(WRITE_PARAM_GRADS=True),
+                                                       "pool2x2_param_grads": dict(_BN_POOL, WRITE_PARAM_GRADS=True),
+                                                       "pool3x3_s2": _BN_POOL_3x3}),
+    # BatchNorm + activation + max-pool in one pass (batch_norm_act_pool): 2x2 (VGG / CIFAR stages) unrolled, ResNet's
+    # 3x3 stride 2 pad 1, and a 7x7 window in the loop; int8 taps
+    "_batch_norm_act_pool_fwd_kernel": dict(
+        tiles=_bn_tiles, base=dict(KH=2, KW=2, UNROLL=True, HAS_AFFINE=True, ACT=1),
+        args=_BN_POOL_FWD,
+        variants={"3x3_s2_silu": dict(KH=3, KW=3, ACT=3, args=dict(_BN_POOL_FWD, pad_h=1, pad_w=1)),
+                  "7x7_loop": dict(KH=7, KW=7, UNROLL=False)},
+        types=dict(_BN_TYPES, off_ptr="i8")),
 }
 QUICK_IDX64 = ("_conv2d_fwd_kernel", "fp16")  # the one IDX64=True case of --quick
 # --quick: the dtypes compiled per kernel (first config, each arch), spread so that each family (conv2d,
@@ -228,8 +248,7 @@ QUICK_IDX64 = ("_conv2d_fwd_kernel", "fp16")  # the one IDX64=True case of --qui
 QUICK_DTYPES = {
     "_conv2d_fwd_kernel": ("fp16", "bf16", "tf32", "fp32"),
     "_conv2d_dgrad_kernel": ("bf16", "tf32"),
-    "_conv2d_wgrad_kernel": ("fp16", "fp32"),
-    "_conv2d_wgrad_reduce_kernel": ("bf16", "fp16", "fp32"),
+    "_conv2d_wgrad_kernel": ("fp16", "bf16", "fp32"),
     "_im2col_gemm_kernel": ("fp16", "tf32", "fp32"),
     "_im2col_gather_kernel": ("bf16",),
     "_max_pool2d_fwd_kernel": ("fp16", "fp32"),
@@ -237,8 +256,8 @@ QUICK_DTYPES = {
     "_batch_norm_act_fwd_kernel": ("fp16",),
     "_batch_norm_act_bwd_reduce_kernel": ("bf16",),
     "_batch_norm_act_bwd_apply_kernel": ("fp32",),
+    "_batch_norm_act_pool_fwd_kernel": ("bf16",),
     "_batch_norm_combine_kernel": ("fp32",),
-    "_batch_norm_sum_rows_kernel": ("fp32",),
 }
 
 

@@ -87,17 +87,22 @@ class ConvBNReLU2d(nn.Module):
 
 
 def _bn_call_state(bn: nn.BatchNorm2d):
-    """nn.BatchNorm2d.forward's bookkeeping for one call: bumps num_batches_tracked in training and returns
-    (momentum factor (a 0-dim tensor for momentum=None: the cumulative average, no host sync), whether batch
-    statistics are used, the running statistics to read or update (None, None when not tracked))."""
+    """nn.BatchNorm2d.forward's bookkeeping for one call: returns (momentum factor (a 0-dim tensor for
+    momentum=None: the cumulative average, no host sync), whether batch statistics are used, the running
+    statistics to read or update (None, None when not tracked), num_batches_tracked for the fused op (None when
+    not counted)). In training, num_batches_tracked counts the call: with a float momentum the op does it
+    (Triton: in its statistics finalize, no launch of its own); momentum=None's factor 1 / num_batches_tracked
+    needs the new count first, so it is counted here (the op then leaves it: ops.conv_bn_act.counted_here)."""
     factor = 0.0 if bn.momentum is None else bn.momentum
+    count = None
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
+        count = bn.num_batches_tracked
         if bn.momentum is None:  # cumulative average, as a tensor: no host sync (CUDA graphs, torch.compile)
-            factor = 1.0 / bn.num_batches_tracked
+            count.add_(1)
+            factor = 1.0 / count
     bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
     track = not bn.training or bn.track_running_stats
-    return factor, bn_training, (bn.running_mean, bn.running_var) if track else (None, None)
+    return factor, bn_training, (bn.running_mean, bn.running_var) if track else (None, None), count
 
 
 def fused_conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str, x: torch.Tensor,
@@ -106,7 +111,7 @@ def fused_conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str, 
     functional.conv_bn_act. Shared by ConvBNReLU2d and fastconv.convert()."""
     if x.dim() != 4:  # what nn.BatchNorm2d says about the conv's output of an unbatched input
         raise ValueError(f"expected 4D input (got {x.dim()}D input)")
-    factor, bn_training, running = _bn_call_state(bn)
+    factor, bn_training, running, count = _bn_call_state(bn)
     padding = conv.padding
     if conv.padding_mode != "zeros":
         x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
@@ -115,7 +120,7 @@ def fused_conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str, 
         x, conv.weight, conv.bias, bn.weight, bn.bias, *running,
         stride=conv.stride, padding=padding, dilation=conv.dilation, groups=conv.groups,
         training=bn_training, momentum=factor, eps=bn.eps, activation=activation, residual=residual,
-        algo=getattr(conv, "algo", "implicit"),
+        algo=getattr(conv, "algo", "implicit"), num_batches_tracked=count,
     )
 
 
@@ -123,10 +128,11 @@ def fused_conv_bn_pending(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str, 
     """A training-mode fused block stopped before its normalize pass (functional.conv_bn_stats), `x` a tensor
     or the previous block's PendingBlock; same bookkeeping as fused_conv_bn_forward. Callers check
     chain_block(...) first (batch statistics, zero padding)."""
-    factor, _, running = _bn_call_state(bn)
+    factor, _, running, count = _bn_call_state(bn)
     return FC.conv_bn_stats(x, conv.weight, conv.bias, bn.weight, bn.bias, *running, stride=conv.stride,
                             padding=conv.padding, dilation=conv.dilation, groups=conv.groups, momentum=factor,
-                            eps=bn.eps, activation=activation, algo=getattr(conv, "algo", "implicit"))
+                            eps=bn.eps, activation=activation, algo=getattr(conv, "algo", "implicit"),
+                            num_batches_tracked=count)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,22 +175,33 @@ def _passes_through(m: nn.Module) -> bool:
     return (type(m) is nn.Identity or getattr(type(m), "fused_into_conv", False)) and not _has_hooks(m)
 
 
-def _next_is_consumer(mods, j: int, any_mode: bool = False) -> bool:
+def fusable_pool(m: nn.Module) -> bool:
+    """A max-pool that can take a fused block's output virtually (functional.bn_act_max_pool): nn.MaxPool2d or
+    fastconv.MaxPool2d as they are (no subclass forward), without indices or hooks."""
+    return type(m) in (nn.MaxPool2d, MaxPool2d) and not m.return_indices and not _has_hooks(m)
+
+
+def _next_takes_pending(mods, j: int, any_mode: bool = False) -> bool:
+    """Whether the module after the identities from j on can take a PendingBlock: a chain consumer or a
+    fusable max-pool."""
     while j < len(mods) and _passes_through(mods[j]):
         j += 1
-    return j < len(mods) and chain_block(mods[j], consumer=True, any_mode=any_mode) is not None
+    return j < len(mods) and (chain_block(mods[j], consumer=True, any_mode=any_mode) is not None
+                              or fusable_pool(mods[j]))
 
 
 def has_chain(mods) -> bool:
-    """Whether two fused blocks of `mods` (a Sequential's modules) follow each other, whatever their mode."""
-    return any(chain_block(m, consumer=False, any_mode=True) is not None and _next_is_consumer(mods, i + 1, True)
+    """Whether a fused block of `mods` (a Sequential's modules) is followed by another or by a max-pool,
+    whatever their mode."""
+    return any(chain_block(m, consumer=False, any_mode=True) is not None and _next_takes_pending(mods, i + 1, True)
                for i, m in enumerate(mods))
 
 
 class FusedSequential(nn.Sequential):
     """nn.Sequential that runs consecutive training-mode fused conv + BatchNorm + activation blocks as a chain
     (ops/conv_bn_chain): each block's output is read by the next conv through its operand prologue and never
-    materialised, in forward or backward; the last block of a chain is normalised once, for whatever follows.
+    materialised, in forward or backward; the last block of a chain is normalised once, for whatever follows,
+    or, when that is a max-pool, pooled as it is normalised (ops/batch_norm_act_pool: never materialised either).
     Same modules, state_dict and results as nn.Sequential. It chains only on the Triton backend, in training,
     without hooks on the modules involved or global module hooks; otherwise it is exactly nn.Sequential.
     fastconv.convert() makes its nn.Sequentials with such blocks FusedSequentials."""
@@ -204,9 +221,12 @@ class FusedSequential(nn.Sequential):
                 if parts is not None:
                     pending = fused_conv_bn_pending(*parts, pending)
                     continue
+                if fusable_pool(m):
+                    input, pending = pool_pending(m, pending), None
+                    continue
                 input, pending = FC.bn_act(pending), None
             parts = chain_block(m, consumer=False)
-            if parts is not None and _next_is_consumer(mods, i + 1):
+            if parts is not None and _next_takes_pending(mods, i + 1):
                 pending = fused_conv_bn_pending(*parts, input)
                 continue
             input = m(input)
@@ -226,6 +246,21 @@ def chain_start(producer: nn.Module, consumer: nn.Module, x):
             and _chains_on(x.z if pending_in else x)):
         return fused_conv_bn_pending(*parts, x)
     return producer(x)
+
+
+def pool_pending(pool: nn.MaxPool2d, pending: PendingBlock) -> torch.Tensor:
+    """pool(the PendingBlock's output), that output never materialised."""
+    return FC.bn_act_max_pool(pending, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+
+
+def pool_start(producer: nn.Module, pool: nn.MaxPool2d, x):
+    """pool(producer(x)), where `pool` is the only user of the fused block's output (convert()'s fx rewrite):
+    the block's output is never materialised when it can be left virtual now (training, Triton, no hooks)."""
+    pending_in = isinstance(x, PendingBlock)
+    parts = chain_block(producer, consumer=pending_in)
+    if parts is not None and fusable_pool(pool) and producer.training and _chains_on(x.z if pending_in else x):
+        return pool_pending(pool, fused_conv_bn_pending(*parts, x))
+    return pool(producer(x))
 
 
 def consume_pending(module: nn.Module, pending: PendingBlock, residual=None) -> torch.Tensor:

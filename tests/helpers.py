@@ -57,8 +57,10 @@ def assert_close(actual, expected, dtype, what: str, config=None) -> None:
 
 
 def nan_alloc(shape, dtype, device, memory_format):
-    """Drop-in for fastconv's output allocators: NaN-filled, so an element a kernel forgets shows up."""
-    return torch.full(shape, float("nan"), dtype=dtype, device=device).contiguous(memory_format=memory_format)
+    """Drop-in for fastconv's output allocators: NaN-filled (integer dtypes, e.g. argmax taps: the dtype's minimum,
+    never a valid value), so an element a kernel forgets shows up."""
+    fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+    return torch.full(shape, fill, dtype=dtype, device=device).contiguous(memory_format=memory_format)
 
 
 def nan_workspace(shape, device, dtype):

@@ -209,18 +209,32 @@ def test_finalize_tree_updates_running_statistics(device, rows, buffers, momentu
     assert_close(rv, ((1 - f) * want_v + f * allv.var(0, unbiased=True)).to(buffers), buffers, "running_var")
 
 
-@pytest.mark.parametrize("rows", [2, 700, 5000])
-def test_sum_rows_tree_matches_float64(device, rows, monkeypatch):
-    """The BatchNorm backward's split sums (sum_rows): 1 or 2 tree levels, 37 channels, NaN-poisoned scratch."""
+@pytest.mark.parametrize("splits", [1, 3, 70])
+def test_bn_backward_split_sums_by_the_last_program(device, splits, monkeypatch):
+    """The BatchNorm backward's reduce pass with `splits` programs per channel block: the last one to finish adds
+    the partial rows up (no second launch). Sums against float64 over two calls (the ticket counters are back to
+    zero after each), 37 channels (two channel blocks), NaN-poisoned scratch."""
+    from fastconv.triton import _common
+
     from .helpers import nan_workspace
 
     monkeypatch.setattr(fastconv.triton.conv2d, "workspace", nan_workspace)
-    gen = generator("sum-rows", rows)
-    a = torch.randn((rows, 37), generator=gen, dtype=torch.float64)
-    b = torch.randn((rows, 37), generator=gen, dtype=torch.float64) * 100
-    sa, sb = tbn.sum_rows(a.to(device), b.to(device))
-    assert_close(sa, a.sum(0), torch.float64, "sum a")
-    assert_close(sb, b.sum(0), torch.float64, "sum b")
+    gen = generator("split-sums", splits)
+    for call in range(2):
+        z = torch.randn((3, 37, 9, 11), generator=gen, dtype=torch.float64)
+        dy = torch.randn(z.shape, generator=gen, dtype=torch.float64)
+        mean, var = z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False)
+        with launch.recording() as launches:
+            tbn.batch_norm_act_backward(dy, z, mean, var, None, None, 1e-5, "identity", splits=splits)
+        assert [r.kernel for r in launches] == ["_batch_norm_act_bwd_reduce_kernel",
+                                                "_batch_norm_act_bwd_apply_kernel"]
+        _, sum_g, sum_gx, _ = tbn.batch_norm_act_backward(dy.to(device), z.to(device), mean.to(device),
+                                                          var.to(device), None, None, 1e-5, "identity", splits=splits)
+        xhat = (z - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + 1e-5)
+        assert_close(sum_g, dy.sum((0, 2, 3)), torch.float64, f"call {call} sum g")
+        assert_close(sum_gx, (dy * xhat).sum((0, 2, 3)), torch.float64, f"call {call} sum g*xhat")
+        counters = [t for t in _common._TICKETS.values() if t.device.type != "meta"]
+        assert counters and all(int(t.abs().max()) == 0 for t in counters), "ticket counters left non-zero"
 
 
 def test_every_triton_launch_goes_through_the_launch_module():
@@ -341,24 +355,22 @@ def test_launch_plan_has_no_long_serial_loops():
 
 def test_launch_plan_fused_block_launches():
     """One fused conv+BN+ReLU block (input needing its gradient): train step = conv with statistics,
-    finalize, normalize+act, BN backward reduce and apply, dgrad, split-K wgrad and its reduce; eval = one conv
-    kernel."""
+    finalize, normalize+act, BN backward reduce and apply, dgrad, split-K wgrad; eval = one conv kernel."""
     model, x = launch_plan.layer_model("8,16,8,8,16,3,3,1,1,1", torch.bfloat16)
     rows = launch_plan.record_step(model, x, True)
     triton = [r.launch.kernel for r in rows if not r.launch.kernel.startswith("aten.")]
     assert triton == ["_conv2d_fwd_kernel", "_batch_norm_combine_kernel", "_batch_norm_act_fwd_kernel",
-                      "_batch_norm_act_bwd_reduce_kernel", "_batch_norm_sum_rows_kernel",
-                      "_batch_norm_act_bwd_apply_kernel", "_conv2d_dgrad_kernel", "_conv2d_wgrad_kernel",
-                      "_conv2d_wgrad_reduce_kernel"], triton  # 512 pixels: 2 splits, reduced in one pass
+                      "_batch_norm_act_bwd_reduce_kernel",
+                      "_batch_norm_act_bwd_apply_kernel", "_conv2d_dgrad_kernel", "_conv2d_wgrad_kernel"
+                      ], triton  # 512 pixels: 2 splits, added up by the reduce pass's and wgrad's last programs
     # no ATen op at all after the forward: parameter-gradient casts and wgrad's split sum / cast are in kernels
     aten_bwd = [r.launch.kernel for r in rows[[r.op for r in rows].index("batch_norm_act_backward"):]
                 if r.launch.kernel.startswith("aten.")]
     assert not aten_bwd, aten_bwd
-    # the running statistics are updated in the finalize (no ATen mul / casts / lerp_ after the forward), and
-    # the backward's split sums are a Triton kernel; only num_batches_tracked's add_ runs around the forward
+    # the running statistics and num_batches_tracked are updated in the finalize: no ATen op in the forward either
     aten_fwd = [r.launch.kernel for r in rows[:[r.op for r in rows].index("batch_norm_act_backward")]
                 if r.launch.kernel.startswith("aten.")]
-    assert aten_fwd == ["aten.add_"], aten_fwd
+    assert aten_fwd == [], aten_fwd
     assert not [r for r in rows if r.op in ("conv_bn_act_train", "batch_norm_act_backward")
                 and r.launch.kernel.startswith("aten.")]
     # the finalize touches the two bf16 running buffers exactly when they are tracked
@@ -366,7 +378,8 @@ def test_launch_plan_fused_block_launches():
     model.bn.track_running_stats, model.bn.running_mean, model.bn.running_var = False, None, None
     untracked = launch_plan.record_step(model, x, True)
     plain = next(r.launch for r in untracked if r.launch.kernel == "_batch_norm_combine_kernel")
-    assert combine.bytes - plain.bytes == 2 * 16 * 2, (combine.bytes, plain.bytes)
+    # (and num_batches_tracked, int64, which it counts)
+    assert combine.bytes - plain.bytes == 2 * 16 * 2 + 8, (combine.bytes, plain.bytes)
     model, x = launch_plan.layer_model("8,16,8,8,16,3,3,1,1,1", torch.bfloat16)
     rows = launch_plan.record_step(model, x, False)
     assert [r.launch.kernel for r in rows if not r.launch.kernel.startswith("aten.")] == ["_conv2d_fwd_kernel"]

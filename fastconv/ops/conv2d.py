@@ -315,6 +315,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, scale, shift, residual if keep_residual else None,
                           output if need_y else None)
     ctx.residual_given = residual is not None
+    from .conv_bn_act import mark_saved  # (conv_bn_act imports this module)
+
+    mark_saved(x, residual if keep_residual else None)
 
 
 def activation_grad(grad_y, activation, y=None, u=None):

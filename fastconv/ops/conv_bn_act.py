@@ -2,7 +2,8 @@
 
     fastconv::conv_bn_act_train(input, weight, bias?, bn_weight?, bn_bias?, residual?, stride, padding[4],
                                 dilation, groups, eps, activation, algo, backend, running_mean(a!)?,
-                                running_var(b!)?, momentum, momentum_tensor?) -> (y, z, mean, var)
+                                running_var(b!)?, momentum, momentum_tensor?, num_batches_tracked(c!)?)
+                                -> (y, z, mean, var)
         z = conv(input) + bias, its batch statistics taken in the conv kernel's epilogue;
         y = act((z - mean) / sqrt(var + eps) * bn_weight + bn_bias [+ residual]).
         mean and biased var are per channel in fp32 (fp64 for fp64 input); z, mean, var carry no gradient.
@@ -10,7 +11,10 @@
         running-statistics update, lerp(running, stat, momentum) with the unbiased variance; the momentum is
         momentum_tensor (0-dim, e.g. momentum=None's 1 / num_batches_tracked: read on the device, no host sync)
         when given, else the float momentum. Triton: in the statistics finalize's last pass; other backends:
-        PyTorch ops.
+        PyTorch ops. num_batches_tracked (int64, with the running statistics): with a float momentum 1 is added to
+        it, nn.BatchNorm2d's counter (Triton: by that same pass, no launch of its own); with momentum_tensor the
+        caller has counted (the factor needs the new count) and it is left as it is. Callers pass it whenever they
+        pass the running statistics (torch < 2.12's ADInplaceOrView kernel fails on a mutable argument left None).
     fastconv::batch_norm_act_backward(grad_y, z, mean, var, bn_weight?, bn_bias?, residual?, eps, activation,
                                       want_grad_residual, backend) -> (grad_z, sum_g, sum_gx, grad_residual)
         with g = grad_y * act'(u): grad_bn_bias = sum_g, grad_bn_weight = sum_gx (sum of g * xhat). Accumulated in
@@ -80,7 +84,8 @@ def _torch_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation):
     return _torch_activation(u, activation).to(z.dtype)
 
 
-@torch.library.custom_op("fastconv::conv_bn_act_train", mutates_args=("running_mean", "running_var"))
+@torch.library.custom_op("fastconv::conv_bn_act_train",
+                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 def conv_bn_act_train(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -100,15 +105,17 @@ def conv_bn_act_train(
     running_var: Optional[torch.Tensor] = None,
     momentum: float = 0.1,
     momentum_tensor: Optional[torch.Tensor] = None,
+    num_batches_tracked: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_choice(activation, ACTIVATIONS, "activation")
     _check_choice(algo, ALGOS, "algo")
-    _check_running(running_mean, running_var, momentum_tensor, weight.shape[0])
+    _check_running(running_mean, running_var, momentum_tensor, weight.shape[0], num_batches_tracked)
+    nbt = counted_here(num_batches_tracked, momentum_tensor)
     name = _backend.resolve("conv_bn_act", input.device, SUPPORTED_BACKENDS, backend)
     if name in ("cuda", "cpu"):
         y, z, mean, var = _ext_forward(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation,
                                        groups, eps, activation, algo, name)
-        update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor)
+        update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor, nbt)
         return y, z, mean, var
     z = _new_output(input, weight, stride, padding, dilation)
     y = alloc(z.shape, z.dtype, z.device, memory_format_of(z))
@@ -119,25 +126,26 @@ def conv_bn_act_train(
         mean = zf.mean((0, 2, 3))
         var = zf.var((0, 2, 3), unbiased=False)
         y.copy_(_torch_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation))
-        update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor)
+        update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor, nbt)
         return y, z, mean, var
     from ..triton import batch_norm as tbn, conv2d as tconv, im2col as tim2col
 
     conv = tconv.conv2d_forward if algo == "implicit" else tim2col.conv2d_im2col
     _, stats = conv(input, weight, bias, stride, padding, dilation, groups, out=z, stats=True)
-    # the finalize's last pass also updates the running statistics (contiguous buffers: the kernel's indexing)
-    in_kernel = running_mean is not None and running_mean.is_contiguous() and running_var.is_contiguous()
-    running = (running_mean, running_var, momentum, momentum_tensor) if in_kernel else None
+    running, after = finalize_running(running_mean, running_var, momentum, momentum_tensor, nbt)
     mean, var = tbn.finalize(stats, z.shape[1], bias, running)
-    if not in_kernel:
-        update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor)
+    after(mean, var, z)
     tbn.batch_norm_act_forward(z, mean, var, bn_weight, bn_bias, eps, activation, residual, out=y)
     return y, z, mean, var
 
 
-def _check_running(running_mean, running_var, momentum_tensor, channels: int) -> None:
+def _check_running(running_mean, running_var, momentum_tensor, channels: int, num_batches_tracked=None) -> None:
     if (running_mean is None) != (running_var is None):
         raise ValueError("conv_bn_act_train: running_mean and running_var are given together or not at all")
+    if num_batches_tracked is not None and (running_mean is None or num_batches_tracked.dim() != 0
+                                            or num_batches_tracked.dtype != torch.int64):
+        raise ValueError("conv_bn_act_train: num_batches_tracked is a 0-dim int64 tensor, given with the running "
+                         "statistics")
     for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
         if buf is not None and buf.numel() != channels:  # F.batch_norm's check and message
             raise RuntimeError(f"{name} should contain {channels} elements not {buf.numel()}")
@@ -145,18 +153,46 @@ def _check_running(running_mean, running_var, momentum_tensor, channels: int) ->
         raise ValueError(f"conv_bn_act_train: momentum_tensor must be 0-dim, got shape {list(momentum_tensor.shape)}")
 
 
-def update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor) -> None:
+def counted_here(num_batches_tracked, momentum_tensor):
+    """The num_batches_tracked a training op adds 1 to: the given one with a float momentum; None with a
+    momentum_tensor (momentum=None's 1 / num_batches_tracked, which needs the new count: the caller counted)."""
+    return num_batches_tracked if momentum_tensor is None else None
+
+
+def update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor,
+                         num_batches_tracked=None) -> None:
     """F.batch_norm's running-statistics update with PyTorch ops (backends torch, cpu, cuda; the Triton backend
     does it in the finalize's last pass): running = lerp(running, batch statistic, momentum), unbiased
-    variance."""
+    variance; num_batches_tracked, when given, counts the batch."""
     if running_mean is None:
         return
+    if num_batches_tracked is not None:
+        with torch.no_grad():
+            num_batches_tracked.add_(1)
     count = z.shape[0] * z.shape[2] * z.shape[3]
     with torch.no_grad():
         unbiased = var * (count / max(count - 1, 1))
         for buf, stat in ((running_mean, mean), (running_var, unbiased)):
             w = momentum_tensor.to(device=buf.device, dtype=buf.dtype) if momentum_tensor is not None else momentum
             buf.lerp_(stat.to(buf.dtype), w)
+
+
+def finalize_running(running_mean, running_var, momentum, momentum_tensor, num_batches_tracked):
+    """The Triton finalize's share of the running-statistics bookkeeping: (its `running` argument, a function
+    (mean, var, z) doing what it leaves to PyTorch ops). The finalize's last pass updates contiguous running
+    buffers (its indexing) and counts num_batches_tracked (given here only when the op counts it: counted_here)."""
+    in_kernel = running_mean is not None and running_mean.is_contiguous() and running_var.is_contiguous()
+    count_in_kernel = in_kernel and num_batches_tracked is not None
+
+    def after(mean, var, z):
+        if not in_kernel:
+            update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor,
+                                 num_batches_tracked)
+
+    if not in_kernel:
+        return None, after
+    return (running_mean, running_var, momentum, momentum_tensor,
+            *((num_batches_tracked,) if count_in_kernel else ())), after
 
 
 def _ext_forward(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps,
@@ -221,8 +257,8 @@ def _register_ext_fakes() -> None:
 @conv_bn_act_train.register_fake
 def _(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps,
       activation="relu", algo="implicit", backend="auto", running_mean=None, running_var=None, momentum=0.1,
-      momentum_tensor=None):
-    _check_running(running_mean, running_var, momentum_tensor, weight.shape[0])
+      momentum_tensor=None, num_batches_tracked=None):
+    _check_running(running_mean, running_var, momentum_tensor, weight.shape[0], num_batches_tracked)
     z = _new_output(input, weight, stride, padding, dilation, _fake_alloc)
     y = torch.empty_like(z)
     c = weight.shape[0]
@@ -332,11 +368,26 @@ class Producer:
 
 
 PRODUCER_ATTR = "_fastconv_producer"
+# Set on a tensor an op's autograd node has saved as it is (eager mode): a later consumer of the same tensor then
+# saves it too instead of rebuilding it from its Producer (which would cost a pass and save no memory). ResNet's
+# projection shortcut reads the block input that conv1's op has saved already.
+SAVED_ATTR = "_fastconv_saved"
 
 
 def _producer_of(x: torch.Tensor):
     rec = getattr(x, PRODUCER_ATTR, None)
-    return rec if (rec is not None and rec.version == x._version) else None
+    if rec is None or rec.version != x._version or getattr(x, SAVED_ATTR, False):
+        return None
+    return rec
+
+
+def mark_saved(*tensors) -> None:
+    """Record that these tensors are kept for backward by the calling op's node (see SAVED_ATTR)."""
+    if torch.compiler.is_compiling():
+        return
+    for t in tensors:
+        if t is not None and not isinstance(t, torch._subclasses.FakeTensor):
+            setattr(t, SAVED_ATTR, True)
 
 
 def _setup_context(ctx, inputs, output):
@@ -360,9 +411,10 @@ def _setup_context(ctx, inputs, output):
         saved_x = None
     ctx.save_for_backward(saved_x, weight, bn_weight, bn_bias, residual if keep_residual else None, z, mean, var,
                           *(producer.tensors if producer is not None else ()))
+    mark_saved(saved_x, residual if keep_residual else None)
 
 
-_NUM_INPUTS = 18  # conv_bn_act_train's arguments
+_NUM_INPUTS = 19  # conv_bn_act_train's arguments
 
 
 def _backward(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
@@ -409,7 +461,7 @@ def _register_autograd_of_mutating_op(op, backward, setup_context) -> None:
 
 _register_autograd_of_mutating_op(conv_bn_act_train, _backward, _setup_context)
 # see _fastpath; the eager path bumps the running statistics' version counters as the dispatcher does
-conv_bn_act_train_op = FastOp(conv_bn_act_train, _setup_context, _backward, mutated=(14, 15))
+conv_bn_act_train_op = FastOp(conv_bn_act_train, _setup_context, _backward, mutated=(14, 15, 18))
 batch_norm_act_op = FastOp(batch_norm_act)
 batch_norm_act_backward_op = FastOp(batch_norm_act_backward)
 

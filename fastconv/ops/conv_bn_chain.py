@@ -9,7 +9,7 @@ where a consumer needs the tensor.
     fastconv::conv_bn_stats_train(input, weight, bias?, in_mean?, in_var?, in_weight?, in_bias?, in_eps,
                                   in_activation, stride, padding[4], dilation, groups, algo, backend,
                                   running_mean(a!)?, running_var(b!)?, momentum, momentum_tensor?,
-                                  bn_weight?, bn_bias?, bn_eps, in_scale?, in_shift?)
+                                  bn_weight?, bn_bias?, bn_eps, in_scale?, in_shift?, num_batches_tracked(c!)?)
         -> (z, mean, var, scale, shift)
         z = conv(x) + bias and its batch mean / biased variance (fp32; fp64 for fp64), where x = input, or,
         with in_mean / in_var, x = in_activation(bn(input)) with the producer's batch statistics and affine
@@ -32,8 +32,8 @@ Saved per block: its input (the producer's z, or x) and the statistics; never y.
 
 Only the Triton backend fuses. The other backends compute the same values by materialising x with PyTorch
 ops (correct, no saving), which is why fastconv.FusedSequential chains blocks only on the Triton backend.
-With running_mean / running_var the op also updates them as fastconv::conv_bn_act_train does (Triton: in the
-statistics finalize's last pass).
+With running_mean / running_var (and num_batches_tracked) the op also updates them as fastconv::conv_bn_act_train
+does (Triton: in the statistics finalize's last pass).
 """
 from __future__ import annotations
 
@@ -54,13 +54,16 @@ from .conv_bn_act import (
     batch_norm_act,
     batch_norm_act_grads,
     ext_ops,
+    counted_here,
+    finalize_running,
     fold_batch_norm,
+    mark_saved,
     update_running_stats,
 )
 from ._autocast import register_autocast
 from ._fastpath import FastOp, impl_of
 
-_NUM_INPUTS = 24  # conv_bn_stats_train's arguments
+_NUM_INPUTS = 25  # conv_bn_stats_train's arguments
 
 
 def _resolve(device: torch.device, backend: str) -> str:
@@ -82,7 +85,8 @@ def _stats_of(z: torch.Tensor):
     return zf.mean((0, 2, 3)), zf.var((0, 2, 3), unbiased=False)
 
 
-@torch.library.custom_op("fastconv::conv_bn_stats_train", mutates_args=("running_mean", "running_var"))
+@torch.library.custom_op("fastconv::conv_bn_stats_train",
+                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 def conv_bn_stats_train(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -108,10 +112,12 @@ def conv_bn_stats_train(
     bn_eps: float = 1e-5,
     in_scale: Optional[torch.Tensor] = None,
     in_shift: Optional[torch.Tensor] = None,
+    num_batches_tracked: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_choice(in_activation, ACTIVATIONS, "activation")
     _check_choice(algo, ALGOS, "algo")
-    _check_running(running_mean, running_var, momentum_tensor, weight.shape[0])
+    _check_running(running_mean, running_var, momentum_tensor, weight.shape[0], num_batches_tracked)
+    nbt = counted_here(num_batches_tracked, momentum_tensor)
     if (in_mean is None) != (in_var is None):
         raise ValueError("fastconv.conv_bn_stats_train: in_mean and in_var are given together or not at all")
     if (in_scale is None) != (in_shift is None) or (in_scale is not None and in_mean is None):
@@ -128,12 +134,9 @@ def conv_bn_stats_train(
         else:
             _, stats = tconv.conv2d_forward(input, weight, bias, stride, padding, dilation, groups, out=z,
                                             stats=True, prologue=prologue)
-        # the finalize's last pass also updates the running statistics (contiguous buffers: the kernel's indexing)
-        in_kernel = running_mean is not None and running_mean.is_contiguous() and running_var.is_contiguous()
-        running = (running_mean, running_var, momentum, momentum_tensor) if in_kernel else None
+        running, after = finalize_running(running_mean, running_var, momentum, momentum_tensor, nbt)
         mean, var, scale, shift = tbn.finalize(stats, z.shape[1], bias, running, fold=(bn_weight, bn_bias, bn_eps))
-        if not in_kernel:
-            update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor)
+        after(mean, var, z)
         return z, mean, var, scale, shift
     x = input if prologue is None else torch_prologue(input, *prologue)  # materialised: only Triton fuses
     conv_name = _conv_backend(name)
@@ -144,15 +147,16 @@ def conv_bn_stats_train(
         z = conv_ops.conv2d_op(x, weight, bias, stride, padding, dilation, groups, None, None, None, "identity",
                                algo, conv_name)
         mean, var = _stats_of(z)
-    update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor)
+    update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor, nbt)
     return (z, mean, var, *fold_batch_norm(mean, var, bn_weight, bn_bias, bn_eps))
 
 
 @conv_bn_stats_train.register_fake
 def _(input, weight, bias, in_mean, in_var, in_weight, in_bias, in_eps, in_activation, stride, padding, dilation,
       groups, algo="implicit", backend="auto", running_mean=None, running_var=None, momentum=0.1,
-      momentum_tensor=None, bn_weight=None, bn_bias=None, bn_eps=1e-5, in_scale=None, in_shift=None):
-    _check_running(running_mean, running_var, momentum_tensor, weight.shape[0])
+      momentum_tensor=None, bn_weight=None, bn_bias=None, bn_eps=1e-5, in_scale=None, in_shift=None,
+      num_batches_tracked=None):
+    _check_running(running_mean, running_var, momentum_tensor, weight.shape[0], num_batches_tracked)
     z = _new_output(input, weight, stride, padding, dilation, _fake_alloc)
     stat = input.new_empty(weight.shape[0], dtype=_stat_dtype(input.dtype))
     return z, stat, torch.empty_like(stat), torch.empty_like(stat), torch.empty_like(stat)
@@ -171,6 +175,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.input_size, ctx.weight_size = list(x.shape), list(weight.shape)
     ctx.save_for_backward(x, weight, in_mean, in_var, in_weight, in_bias, in_scale, in_shift)
+    mark_saved(x)
 
 
 def _backward(ctx, grad_z, _grad_mean, _grad_var, _grad_scale, _grad_shift):
@@ -208,7 +213,7 @@ def _backward(ctx, grad_z, _grad_mean, _grad_var, _grad_scale, _grad_shift):
 
 
 _register_autograd_of_mutating_op(conv_bn_stats_train, _backward, _setup_context)
-conv_bn_stats_train_op = FastOp(conv_bn_stats_train, _setup_context, _backward, mutated=(15, 16))
+conv_bn_stats_train_op = FastOp(conv_bn_stats_train, _setup_context, _backward, mutated=(15, 16, 24))
 
 
 @torch.library.custom_op("fastconv::batch_norm_act_train", mutates_args=())
@@ -237,6 +242,7 @@ def _bn_setup_context(ctx, inputs, output):
     ctx.backend = _resolve(z.device, backend)
     ctx.has_residual = residual is not None
     ctx.save_for_backward(z, mean, var, bn_weight, bn_bias, residual if activation != "identity" else None)
+    mark_saved(residual if activation != "identity" else None)
 
 
 def _bn_backward(ctx, grad_y):

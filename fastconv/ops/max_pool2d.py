@@ -32,7 +32,8 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _ext
-from .._pool_args import offsets_dtype, suggest_memory_format  # noqa: F401 (re-exported)
+from .._pool_args import (  # noqa: F401 (re-exported)
+    offsets_dtype, pool_output_size, pool_outputs, suggest_memory_format)
 from ._fastpath import FastOp
 
 SUPPORTED_BACKENDS = ("triton", "cuda", "cpu", "torch")
@@ -49,14 +50,6 @@ def _c_div(a: int, b: int) -> int:
     """C++ integer division (truncates toward zero)."""
     q = abs(a) // abs(b)
     return q if (a >= 0) == (b > 0) else -q
-
-
-def pool_output_size(size, k: int, s: int, p: int, d: int, ceil_mode: bool):
-    """ATen pooling_output_shape_pad_lr with symmetric padding (div_rtn == Python's floor division)."""
-    out = (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
-    if ceil_mode and (out - 1) * s >= size + p:
-        out = out - 1  # the last window must start inside the input or the left padding
-    return out
 
 
 def check_pool_args(shape, kernel_size, stride, padding, dilation, ceil_mode) -> tuple[int, int]:
@@ -226,12 +219,8 @@ def _max_pool2d_checked(input, kernel_size, stride, padding, dilation, ceil_mode
 
 def _fake_forward(input, kernel_size, stride, padding, dilation, ceil_mode, backend="auto"):
     _check_input(input)
-    N, C, H, W = input.shape
-    oh = pool_output_size(H, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
-    ow = pool_output_size(W, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
-    fmt = suggest_memory_format(input)
-    return (_fake_alloc((N, C, oh, ow), input.dtype, input.device, fmt),
-            _fake_alloc((N, C, oh, ow), offsets_dtype(kernel_size), input.device, fmt))
+    return pool_outputs(input, kernel_size, stride, padding, dilation, ceil_mode, suggest_memory_format(input),
+                        _fake_alloc)
 
 
 max_pool2d.register_fake(_fake_forward)  # also the fake kernel of fastconv::ext_max_pool2d

@@ -91,3 +91,19 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (and >= 1)."""
     return 1 << max(int(n) - 1, 0).bit_length()
+
+
+_TICKETS: dict = {}
+
+
+def ticket_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least n int32 counters for "last program finishes the reduction" tickets (the BatchNorm backward's and the
+    split-K wgrad's reductions) on `device` and its current stream. They are zero between launches: every launch's
+    last program per counter resets it. One set per (device, stream): launches on one stream run in order, so they
+    never use the counters at the same time."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    counters = _TICKETS.get(key)
+    if counters is None or counters.numel() < n:
+        counters = _TICKETS[key] = torch.zeros(max(n, 256), device=device, dtype=torch.int32)
+    return counters

@@ -6,7 +6,8 @@ Forward:   z = conv(x) + bias            conv kernel, STATS epilogue writes per-
            y = act((z - mean) * invstd * gamma + beta [+ residual])
 Backward (only z, mean, var are kept; xhat, u and the activation mask are recomputed from z):
            g = dy * act'(u),  xhat = (z - mean) * invstd
-           sum_g, sum_gx = sum over (n, h, w) of g and g * xhat      (reduce pass)
+           sum_g, sum_gx = sum over (n, h, w) of g and g * xhat      (reduce pass; its last program per channel
+                                                                       block adds the split partials up)
            dz = gamma * invstd * (g - sum_g / P - xhat * sum_gx / P)  (apply pass; also writes g as the
                                                                         residual's gradient when asked)
 Tensors are [N, C, H, W] read through their strides; a tile is [BLOCK_P pixels, BLOCK_C channels].
@@ -20,10 +21,11 @@ import triton
 import triton.language as tl
 
 from .._args import accumulation_dtype
-from ._common import ACTIVATIONS, acc_dtype, cdiv, check_runnable, needs_int64
+from ._common import ACTIVATIONS, acc_dtype, cdiv, check_runnable, needs_int64, ticket_counters
 from ._epilogue import activation, activation_grad, split_rows
 from . import conv2d as _conv
 from .launch import run, sm_count
+from .max_pool2d import candidate_windows, window_grad_sum
 
 BLOCK_P, BLOCK_C = 64, 32
 
@@ -52,11 +54,12 @@ def _store_cast(ptr, value, mask):
 @triton.jit
 def _batch_norm_combine_kernel(cnt_ptr, mean_ptr, m2_ptr, T, C, ROWS,
                             cnt_out_ptr, mean_out_ptr, m2_out_ptr, bias_ptr,
-                            run_mean_ptr, run_var_ptr, momentum_ptr, momentum_hi, momentum_lo,
+                            run_mean_ptr, run_var_ptr, momentum_ptr, momentum_hi, momentum_lo, count_ptr,
                             gamma_ptr, beta_ptr, eps_hi, eps_lo, scale_out_ptr, shift_out_ptr,
                             FINAL: tl.constexpr, HAS_BIAS: tl.constexpr, RUNNING: tl.constexpr,
-                            MOMENTUM_TENSOR: tl.constexpr, FOLD: tl.constexpr, HAS_GAMMA: tl.constexpr,
-                            HAS_BETA: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                            MOMENTUM_TENSOR: tl.constexpr, COUNT: tl.constexpr, FOLD: tl.constexpr,
+                            HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, BLOCK_T: tl.constexpr,
+                            BLOCK_C: tl.constexpr):
     """Combine rows [chunk * ROWS, (chunk + 1) * ROWS) of T (count, mean, M2) partials per channel, BLOCK_T rows
     at a time: a block's rows merge at once (n = sum n_i, mean = sum n_i mean_i / n,
     M2 = sum M2_i + sum n_i (mean_i - mean)^2), then into the running result with Chan's pairwise formula
@@ -66,6 +69,8 @@ def _batch_norm_combine_kernel(cnt_ptr, mean_ptr, m2_ptr, T, C, ROWS,
     their own dtype: running = lerp(running, batch statistic, momentum) with the unbiased variance M2 / (n - 1),
     as F.batch_norm does. The momentum is a 0-dim tensor read here (MOMENTUM_TENSOR: momentum=None's
     1 / num_batches_tracked, no host sync) or a float passed as fp32 hi + lo parts (exact for fp64 buffers).
+    COUNT (with a float momentum): program 0 also adds 1 to the BatchNorm's num_batches_tracked (int64, *count_ptr),
+    which nothing else in the launch reads: nn.BatchNorm2d's counter without a launch of its own.
     FOLD (FINAL): also the BatchNorm folded per channel for the next conv's operand prologue,
     scale = gamma * rsqrt(var + eps), shift = beta - mean * scale (gamma 1 / beta 0 without HAS_GAMMA / HAS_BETA;
     eps as fp32 hi + lo), in the statistics' dtype.
@@ -116,35 +121,14 @@ def _batch_norm_combine_kernel(cnt_ptr, mean_ptr, m2_ptr, T, C, ROWS,
                 w = tl.cast(momentum_hi, acc) + tl.cast(momentum_lo, acc)
             _lerp_store(run_mean_ptr + c, mean_a, w, cm, acc)
             _lerp_store(run_var_ptr + c, m2_a / tl.maximum(n_a - 1.0, 1.0), w, cm, acc)
+            if COUNT:
+                if tl.program_id(0) == 0:
+                    tl.store(count_ptr, tl.load(count_ptr) + 1)
     else:
         out = tl.program_id(1) * C + c
         tl.store(cnt_out_ptr + out, n_a, mask=cm)
         tl.store(mean_out_ptr + out, mean_a, mask=cm)
         tl.store(m2_out_ptr + out, m2_a, mask=cm)
-
-
-@triton.jit
-def _batch_norm_sum_rows_kernel(a_ptr, b_ptr, T, C, ROWS, a_out_ptr, b_out_ptr,
-                                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Column sums of rows [chunk * ROWS, (chunk + 1) * ROWS) of two [T, C] arrays -> row `chunk` of two
-    [chunks, C] arrays (one chunk: the [C] sums). BLOCK_T rows per step, element-wise partials in registers to
-    the loop end, then one reduction: a fixed order, so the result is deterministic."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
-    lo = tl.program_id(1) * ROWS
-    hi = tl.minimum(lo + ROWS, T)
-    acc = a_out_ptr.dtype.element_ty
-    sum_a = tl.zeros((BLOCK_T, BLOCK_C), dtype=acc)
-    sum_b = tl.zeros((BLOCK_T, BLOCK_C), dtype=acc)
-    for t0 in tl.range(lo, hi, BLOCK_T, num_stages=2):
-        t = t0 + tl.arange(0, BLOCK_T)
-        mask = (t < hi)[:, None] & cm[None, :]
-        off = t[:, None] * C + c[None, :]
-        sum_a += tl.load(a_ptr + off, mask=mask, other=0.0).to(acc)
-        sum_b += tl.load(b_ptr + off, mask=mask, other=0.0).to(acc)
-    out = tl.program_id(1) * C + c
-    tl.store(a_out_ptr + out, tl.sum(sum_a, axis=0), mask=cm)
-    tl.store(b_out_ptr + out, tl.sum(sum_b, axis=0), mask=cm)
 
 
 @triton.jit
@@ -198,14 +182,22 @@ def _batch_norm_act_fwd_kernel(
 
 
 @triton.jit
-def _bn_grad_u(dy_ptr, z_ptr, res_ptr, n, h, w, c, mask, mean, invstd, gamma, beta,
-               sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw,
-               HAS_RES: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr):
-    """Recompute xhat and u from z, and return (g = dy * act'(u), xhat) for one tile."""
+def _bn_grad_u(dy_ptr, z_ptr, res_ptr, off_ptr, n, h, w, c, mask, mean, invstd, gamma, beta,
+               sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw, son, soc, soh, sow,
+               OH, OW, KH, KW, NH, NW, pool_sh, pool_sw, pool_ph, pool_pw, pool_dh, pool_dw,
+               HAS_RES: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr, ACC: tl.constexpr):
+    """Recompute xhat and u from z, and return (g = dy * act'(u), xhat) for one tile. POOL: y was max-pooled
+    (batch_norm_act_pool) and dy_ptr / off_ptr are the pooled output's gradient and argmax taps, [N, C, OH, OW]:
+    dy is gathered from the windows that picked each pixel (max_pool2d.window_grad_sum)."""
     z = tl.load(z_ptr + (n * szn + h * szh + w * szw)[:, None] + (c * szc)[None, :], mask=mask, other=0.0)
     xhat = (z.to(ACC) - mean[None, :]) * invstd[None, :]
-    dy = tl.load(dy_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + (c * sdc)[None, :], mask=mask, other=0.0)
-    g = dy.to(ACC)
+    if POOL:
+        g = window_grad_sum(dy_ptr, off_ptr, n[:, None], c[None, :], h[:, None], w[:, None], mask, OH, OW, KH, KW,
+                            NH, NW, pool_sh, pool_sw, pool_ph, pool_pw, pool_dh, pool_dw, sdn, sdc, sdh, sdw,
+                            son, soc, soh, sow, ACC)
+    else:
+        dy = tl.load(dy_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + (c * sdc)[None, :], mask=mask, other=0.0)
+        g = dy.to(ACC)
     if ACT != 0:
         u = xhat * gamma[None, :] + beta[None, :]
         if HAS_RES:
@@ -218,16 +210,25 @@ def _bn_grad_u(dy_ptr, z_ptr, res_ptr, n, h, w, c, mask, mean, invstd, gamma, be
 
 @triton.jit
 def _batch_norm_act_bwd_reduce_kernel(
-    dy_ptr, z_ptr, res_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, sum_g_ptr, sum_gx_ptr,
-    P, C, H, W, eps, P_PER_SPLIT,
-    sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw,
-    HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
-    IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    dy_ptr, z_ptr, res_ptr, off_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, sum_g_ptr, sum_gx_ptr, lock_ptr,
+    total_g_ptr, total_gx_ptr, P, C, H, W, eps, P_PER_SPLIT, SPLITS,
+    sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw, son, soc, soh, sow,
+    OH, OW, KH, KW, NH, NW, pool_sh, pool_sw, pool_ph, pool_pw, pool_dh, pool_dw,
+    HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr, ACC: tl.constexpr,
+    IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, LAST_SUMS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     """Partial sums of g and g * xhat over pixels [split * P_PER_SPLIT, ...) -> [split, C]. One pass over the
     pixels, software-pipelined (tl.range num_stages: the next tiles' loads are in flight while this one is
     reduced); the partials stay element-wise [BLOCK_P, BLOCK_C] in registers and are reduced across pixels once,
-    after the loop, not once per step."""
+    after the loop, not once per step.
+
+    LAST_SUMS (SPLITS > 1): the last of a channel block's SPLITS programs to finish also adds up their partial
+    rows into total_g / total_gx [C], in split order (deterministic: `_sum_partial_rows`, the same arithmetic as
+    the former sum-rows pass), so no second launch is needed. "Last" is decided by a ticket, an atomic add on
+    the channel block's counter in lock_ptr after the program's partials are written (barrier, then acq_rel at
+    GPU scope: the partials are visible to whoever draws the last ticket); that program resets the counter to 0
+    for the next launch (the counters are zero between launches: `_common.ticket_counters`)."""
     split = tl.program_id(1)
     c0 = tl.program_id(0) * BLOCK_C
     c = c0 + tl.arange(0, BLOCK_C)
@@ -238,23 +239,52 @@ def _batch_norm_act_bwd_reduce_kernel(
     p_hi = tl.minimum(p_lo + P_PER_SPLIT, P)
     for p0 in tl.range(p_lo, p_hi, BLOCK_P, num_stages=3):
         n, h, w, cc, mask = _bn_tile(p0, c0, p_hi, C, H, W, IDX64, BLOCK_P, BLOCK_C)
-        g, xhat = _bn_grad_u(dy_ptr, z_ptr, res_ptr, n, h, w, cc, mask, mean, invstd, gamma, beta,
-                             sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw, HAS_RES, ACT, ACC)
+        g, xhat = _bn_grad_u(dy_ptr, z_ptr, res_ptr, off_ptr, n, h, w, cc, mask, mean, invstd, gamma, beta,
+                             sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw, son, soc, soh, sow,
+                             OH, OW, KH, KW, NH, NW, pool_sh, pool_sw, pool_ph, pool_pw, pool_dh, pool_dw,
+                             HAS_RES, ACT, POOL, ACC)
         acc_g += g
         acc_gx += g * xhat
     cm = c < C
     tl.store(sum_g_ptr + split * C + c, tl.sum(acc_g, axis=0), mask=cm)
     tl.store(sum_gx_ptr + split * C + c, tl.sum(acc_gx, axis=0), mask=cm)
+    if LAST_SUMS:
+        tl.debug_barrier()  # every thread's partials stored before the ticket releases them
+        ticket = tl.atomic_add(lock_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLITS - 1:
+            _sum_partial_rows(sum_g_ptr, sum_gx_ptr, SPLITS, C, c, cm, total_g_ptr, total_gx_ptr, ACC, BLOCK_T,
+                              BLOCK_C)
+            tl.atomic_xchg(lock_ptr + tl.program_id(0), 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _sum_partial_rows(a_ptr, b_ptr, T, C, c, cm, a_out_ptr, b_out_ptr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    """Column sums of rows [0, T) of two [T, C] arrays at channels c: BLOCK_T rows per step, element-wise partials
+    to the loop end, then one reduction (a fixed order). Loads bypass L1 (.cg): the rows were written by other
+    programs of the same launch."""
+    sum_a = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC)
+    sum_b = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        mask = (t < T)[:, None] & cm[None, :]
+        off = t[:, None] * C + c[None, :]
+        sum_a += tl.load(a_ptr + off, mask=mask, other=0.0, cache_modifier=".cg").to(ACC)
+        sum_b += tl.load(b_ptr + off, mask=mask, other=0.0, cache_modifier=".cg").to(ACC)
+    tl.store(a_out_ptr + c, tl.sum(sum_a, axis=0), mask=cm)
+    tl.store(b_out_ptr + c, tl.sum(sum_b, axis=0), mask=cm)
 
 
 @triton.jit
 def _batch_norm_act_bwd_apply_kernel(
-    dy_ptr, z_ptr, res_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, sum_g_ptr, sum_gx_ptr, dz_ptr, dres_ptr,
+    dy_ptr, z_ptr, res_ptr, off_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, sum_g_ptr, sum_gx_ptr, dz_ptr, dres_ptr,
     dbeta_ptr, dgamma_ptr,
     P, C, H, W, eps,
     sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw, sxn, sxc, sxh, sxw, sqn, sqc, sqh, sqw,
+    son, soc, soh, sow, OH, OW, KH, KW, NH, NW, pool_sh, pool_sw, pool_ph, pool_pw, pool_dh, pool_dw,
     HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, WANT_DRES: tl.constexpr, WRITE_PARAM_GRADS: tl.constexpr,
-    ACT: tl.constexpr, ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACT: tl.constexpr, POOL: tl.constexpr, ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """dz (and the residual's gradient g). WRITE_PARAM_GRADS: the first pixel tile's programs also store the sums
     (fp32 / fp64, as accumulated) cast to the BatchNorm parameters' dtype, dbeta = sum_g, dgamma = sum_gx: the
@@ -262,8 +292,10 @@ def _batch_norm_act_bwd_apply_kernel(
     n, h, w, c, mask = _bn_tile(tl.program_id(0) * BLOCK_P, tl.program_id(1) * BLOCK_C, P, C, H, W,
                                 IDX64, BLOCK_P, BLOCK_C)
     mean, invstd, gamma, beta = _bn_coefficients(c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_AFFINE, ACC)
-    g, xhat = _bn_grad_u(dy_ptr, z_ptr, res_ptr, n, h, w, c, mask, mean, invstd, gamma, beta,
-                         sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw, HAS_RES, ACT, ACC)
+    g, xhat = _bn_grad_u(dy_ptr, z_ptr, res_ptr, off_ptr, n, h, w, c, mask, mean, invstd, gamma, beta,
+                         sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw, son, soc, soh, sow,
+                         OH, OW, KH, KW, NH, NW, pool_sh, pool_sw, pool_ph, pool_pw, pool_dh, pool_dw,
+                         HAS_RES, ACT, POOL, ACC)
     cm = c < C
     sum_g = tl.load(sum_g_ptr + c, mask=cm, other=0.0).to(ACC)
     sum_gx = tl.load(sum_gx_ptr + c, mask=cm, other=0.0).to(ACC)
@@ -285,7 +317,8 @@ def _batch_norm_act_bwd_apply_kernel(
 # steps); more rows take another level of the same kernel over the chunks' results.
 COMBINE_BLOCK_T, COMBINE_BLOCK_C = 64, 32
 COMBINE_ROWS = 16 * COMBINE_BLOCK_T
-# BatchNorm backward reduction: at most this many BLOCK_P steps per program (more pixels, more splits).
+# BatchNorm backward reduction: at most this many BLOCK_P steps per program (more pixels, more splits; the splits'
+# partial rows are added up by the last program, COMBINE_BLOCK_T rows per step).
 REDUCE_MAX_STEPS = 256
 
 
@@ -303,9 +336,10 @@ def finalize(stats, channels: int, bias: torch.Tensor | None = None, running=Non
     """(count, mean, M2) partials [T, C] of the bias-free conv output -> per-channel batch mean (bias
     added) and biased variance, by a tree of _batch_norm_combine_kernel levels (no long serial loop).
 
-    running: None or (running_mean, running_var, momentum, momentum_tensor): the tree's last pass also updates
-    the running statistics in place (unbiased variance), with momentum_tensor (0-dim, read in the kernel) when
-    it is not None, else the float momentum.
+    running: None or (running_mean, running_var, momentum, momentum_tensor[, num_batches_tracked]): the tree's last
+    pass also updates the running statistics in place (unbiased variance), with momentum_tensor (0-dim, read in
+    the kernel) when it is not None, else the float momentum, and adds 1 to num_batches_tracked when given (a
+    float momentum only: the counter is then read by nothing in the launch).
 
     fold: None or (bn_weight, bn_bias, eps) of this BatchNorm (weight / bias may be None): the last pass also
     writes its per-channel (scale, shift) for the next conv's prologue, returned as (mean, var, scale, shift)."""
@@ -315,7 +349,7 @@ def finalize(stats, channels: int, bias: torch.Tensor | None = None, running=Non
     var = torch.empty_like(mean)
     blocks_c = cdiv(channels, COMBINE_BLOCK_C)
     T = cnt.shape[0]
-    no_running = (mean, mean, mean, 0.0, 0.0)
+    no_running = (mean, mean, mean, 0.0, 0.0, mean)
     no_fold = (mean, mean, 0.0, 0.0, mean, mean)
     no_fold_flags = dict(FOLD=False, HAS_GAMMA=False, HAS_BETA=False)
     while T > COMBINE_ROWS:
@@ -323,19 +357,23 @@ def finalize(stats, channels: int, bias: torch.Tensor | None = None, running=Non
         out = [_conv.workspace((chunks, channels), cnt.device, cnt.dtype) for _ in range(3)]
         run(_batch_norm_combine_kernel, (blocks_c, chunks), cnt, mean_p, m2_p, T, channels, COMBINE_ROWS, *out, mean,
             *no_running, *no_fold, device=cnt.device, loop=cdiv(COMBINE_ROWS, COMBINE_BLOCK_T),
-            FINAL=False, HAS_BIAS=False, RUNNING=False, MOMENTUM_TENSOR=False, **no_fold_flags,
+            FINAL=False, HAS_BIAS=False, RUNNING=False, MOMENTUM_TENSOR=False, COUNT=False, **no_fold_flags,
             BLOCK_T=COMBINE_BLOCK_T, BLOCK_C=COMBINE_BLOCK_C)
         (cnt, mean_p, m2_p), T = out, chunks
-    running_args, momentum_tensor = no_running, False
+    running_args, momentum_tensor, count = no_running, False, None
     if running is not None:
-        run_mean, run_var, momentum, mom_t = running
+        run_mean, run_var, momentum, mom_t, *rest = running
+        count = rest[0] if rest else None
         check_runnable(run_mean, run_var)
         momentum_tensor = mom_t is not None
+        if momentum_tensor and count is not None:
+            raise ValueError("finalize: num_batches_tracked is counted in the kernel only with a float momentum")
         if momentum_tensor:
             mom_t = mom_t if mom_t.device == cnt.device else mom_t.to(cnt.device)
-            running_args = (run_mean, run_var, mom_t, 0.0, 0.0)
+            running_args = (run_mean, run_var, mom_t, 0.0, 0.0, mean)
         else:
-            running_args = (run_mean, run_var, mean, *_momentum_parts(momentum))
+            running_args = (run_mean, run_var, mean, *_momentum_parts(momentum),
+                            count if count is not None else mean)
     fold_args, fold_flags = no_fold, no_fold_flags
     if fold is not None:
         gamma, beta, eps = fold
@@ -347,26 +385,9 @@ def finalize(stats, channels: int, bias: torch.Tensor | None = None, running=Non
         mean, mean, var, bias if bias is not None else mean, *running_args, *fold_args,
         device=cnt.device, loop=cdiv(T, COMBINE_BLOCK_T),
         FINAL=True, HAS_BIAS=bias is not None, RUNNING=running is not None, MOMENTUM_TENSOR=momentum_tensor,
+        COUNT=count is not None,
         **fold_flags, BLOCK_T=COMBINE_BLOCK_T, BLOCK_C=COMBINE_BLOCK_C)
     return (mean, var) if fold is None else (mean, var, fold_args[4], fold_args[5])
-
-
-def sum_rows(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column sums of two [T, C] partial arrays (the backward reduction's per-split sums) -> two [C], by a tree
-    of _batch_norm_sum_rows_kernel levels in a fixed order (deterministic, no atomics)."""
-    T, C = a.shape
-    blocks_c = cdiv(C, COMBINE_BLOCK_C)
-    while T > COMBINE_ROWS:
-        chunks = cdiv(T, COMBINE_ROWS)
-        out = [_conv.workspace((chunks, C), a.device, a.dtype) for _ in range(2)]
-        run(_batch_norm_sum_rows_kernel, (blocks_c, chunks), a, b, T, C, COMBINE_ROWS, *out,
-            device=a.device, loop=cdiv(COMBINE_ROWS, COMBINE_BLOCK_T), BLOCK_T=COMBINE_BLOCK_T, BLOCK_C=COMBINE_BLOCK_C)
-        (a, b), T = out, chunks
-    sum_a = torch.empty(C, device=a.device, dtype=a.dtype)
-    sum_b = torch.empty_like(sum_a)
-    run(_batch_norm_sum_rows_kernel, (blocks_c, 1), a, b, T, C, COMBINE_ROWS, sum_a, sum_b,
-        device=a.device, loop=cdiv(T, COMBINE_BLOCK_T), BLOCK_T=COMBINE_BLOCK_T, BLOCK_C=COMBINE_BLOCK_C)
-    return sum_a, sum_b
 
 
 def reduce_splits(P: int, C: int, device: torch.device) -> int:
@@ -407,10 +428,14 @@ def batch_norm_act_backward(grad_y, z, mean, var, weight, bias, eps: float, acti
                             residual: torch.Tensor | None = None, *, want_dres: bool = False,
                             grad_z: torch.Tensor | None = None, grad_res: torch.Tensor | None = None,
                             splits: int | None = None, force_int64: bool = False,
-                            param_dtypes: tuple[torch.dtype, torch.dtype] | None = None):
+                            param_dtypes: tuple[torch.dtype, torch.dtype] | None = None, pool=None):
     """Returns (grad_z, sum_g, sum_gx, grad_residual or None); dgamma = sum_gx, dbeta = sum_g, accumulated in
     fp32 (fp64 for fp64) and returned in param_dtypes = (sum_g's, sum_gx's) when given (the BatchNorm bias's and
-    weight's dtypes): the apply pass stores them cast, no separate cast launch."""
+    weight's dtypes): the apply pass stores them cast, no separate cast launch.
+
+    pool: None, or (offsets, kernel_size, stride, padding, dilation) when y was max-pooled
+    (batch_norm_act_pool): grad_y is then the pooled output's gradient, gathered per pixel in both passes
+    through the argmax taps `offsets` (no residual)."""
     check_runnable(grad_y, z)
     N, C, H, W = z.shape
     P = N * H * W
@@ -424,20 +449,32 @@ def batch_norm_act_backward(grad_y, z, mean, var, weight, bias, eps: float, acti
         splits = reduce_splits(P, C, z.device)
     per_split = cdiv(cdiv(P, splits), BLOCK_P) * BLOCK_P
     splits = cdiv(P, per_split)
-    # One split writes the sums themselves ([C]); more write [splits, C] partials that sum_rows adds up.
+    # One split writes the sums themselves ([C]); more write [splits, C] partials, which the last program of each
+    # channel block adds up into the [C] sums (LAST_SUMS).
     sum_g_p = _conv.workspace((splits, C) if splits > 1 else (C,), z.device, acc)
     sum_gx_p = _conv.workspace(sum_g_p.shape, z.device, acc)
+    if splits > 1:
+        sum_g_acc, sum_gx_acc = (_conv.workspace((C,), z.device, acc) for _ in range(2))
+        locks = ticket_counters(z.device, cdiv(C, BLOCK_C))
+    else:
+        sum_g_acc, sum_gx_acc, locks = sum_g_p, sum_gx_p, sum_g_p
     res = residual if residual is not None else z
     w, b = _affine_args(weight, bias, mean)
+    if pool is not None:
+        offsets, kernel_size, stride, padding, dilation = pool
+        pool_args = (*offsets.stride(), *grad_y.shape[2:], *kernel_size, *candidate_windows(kernel_size, stride, dilation),
+                     *stride, *padding, *dilation)
+    else:
+        offsets, pool_args = z, (0,) * 16
     common = dict(HAS_AFFINE=weight is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS[activation],
-                  ACC=acc_dtype(z.dtype), IDX64=force_int64 or needs_int64(z, grad_y, residual),
-                  BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+                  POOL=pool is not None, ACC=acc_dtype(z.dtype),
+                  IDX64=force_int64 or needs_int64(z, grad_y, residual), BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
     run(_batch_norm_act_bwd_reduce_kernel, (cdiv(C, BLOCK_C), splits),
-        grad_y, z, res, mean, var, w, b, sum_g_p, sum_gx_p, P, C, H, W, eps, per_split,
-        *grad_y.stride(), *z.stride(), *res.stride(),
-        device=z.device, loop=cdiv(per_split, BLOCK_P), **common,
+        grad_y, z, res, offsets, mean, var, w, b, sum_g_p, sum_gx_p, locks, sum_g_acc, sum_gx_acc,
+        P, C, H, W, eps, per_split, splits, *grad_y.stride(), *z.stride(), *res.stride(), *pool_args,
+        device=z.device, loop=cdiv(per_split, BLOCK_P) + cdiv(splits, COMBINE_BLOCK_T) * (splits > 1),
+        LAST_SUMS=splits > 1, BLOCK_T=COMBINE_BLOCK_T, **common,
     )
-    sum_g_acc, sum_gx_acc = sum_rows(sum_g_p, sum_gx_p) if splits > 1 else (sum_g_p, sum_gx_p)
     sum_g, sum_gx = sum_g_acc, sum_gx_acc
     dres_t = dres if dres is not None else dz
     cast = (g_dtype, gx_dtype) != (acc, acc)
@@ -446,9 +483,9 @@ def batch_norm_act_backward(grad_y, z, mean, var, weight, bias, eps: float, acti
         sum_gx = _conv.workspace((C,), z.device, gx_dtype)
         dbeta, dgamma = sum_g, sum_gx
     run(_batch_norm_act_bwd_apply_kernel, (cdiv(P, BLOCK_P), cdiv(C, BLOCK_C)),
-        grad_y, z, res, mean, var, w, b, sum_g_acc, sum_gx_acc, dz, dres_t,
+        grad_y, z, res, offsets, mean, var, w, b, sum_g_acc, sum_gx_acc, dz, dres_t,
         *((dbeta, dgamma) if cast else (sum_g, sum_gx)), P, C, H, W, eps,
-        *grad_y.stride(), *z.stride(), *res.stride(), *dz.stride(), *dres_t.stride(),
+        *grad_y.stride(), *z.stride(), *res.stride(), *dz.stride(), *dres_t.stride(), *pool_args,
         device=z.device, WANT_DRES=want_dres, WRITE_PARAM_GRADS=cast, **common,
     )
     return dz, sum_g, sum_gx, dres

@@ -25,6 +25,7 @@ from ._common import (
     check_runnable,
     dot_precision,
     needs_int64,
+    ticket_counters,
     upcast_dot_operands,
 )
 from ._epilogue import (
@@ -250,18 +251,22 @@ def _conv2d_wgrad_kernel(
     sdyn, sdyc, sdyh, sdyw,
     sxn, sxc, sxh, sxw,
     in_scale_ptr, in_shift_ptr,  # PROLOGUE per-input-channel coefficients [C_in] (else dummies)
-    COUT,
-    # per tile (the launcher's scratch, by keyword): where dw / db go, and the split length
-    dw_ptr, db_ptr, K_PER_SPLIT,
+    COUT, swo, swc, swh, sww,
+    # per tile (the launcher's scratch, by keyword): where dw / db go, the split length, and with REDUCE_LAST the
+    # final dw / db and the ticket counters
+    dw_ptr, db_ptr, K_PER_SPLIT, dwf_ptr, dbf_ptr, lock_ptr,
     HAS_DBIAS: tl.constexpr, ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    IDX64: tl.constexpr, PROLOGUE: tl.constexpr, IN_ACT: tl.constexpr,
+    IDX64: tl.constexpr, PROLOGUE: tl.constexpr, IN_ACT: tl.constexpr, REDUCE_LAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dw for one K split:  dw[co, (kh, kw, ci)] = sum_p dy[co, p] * x_col[p, (kh, kw, ci)], the reduction over
     p = (n, oh, ow) cut into contiguous chunks of K_PER_SPLIT (grid axis 1), stored at dw_ptr[split, co, kh, kw, ci]
     in dw_ptr's dtype. One split into a channels_last weight: dw_ptr is the weight gradient itself (that layout;
-    no other pass); else fp32 partials that _conv2d_wgrad_reduce_kernel sums in split order (deterministic, no
-    atomics), casts and lays out.
+    no other pass); else fp32 partials, and REDUCE_LAST: the last of a tile's splits to finish (a ticket: an atomic
+    add on the tile's counter after a barrier, acq_rel at GPU scope, so every split's partial is visible to it)
+    sums the tile's partials in split order (deterministic), casts them and stores dw through dwf_ptr's strides
+    (swo, swc, swh, sww: the weight's own layout) and db into dbf_ptr, then resets the counter (zero between
+    launches: _common.ticket_counters). No second launch.
 
     The bias gradient is the same reduction of dy alone: the programs at (kh, kw, ci-tile) == 0 also sum
     their dy tiles into db_ptr[split, co].
@@ -335,43 +340,44 @@ def _conv2d_wgrad_kernel(
     if HAS_DBIAS:
         if with_bias:
             tl.store(db_ptr + split * COUT + co, db.to(db_ptr.dtype.element_ty), mask=mask_m)
+    if REDUCE_LAST:
+        tl.debug_barrier()  # every thread's partial stored before the ticket releases it
+        lock = lock_ptr + g * tl.num_programs(0) + pid
+        ticket = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+        if ticket == tl.num_programs(1) - 1:
+            _wgrad_finish(dw_ptr, db_ptr, dwf_ptr, dbf_ptr, g, tile_m * BLOCK_M, offs_n, tap, kh, kw, mask_n,
+                          with_bias, tl.num_programs(1), COUT, COUT_G, CIN_G, KH, KW, swo, swc, swh, sww, HAS_DBIAS,
+                          BLOCK_M, BLOCK_N, 16)
+            tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
-def _conv2d_wgrad_reduce_kernel(part_ptr, dbp_ptr, dw_ptr, db_ptr, SPLIT, COUT, CIN_G, KH, KW,
-                                swo, swc, swh, sww, HAS_DBIAS: tl.constexpr, IDX64: tl.constexpr,
-                                BLOCK: tl.constexpr):
-    """The split-K wgrad's epilogue: dw = sum over the SPLIT partials [SPLIT, COUT, KH, KW, CIN_G] (contiguous,
-    fp32 / fp64), added in split order (deterministic), cast to dw's dtype and stored through dw's strides; with
-    HAS_DBIAS the first programs do the same for db from its partials [SPLIT, COUT]. BLOCK partial elements per
-    program, read coalesced."""
-    pid = tl.program_id(0)
-    idx = pid * BLOCK + tl.arange(0, BLOCK)
-    if IDX64:
-        idx = idx.to(tl.int64)
-    per = COUT * KH * KW * CIN_G
-    mask = idx < per
-    acc = tl.zeros((BLOCK,), part_ptr.dtype.element_ty)
-    src = part_ptr + idx
-    for s in range(SPLIT):
-        acc += tl.load(src, mask=mask, other=0.0)
-        src += per
-    ci = idx % CIN_G
-    rest = idx // CIN_G
-    kw = rest % KW
-    rest = rest // KW
-    kh = rest % KH
-    co = rest // KH
-    tl.store(dw_ptr + co * swo + ci * swc + kh * swh + kw * sww, acc.to(dw_ptr.dtype.element_ty), mask=mask)
-    if HAS_DBIAS:
-        if pid * BLOCK < COUT:
-            bmask = idx < COUT
-            acc_b = tl.zeros((BLOCK,), dbp_ptr.dtype.element_ty)
-            src_b = dbp_ptr + idx
-            for s in range(SPLIT):
-                acc_b += tl.load(src_b, mask=bmask, other=0.0)
-                src_b += COUT
-            tl.store(db_ptr + idx, acc_b.to(db_ptr.dtype.element_ty), mask=bmask)
+def _wgrad_finish(part_ptr, dbp_ptr, dw_ptr, db_ptr, g, m_lo, offs_n, tap, kh, kw, mask_n, with_bias, SPLIT, COUT,
+                  COUT_G, CIN_G, KH, KW, swo, swc, swh, sww, HAS_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, FIN_M: tl.constexpr):
+    """One wgrad tile's epilogue: dw[co, ci, kh, kw] = the sum of its SPLIT partials [SPLIT, COUT, KH, KW, CIN_G]
+    in split order, cast to dw's dtype and stored through dw's strides; db likewise from [SPLIT, COUT]. FIN_M rows
+    of the tile at a time (a loop, not unrolled: a whole [BLOCK_M, BLOCK_N] sum and its addresses next to the GEMM's
+    live values spilled on the big tiles). Loads bypass L1 (.cg): the partials were written by other programs."""
+    for m0 in range(0, BLOCK_M, FIN_M):
+        r = m_lo + m0 + tl.arange(0, FIN_M)
+        mask_m = r < COUT_G
+        co = g * COUT_G + r  # int64 with IDX64 (g is)
+        mask = mask_m[:, None] & mask_n[None, :]
+        acc = tl.zeros((FIN_M, BLOCK_N), part_ptr.dtype.element_ty)
+        acc_b = tl.zeros((FIN_M,), part_ptr.dtype.element_ty)
+        for s in range(SPLIT):
+            row = (s * COUT + co) * (KH * KW) + tap
+            acc += tl.load(part_ptr + (row * CIN_G)[:, None] + offs_n[None, :], mask=mask, other=0.0,
+                           cache_modifier=".cg")
+            if HAS_DBIAS:
+                if with_bias:
+                    acc_b += tl.load(dbp_ptr + s * COUT + co, mask=mask_m, other=0.0, cache_modifier=".cg")
+        out = (co * swo + kh * swh + kw * sww)[:, None] + (offs_n * swc)[None, :]
+        tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=mask)
+        if HAS_DBIAS:
+            if with_bias:
+                tl.store(db_ptr + co, acc_b.to(db_ptr.dtype.element_ty), mask=mask_m)
 
 
 _fwd = TunedKernel(_conv2d_fwd_kernel, "conv2d_fwd")
@@ -607,17 +613,21 @@ def conv2d_weight_grad(
 
     def scratch(meta):
         """One split into a dw the kernel can store: dw and db themselves; else fp32 partials
-        [split, C_out, KH, KW, cin_g] and [split, C_out] for the reduce pass (sized per tile: the split count
-        depends on it)."""
+        [split, C_out, KH, KW, cin_g] and [split, C_out] that each tile's last split adds up into dw and db
+        (REDUCE_LAST; sized per tile: the split count depends on it)."""
         split, chunk = split_of(meta)
+        db_out = db if db is not None else dw
         if split == 1 and direct_ok:
-            return dict(dw_ptr=dw, db_ptr=db if db is not None else dw, K_PER_SPLIT=chunk)
+            return dict(dw_ptr=dw, db_ptr=db_out, K_PER_SPLIT=chunk, dwf_ptr=dw, dbf_ptr=db_out, lock_ptr=dw,
+                        REDUCE_LAST=False)
         partial = workspace((split, C_out, KH, KW, cin_g), x.device, part_dtype)
         db_partial = workspace((split, C_out), x.device, part_dtype) if bias_grad else partial
-        return dict(dw_ptr=partial, db_ptr=db_partial, K_PER_SPLIT=chunk)
+        tiles = cdiv(cout_g, meta["BLOCK_M"]) * KH * KW * cdiv(cin_g, meta["BLOCK_N"]) * groups
+        return dict(dw_ptr=partial, db_ptr=db_partial, K_PER_SPLIT=chunk, dwf_ptr=dw, dbf_ptr=db_out,
+                    lock_ptr=ticket_counters(x.device, tiles), REDUCE_LAST=True)
 
     in_scale, in_shift, in_act = prologue_args(prologue, C, x)
-    meta, extra = _wgrad(
+    _wgrad(
         lambda meta: (
             cdiv(cout_g, meta["BLOCK_M"]) * KH * KW * cdiv(cin_g, meta["BLOCK_N"]),
             split_of(meta)[0],
@@ -628,7 +638,7 @@ def conv2d_weight_grad(
         stride[0], stride[1], pads(padding)[0], pads(padding)[2], dilation[0], dilation[1],
         *grad_out.stride(), *x.stride(),
         in_scale, in_shift,
-        C_out,
+        C_out, *dw.stride(),
         problem=problem,
         device=x.device,
         scratch=scratch,
@@ -641,22 +651,4 @@ def conv2d_weight_grad(
         PROLOGUE=prologue is not None,
         IN_ACT=in_act,
     )
-    split = split_of(meta)[0]
-    if split > 1 or not direct_ok:
-        reduce_splits(extra["dw_ptr"], extra["db_ptr"] if bias_grad else None, dw, db, split,
-                      force_int64=force_int64)
     return dw, db
-
-
-WGRAD_REDUCE_BLOCK = 512
-
-
-def reduce_splits(partial, db_partial, dw, db, split: int, force_int64: bool = False) -> None:
-    """dw (and db) = the split-K partials summed in split order (_conv2d_wgrad_reduce_kernel): one launch."""
-    C_out, KH, KW, cin_g = partial.shape[1:]
-    run(_conv2d_wgrad_reduce_kernel, (cdiv(C_out * KH * KW * cin_g, WGRAD_REDUCE_BLOCK),),
-        partial, db_partial if db_partial is not None else partial, dw, db if db is not None else dw,
-        split, C_out, cin_g, KH, KW, *dw.stride(),
-        device=dw.device, loop=split,
-        HAS_DBIAS=db is not None, IDX64=force_int64 or needs_int64(partial, dw),
-        BLOCK=WGRAD_REDUCE_BLOCK, num_warps=4)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._pool_args import offsets_dtype, suggest_memory_format  # noqa: F401 (re-exported)
+from .._pool_args import offsets_dtype, pool_output_size, suggest_memory_format  # noqa: F401 (re-exported)
 from ._common import acc_dtype, cdiv, check_runnable, interpreting, needs_int64
 from .launch import run
 
@@ -73,6 +73,24 @@ def _split_flat(flat, C, H, W, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
+def first_tap(h0, w0, dil_h, dil_w, KW):
+    """PyTorch's starting tap of a window whose top-left input position is (h0, w0): the first tap at or past the
+    top/left padding (row/col >= 0), even when that tap is itself past the bottom/right edge (a window
+    completely in the padding)."""
+    kh0 = tl.where(h0 < 0, (dil_h - 1 - h0) // dil_h, 0)
+    kw0 = tl.where(w0 < 0, (dil_w - 1 - w0) // dil_w, 0)
+    return (kh0 * KW + kw0).to(tl.int32)
+
+
+@triton.jit
+def take_max(v, ok, tap, best, best_tap):
+    """Fold candidate v (tap `tap`, valid where ok) into the running (max, tap): strict > keeps the first
+    maximum; `v != v` lets every NaN through (so the last NaN wins)."""
+    take = ok & ((v > best) | (v != v))
+    return tl.where(take, v, best), tl.where(take, tap, best_tap)
+
+
+@triton.jit
 def _fwd_tap(x_base, h0, w0, kh, kw, KW, H, W, sxh, sxw, dil_h, dil_w, mask, best, best_tap,
              ACC_TYPE: tl.constexpr):
     """Fold tap (kh, kw) into the running (max, tap). Out-of-image taps (padding) never win."""
@@ -80,11 +98,7 @@ def _fwd_tap(x_base, h0, w0, kh, kw, KW, H, W, sxh, sxw, dil_h, dil_w, mask, bes
     iw = w0 + kw * dil_w
     ok = mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     v = tl.load(x_base + ih * sxh + iw * sxw, mask=ok, other=float("-inf")).to(ACC_TYPE)
-    # strict > keeps the first maximum; `v != v` lets every NaN through (so the last NaN wins).
-    take = ok & ((v > best) | (v != v))
-    best = tl.where(take, v, best)
-    best_tap = tl.where(take, kh * KW + kw, best_tap)
-    return best, best_tap
+    return take_max(v, ok, kh * KW + kw, best, best_tap)
 
 
 @triton.jit
@@ -107,11 +121,7 @@ def _max_pool2d_fwd_kernel(
     h0 = oh * stride_h - pad_h
     w0 = ow * stride_w - pad_w
     x_base = x_ptr + n * sxn + c * sxc
-    # PyTorch's starting index: the first tap at or past the top/left padding (row/col >= 0), even when
-    # that tap is itself past the bottom/right edge (a window completely in the padding).
-    kh0 = tl.where(h0 < 0, (dil_h - 1 - h0) // dil_h, 0)
-    kw0 = tl.where(w0 < 0, (dil_w - 1 - w0) // dil_w, 0)
-    best_tap = (kh0 * KW + kw0).to(tl.int32)
+    best_tap = first_tap(h0, w0, dil_h, dil_w, KW)
     best = tl.full((BLOCK,), float("-inf"), ACC_TYPE)
     if UNROLL:  # small windows: every tap unrolled, all loads independent
         for kh in tl.static_range(KH):
@@ -128,30 +138,18 @@ def _max_pool2d_fwd_kernel(
 
 
 @triton.jit
-def _max_pool2d_bwd_kernel(
-    dy_ptr, off_ptr, dx_ptr,
-    TOTAL, C, H, W, OH, OW, KH, KW, NH, NW,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sdyn, sdyc, sdyh, sdyw,
-    son, soc, soh, sow,
-    CHANNELS_LAST: tl.constexpr, ACC_TYPE: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """Gather: dx[n, c, h, w] = sum of dy[n, c, oh, ow] over the windows whose argmax tap is (h, w).
+def window_grad_sum(dy_ptr, off_ptr, n, c, h, w, mask, OH, OW, KH, KW, NH, NW, stride_h, stride_w, pad_h, pad_w,
+                    dil_h, dil_w, sdn, sdc, sdh, sdw, son, soc, soh, sow, ACC: tl.constexpr):
+    """The max-pool input gradient at input positions (n, c, h, w) (index tensors that broadcast to mask's
+    shape: one lane per element, or [pixels, 1] x [1, channels] tiles): the sum of dy[n, c, oh, ow] over the
+    windows whose argmax tap is (h, w), in (oh, ow) raster order; zero where no window picked it.
 
     (h, w) is tap kh of window oh iff h = oh*stride_h - pad_h + kh*dil_h with 0 <= kh < KH, i.e.
         oh*stride_h = h + pad_h - kh*dil_h,   so   ceil((h + pad_h - (KH-1)*dil_h) / stride_h) <= oh
                                                     and oh <= floor((h + pad_h) / stride_h),
     and the oh in that range with (h + pad_h - oh*stride_h) % dil_h == 0 are the windows (kh is the
-    quotient). The range holds at most NH = (KH-1)*dil_h // stride_h + 1 values, so every lane runs NH
-    candidates from its own lower bound (NW likewise for columns). Each dx element is written exactly
-    once, summed in (oh, ow) raster order: deterministic, no atomics, zeros included.
-    """
-    pid = tl.program_id(0)
-    if IDX64:
-        pid = pid.to(tl.int64)
-    flat = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = flat < TOTAL
-    n, c, h, w = _split_flat(flat, C, H, W, CHANNELS_LAST)
+    quotient). The range holds at most NH = (KH-1)*dil_h // stride_h + 1 values (`candidate_windows`; 1 when
+    windows do not overlap), so every lane runs NH candidates from its own lower bound (NW likewise)."""
     th = h + pad_h                     # >= 0
     tw = w + pad_w
     # first candidate window: ceil(max(th - (KH-1)*dil, 0) / stride); numerators are kept >= 0 because
@@ -160,40 +158,50 @@ def _max_pool2d_bwd_kernel(
     ow_lo = (tl.maximum(tw - (KW - 1) * dil_w, 0) + stride_w - 1) // stride_w
     oh_hi = tl.minimum(th // stride_h, OH - 1)
     ow_hi = tl.minimum(tw // stride_w, OW - 1)
-    dy_base = dy_ptr + n * sdyn + c * sdyc
+    dy_base = dy_ptr + n * sdn + c * sdc
     off_base = off_ptr + n * son + c * soc
-    acc = tl.zeros((BLOCK,), ACC_TYPE)
+    acc = tl.zeros(mask.shape, ACC)
     for i in range(NH):
         oh = oh_lo + i
         rh = th - oh * stride_h        # = kh * dil_h when oh is a window of this row
         kh = rh // dil_h
-        row_ok = mask & (oh <= oh_hi) & (rh >= 0) & (rh - kh * dil_h == 0)
+        row_ok = (oh <= oh_hi) & (rh >= 0) & (rh - kh * dil_h == 0)
         for j in range(NW):
             ow = ow_lo + j
             rw = tw - ow * stride_w
             kw = rw // dil_w
-            ok = row_ok & (ow <= ow_hi) & (rw >= 0) & (rw - kw * dil_w == 0)
+            ok = mask & row_ok & (ow <= ow_hi) & (rw >= 0) & (rw - kw * dil_w == 0)
             tap = tl.load(off_base + oh * soh + ow * sow, mask=ok, other=-1).to(tl.int32)
             hit = ok & (tap == (kh * KW + kw).to(tl.int32))
-            g = tl.load(dy_base + oh * sdyh + ow * sdyw, mask=hit, other=0.0).to(ACC_TYPE)
-            acc += g
+            acc += tl.load(dy_base + oh * sdh + ow * sdw, mask=hit, other=0.0).to(ACC)
+    return acc
+
+
+@triton.jit
+def _max_pool2d_bwd_kernel(
+    dy_ptr, off_ptr, dx_ptr,
+    TOTAL, C, H, W, OH, OW, KH, KW, NH, NW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sdyn, sdyc, sdyh, sdyw,
+    son, soc, soh, sow,
+    CHANNELS_LAST: tl.constexpr, ACC_TYPE: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Gather: dx[n, c, h, w] = the sum of dy[n, c, oh, ow] over the windows whose argmax tap is (h, w)
+    (window_grad_sum). Each dx element is written exactly once: deterministic, no atomics, zeros included."""
+    pid = tl.program_id(0)
+    if IDX64:
+        pid = pid.to(tl.int64)
+    flat = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = flat < TOTAL
+    n, c, h, w = _split_flat(flat, C, H, W, CHANNELS_LAST)
+    acc = window_grad_sum(dy_ptr, off_ptr, n, c, h, w, mask, OH, OW, KH, KW, NH, NW, stride_h, stride_w, pad_h,
+                          pad_w, dil_h, dil_w, sdyn, sdyc, sdyh, sdyw, son, soc, soh, sow, ACC_TYPE)
     tl.store(dx_ptr + flat, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Python side
 # ----------------------------------------------------------------------------------------------------------
-
-def pool_output_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
-    """ATen pooling_output_shape (symmetric padding)."""
-    num = size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)
-    out = num // s + 1  # Python // is floor division, like ATen's div_rtn
-    if ceil_mode and (out - 1) * s >= size + p:
-        out -= 1  # the last window must start inside the input or the left padding
-    return out
-
-
-
 
 def _check_args(shape, kernel_size, stride, padding, dilation) -> None:
     kh, kw = kernel_size
@@ -224,6 +232,11 @@ def _output_hw(shape, kernel_size, stride, padding, dilation, ceil_mode) -> tupl
             "Output size is too small"
         )
     return OH, OW
+
+
+def candidate_windows(kernel_size, stride, dilation) -> tuple[int, int]:
+    """(NH, NW) of window_grad_sum: the most windows one input position can belong to, per dimension."""
+    return ((kernel_size[0] - 1) * dilation[0] // stride[0] + 1, (kernel_size[1] - 1) * dilation[1] // stride[1] + 1)
 
 
 def gpu_launch(idx64: bool, dtype: torch.dtype) -> tuple[int, int]:
@@ -319,8 +332,7 @@ def max_pool2d_backward(
     if total == 0:
         return dx
     KH, KW = kernel_size
-    NH = (KH - 1) * dilation[0] // stride[0] + 1
-    NW = (KW - 1) * dilation[1] // stride[1] + 1
+    NH, NW = candidate_windows(kernel_size, stride, dilation)
     idx64 = force_int64 or needs_int64(grad_out, offsets, dx)
     block, meta = _launch_meta(idx64, grad_out.dtype)
     run(_max_pool2d_bwd_kernel, (cdiv(total, block),),
