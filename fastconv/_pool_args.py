@@ -5,6 +5,8 @@ from typing import Sequence
 
 import torch
 
+from ._args import memory_format_of
+
 
 def offsets_dtype(kernel_size: Sequence[int]) -> torch.dtype:
     """The argmax offsets' dtype: the narrowest signed integer dtype holding every tap kh*KW + kw."""
@@ -53,8 +55,6 @@ class _DenseChannelsLast:
 def pooled_memory_format(z: torch.Tensor) -> torch.memory_format:
     """The layout of max_pool2d(y) for y = batch_norm_act(z) (fastconv.ops.batch_norm_act_pool): y is dense in
     memory_format_of(z), and the pool's output takes y's suggested memory format."""
-    from ._args import memory_format_of
-
     fmt = memory_format_of(z)
     return suggest_memory_format(_DenseChannelsLast(z.shape)) if fmt == torch.channels_last else fmt
 

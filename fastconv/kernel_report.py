@@ -119,7 +119,8 @@ _PROLOGUE_VARIANTS = {"prologue_relu": dict(PROLOGUE=True, IN_ACT=1), "prologue_
 _FP32_STATS = dict(cnt_ptr="fp32", mean_ptr="fp32", m2_ptr="fp32")
 _FP32_PROLOGUE = dict(in_scale_ptr="fp32", in_shift_ptr="fp32")
 _BN_TYPES = dict(mean_ptr="fp32", var_ptr="fp32", w_ptr="fp32", b_ptr="fp32", sum_g_ptr="fp32", sum_gx_ptr="fp32")
-_BN_BASE = dict(HAS_AFFINE=True, HAS_RES=False, ACT=1, POOL=False)
+_BN_FWD_BASE = dict(HAS_AFFINE=True, HAS_RES=False, ACT=1)
+_BN_BASE = dict(_BN_FWD_BASE, POOL=False)  # the backward passes also read a max-pooled block's gradient (POOL)
 # the reduce pass with split partials added up by each channel block's last program (LAST_SUMS)
 _BN_REDUCE_BASE = dict(_BN_BASE, LAST_SUMS=True, BLOCK_T=64)
 _BN_RES_SILU = dict(HAS_RES=True, ACT=3)
@@ -215,7 +216,7 @@ CASES = {
                   "final_fold_no_affine": dict(FINAL=True, FOLD=True)},
         types=dict(run_mean_ptr="bf16", run_var_ptr="bf16", gamma_ptr="bf16", beta_ptr="bf16", count_ptr="i64"),
         dtypes=("fp32",)),  # fp32 statistics whatever the model's dtype
-    "_batch_norm_act_fwd_kernel": dict(tiles=_bn_tiles, base=_BN_BASE, args=_BN, types=_BN_TYPES,
+    "_batch_norm_act_fwd_kernel": dict(tiles=_bn_tiles, base=_BN_FWD_BASE, args=_BN, types=_BN_TYPES,
                                        variants={"res_silu": _BN_RES_SILU}),
     "_batch_norm_act_bwd_reduce_kernel": dict(tiles=_bn_tiles, base=_BN_REDUCE_BASE, args=dict(_BN, SPLITS=33),
                                               types=dict(_BN_POOL_TYPES, total_g_ptr="fp32", total_gx_ptr="fp32",
@@ -403,6 +404,10 @@ def _kernel_jobs(module, name, fn, arches, quick, skipped, all_variants=False, v
                     maxnreg = pin(family, kind, arch, tile, prologue)
                 config = f"{_label(constexprs, warps, stages, maxnreg)} {flag}".strip()
                 missing = [c for c in consts if c not in constexprs]
+                unknown = [c for c in constexprs if c not in fn.arg_names]
+                if unknown:  # Triton 3.6 rejects these at compile time, later versions ignore them: fail everywhere
+                    raise ValueError(f"kernel_report.CASES[{name!r}] {config}: {','.join(unknown)} not parameters "
+                                     f"of {name}")
                 if missing:
                     skipped.append(_row(name, config, dtype, arch, gemm=gemm,
                                         note=f"skipped: no value for constexpr {','.join(missing)}; "

@@ -10,9 +10,9 @@
 #   3. `import fastconv`, `python -m fastconv.info`
 #   4. pytest: the extension (build info, sm_90 cubin, opcheck of the ext ops), the C++ CPU backend and the
 #      Triton kernels under the interpreter (conv2d, conv+BN, max-pool), the quick kernel report for sm_80/sm_90
-#      (compiles, tensor cores, no spills), the tile sweep's interpreter test, and gpu_check.sh's no-GPU dry run
-#      with this Python. (The whole suite passes on this stack too -- 18 files, about 12 min on one core --
-#      but CI's time budget keeps this selection.)
+#      (compiles, tensor cores, no spills), the tile sweep's interpreter test, gpu_check.sh's no-GPU dry run
+#      with this Python, and the opchecks of the custom ops. (CI's time budget keeps this selection; the whole
+#      suite is `FASTCONV_OLDEST_TESTS=tests`.)
 # Leg 2, the oldest Python: the same torch / torchvision / triton on Python 3.10 (FASTCONV_OLDEST_VENV310,
 # default .venv-oldest310; installed while leg 1 builds), without the extension: import, info, and the
 # Python-level tests (backends, modules, bench harness, the named conv cases on the Triton interpreter).
@@ -105,13 +105,22 @@ export PYTHONPATH=$WORK
 if [[ -n "${FASTCONV_OLDEST_TESTS:-}" ]]; then
     read -r -a SELECTION <<<"$FASTCONV_OLDEST_TESTS"
 else
-    SELECTION=(tests/test_ext_build.py tests/test_backend.py tests/test_conv2d.py tests/test_conv_bn_act.py
-               tests/test_max_pool2d.py tests/test_triton_max_pool2d.py tests/test_kernel_report.py
-               tests/test_tile_sweep.py tests/test_gpu_check.py)
+    # what differs between stacks: the extension against torch 2.11's headers, the ops' registration (opcheck,
+    # mutable arguments), Triton 3.6's compiler (kernel report, sweep) and interpreter (a representative set of
+    # numerics per kernel family), the GPU check's dry run; the whole suite is the README path's
+    SELECTION=(tests/test_ext_build.py tests/test_backend.py tests/test_kernel_report.py tests/test_tile_sweep.py
+               tests/test_gpu_check.py tests/test_max_pool2d.py tests/test_triton_max_pool2d.py
+               tests/test_conv2d.py::test_named_configs tests/test_conv2d.py::test_opcheck
+               tests/test_conv2d.py::test_int64_indexing_path tests/test_conv2d.py::test_gradcheck_fused
+               tests/test_conv_bn_act.py::test_train_mode_matches_sequential tests/test_conv_bn_act.py::test_opcheck
+               tests/test_conv_bn_act.py::test_running_statistics_direct_op_calls
+               tests/test_conv_bn_act.py::test_ext_batch_norm_ops_match_float64
+               tests/test_batch_norm_act_pool.py::test_opcheck tests/test_prologue.py::test_opcheck)
 fi
 start=$(date +%s)
 rc=0
-"$PY" -m pytest -p no:cacheprovider -p no:xdist -q -rs "${SELECTION[@]}" || rc=$?
+# -m "slow or not slow": the slow tier too (the GPU check's dry runs)
+"$PY" -m pytest -p no:cacheprovider -p no:xdist -q -rs -m "slow or not slow" "${SELECTION[@]}" || rc=$?
 step "pytest (${SELECTION[*]}) exit $rc in $(( $(date +%s) - start )) s"
 if [[ $rc -ne 0 ]]; then step "FAILED (leg 1)"; exit 1; fi
 step "leg 1 OK: Python $("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])') / torch 2.11.0 / triton 3.6.0 builds, imports and passes"

@@ -218,7 +218,7 @@ flush
 wait_build
 if [[ $HAVE_GPU == 1 ]]; then
     run_step tests 100 "tests.xml" "FASTCONV_AUTOTUNE=0 '$PY' -m pytest -n ${GPU_CHECK_TEST_WORKERS:-8} -p no:cacheprovider \
-        -q -rfEs --durations=25 --junitxml='$LOGS/tests.xml' \
+        -q -rfEs --durations=25 -m \"slow or not slow\" --junitxml='$LOGS/tests.xml' \
         --ignore=tests/test_kernel_report.py --ignore=tests/test_cuda_report.py --ignore=tests/test_tile_sweep.py \
         --ignore=tests/test_gpu_check.py --ignore=tests/test_bench.py --deselect tests/test_triton_max_pool2d.py::test_kernels_compile_for_sm80"
 else

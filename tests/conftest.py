@@ -16,6 +16,28 @@ import pytest  # noqa: E402
 from .backends import KERNEL_BACKENDS, skip_unless_runnable, tensor_device  # noqa: E402
 
 
+def _set_interpreter_overflow_checks(on: bool) -> None:
+    """Triton's interpreter recomputes every int32 add/sub/mul in int64 for an overflow check (sanitize_overflow,
+    on by default), but asserts the result only with debug=True, which is off by default: half of its run time went
+    to checks that could never fail. Here the tests marked `sanitize_overflow` (IDX64 paths, max-pool geometries) run
+    with both on, so an int32 overflow in the kernels' index arithmetic fails them; the rest run with both off."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import dataclasses
+
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    if builder.options.sanitize_overflow != on or builder.options.debug != on:
+        builder.options = dataclasses.replace(builder.options, sanitize_overflow=on, debug=on)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_overflow_checks(request):
+    _set_interpreter_overflow_checks(request.node.get_closest_marker("sanitize_overflow") is not None)
+    yield
+
+
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     """Where the Triton kernels under test run: the GPU when there is one, else the CPU interpreter."""

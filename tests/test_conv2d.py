@@ -458,6 +458,7 @@ def test_tf32_numerics_gpu(triton_device):
     assert (got.double() - expected).abs().max() / expected.abs().max() < 5e-3
 
 
+@pytest.mark.sanitize_overflow
 @pytest.mark.parametrize("kernel", ["fwd", "im2col", "fwd-fused", "im2col-fused", "dgrad", "wgrad"])
 def test_int64_indexing_path(kernel, triton_device):
     """The int64 index path (taken automatically past 2**31 elements) computes the same result; the fused
@@ -502,6 +503,7 @@ def _tile_rows_probe(out_ptr, first, M, OH, OW, BLOCK: tl.constexpr):
     tl.store(out_ptr + lane * 4 + 3, ow, mask=valid)
 
 
+@pytest.mark.sanitize_overflow
 def test_tile_rows_at_the_int32_limit(triton_device):
     """On the IDX64 path the last tile of an int32 M just below 2**31 has lanes past 2**31 - 1: tile_rows
     clamps them (invalid, never wrapping to negative rows that `rows < M` would let through) and

@@ -614,3 +614,30 @@ def test_ext_batch_norm_errors(ext_backend):
         ops.ext_batch_norm_stats(z.to(torch.int32))
     with pytest.raises(RuntimeError, match=r"\[T, C\] tensors of one shape"):
         ops.ext_batch_norm_finalize(mean.view(1, 3), mean.view(1, 3), var, None)
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+def test_nan_propagates_like_pytorch(activation, kernel_backend, kdevice):
+    """A NaN in the input stays NaN through the fused ReLU / ReLU6 (torch.relu keeps NaN; a plain max(u, 0) on the
+    GPU would turn it into 0), and the backward passes the gradient through a NaN as PyTorch's threshold / hardtanh
+    backward do. Eval mode: the folded one-conv path, where only the NaN's windows are NaN."""
+    gen = generator(f"nan-{activation}")
+    ref, ours = _pair(3, 5, 3, activation, torch.float64, kdevice, gen, padding=1)
+    ref.eval(), ours.eval()
+    x = randn((2, 3, 6, 7), torch.float64, kdevice, gen)
+    x[1, 2, 3, 4] = float("nan")
+    x_ref, x_our = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, y = ref(x_ref), ours(x_our)
+    assert torch.equal(y.isnan(), y_ref.isnan()) and y_ref.isnan().any()
+    assert_close(y.nan_to_num(), y_ref.nan_to_num(), torch.float64, "output off the NaN's windows")
+    if activation == "relu":  # PyTorch's own relu6 (hardtanh) backward at NaN is 1 in its scalar and CUDA loops,
+        # 0 in its vectorised CPU loop (tensors of 64+ elements); fastconv passes the gradient, as the former do
+        grad = randn(y_ref.shape, torch.float64, kdevice, gen)
+        y_ref.backward(grad)
+        y.backward(grad)
+        # the gradient flows through the NaN outputs, so grad_input is finite off the NaN pixel itself
+        assert torch.equal(x_our.grad.isnan(), x_ref.grad.isnan())
+        assert_close(x_our.grad.nan_to_num(), x_ref.grad.nan_to_num(), torch.float64, "grad_input")
+
+    ours.train(), ref.train()  # training: the NaN reaches every batch statistic, so every output is NaN
+    assert ours(x.clone()).isnan().all() and ref(x.clone()).isnan().all()

@@ -181,3 +181,19 @@ def test_tuned_kernel_autotunes_fused_launches_over_fitting_tiles(monkeypatch):
     fused = len(configs.tiles("conv2d_fwd", "sm_90", "half", fused=True))
     assert fused < plain
     assert counts == [plain, fused, 0]  # the third launch reuses the first's tuned tile
+
+
+def test_full_report_plan_names_only_kernel_parameters():
+    """Every constexpr the full report (all variants) would pass is a parameter of its kernel: Triton 3.6 rejects an
+    unknown one at compile time ("'POOL' is not in list"), later versions ignore it, so a stale CASES entry would only
+    show on the oldest stack. Planning compiles nothing, so this runs in a second."""
+    code = ("import json; from fastconv.kernel_report import _plan; "
+            f"jobs, rows = _plan({list(ARCHES)!r}, quick=False, all_variants=True); "
+            "print(json.dumps([len(jobs), [r['note'] for r in rows]]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # JITFunctions, not interpreted ones
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n_jobs, notes = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert n_jobs > 1000 and not notes, notes

@@ -392,3 +392,34 @@ def test_launch_plan_cli_json(capsys):
         assert out[side]["bytes"] > 0 and out[side]["launches"] > 0
     assert out["fastconv"]["max_serial_loop"] <= 1024
     assert all(r["programs"] >= 1 for r in out["fastconv"]["rows"])
+
+
+def _int32_overflow_launch():
+    """A kernel that multiplies an int32 2**30 by 4: wraps on a GPU, an assertion in the checked interpreter."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def times_four(ptr):
+        tl.store(ptr, tl.load(ptr) * 4)
+
+    x = torch.full((1,), 2**30, dtype=torch.int32)
+    times_four[(1,)](x)
+    return x
+
+
+@pytest.mark.sanitize_overflow
+def test_interpreter_checks_int32_overflow_where_marked():
+    """conftest runs the tests marked sanitize_overflow (the IDX64 tests, the max-pool geometries) with the
+    interpreter's int32 overflow checks really asserting (Triton's defaults compute them and never assert): there an
+    overflowing index computation fails."""
+    if not launch.interpreting():
+        pytest.skip("the overflow checks are the Triton interpreter's; a GPU kernel wraps silently")
+    with pytest.raises(Exception, match="overflow"):
+        _int32_overflow_launch()
+
+
+def test_interpreter_overflow_checks_off_elsewhere():
+    if not launch.interpreting():
+        pytest.skip("the overflow checks are the Triton interpreter's; a GPU kernel wraps silently")
+    assert int(_int32_overflow_launch()) == 0  # 2**32 wrapped to int32, as on a GPU

@@ -333,6 +333,7 @@ def test_prologue_tile_limits():
     assert configs.is_fused({"PROLOGUE": True}) and not configs.is_fused({"PROLOGUE": False})
 
 
+@pytest.mark.sanitize_overflow
 def test_int64_indexing(device):
     """The IDX64 path of both prologue kernels (forced; real sizes past 2**31 elements do not fit a test)."""
     cfg = _cfg(input=(2, 5, 7, 6), out_channels=6, stride=(2, 1), padding=(1, 0, 2, 1), groups=1, in_act="silu",

@@ -119,6 +119,7 @@ GEOMETRIES = {
 }
 
 
+@pytest.mark.sanitize_overflow  # the pool geometries keep the interpreter's int32 overflow checks
 @pytest.mark.parametrize("name", list(GEOMETRIES))
 def test_geometry(name):
     shape, k, s, p, d, ceil = GEOMETRIES[name]
@@ -285,6 +286,7 @@ def test_batch_sizes(shape):
     _check(x, k, s, p, (1, 1), True)
 
 
+@pytest.mark.sanitize_overflow
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_force_int64(layout):
     x = _rand((2, 3, 10, 9), 13)

@@ -315,9 +315,22 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, scale, shift, residual if keep_residual else None,
                           output if need_y else None)
     ctx.residual_given = residual is not None
-    from .conv_bn_act import mark_saved  # (conv_bn_act imports this module)
-
     mark_saved(x, residual if keep_residual else None)
+
+
+# Set on a tensor an op's autograd node has saved as it is (eager mode): a later consumer of the same tensor then
+# saves it too instead of rebuilding it from its Producer (ops.conv_bn_act.Producer; that would cost a pass and save
+# no memory). ResNet's projection shortcut reads the block input that conv1's op has saved already.
+SAVED_ATTR = "_fastconv_saved"
+
+
+def mark_saved(*tensors) -> None:
+    """Record that these tensors are kept for backward by the calling op's node (see SAVED_ATTR)."""
+    if torch.compiler.is_compiling():
+        return
+    for t in tensors:
+        if t is not None and not isinstance(t, torch._subclasses.FakeTensor):
+            setattr(t, SAVED_ATTR, True)
 
 
 def activation_grad(grad_y, activation, y=None, u=None):
@@ -326,10 +339,11 @@ def activation_grad(grad_y, activation, y=None, u=None):
     if activation == "identity":
         return grad_y
     v = y if y is not None else u
+    # written as PyTorch's threshold / hardtanh backward are: a NaN passes the gradient through
     if activation == "relu":
-        return grad_y * (v > 0)
+        return grad_y * ~(v <= 0)
     if activation == "relu6":
-        return grad_y * ((v > 0) & (v < 6))
+        return grad_y * ~((v <= 0) | (v >= 6))
     if activation == "silu":
         s = torch.sigmoid(u)
         return grad_y * (s * (1 + u * (1 - s)))

@@ -35,6 +35,8 @@ from .. import _backend, _ext
 from .._args import accumulation_dtype, memory_format_of
 from . import conv2d as conv_ops
 from .conv2d import (
+    SAVED_ATTR,
+    mark_saved,
     _check_choice,
     _fake_alloc,
     _new_output,
@@ -368,10 +370,6 @@ class Producer:
 
 
 PRODUCER_ATTR = "_fastconv_producer"
-# Set on a tensor an op's autograd node has saved as it is (eager mode): a later consumer of the same tensor then
-# saves it too instead of rebuilding it from its Producer (which would cost a pass and save no memory). ResNet's
-# projection shortcut reads the block input that conv1's op has saved already.
-SAVED_ATTR = "_fastconv_saved"
 
 
 def _producer_of(x: torch.Tensor):
@@ -379,15 +377,6 @@ def _producer_of(x: torch.Tensor):
     if rec is None or rec.version != x._version or getattr(x, SAVED_ATTR, False):
         return None
     return rec
-
-
-def mark_saved(*tensors) -> None:
-    """Record that these tensors are kept for backward by the calling op's node (see SAVED_ATTR)."""
-    if torch.compiler.is_compiling():
-        return
-    for t in tensors:
-        if t is not None and not isinstance(t, torch._subclasses.FakeTensor):
-            setattr(t, SAVED_ATTR, True)
 
 
 def _setup_context(ctx, inputs, output):

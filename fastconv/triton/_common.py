@@ -101,7 +101,8 @@ def ticket_counters(device: torch.device, n: int) -> torch.Tensor:
     split-K wgrad's reductions) on `device` and its current stream. They are zero between launches: every launch's
     last program per counter resets it. One set per (device, stream): launches on one stream run in order, so they
     never use the counters at the same time."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    # the raw stream handle (what Inductor's launchers read): no torch.cuda.Stream object per launch
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
     key = (device, stream)
     counters = _TICKETS.get(key)
     if counters is None or counters.numel() < n:

@@ -18,10 +18,11 @@ from ._common import channels_strided
 
 @triton.jit
 def activation(x, ACT: tl.constexpr):
+    # NaN stays NaN, as in torch.relu / relu6 (Triton's min/max drop NaNs unless told)
     if ACT == 1:
-        x = tl.maximum(x, 0.0)
+        x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 2:
-        x = tl.minimum(tl.maximum(x, 0.0), 6.0)
+        x = tl.minimum(tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL), 6.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 3:
         x = x / (1.0 + tl.exp(-x))
     elif ACT == 4:
@@ -32,10 +33,11 @@ def activation(x, ACT: tl.constexpr):
 @triton.jit
 def activation_grad(u, ACT: tl.constexpr):
     """d act(u) / du, evaluated at the pre-activation u."""
+    # the masks are written as PyTorch's threshold / hardtanh backward are: a NaN passes the gradient through
     if ACT == 1:
-        d = tl.where(u > 0, 1.0, 0.0)
+        d = tl.where(u <= 0, 0.0, 1.0)
     elif ACT == 2:
-        d = tl.where((u > 0) & (u < 6), 1.0, 0.0)
+        d = tl.where((u <= 0) | (u >= 6), 0.0, 1.0)
     elif ACT == 3:
         s = 1.0 / (1.0 + tl.exp(-u))
         d = s * (1.0 + u * (1.0 - s))

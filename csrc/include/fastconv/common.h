@@ -30,10 +30,11 @@ FASTCONV_HD inline T max_of(T a, T b) { return a < b ? b : a; }
 template <typename T>
 FASTCONV_HD inline T apply_act(T u, Act act) {
   switch (act) {
+    // NaN stays NaN, as in torch.relu / relu6 (every comparison with NaN is false)
     case Act::relu:
-      return u > T(0) ? u : T(0);
+      return u < T(0) ? T(0) : u;
     case Act::relu6:
-      return min_of(max_of(u, T(0)), T(6));
+      return u < T(0) ? T(0) : (u > T(6) ? T(6) : u);
     case Act::silu:
       return u / (T(1) + exp(-u));
     case Act::hardswish:
@@ -48,10 +49,11 @@ FASTCONV_HD inline T apply_act(T u, Act act) {
 template <typename T>
 FASTCONV_HD inline T act_grad(T u, Act act) {
   switch (act) {
+    // as PyTorch's threshold / hardtanh backward: a NaN passes the gradient through
     case Act::relu:
-      return u > T(0) ? T(1) : T(0);
+      return u <= T(0) ? T(0) : T(1);
     case Act::relu6:
-      return (u > T(0) && u < T(6)) ? T(1) : T(0);
+      return (u <= T(0) || u >= T(6)) ? T(0) : T(1);
     case Act::silu: {
       T s = T(1) / (T(1) + exp(-u));
       return s * (T(1) + u * (T(1) - s));
