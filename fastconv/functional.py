@@ -154,8 +154,8 @@ def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_v
     if use_batch_stats:
         per_channel = input.shape[0] * out_hw[0] * out_hw[1]
         if training and per_channel <= 1:
-            size = torch.Size([input.shape[0], weight.shape[0], *out_hw])
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+            _one_value_per_channel(input.shape[0], weight.shape[0], out_hw, running_mean, running_var, momentum,
+                                   num_batches_tracked)
         # With running statistics the op also updates them in place (on Triton in the statistics finalize's
         # last pass); a tensor momentum is read on the device.
         running = (_running_args(running_mean, running_var, momentum, num_batches_tracked) if training
@@ -208,8 +208,8 @@ def conv_bn_stats(input, weight, bias, bn_weight, bn_bias, running_mean, running
     stride, padding, dilation, out_hw = geometry
     per_channel = x.shape[0] * out_hw[0] * out_hw[1]
     if per_channel <= 1:
-        size = torch.Size([x.shape[0], weight.shape[0], *out_hw])
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+        _one_value_per_channel(x.shape[0], weight.shape[0], out_hw, running_mean, running_var, momentum,
+                               num_batches_tracked)
     prologue = ((prev.mean, prev.var, prev.bn_weight, prev.bn_bias, float(prev.eps), prev.activation)
                 if prev is not None else (None, None, None, None, 0.0, "identity"))
     *running, count = _running_args(running_mean, running_var, momentum, num_batches_tracked)
@@ -217,6 +217,16 @@ def conv_bn_stats(input, weight, bias, bn_weight, bn_bias, running_mean, running
         x, weight, bias, *prologue, stride, padding, dilation, groups, algo, name, *running, bn_weight, bn_bias,
         float(eps), *((prev.scale, prev.shift) if prev is not None else (None, None)), count)
     return PendingBlock(z, mean, var, bn_weight, bn_bias, float(eps), activation, scale, shift)
+
+
+def _one_value_per_channel(batch, channels, out_hw, running_mean, running_var, momentum, num_batches_tracked):
+    """Raise F.batch_norm's training error for one value per channel, leaving num_batches_tracked as nn.BatchNorm2d
+    does: it counts the batch before F.batch_norm raises (with a tensor momentum fastconv's caller has counted)."""
+    if (running_mean is not None and running_var is not None and num_batches_tracked is not None
+            and not isinstance(momentum, torch.Tensor)):
+        num_batches_tracked.add_(1)
+    size = torch.Size([batch, channels, *out_hw])
+    raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
 def _running_args(running_mean, running_var, momentum, num_batches_tracked=None):

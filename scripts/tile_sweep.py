@@ -202,8 +202,11 @@ class Problems:
                 xx, ww, bb, gg, be = args
                 yy, _z, mm, vv = torch.ops.fastconv.conv_bn_act_train(
                     xx, ww, bb, gg, be, None, geo["stride"], geo["padding"], geo["dilation"], 1, 1e-5, "relu",
-                    "implicit", "triton",  # running buffers passed: torch 2.11 cannot omit mutable arguments
-                    torch.zeros(ww.shape[0], device=xx.device), torch.ones(ww.shape[0], device=xx.device), 0.1, None)
+                    # every mutable argument passed (running buffers, num_batches_tracked): torch 2.11's
+                    # ADInplaceOrView kernel cannot take omitted or None ones
+                    "implicit", "triton",
+                    torch.zeros(ww.shape[0], device=xx.device), torch.ones(ww.shape[0], device=xx.device), 0.1, None,
+                    torch.zeros((), dtype=torch.long, device=xx.device))
                 return [yy, mm, vv]
 
             return run, [y, mean, var]

@@ -16,6 +16,54 @@ import pytest  # noqa: E402
 from .backends import KERNEL_BACKENDS, skip_unless_runnable, tensor_device  # noqa: E402
 
 
+# The slow tier (deselected by default through pyproject's addopts; `pytest -m slow` runs it, the GPU check runs it
+# on the GPU): parametrizations whose path a cheaper sibling in the default tier already covers, kept for breadth.
+# Each entry is a node-id prefix. The default tier keeps, per test: every dtype/activation/geometry family at least
+# once on the interpreter, every op's opcheck and gradcheck, every compile smoke test of the fastconv op kinds.
+SLOW_TIER = (
+    # torch.compile(fullgraph) training: cifar10_cnn, simple_cnn_bn (and the converted torchvision resnet18) stay
+    "tests/test_compile.py::test_models_compile_fullgraph_training[neuralnet]",
+    "tests/test_compile.py::test_models_compile_fullgraph_training[simple_cnn]",
+    "tests/test_compile.py::test_models_compile_fullgraph_training[resnet]",
+    "tests/test_compile.py::test_models_compile_fullgraph_training[alexnet]",
+    "tests/test_compile.py::test_models_compile_fullgraph_training[lenet5]",
+    "tests/test_compile.py::test_models_compile_fullgraph_training[vgg16]",
+    "tests/test_compile.py::test_converted_torchvision_compiles_fullgraph[mobilenet_v2]",
+    # one drop-in model per layout stays (NCHW implicit, channels_last im2col)
+    "tests/test_modules.py::test_drop_in_model_forward_backward[False-im2col]",
+    "tests/test_modules.py::test_drop_in_model_forward_backward[True-implicit]",
+    # whole torchvision models in float64: resnet18, alexnet, googlenet, squeezenet and the *_head cases stay
+    "tests/test_convert.py::test_structure_and_checkpoints[vgg11_bn]",
+    "tests/test_convert.py::test_eval_matches_original[mobilenet_v2_head]",
+    "tests/test_convert.py::test_train_step_matches_original[alexnet_like]",
+    "tests/test_convert.py::test_train_step_matches_original[mobilenet_v2]",
+    "tests/test_convert.py::test_train_step_matches_original[vgg11_bn]",
+    "tests/test_convert.py::test_train_step_matches_original[mobilenet_v3_small]",
+    # fused block vs nn.Sequential on Triton: each activation once, each algo three times (the C++ twins run all)
+    "tests/test_conv_bn_act.py::test_train_mode_matches_sequential[triton-hardswish-im2col]",
+    "tests/test_conv_bn_act.py::test_train_mode_matches_sequential[triton-identity-implicit]",
+    "tests/test_conv_bn_act.py::test_train_mode_matches_sequential[triton-relu-im2col]",
+    "tests/test_conv_bn_act.py::test_train_mode_matches_sequential[triton-relu6-implicit]",
+    "tests/test_conv_bn_act.py::test_train_mode_matches_sequential[triton-silu-implicit]",
+    # the wgrad epilogue: every geometry x split count in fp32 (dtype0); fp16 / bf16 on the default split count
+    *(f"tests/test_fewer_launches.py::test_wgrad_epilogue_matches_float64[geo{g}-{s}-dtype{d}]"
+      for g in (0, 1) for s in (1, 3) for d in (1, 2)),
+    "tests/test_launch.py::test_finalize_tree_matches_float64[70000]",  # 5000 rows already take three tree levels
+    "tests/test_prologue.py::test_gradcheck[silu-hardswish]",
+    "tests/test_batch_norm_act_pool.py::test_fused_sequential_pools_pending_blocks[nchw]",
+    # the whole tiny benchmark set through `pytest bench --benchmark` (the oldest stack's Python 3.10 leg runs it)
+    "tests/test_bench.py::test_benchmark_flag_runs_tiny_set_and_writes_results",
+    # random geometries: five per algo on Triton (the named configs cover the edge cases)
+    *(f"tests/test_conv2d.py::test_random_configs[triton-{a}-{i}]" for a in ("implicit", "im2col") for i in range(5, 10)),
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.startswith(SLOW_TIER):
+            item.add_marker(pytest.mark.slow)
+
+
 def _set_interpreter_overflow_checks(on: bool) -> None:
     """Triton's interpreter recomputes every int32 add/sub/mul in int64 for an overflow check (sanitize_overflow,
     on by default), but asserts the result only with debug=True, which is off by default: half of its run time went

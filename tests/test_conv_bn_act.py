@@ -11,7 +11,7 @@ from torch import nn
 import fastconv
 import fastconv.ops.conv2d as conv_ops
 import fastconv.triton.conv2d as tconv
-from fastconv.functional import conv_bn_act
+from fastconv.functional import conv_bn_act, conv_bn_stats
 
 from .backends import EXT_BACKENDS, skip_unless_runnable
 from .helpers import assert_close, generator, nan_alloc, nan_workspace, randn
@@ -291,6 +291,13 @@ def test_one_value_per_channel_raises_like_batchnorm(kdevice):
     with pytest.raises(ValueError) as mine:
         ours.to(kdevice)(x)
     assert str(mine.value) == str(theirs.value)
+    # nn counts the batch before it raises; so does fastconv (the same state after the error), on both entry points
+    assert int(ours.bn.num_batches_tracked) == int(ref[1].num_batches_tracked) == 1
+    bn = ours.bn
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        conv_bn_stats(x, ours.conv.weight, ours.conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                      num_batches_tracked=bn.num_batches_tracked)
+    assert int(bn.num_batches_tracked) == 2
 
 
 def test_gradcheck(kdevice):
