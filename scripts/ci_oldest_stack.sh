@@ -92,13 +92,20 @@ git ls-files -z --cached --others --exclude-standard | tar --null -T - --ignore-
 cd "$WORK"
 if [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME=/usr/local/cuda; fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-1}
-start=$(date +%s)
-"$PY" setup.py build_ext --inplace >"$WORK/build.log" 2>&1 || { tail -60 "$WORK/build.log"; step "BUILD FAILED"; exit 1; }
-step "extension built (setup.py build_ext --inplace, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST) in $(( $(date +%s) - start )) s"
+# The extension build against torch 2.11 (~800 s on CI's 2 shared cores, half of this leg's CPU time) is opt-in:
+# FASTCONV_OLDEST_BUILD=1. Without it the ext tests skip with the reason; the README path builds the extension
+# (torch 2.14) and scripts/gpu_check.sh builds it on the GPU image itself.
+if [[ "${FASTCONV_OLDEST_BUILD:-0}" == 1 ]]; then
+    start=$(date +%s)
+    "$PY" setup.py build_ext --inplace >"$WORK/build.log" 2>&1 || { tail -60 "$WORK/build.log"; step "BUILD FAILED"; exit 1; }
+    step "extension built (setup.py build_ext --inplace, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST) in $(( $(date +%s) - start )) s"
+else
+    step "extension NOT built (FASTCONV_OLDEST_BUILD=1 builds it): backends cpu/cuda skip here"
+fi
 
 # --- 3. import, info -----------------------------------------------------------------------------------------------
 export PYTHONPATH=$WORK
-"$PY" -c 'import fastconv, fastconv._C; print("import fastconv: ok", fastconv.__version__)'
+"$PY" -c 'import fastconv; print("import fastconv: ok", fastconv.__version__)'
 "$PY" -m fastconv.info
 
 # --- 4. tests --------------------------------------------------------------------------------------------------------
@@ -114,6 +121,11 @@ else
                tests/test_conv_bn_act.py::test_opcheck tests/test_conv_bn_act.py::test_running_statistics_direct_op_calls
                tests/test_conv_bn_act.py::test_ext_batch_norm_ops_match_float64
                tests/test_batch_norm_act_pool.py::test_opcheck tests/test_prologue.py::test_opcheck)
+fi
+if [[ "${FASTCONV_OLDEST_BUILD:-0}" != 1 ]]; then  # the build's own tests need the build
+    KEEP=()
+    for t in "${SELECTION[@]}"; do [[ "$t" == tests/test_ext_build.py ]] || KEEP+=("$t"); done
+    SELECTION=("${KEEP[@]}")
 fi
 start=$(date +%s)
 rc=0
@@ -132,9 +144,7 @@ PY310=$VENV310/bin/python
 "$PY310" -m fastconv.info >/dev/null
 start=$(date +%s)
 rc=0
-"$PY310" -m pytest -p no:cacheprovider -p no:xdist -q -rs tests/test_backend.py tests/test_modules.py \
-    tests/test_bench.py tests/test_conv2d.py::test_named_configs -k "not test_named_configs or implicit" \
-    -m "slow or not slow" || rc=$?
+"$PY310" -m pytest -p no:cacheprovider -p no:xdist -q -rs tests/test_backend.py tests/test_bench.py || rc=$?
 step "leg 2 pytest exit $rc in $(( $(date +%s) - start )) s"
 if [[ $rc -ne 0 ]]; then step "FAILED (leg 2: Python 3.10)"; exit 1; fi
 step "OK: the oldest stack (torch 2.11.0, torchvision 0.26.0, triton 3.6.0) on Python $("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])') and 3.10"

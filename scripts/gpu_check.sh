@@ -175,7 +175,7 @@ PYEOF
 }
 export -f env_report
 export PY ROOT
-run_step env 30 "gpu_check/env.log" env_report
+run_step env 60 "gpu_check/env.log" env_report  # (imports torch twice: 30 s was too tight on a loaded 2-core CI box)
 flush
 
 # --- build (background; the tile sweep needs no extension) -----------------------------------------------------

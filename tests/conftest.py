@@ -21,14 +21,14 @@ from .backends import KERNEL_BACKENDS, skip_unless_runnable, tensor_device  # no
 # Each entry is a node-id prefix. The default tier keeps, per test: every dtype/activation/geometry family at least
 # once on the interpreter, every op's opcheck and gradcheck, every compile smoke test of the fastconv op kinds.
 SLOW_TIER = (
-    # torch.compile(fullgraph) training: cifar10_cnn, simple_cnn_bn (and the converted torchvision resnet18) stay
+    # torch.compile(fullgraph) training: cifar10_cnn and simple_cnn_bn stay
     "tests/test_compile.py::test_models_compile_fullgraph_training[neuralnet]",
     "tests/test_compile.py::test_models_compile_fullgraph_training[simple_cnn]",
     "tests/test_compile.py::test_models_compile_fullgraph_training[resnet]",
     "tests/test_compile.py::test_models_compile_fullgraph_training[alexnet]",
     "tests/test_compile.py::test_models_compile_fullgraph_training[lenet5]",
     "tests/test_compile.py::test_models_compile_fullgraph_training[vgg16]",
-    "tests/test_compile.py::test_converted_torchvision_compiles_fullgraph[mobilenet_v2]",
+    "tests/test_compile.py::test_converted_torchvision_compiles_fullgraph[",  # whole torchvision models
     # one drop-in model per layout stays (NCHW implicit, channels_last im2col)
     "tests/test_modules.py::test_drop_in_model_forward_backward[False-im2col]",
     "tests/test_modules.py::test_drop_in_model_forward_backward[True-implicit]",
@@ -51,8 +51,18 @@ SLOW_TIER = (
     "tests/test_launch.py::test_finalize_tree_matches_float64[70000]",  # 5000 rows already take three tree levels
     "tests/test_prologue.py::test_gradcheck[silu-hardswish]",
     "tests/test_batch_norm_act_pool.py::test_fused_sequential_pools_pending_blocks[nchw]",
-    # the whole tiny benchmark set through `pytest bench --benchmark` (the oldest stack's Python 3.10 leg runs it)
-    "tests/test_bench.py::test_benchmark_flag_runs_tiny_set_and_writes_results",
+    # the ahead-of-time Triton kernel report and the tile sweep's CPU test: CI's oldest-stack leg runs them on
+    # triton 3.6, the lent GPU image's compiler (register and spill counts differ between Triton versions)
+    "tests/test_kernel_report.py::",
+    "tests/test_tile_sweep.py::",
+    "tests/test_compile.py::test_cumulative_momentum_has_no_host_sync[triton]",  # [cpu] stays: the same tracing
+    "tests/test_convert.py::test_train_step_matches_original[alexnet]",
+    "tests/test_convert.py::test_train_step_matches_original[googlenet]",
+    "tests/test_convert.py::test_train_step_matches_original[squeezenet1_0]",
+    "tests/test_convert.py::test_structure_and_checkpoints[googlenet]",
+    # the named edge-case geometries run on the implicit GEMM (the im2col path shares their index math through
+    # its gather kernel, and runs five random geometries below)
+    "tests/test_conv2d.py::test_named_configs[triton-im2col-",
     # random geometries: five per algo on Triton (the named configs cover the edge cases)
     *(f"tests/test_conv2d.py::test_random_configs[triton-{a}-{i}]" for a in ("implicit", "im2col") for i in range(5, 10)),
 )

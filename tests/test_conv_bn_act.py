@@ -205,14 +205,6 @@ def test_running_statistics_same_on_every_backend(momentum):
         assert_close(rv, results["torch"][1], torch.float64, f"{backend} running_var")
 
 
-OLD_TORCH_MUTABLE = pytest.mark.skipif(
-    tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12),
-    reason="torch < 2.12's custom-op ADInplaceOrView kernel indexes mutable arguments the caller left out or "
-           "passed as None (IndexError / TypeError): a direct torch.ops call without running buffers fails there "
-           "(open defect, issue 18 notes)")
-
-
-@OLD_TORCH_MUTABLE
 def test_running_statistics_direct_op_calls(kernel_backend, kdevice):
     """torch.ops.fastconv.conv_bn_act_train itself: running buffers mutated in place (version counters bumped),
     untouched without them; its mean/var outputs are the batch statistics either way."""
@@ -333,7 +325,6 @@ def _poisoned_steps(kdevice, monkeypatch):
     _compare_steps(ref, ours, (2, 3, 9, 11), torch.float64, kdevice, gen, steps=1, residual=True)
 
 
-@OLD_TORCH_MUTABLE
 def test_statistics_robust_to_large_mean(kernel_backend, kdevice):
     """Chan-combined tile partials keep the variance exact where E[z^2] - E[z]^2 would cancel."""
     gen = generator("bn-large-mean")
@@ -351,7 +342,6 @@ def test_statistics_robust_to_large_mean(kernel_backend, kdevice):
     assert (var.double().cpu() - ref_var).abs().max() <= 1e-3 * ref_var.max(), (var, ref_var)
 
 
-@OLD_TORCH_MUTABLE
 def test_opcheck(kernel_backend, kdevice):
     from torch.library import opcheck
 

@@ -13,8 +13,8 @@
         when given, else the float momentum. Triton: in the statistics finalize's last pass; other backends:
         PyTorch ops. num_batches_tracked (int64, with the running statistics): with a float momentum 1 is added to
         it, nn.BatchNorm2d's counter (Triton: by that same pass, no launch of its own); with momentum_tensor the
-        caller has counted (the factor needs the new count) and it is left as it is. Callers pass it whenever they
-        pass the running statistics (torch < 2.12's ADInplaceOrView kernel fails on a mutable argument left None).
+        caller has counted (the factor needs the new count) and it is left as it is. Any mutable argument may be
+        omitted or None, on torch < 2.12 too (ops._mutable_ops).
     fastconv::batch_norm_act_backward(grad_y, z, mean, var, bn_weight?, bn_bias?, residual?, eps, activation,
                                       want_grad_residual, backend) -> (grad_z, sum_g, sum_gx, grad_residual)
         with g = grad_y * act'(u): grad_bn_bias = sum_g, grad_bn_weight = sum_gx (sum of g * xhat). Accumulated in
@@ -50,6 +50,7 @@ from .conv2d import (
 )
 from ._autocast import register_autocast
 from ._fastpath import FastOp
+from ._mutable_ops import lenient_inplace_view
 
 SUPPORTED_BACKENDS = ("triton", "cuda", "cpu", "torch")
 
@@ -449,6 +450,7 @@ def _register_autograd_of_mutating_op(op, backward, setup_context) -> None:
 
 
 _register_autograd_of_mutating_op(conv_bn_act_train, _backward, _setup_context)
+lenient_inplace_view(conv_bn_act_train)  # torch < 2.12: direct calls may omit the running statistics
 # see _fastpath; the eager path bumps the running statistics' version counters as the dispatcher does
 conv_bn_act_train_op = FastOp(conv_bn_act_train, _setup_context, _backward, mutated=(14, 15, 18))
 batch_norm_act_op = FastOp(batch_norm_act)
