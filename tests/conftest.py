@@ -48,7 +48,12 @@ SLOW_TIER = (
     # the wgrad epilogue: every geometry x split count in fp32 (dtype0); fp16 / bf16 on the default split count
     *(f"tests/test_fewer_launches.py::test_wgrad_epilogue_matches_float64[geo{g}-{s}-dtype{d}]"
       for g in (0, 1) for s in (1, 3) for d in (1, 2)),
-    "tests/test_launch.py::test_finalize_tree_matches_float64[70000]",  # 5000 rows already take three tree levels
+    "tests/test_launch.py::test_finalize_tree_matches_float64[70000]",
+    # every tile the autotuner may try on the training block: implicit with a float momentum stays (~65 s each)
+    "tests/test_launch.py::test_emulated_autotune_training_block[implicit-None]",
+    "tests/test_launch.py::test_emulated_autotune_training_block[im2col-0.1]",
+    "tests/test_convert.py::test_train_step_matches_original[mobilenet_v2_head]",
+    "tests/test_convert.py::test_train_step_matches_original[resnet18_head]",  # 5000 rows already take three tree levels
     "tests/test_prologue.py::test_gradcheck[silu-hardswish]",
     "tests/test_batch_norm_act_pool.py::test_fused_sequential_pools_pending_blocks[nchw]",
     # the ahead-of-time Triton kernel report and the tile sweep's CPU test: CI's oldest-stack leg runs them on
