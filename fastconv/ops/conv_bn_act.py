@@ -447,10 +447,10 @@ def _register_autograd_of_mutating_op(op, backward, setup_context) -> None:
                            "conv_bn_act_train's autograd needs updating for it")
     op._backward_fn = backward
     op._setup_context_fn = setup_context
+    lenient_inplace_view(op)  # torch < 2.12: direct calls may omit the running statistics
 
 
 _register_autograd_of_mutating_op(conv_bn_act_train, _backward, _setup_context)
-lenient_inplace_view(conv_bn_act_train)  # torch < 2.12: direct calls may omit the running statistics
 # see _fastpath; the eager path bumps the running statistics' version counters as the dispatcher does
 conv_bn_act_train_op = FastOp(conv_bn_act_train, _setup_context, _backward, mutated=(14, 15, 18))
 batch_norm_act_op = FastOp(batch_norm_act)

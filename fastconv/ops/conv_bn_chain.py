@@ -62,7 +62,6 @@ from .conv_bn_act import (
 )
 from ._autocast import register_autocast
 from ._fastpath import FastOp, impl_of
-from ._mutable_ops import lenient_inplace_view
 
 _NUM_INPUTS = 25  # conv_bn_stats_train's arguments
 
@@ -214,7 +213,6 @@ def _backward(ctx, grad_z, _grad_mean, _grad_var, _grad_scale, _grad_shift):
 
 
 _register_autograd_of_mutating_op(conv_bn_stats_train, _backward, _setup_context)
-lenient_inplace_view(conv_bn_stats_train)  # torch < 2.12: direct calls may omit the running statistics
 conv_bn_stats_train_op = FastOp(conv_bn_stats_train, _setup_context, _backward, mutated=(15, 16, 24))
 
 
