@@ -141,8 +141,11 @@ def _ext_op_modules():
 def _ext_ops_replaced(make):
     """Every fastconv.ops.*.ext_ops() returns make(the real torch.ops.fastconv) inside. The real ext_ops() still
     runs (loading check, fake-kernel registration check), so only the ext op calls themselves change."""
+    import fastconv.functional as FC
+
     mods = _ext_op_modules()
     saved = [m.ext_ops for m in mods]
+    FC._POOL_GEOMETRY.clear()  # its entries hold the max-pool kernel function each call signature resolved to
 
     def wrap(orig):
         def ext_ops():
@@ -156,6 +159,7 @@ def _ext_ops_replaced(make):
     finally:
         for m, orig in zip(mods, saved):
             m.ext_ops = orig
+        FC._POOL_GEOMETRY.clear()
 
 
 @contextlib.contextmanager

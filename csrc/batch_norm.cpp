@@ -30,8 +30,11 @@ std::vector<int64_t> batch_norm_plan(int64_t T, int64_t C) {
 TORCH_LIBRARY_FRAGMENT(fastconv, m) {
   // Per-[tile, channel] partials (count, mean, M2) of z: the layout the conv epilogue writes.
   m.def("ext_batch_norm_stats(Tensor z) -> (Tensor, Tensor, Tensor)");
-  // Chan combination of [T, C] partials, then + bias: (mean, biased var).
-  m.def("ext_batch_norm_finalize(Tensor count, Tensor mean, Tensor m2, Tensor? bias) -> (Tensor, Tensor)");
+  // Chan combination of [T, C] partials, then + bias: (mean, biased var). With running statistics, also
+  // F.batch_norm's training update of them from these `values` per channel (bn_update_running).
+  m.def("ext_batch_norm_finalize(Tensor count, Tensor mean, Tensor m2, Tensor? bias, "
+        "Tensor(a!)? running_mean=None, Tensor(b!)? running_var=None, float momentum=0.1, "
+        "Tensor? momentum_tensor=None, Tensor(c!)? num_batches_tracked=None, int values=0) -> (Tensor, Tensor)");
   // y = act((z - mean) / sqrt(var + eps) * weight + bias [+ residual]).
   m.def("ext_batch_norm_act(Tensor z, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, Tensor? residual, "
         "float eps, str activation) -> Tensor");

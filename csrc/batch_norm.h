@@ -91,6 +91,38 @@ inline void bn_check_partials(const char* op, const at::Tensor& cnt, const at::T
   TORCH_CHECK(mean.device() == cnt.device() && m2.device() == cnt.device(), op, ": partials on different devices");
 }
 
+// F.batch_norm's running-statistics update in training, after the finalize: running = lerp(running, batch
+// statistic, momentum) with the unbiased variance of `values` per channel, and num_batches_tracked += 1 when
+// given; a 0-dim momentum_tensor (momentum=None's 1 / num_batches_tracked, counted by the caller) replaces
+// `momentum`. ATen ops on the buffers (any float dtype, broadcastable to [C]): a few microseconds of C++
+// instead of the Python path's tensor ops.
+inline void bn_update_running(const char* op, const at::Tensor& mean, const at::Tensor& var, int64_t values,
+                              const c10::optional<at::Tensor>& running_mean,
+                              const c10::optional<at::Tensor>& running_var, double momentum,
+                              const c10::optional<at::Tensor>& momentum_tensor,
+                              const c10::optional<at::Tensor>& num_batches_tracked) {
+  const bool has_mean = running_mean.has_value() && running_mean->defined();
+  const bool has_var = running_var.has_value() && running_var->defined();
+  const bool has_count = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  TORCH_CHECK(has_mean == has_var, op, ": running_mean and running_var are given together or not at all");
+  TORCH_CHECK(!has_count || has_mean, op, ": num_batches_tracked is given with the running statistics");
+  if (!has_mean) return;
+  TORCH_CHECK(values >= 0, op, ": values must be >= 0, got ", values);
+  for (const at::Tensor* buf : {&*running_mean, &*running_var})
+    TORCH_CHECK(buf->device() == mean.device(), op, ": running statistics are on ", buf->device(),
+                " but the batch's are on ", mean.device());
+  if (has_count) num_batches_tracked->add_(1);
+  const double unbias = static_cast<double>(values) / static_cast<double>(values > 1 ? values - 1 : 1);
+  for (int i = 0; i < 2; ++i) {
+    const at::Tensor& buf = i == 0 ? *running_mean : *running_var;
+    const at::Tensor stat = (i == 0 ? mean : var.mul(unbias)).to(buf.scalar_type());
+    if (momentum_tensor.has_value() && momentum_tensor->defined())
+      buf.lerp_(stat, momentum_tensor->to(buf.device(), buf.scalar_type()));
+    else
+      buf.lerp_(stat, momentum);
+  }
+}
+
 // Outputs of ext_batch_norm_act_backward: dz and (if wanted, else empty) dres in z's memory format, and the
 // per-channel sums of g and g * xhat in the statistics dtype.
 struct BnBackwardOutputs {

@@ -1,15 +1,59 @@
-// Direct Python entry points of the ext ops: fastconv._C.ext_conv2d(...) etc. Each calls the registered
-// op through the C++ dispatcher (typed handle found once), so device dispatch, the profiler's records and
-// Python dispatch modes behave exactly as for torch.ops.fastconv.ext_*; what it skips is torch.ops'
-// generic Python argument parsing against the schema, about 4 µs per call (bench/bench_overhead.py).
-// fastconv's eager fast path calls these (fastconv/_ext.py); tracing and torch.compile only ever see the
-// Python custom ops around them.
-#include <torch/extension.h>
+// The extension module fastconv._C. Importing it loads this library, whose static initialisers register the
+// torch.ops.fastconv.ext_* ops (csrc/<op>.cpp schemas, csrc/cpu and csrc/cuda kernels); the module's functions
+// are their direct Python entry points: fastconv._C.ext_conv2d(...) etc. Each calls the registered op through
+// the C++ dispatcher (typed handle found once), so device dispatch, the profiler's records and Python dispatch
+// modes behave exactly as for torch.ops.fastconv.ext_*; what it skips is torch.ops' generic Python argument
+// parsing against the schema, about 4 µs per call (bench/bench_overhead.py). fastconv's eager fast path calls
+// these (fastconv/_ext.py); tracing and torch.compile only ever see the Python custom ops around them.
+//
+// The one translation unit with pybind11: it includes only the dispatcher and torch's pybind11 type casters,
+// not <torch/extension.h> (all of libtorch's C++ API), which doubled its compile time.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/utils/pybind.h>
+#include <torch/library.h>
 
+#include "fastconv/batch_norm.h"
 #include "fastconv/dry_run.h"
+#include "fastconv/epilogue.h"
 
 #include <string>
 #include <tuple>
+
+#ifdef FASTCONV_WITH_CUDA
+// Defined in csrc/cuda/build_info.cu (compiled by nvcc): the toolkit and the architectures it targeted.
+extern "C" const char* fastconv_cuda_build_info();
+#endif
+
+namespace {
+
+std::string build_info() {
+  std::string json = "{\"cuda\": ";
+#ifdef FASTCONV_WITH_CUDA
+  json += "true, ";
+  json += fastconv_cuda_build_info();  // "\"cuda_version\": ..., \"nvcc\": ..., \"archs\": [...]"
+#else
+  json += "false, \"cuda_version\": null, \"nvcc\": null, \"archs\": []";
+#endif
+#if defined(__clang__)
+  json += ", \"cxx\": \"clang " __clang_version__ "\"";
+#elif defined(__GNUC__)
+  json += ", \"cxx\": \"gcc " __VERSION__ "\"";
+#else
+  json += ", \"cxx\": \"unknown\"";
+#endif
+  // Constants the Python side needs for the ops' fake kernels (shapes of the statistics partials).
+  json += ", \"stats_rows\": " + std::to_string(fastconv::kStatsRows);
+  json += ", \"bn_tile_rows\": {\"cpu\": " + std::to_string(fastconv::kBnTileRowsCpu) +
+          ", \"cuda\": " + std::to_string(fastconv::kBnTileRowsCuda) + "}";
+  json += "}";
+  return json;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastconv, m) {
+  m.def("ext_build_info() -> str", &build_info);
+}
 
 namespace fastconv {
 namespace {
@@ -26,14 +70,16 @@ using Conv2dInputGradFn = void(const Tensor&, const Tensor&, Ints, Ints, Ints, i
 using Conv2dWeightGradFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, Ints, Ints, Ints, Ints,
                                                       int64_t, bool, bool);
 using BnStatsFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&);
-using BnFinalizeFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&);
+using BnFinalizeFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                                 const OptTensor&, const OptTensor&, double, const OptTensor&,
+                                                 const OptTensor&, int64_t);
 using BnActFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
                        const OptTensor&, double, c10::string_view);
 using BnActBackwardFn = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                    const Tensor&, const OptTensor&,
                                                                    const OptTensor&, const OptTensor&, double,
                                                                    c10::string_view, bool);
-using MaxPoolFn = std::tuple<Tensor, Tensor>(const Tensor&, Ints, Ints, Ints, Ints, bool);
+using MaxPoolFn = std::tuple<Tensor, Tensor>(const Tensor&, Ints, Ints, Ints, Ints, bool, bool);
 using MaxPoolInputGradFn = Tensor(const Tensor&, const Tensor&, Ints, Ints, Ints, Ints, Ints, bool, bool);
 
 // A function-local static per entry point: the op's typed handle, looked up on its first call (all ops are
@@ -43,7 +89,7 @@ using MaxPoolInputGradFn = Tensor(const Tensor&, const Tensor&, Ints, Ints, Ints
 
 }  // namespace
 
-void bind_ops(pybind11::module_& m) {
+static void bind_ops(pybind11::module_& m) {
   namespace py = pybind11;
   const auto release = py::call_guard<py::gil_scoped_release>();
   m.def("_set_dry_run", [](bool on) { dry_run_flag().store(on); },
@@ -86,11 +132,16 @@ void bind_ops(pybind11::module_& m) {
       release);
   m.def(
       "ext_batch_norm_finalize",
-      [](const Tensor& count, const Tensor& mean, const Tensor& m2, const OptTensor& bias) {
+      [](const Tensor& count, const Tensor& mean, const Tensor& m2, const OptTensor& bias,
+         const OptTensor& running_mean, const OptTensor& running_var, double momentum,
+         const OptTensor& momentum_tensor, const OptTensor& num_batches_tracked, int64_t values) {
         FASTCONV_HANDLE(BnFinalizeFn, "fastconv::ext_batch_norm_finalize");
-        return op.call(count, mean, m2, bias);
+        return op.call(count, mean, m2, bias, running_mean, running_var, momentum, momentum_tensor,
+                       num_batches_tracked, values);
       },
-      release);
+      py::arg("count"), py::arg("mean"), py::arg("m2"), py::arg("bias"), py::arg("running_mean") = py::none(),
+      py::arg("running_var") = py::none(), py::arg("momentum") = 0.1, py::arg("momentum_tensor") = py::none(),
+      py::arg("num_batches_tracked") = py::none(), py::arg("values") = 0, release);
   m.def(
       "ext_batch_norm_act",
       [](const Tensor& z, const Tensor& mean, const Tensor& var, const OptTensor& weight, const OptTensor& bias,
@@ -111,11 +162,12 @@ void bind_ops(pybind11::module_& m) {
   m.def(
       "ext_max_pool2d",
       [](const Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
-         std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode) {
+         std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool offsets) {
         FASTCONV_HANDLE(MaxPoolFn, "fastconv::ext_max_pool2d");
-        return op.call(input, kernel_size, stride, padding, dilation, ceil_mode);
+        return op.call(input, kernel_size, stride, padding, dilation, ceil_mode, offsets);
       },
-      release);
+      py::arg("input"), py::arg("kernel_size"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+      py::arg("ceil_mode"), py::arg("offsets") = true, release);
   m.def(
       "ext_max_pool2d_input_grad",
       [](const Tensor& grad_output, const Tensor& offsets, std::vector<int64_t> input_size,
@@ -129,3 +181,8 @@ void bind_ops(pybind11::module_& m) {
 }
 
 }  // namespace fastconv
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastconv C++/CUDA ops: torch.ops.fastconv.ext_* and their direct entry points";
+  fastconv::bind_ops(m);
+}

@@ -56,17 +56,20 @@ inline void pool_check_float(const char* op, const at::Tensor& t, const char* wh
               st);
 }
 
-// Forward: (shape, out, offsets) for `input`; out/offsets in input's suggested memory format.
+// Forward: (shape, out, offsets) for `input`; out/offsets in input's suggested memory format (offsets empty
+// without want_offsets).
 inline std::tuple<PoolShape, at::Tensor, at::Tensor> pool_forward_outputs(const char* op, const at::Tensor& input,
                                                                           at::IntArrayRef k, at::IntArrayRef s,
                                                                           at::IntArrayRef p, at::IntArrayRef d,
-                                                                          bool ceil_mode) {
+                                                                          bool ceil_mode, bool want_offsets) {
   TORCH_CHECK(input.dim() == 4, op, ": expects a 4-D [N, C, H, W] input, got shape ", input.sizes());
   const PoolGeometry g = pool_geometry(op, k, s, p, d);
   PoolShape sh = pool_shape(op, input.sizes(), g, ceil_mode, input.suggest_memory_format());
   auto opts = input.options().memory_format(sh.format);
   at::Tensor out = at::empty({sh.N, sh.C, sh.OH, sh.OW}, opts);
-  at::Tensor offsets = at::empty({sh.N, sh.C, sh.OH, sh.OW}, opts.dtype(pool_offsets_dtype(g.KH * g.KW)));
+  const auto off_dtype = pool_offsets_dtype(g.KH * g.KW);
+  at::Tensor offsets = want_offsets ? at::empty({sh.N, sh.C, sh.OH, sh.OW}, opts.dtype(off_dtype))
+                                    : at::empty({0}, input.options().dtype(off_dtype));
   return {sh, out, offsets};
 }
 

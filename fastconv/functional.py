@@ -10,6 +10,7 @@ from . import _backend
 from ._args import ConvArgs, as_list
 from .ops import conv2d as conv_ops, conv2d_prologue as prologue_ops, conv_bn_act as cba_ops
 from .ops import batch_norm_act_pool as bn_pool_ops, conv_bn_chain as chain_ops, max_pool2d as _pool_ops
+from .ops import _fastpath
 
 __all__ = ["conv2d", "conv2d_fused", "conv2d_prologue", "conv_bn_act", "conv_bn_relu", "max_pool2d"]
 
@@ -326,23 +327,34 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
                    ceil_mode)
             found = _POOL_GEOMETRY.get(key)
             if found is not None:
-                name, geo = found
-                if geo is None:  # 'auto' chose PyTorch: what nn.MaxPool2d runs
-                    return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
-                                        return_indices=return_indices)
-                return _max_pool2d(input, geo, ceil_mode, return_indices, name)
+                return _pool_call(input, found, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
     requested, name = _backend.choose("max_pool2d", input.device, _pool_ops.SUPPORTED_BACKENDS, input.dtype)
     geo = None
     if not (name == "torch" and requested == "auto"):
         geo = tuple(map(list, _pool_geometry(input, kernel_size, stride, padding, dilation, ceil_mode, fname)))
+    # the direct kernel only in eager mode (key: not compiling); a traced call takes the custom op
+    plan = (name, geo, _pool_ops.forward_kernel(name, geo, ceil_mode) if key is not None and geo and input.dim() == 4
+            else None)
     if key is not None and len(_POOL_GEOMETRY) < _GEOMETRY_MAX:
-        _POOL_GEOMETRY[key] = (name, geo)
+        _POOL_GEOMETRY[key] = plan
+    return _pool_call(input, plan, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+
+
+def _pool_call(input, plan, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+    """max_pool2d by its plan (see _POOL_GEOMETRY)."""
+    name, geo, direct = plan
     if geo is None:  # 'auto' chose PyTorch: what nn.MaxPool2d runs
         return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
                             return_indices=return_indices)
+    if (direct is not None and not return_indices and not (input.requires_grad and torch.is_grad_enabled())
+            and _fastpath.eager(input)):
+        return direct[0](input, *direct[1])[0]  # no autograd, no taps: the kernel alone
     return _max_pool2d(input, geo, ceil_mode, return_indices, name)
 
 
+# (backend, ..., input shape, dtype, device, arguments) -> (backend name, validated geometry or None for
+# PyTorch's own op, the (kernel function, arguments) of a plain no-grad eager call of a 4-D input or None): the
+# second call of a max-pool layer skips argument parsing, backend resolution and the custom op's layers.
 _POOL_GEOMETRY: dict = {}
 
 

@@ -141,7 +141,13 @@ def record_step(model: torch.nn.Module, x: torch.Tensor, train: bool, gpu: str =
     given gradient of the output (the loss itself is not the model's). `backend` pins fastconv's backend (None: plain PyTorch model, nothing pinned)."""
     from . import _backend
 
+    from .triton import _common
+
     model.train(train)
+    # A step of a running training loop: the ticket counters (allocated zeroed once per device and stream, then
+    # reset by the kernels themselves) already exist, so their allocation is not a launch of this step. Their
+    # default size: launch bytes count whole tensors, and kernels touch only the counters they need.
+    _common.ticket_counters(x.device, 1)
     with _target(gpu), tlaunch.recording() as launches, (
             _backend.backend(backend) if backend else contextlib.nullcontext()):
         mode = _PlanMode(launches)

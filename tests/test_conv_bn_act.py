@@ -583,6 +583,12 @@ def test_ext_batch_norm_opcheck(ext_backend):
     opcheck(ops.ext_batch_norm_stats.default, (z,))
     cnt, mean_p, m2_p = ops.ext_batch_norm_stats(z)
     opcheck(ops.ext_batch_norm_finalize.default, (cnt, mean_p, m2_p, b))
+    # with F.batch_norm's running-statistics update (mutated buffers, a 0-dim momentum tensor, the count)
+    rm, rv = randn((3,), torch.float32, ext_backend, gen), torch.rand(3, device=ext_backend) + 0.5
+    opcheck(ops.ext_batch_norm_finalize.default, (cnt, mean_p, m2_p, b, rm, rv, 0.1, None,
+                                                   torch.tensor(3, device=ext_backend), 2 * 30 * 20))
+    opcheck(ops.ext_batch_norm_finalize.default, (cnt, mean_p, m2_p, None, rm.double(), rv.half(), 0.0,
+                                                   torch.tensor(0.5, device=ext_backend), None, 2 * 30 * 20))
     mean, var = ops.ext_batch_norm_finalize(cnt, mean_p, m2_p, None)
     opcheck(ops.ext_batch_norm_act.default, (z, mean, var, w, b, res, 1e-5, "silu"))
     opcheck(ops.ext_batch_norm_act_backward.default, (torch.randn_like(z), z, mean, var, w, b, res, 1e-5, "silu", True))
@@ -611,6 +617,16 @@ def test_ext_batch_norm_errors(ext_backend):
         ops.ext_batch_norm_stats(z.to(torch.int32))
     with pytest.raises(RuntimeError, match=r"\[T, C\] tensors of one shape"):
         ops.ext_batch_norm_finalize(mean.view(1, 3), mean.view(1, 3), var, None)
+    part = (torch.ones(1, 3, device=ext_backend), mean.view(1, 3), var.view(1, 3), None)
+    with pytest.raises(RuntimeError, match="given together or not at all"):
+        ops.ext_batch_norm_finalize(*part, mean.clone(), None, 0.1, None, None, 4)
+    count = torch.tensor(0, device=ext_backend)
+    with pytest.raises(RuntimeError, match="num_batches_tracked is given with the running statistics"):
+        ops.ext_batch_norm_finalize(*part, None, None, 0.1, None, count, 4)
+    if ext_backend == "cuda":
+        with pytest.raises(RuntimeError, match="running statistics are on cpu"):
+            ops.ext_batch_norm_finalize(*part, mean.cpu(), var.cpu(), 0.1, None, count, 4)
+        assert int(count) == 0  # checked before anything is mutated
 
 
 @pytest.mark.parametrize("activation", ["relu", "relu6"])

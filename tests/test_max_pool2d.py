@@ -109,6 +109,52 @@ def test_unbatched_hwc_view_gives_contiguous_output(kdevice):
     assert y.is_contiguous() and torch.equal(y.cpu(), F.max_pool2d(x.cpu(), 2))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
+def test_no_grad_calls_write_no_taps(layout, kernel_backend, kdevice, monkeypatch):
+    """A layer's repeated no-grad call (eval, inference) runs its kernel directly, without the argmax taps that
+    only a backward reads (functional.max_pool2d's per-signature cache: forward_kernel), and gives exactly
+    F.max_pool2d's output and memory format; a call whose input needs a gradient still saves the taps."""
+    x = _input((2, 3, 9, 8), layout, kdevice)
+    cfg = dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)
+    ref = F.max_pool2d(x.cpu(), **cfg)
+    with torch.no_grad():
+        max_pool2d(x, **cfg)  # resolves and caches the call signature
+        taps = []
+        if kernel_backend == "triton":
+            from fastconv.triton import max_pool2d as tpool
+
+            real = tpool.max_pool2d_forward
+            monkeypatch.setattr(tpool, "max_pool2d_forward",
+                                lambda *a, **k: taps.append(a[6] if len(a) > 6 else True) or real(*a, **k))
+        monkeypatch.setattr(pool_ops, "_max_pool2d_checked", None)  # the op's own path is not taken
+        fastconv.functional._POOL_GEOMETRY.clear()
+        max_pool2d(x, **cfg)  # resolves again: its kernel function is looked up now, under the patch
+        y = max_pool2d(x, **cfg)
+    assert torch.equal(y.cpu(), ref) and _is_cl(y) == _is_cl(ref)
+    if kernel_backend == "triton":
+        assert taps == [False, False]
+    monkeypatch.undo()
+    xg = x.detach().requires_grad_()
+    yg = max_pool2d(xg, **cfg)
+    (dx,) = torch.autograd.grad(yg, xg, torch.ones_like(yg))
+    xr = x.cpu().requires_grad_()
+    (rdx,) = torch.autograd.grad(F.max_pool2d(xr, **cfg), xr, torch.ones_like(ref))
+    assert torch.equal(dx.cpu(), rdx)
+
+
+def test_ext_forward_without_offsets(ext_backend, poisoned):
+    """ext_max_pool2d(..., offsets=False): the same output, an empty offsets tensor (nothing written)."""
+    pool_ops.ext_ops()
+    x = _input((2, 3, 9, 8), "channels_last", ext_backend)
+    geo = ([3, 3], [2, 2], [1, 1], [1, 1], True)
+    y, off = torch.ops.fastconv.ext_max_pool2d(x, *geo)
+    y2, none = torch.ops.fastconv.ext_max_pool2d(x, *geo, False)
+    assert torch.equal(y, y2) and y2.stride() == y.stride() and none.numel() == 0 and off.numel() == y.numel()
+    from torch.library import opcheck
+
+    opcheck(torch.ops.fastconv.ext_max_pool2d.default, (x, *geo, False))
+
+
 def test_backward_is_deterministic(kdevice):
     x = _input((2, 3, 11, 11), "channels_last", kdevice).requires_grad_()
     y = max_pool2d(x, 3, 1, 1)  # overlapping windows: up to 9 gradients land on one element

@@ -214,9 +214,11 @@ void finalize_cpu(const at::Tensor& cnt, const at::Tensor& mean_p, const at::Ten
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> ext_batch_norm_finalize_cpu(const at::Tensor& count, const at::Tensor& mean,
-                                                               const at::Tensor& m2,
-                                                               const c10::optional<at::Tensor>& bias) {
+std::tuple<at::Tensor, at::Tensor> ext_batch_norm_finalize_cpu(
+    const at::Tensor& count, const at::Tensor& mean, const at::Tensor& m2, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double momentum,
+    const c10::optional<at::Tensor>& momentum_tensor, const c10::optional<at::Tensor>& num_batches_tracked,
+    int64_t values) {
   constexpr const char* op = "fastconv::ext_batch_norm_finalize (cpu)";
   bn_check_partials(op, count, mean, m2);
   TORCH_CHECK(count.device().is_cpu(), op, ": expects CPU tensors, got ", count.device());
@@ -229,11 +231,14 @@ std::tuple<at::Tensor, at::Tensor> ext_batch_norm_finalize_cpu(const at::Tensor&
   }
   at::Tensor c = count.contiguous(), mp = mean.contiguous(), qp = m2.contiguous();
   at::Tensor mean_out = at::empty({C}, count.options()), var_out = at::empty({C}, count.options());
-  if (dry_run()) return {mean_out, var_out};
-  if (count.scalar_type() == at::kDouble)
-    finalize_cpu<double>(c, mp, qp, b, mean_out, var_out);
-  else
-    finalize_cpu<float>(c, mp, qp, b, mean_out, var_out);
+  if (!dry_run()) {
+    if (count.scalar_type() == at::kDouble)
+      finalize_cpu<double>(c, mp, qp, b, mean_out, var_out);
+    else
+      finalize_cpu<float>(c, mp, qp, b, mean_out, var_out);
+  }
+  bn_update_running(op, mean_out, var_out, values, running_mean, running_var, momentum, momentum_tensor,
+                    num_batches_tracked);
   return {mean_out, var_out};
 }
 

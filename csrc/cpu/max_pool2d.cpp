@@ -60,7 +60,7 @@ void forward_cpu(const at::Tensor& x, at::Tensor& y, at::Tensor& off, const Pool
   using Acc = acc_t<T>;
   const T* xp = x.const_data_ptr<T>();
   T* yp = y.data_ptr<T>();
-  Off* op = off.data_ptr<Off>();
+  Off* op = off.numel() ? off.data_ptr<Off>() : nullptr;  // nullptr: taps not wanted
   const int64_t sxn = x.stride(0), sxc = x.stride(1), sxh = x.stride(2), sxw = x.stride(3);
   const int64_t syn = y.stride(0), syc = y.stride(1), syh = y.stride(2), syw = y.stride(3);  // off: same strides
   const PoolGeometry g = s.g;
@@ -95,10 +95,10 @@ void forward_cpu(const at::Tensor& x, at::Tensor& y, at::Tensor& off, const Pool
               }
             }
             T* __restrict dst = yp + n * syn + oh * syh + ow * syw;
-            Off* __restrict odst = op + n * syn + oh * syh + ow * syw;
-            for (int64_t c = 0; c < s.C; ++c) {
-              dst[c * yc] = static_cast<T>(best[c]);
-              odst[c * yc] = static_cast<Off>(tap[c]);
+            for (int64_t c = 0; c < s.C; ++c) dst[c * yc] = static_cast<T>(best[c]);
+            if (op) {
+              Off* __restrict odst = op + n * syn + oh * syh + ow * syw;
+              for (int64_t c = 0; c < s.C; ++c) odst[c * yc] = static_cast<Off>(tap[c]);
             }
           }
         }
@@ -116,7 +116,7 @@ void forward_cpu(const at::Tensor& x, at::Tensor& y, at::Tensor& off, const Pool
           Acc best;
           const int64_t t = window_argmax(xplane, sxh, sxw, s.H, s.W, oh, ow, g, CastLoad<Acc>(), best);
           yp[o + oh * syh + ow * syw] = static_cast<T>(best);
-          op[o + oh * syh + ow * syw] = static_cast<Off>(t);
+          if (op) op[o + oh * syh + ow * syw] = static_cast<Off>(t);
         }
       }
     }
@@ -200,11 +200,11 @@ void dispatch_offsets(at::ScalarType st, const F& f) {
 
 std::tuple<at::Tensor, at::Tensor> ext_max_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size,
                                                       at::IntArrayRef stride, at::IntArrayRef padding,
-                                                      at::IntArrayRef dilation, bool ceil_mode) {
+                                                      at::IntArrayRef dilation, bool ceil_mode, bool offsets) {
   constexpr const char* op = "fastconv::ext_max_pool2d (cpu)";
   TORCH_CHECK(input.device().is_cpu(), op, ": expects a CPU tensor, got ", input.device());
   pool_check_float(op, input, "input", true);
-  auto [s, y, off] = pool_forward_outputs(op, input, kernel_size, stride, padding, dilation, ceil_mode);
+  auto [s, y, off] = pool_forward_outputs(op, input, kernel_size, stride, padding, dilation, ceil_mode, offsets);
   if (y.numel() == 0 || dry_run()) return {y, off};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ext_max_pool2d_cpu", [&] {
     dispatch_offsets(off.scalar_type(), [&](auto o) { forward_cpu<scalar_t, decltype(o)>(input, y, off, s); });

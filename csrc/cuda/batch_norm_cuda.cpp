@@ -54,9 +54,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ext_batch_norm_stats_cuda(const a
   return {cnt, mean, m2};
 }
 
-std::tuple<at::Tensor, at::Tensor> ext_batch_norm_finalize_cuda(const at::Tensor& count, const at::Tensor& mean,
-                                                                const at::Tensor& m2,
-                                                                const c10::optional<at::Tensor>& bias) {
+std::tuple<at::Tensor, at::Tensor> ext_batch_norm_finalize_cuda(
+    const at::Tensor& count, const at::Tensor& mean, const at::Tensor& m2, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double momentum,
+    const c10::optional<at::Tensor>& momentum_tensor, const c10::optional<at::Tensor>& num_batches_tracked,
+    int64_t values) {
   constexpr const char* op = "fastconv::ext_batch_norm_finalize (cuda)";
   bn_check_partials(op, count, mean, m2);
   check_cuda(count, "count", op);
@@ -76,6 +78,8 @@ std::tuple<at::Tensor, at::Tensor> ext_batch_norm_finalize_cuda(const at::Tensor
   BatchNormFinalizeParams p{c.const_data_ptr(), mp.const_data_ptr(), qp.const_data_ptr(), ptr_or_null(b),
                             mean_out.data_ptr(), var_out.data_ptr(), ws.data_ptr(), T, C, f64};
   check_launch(launch_batch_norm_finalize(p, c10::cuda::getCurrentCUDAStream().stream()), op);
+  bn_update_running(op, mean_out, var_out, values, running_mean, running_var, momentum, momentum_tensor,
+                    num_batches_tracked);
   return {mean_out, var_out};
 }
 

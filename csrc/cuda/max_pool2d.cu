@@ -31,7 +31,7 @@ __global__ void __launch_bounds__(kThreads) max_pool2d_fwd_kernel(MaxPool2dForwa
     Acc best;
     const int64_t tap = window_argmax(plane, p.sx[2], p.sx[3], p.H, p.W, oh, ow, p.g, DeviceLoad(), best);
     store(y + i, best);
-    off[i] = static_cast<Off>(tap);
+    if (off) off[i] = static_cast<Off>(tap);
   }
 }
 

@@ -14,17 +14,17 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> ext_max_pool2d_cuda(const at::Tensor& input, at::IntArrayRef kernel_size,
                                                        at::IntArrayRef stride, at::IntArrayRef padding,
-                                                       at::IntArrayRef dilation, bool ceil_mode) {
+                                                       at::IntArrayRef dilation, bool ceil_mode, bool offsets) {
   constexpr const char* op = "fastconv::ext_max_pool2d (cuda)";
   check_cuda(input, "input", op);
   pool_check_float(op, input, "input", true);
   c10::cuda::CUDAGuard guard(input.device());
-  auto [s, y, off] = pool_forward_outputs(op, input, kernel_size, stride, padding, dilation, ceil_mode);
+  auto [s, y, off] = pool_forward_outputs(op, input, kernel_size, stride, padding, dilation, ceil_mode, offsets);
   if (y.numel() == 0) return {y, off};
   MaxPool2dForwardParams p{};
   p.x = input.const_data_ptr();
   p.y = y.data_ptr();
-  p.offsets = off.data_ptr();
+  p.offsets = offsets ? off.data_ptr() : nullptr;
   p.N = s.N, p.C = s.C, p.H = s.H, p.W = s.W, p.OH = s.OH, p.OW = s.OW;
   for (int d = 0; d < 4; ++d) p.sx[d] = input.stride(d);
   p.g = s.g;

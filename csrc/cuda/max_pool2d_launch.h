@@ -14,7 +14,7 @@ namespace fastconv {
 struct MaxPool2dForwardParams {
   const void* x;  // [N, C, H, W], strides sx (elements)
   void* y;        // dense in `channels_last` order or NCHW order
-  void* offsets;  // same layout as y, offsets_bytes wide
+  void* offsets;  // same layout as y, offsets_bytes wide; nullptr: not written
   int64_t N, C, H, W, OH, OW;
   int64_t sx[4];
   PoolGeometry g;

@@ -21,8 +21,9 @@ def eager(t: torch.Tensor) -> bool:
         return False
     if torch.autograd.profiler._is_profiler_enabled:  # the profiler names ops by their dispatch (fastconv::...)
         return False
-    dev = t.device.type
-    return dev in ("cpu", "cuda") and not torch.is_autocast_enabled(dev)
+    # any autocast (the ops' autocast rules run in the dispatch); is_cuda / is_cpu: t.device.type alone costs
+    # ~1.5 µs, more than the rest of this check
+    return (t.is_cuda or t.is_cpu) and not torch._C._is_any_autocast_enabled()
 
 
 def impl_of(op):

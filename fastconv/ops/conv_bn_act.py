@@ -116,10 +116,8 @@ def conv_bn_act_train(
     nbt = counted_here(num_batches_tracked, momentum_tensor)
     name = _backend.resolve("conv_bn_act", input.device, SUPPORTED_BACKENDS, backend)
     if name in ("cuda", "cpu"):
-        y, z, mean, var = _ext_forward(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation,
-                                       groups, eps, activation, algo, name)
-        update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor, nbt)
-        return y, z, mean, var
+        return _ext_forward(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups,
+                            eps, activation, algo, name, (running_mean, running_var, momentum, momentum_tensor, nbt))
     z = _new_output(input, weight, stride, padding, dilation)
     y = alloc(z.shape, z.dtype, z.device, memory_format_of(z))
     if name == "torch":
@@ -199,23 +197,30 @@ def finalize_running(running_mean, running_var, momentum, momentum_tensor, num_b
 
 
 def _ext_forward(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps,
-                 activation, algo, name):
+                 activation, algo, name, running):
     """Backends 'cuda' / 'cpu': z = conv(x) + bias with the BatchNorm partials taken in the C++ conv's epilogue
-    (before the bias), their Chan combination plus the bias, then normalize + affine + activation in one
-    pass. Where the conv op has no C++ kernels, z comes from its own backend and ext_batch_norm_stats
-    takes the partials from z."""
+    (before the bias), their Chan combination plus the bias and the running-statistics update (`running`:
+    running_mean, running_var, momentum, momentum_tensor, the num_batches_tracked this op counts), then
+    normalize + affine + activation in one pass. Where the conv op has no C++ kernels, z comes from its own
+    backend and ext_batch_norm_stats takes the partials from z."""
     ops = ext_ops()
     conv_name = _conv_backend(name)
     if conv_name == name and hasattr(conv_ops, "ext_conv2d"):
         z, (cnt, mean_p, m2_p) = conv_ops.ext_conv2d(input, weight, bias, stride, padding, dilation, groups,
                                                     stats=True)
-        mean, var = ops.ext_batch_norm_finalize(cnt, mean_p, m2_p, bias)
     else:
         z = conv_ops.conv2d(input, weight, bias, stride, padding, dilation, groups, algo=algo, backend=conv_name)
         cnt, mean_p, m2_p = ops.ext_batch_norm_stats(z)
-        mean, var = ops.ext_batch_norm_finalize(cnt, mean_p, m2_p, None)
+        bias = None  # z has it
+    mean, var = ext_finalize(cnt, mean_p, m2_p, bias, z, running)
     y = ops.ext_batch_norm_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation)
     return y, z, mean, var
+
+
+def ext_finalize(cnt, mean_p, m2_p, bias, z, running):
+    """ext_batch_norm_finalize of z's partials (+ bias) with F.batch_norm's update of
+    running = (running_mean, running_var, momentum, momentum_tensor, the num_batches_tracked counted here)."""
+    return ext_ops().ext_batch_norm_finalize(cnt, mean_p, m2_p, bias, *running, z.shape[0] * z.shape[2] * z.shape[3])
 
 
 def _conv_backend(name: str) -> str:
@@ -239,7 +244,8 @@ def _register_ext_fakes() -> None:
         return stat, torch.empty_like(stat), torch.empty_like(stat)
 
     @torch.library.register_fake("fastconv::ext_batch_norm_finalize")
-    def _(count, mean, m2, bias):
+    def _(count, mean, m2, bias, running_mean=None, running_var=None, momentum=0.1, momentum_tensor=None,
+          num_batches_tracked=None, values=0):
         stat = count.new_empty(count.shape[1])
         return stat, torch.empty_like(stat)
 

@@ -53,7 +53,7 @@ from .conv_bn_act import (
     _stat_dtype,
     batch_norm_act,
     batch_norm_act_grads,
-    ext_ops,
+    ext_finalize,
     counted_here,
     finalize_running,
     fold_batch_norm,
@@ -142,12 +142,13 @@ def conv_bn_stats_train(
     conv_name = _conv_backend(name)
     if conv_name in ("cpu", "cuda"):
         z, (cnt, mean_p, m2_p) = conv_ops.ext_conv2d(x, weight, bias, stride, padding, dilation, groups, stats=True)
-        mean, var = ext_ops().ext_batch_norm_finalize(cnt, mean_p, m2_p, bias)
+        mean, var = ext_finalize(cnt, mean_p, m2_p, bias, z, (running_mean, running_var, momentum, momentum_tensor,
+                                                              nbt))
     else:
         z = conv_ops.conv2d_op(x, weight, bias, stride, padding, dilation, groups, None, None, None, "identity",
                                algo, conv_name)
         mean, var = _stats_of(z)
-    update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor, nbt)
+        update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor, nbt)
     return (z, mean, var, *fold_batch_norm(mean, var, bn_weight, bn_bias, bn_eps))
 
 

@@ -166,8 +166,9 @@ def ext_ops():
 
 def _register_ext_fakes() -> None:
     @torch.library.register_fake("fastconv::ext_max_pool2d")
-    def _(input, kernel_size, stride, padding, dilation, ceil_mode):
-        return _fake_forward(input, kernel_size, stride, padding, dilation, ceil_mode)
+    def _(input, kernel_size, stride, padding, dilation, ceil_mode, offsets=True):
+        out, taps = _fake_forward(input, kernel_size, stride, padding, dilation, ceil_mode)
+        return out, (taps if offsets else taps.new_empty(0))
 
     @torch.library.register_fake("fastconv::ext_max_pool2d_input_grad")
     def _(grad_output, offsets, input_size, kernel_size, stride, padding, dilation, ceil_mode, channels_last):
@@ -215,6 +216,20 @@ def _max_pool2d_checked(input, kernel_size, stride, padding, dilation, ceil_mode
     offsets = alloc(y_ref.shape, offsets_dtype(kernel_size), input.device, fmt)
     indices_to_offsets(idx, input.shape, *geo, out=offsets)
     return y, offsets
+
+
+def forward_kernel(backend: str, geo, ceil_mode: bool):
+    """(function, arguments) such that `function(input, *arguments)[0]` is _max_pool2d_checked's output on an
+    already-resolved `backend` and validated geometry: the kernel call itself, without the argmax taps (nothing
+    will read them), for an eager caller that needs no autograd (functional.max_pool2d caches it per layer call
+    signature); None for the torch backend."""
+    if backend in ("cuda", "cpu"):
+        return ext_ops().ext_max_pool2d, (*geo, ceil_mode, False)
+    if backend == "triton":
+        from ..triton import max_pool2d as tpool
+
+        return tpool.max_pool2d_forward, (*map(tuple, geo), ceil_mode, False)
+    return None
 
 
 def _fake_forward(input, kernel_size, stride, padding, dilation, ceil_mode, backend="auto"):

@@ -109,9 +109,11 @@ def _max_pool2d_fwd_kernel(
     sxn, sxc, sxh, sxw,
     KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_TYPE: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr,
+    STORE_TAPS: tl.constexpr = True,
 ):
-    """y[n, c, oh, ow] = max over the window, off = its tap. y and off are dense in y's memory order
-    (flat index == element offset); x is read through its strides."""
+    """y[n, c, oh, ow] = max over the window, off = its tap (not stored without STORE_TAPS: a forward that no
+    backward follows). y and off are dense in y's memory order (flat index == element offset); x is read
+    through its strides."""
     pid = tl.program_id(0)
     if IDX64:
         pid = pid.to(tl.int64)
@@ -134,7 +136,8 @@ def _max_pool2d_fwd_kernel(
                 best, best_tap = _fwd_tap(x_base, h0, w0, kh, kw, KW, H, W, sxh, sxw, dil_h, dil_w,
                                           mask, best, best_tap, ACC_TYPE)
     tl.store(y_ptr + flat, best.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(off_ptr + flat, best_tap.to(off_ptr.dtype.element_ty), mask=mask)
+    if STORE_TAPS:
+        tl.store(off_ptr + flat, best_tap.to(off_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -258,25 +261,28 @@ def max_pool2d_forward(
     padding: tuple[int, int],
     dilation: tuple[int, int],
     ceil_mode: bool,
+    store_offsets: bool = True,
     *,
     force_int64: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Max pooling of a 4-D x (any strides). Returns (y, offsets): y in x's suggested memory format and
-    offsets (same shape and strides, `offsets_dtype(kernel_size)`) holding the argmax tap kh*KW + kw."""
+    offsets (same shape and strides, `offsets_dtype(kernel_size)`) holding the argmax tap kh*KW + kw; without
+    `store_offsets` (no backward will follow) offsets is an empty tensor and the kernel writes only y."""
     check_runnable(x)
     _check_args(x.shape, kernel_size, stride, padding, dilation)
     N, C, H, W = x.shape
     OH, OW = _output_hw(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
     fmt = suggest_memory_format(x)
     y = torch.empty((N, C, OH, OW), dtype=x.dtype, device=x.device, memory_format=fmt)
-    offsets = torch.empty((N, C, OH, OW), dtype=offsets_dtype(kernel_size), device=x.device, memory_format=fmt)
+    offsets = (torch.empty((N, C, OH, OW), dtype=offsets_dtype(kernel_size), device=x.device, memory_format=fmt)
+               if store_offsets else torch.empty(0, dtype=offsets_dtype(kernel_size), device=x.device))
     total = y.numel()
     if total == 0:
         return y, offsets
     idx64 = force_int64 or needs_int64(x, y)
     block, meta = _launch_meta(idx64, x.dtype)
     run(_max_pool2d_fwd_kernel, (cdiv(total, block),),
-        x, y, offsets,
+        x, y, offsets if store_offsets else y,
         total, C, H, W, OH, OW,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         *x.stride(),
@@ -286,6 +292,7 @@ def max_pool2d_forward(
         ACC_TYPE=acc_dtype(x.dtype),
         IDX64=idx64,
         BLOCK=block,
+        STORE_TAPS=store_offsets,
         **meta,
     )
     return y, offsets
