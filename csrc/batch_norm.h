@@ -91,27 +91,36 @@ inline void bn_check_partials(const char* op, const at::Tensor& cnt, const at::T
   TORCH_CHECK(mean.device() == cnt.device() && m2.device() == cnt.device(), op, ": partials on different devices");
 }
 
-// F.batch_norm's running-statistics update in training, after the finalize: running = lerp(running, batch
-// statistic, momentum) with the unbiased variance of `values` per channel, and num_batches_tracked += 1 when
-// given; a 0-dim momentum_tensor (momentum=None's 1 / num_batches_tracked, counted by the caller) replaces
-// `momentum`. ATen ops on the buffers (any float dtype, broadcastable to [C]): a few microseconds of C++
-// instead of the Python path's tensor ops.
-inline void bn_update_running(const char* op, const at::Tensor& mean, const at::Tensor& var, int64_t values,
-                              const c10::optional<at::Tensor>& running_mean,
-                              const c10::optional<at::Tensor>& running_var, double momentum,
-                              const c10::optional<at::Tensor>& momentum_tensor,
-                              const c10::optional<at::Tensor>& num_batches_tracked) {
+// The running-statistics arguments of ext_batch_norm_finalize, checked: whether there is an update to do.
+inline bool bn_check_running(const char* op, const at::Tensor& stats, int64_t values,
+                             const c10::optional<at::Tensor>& running_mean,
+                             const c10::optional<at::Tensor>& running_var,
+                             const c10::optional<at::Tensor>& num_batches_tracked) {
   const bool has_mean = running_mean.has_value() && running_mean->defined();
   const bool has_var = running_var.has_value() && running_var->defined();
   const bool has_count = num_batches_tracked.has_value() && num_batches_tracked->defined();
   TORCH_CHECK(has_mean == has_var, op, ": running_mean and running_var are given together or not at all");
   TORCH_CHECK(!has_count || has_mean, op, ": num_batches_tracked is given with the running statistics");
-  if (!has_mean) return;
+  if (!has_mean) return false;
   TORCH_CHECK(values >= 0, op, ": values must be >= 0, got ", values);
   for (const at::Tensor* buf : {&*running_mean, &*running_var})
-    TORCH_CHECK(buf->device() == mean.device(), op, ": running statistics are on ", buf->device(),
-                " but the batch's are on ", mean.device());
-  if (has_count) num_batches_tracked->add_(1);
+    TORCH_CHECK(buf->device() == stats.device(), op, ": running statistics are on ", buf->device(),
+                " but the batch's are on ", stats.device());
+  return true;
+}
+
+// F.batch_norm's running-statistics update in training, after the finalize: running = lerp(running, batch
+// statistic, momentum) with the unbiased variance of `values` per channel, and num_batches_tracked += 1 when
+// given; a 0-dim momentum_tensor (momentum=None's 1 / num_batches_tracked, counted by the caller) replaces
+// `momentum`. ATen ops on the buffers (any float dtype, broadcastable to [C]): the general path, for what
+// bn_running_in_kernel leaves out.
+inline void bn_update_running(const char* op, const at::Tensor& mean, const at::Tensor& var, int64_t values,
+                              const c10::optional<at::Tensor>& running_mean,
+                              const c10::optional<at::Tensor>& running_var, double momentum,
+                              const c10::optional<at::Tensor>& momentum_tensor,
+                              const c10::optional<at::Tensor>& num_batches_tracked) {
+  if (!bn_check_running(op, mean, values, running_mean, running_var, num_batches_tracked)) return;
+  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) num_batches_tracked->add_(1);
   const double unbias = static_cast<double>(values) / static_cast<double>(values > 1 ? values - 1 : 1);
   for (int i = 0; i < 2; ++i) {
     const at::Tensor& buf = i == 0 ? *running_mean : *running_var;
@@ -121,6 +130,35 @@ inline void bn_update_running(const char* op, const at::Tensor& mean, const at::
     else
       buf.lerp_(stat, momentum);
   }
+}
+
+// Whether a finalize kernel updates the running statistics itself (in its last pass: no op of its own) instead
+// of bn_update_running: 1-D buffers of one floating dtype on the statistics' device, a 0-dim momentum tensor (if
+// any) there too, an int64 num_batches_tracked (if any) there too. Checks the arguments first.
+inline bool bn_running_in_kernel(const char* op, const at::Tensor& stats, int64_t values,
+                                 const c10::optional<at::Tensor>& running_mean,
+                                 const c10::optional<at::Tensor>& running_var,
+                                 const c10::optional<at::Tensor>& momentum_tensor,
+                                 const c10::optional<at::Tensor>& num_batches_tracked) {
+  if (!bn_check_running(op, stats, values, running_mean, running_var, num_batches_tracked)) return false;
+  const at::Tensor &rm = *running_mean, &rv = *running_var;
+  const auto st = rm.scalar_type();
+  const bool float_buffers = st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16;
+  const bool momentum_ok = !(momentum_tensor.has_value() && momentum_tensor->defined()) ||
+                           (momentum_tensor->dim() == 0 && momentum_tensor->device() == stats.device());
+  const bool count_ok = !(num_batches_tracked.has_value() && num_batches_tracked->defined()) ||
+                        (num_batches_tracked->dim() == 0 && num_batches_tracked->scalar_type() == at::kLong &&
+                         num_batches_tracked->device() == stats.device());
+  return float_buffers && rv.scalar_type() == st && rm.dim() == 1 && rv.dim() == 1 &&
+         rm.size(0) == stats.size(0) && rv.size(0) == stats.size(0) && momentum_ok && count_ok;
+}
+
+// The momentum a kernel's running update uses: a tensor momentum rounded to the buffers' dtype (as
+// `buf.lerp_(stat, momentum_tensor.to(buf.dtype))`), then to the statistics' dtype; undefined for a float one.
+inline at::Tensor bn_kernel_momentum(const c10::optional<at::Tensor>& momentum_tensor, const at::Tensor& buf,
+                                     const at::Tensor& stats) {
+  if (!momentum_tensor.has_value() || !momentum_tensor->defined()) return at::Tensor();
+  return momentum_tensor->to(buf.scalar_type()).to(stats.scalar_type()).contiguous();
 }
 
 // Outputs of ext_batch_norm_act_backward: dz and (if wanted, else empty) dres in z's memory format, and the

@@ -594,6 +594,44 @@ def test_ext_batch_norm_opcheck(ext_backend):
     opcheck(ops.ext_batch_norm_act_backward.default, (torch.randn_like(z), z, mean, var, w, b, res, 1e-5, "silu", True))
 
 
+@pytest.mark.parametrize("buffers", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                     (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64),
+                                     (torch.float32, torch.float64)],
+                         ids=["fp32", "fp16", "bf16", "fp64", "mixed"])
+@pytest.mark.parametrize("momentum", [0.1, 0.75, "tensor"])
+@pytest.mark.parametrize("ext_backend", EXT_BACKENDS)
+def test_ext_finalize_running_update(ext_backend, momentum, buffers):
+    """ext_batch_norm_finalize's running-statistics update (in its last pass for 1-D buffers of one dtype,
+    ATen ops otherwise: 'mixed') against F.batch_norm's, on fresh buffers: strided views, momentum on both sides
+    of lerp's 0.5 switch and as a 0-dim tensor (momentum=None's), fp32 statistics, num_batches_tracked."""
+    import fastconv.ops.conv_bn_act as bn_ops
+
+    skip_unless_runnable(ext_backend)
+    ops = bn_ops.ext_ops()
+    gen = generator("ext-finalize-running", str(momentum), str(buffers))
+    C = 37
+    z = randn((3, C, 5, 4), torch.float32, ext_backend, gen)
+    cnt, mean_p, m2_p = ops.ext_batch_norm_stats(z)
+    store = randn((C, 3), torch.float64, ext_backend, gen)  # columns: strided running buffers
+    rm, rv = store[:, 0].to(buffers[0]), (store[:, 1].abs() + 0.5).to(buffers[1])
+    if buffers[0] == buffers[1]:  # strided views of one buffer, as the in-kernel path must handle
+        both = torch.stack([rm, rv, torch.full_like(rm, 7.0)], 1)
+        rm, rv = both[:, 0], both[:, 1]
+    ref_m, ref_v = rm.double(), rv.double()
+    w = torch.tensor(1 / 3, device=ext_backend) if momentum == "tensor" else None
+    factor = 0.0 if w is not None else momentum
+    count = torch.tensor(5, device=ext_backend)
+    mean, var = ops.ext_batch_norm_finalize(cnt, mean_p, m2_p, None, rm, rv, factor, w, count, 3 * 5 * 4)
+    assert int(count) == 6
+    zr = z.double()
+    torch.nn.functional.batch_norm(zr, ref_m, ref_v, training=True, momentum=float(w) if w is not None else momentum)
+    # against float64: the fp32 statistics' error, and the buffers' own rounding
+    for ours, ref, what in ((rm, ref_m, "running_mean"), (rv, ref_v, "running_var")):
+        assert_close(ours, ref, torch.float32 if ours.dtype == torch.float64 else ours.dtype, what)
+    if buffers[0] == buffers[1]:
+        assert (both[:, 2] == 7.0).all()
+
+
 @pytest.mark.parametrize("ext_backend", EXT_BACKENDS)
 def test_ext_batch_norm_errors(ext_backend):
     import fastconv.ops.conv_bn_act as bn_ops

@@ -214,6 +214,29 @@ void finalize_cpu(const at::Tensor& cnt, const at::Tensor& mean_p, const at::Ten
   }
 }
 
+// F.batch_norm's running-statistics update (bn_running_lerp per channel), for buffers bn_running_in_kernel accepts.
+template <typename Acc>
+void running_update_cpu(const at::Tensor& mean, const at::Tensor& var, int64_t values, const at::Tensor& rm,
+                        const at::Tensor& rv, double momentum, const at::Tensor& momentum_t) {
+  const double w = momentum_t.defined() ? static_cast<double>(momentum_t.const_data_ptr<Acc>()[0]) : momentum;
+  const Acc unbias = static_cast<Acc>(static_cast<double>(values) / static_cast<double>(values > 1 ? values - 1 : 1));
+  const int64_t C = mean.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rm.scalar_type(), "running_update_cpu", [&] {
+    using O = acc_t<scalar_t>;  // at::lerp's opmath type of the buffers
+    const auto update = [&](const at::Tensor& buf, const Acc* stat, Acc factor) {
+      scalar_t* p = buf.data_ptr<scalar_t>();
+      const int64_t stride = buf.stride(0);
+      for (int64_t c = 0; c < C; ++c) {
+        const O st = static_cast<O>(static_cast<scalar_t>(stat[c] * factor));  // stat.to(buf.dtype)
+        p[c * stride] = static_cast<scalar_t>(bn_running_lerp<O>(static_cast<O>(p[c * stride]), st,
+                                                                 static_cast<O>(w)));
+      }
+    };
+    update(rm, mean.const_data_ptr<Acc>(), Acc(1));
+    update(rv, var.const_data_ptr<Acc>(), unbias);
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> ext_batch_norm_finalize_cpu(
     const at::Tensor& count, const at::Tensor& mean, const at::Tensor& m2, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double momentum,
@@ -231,14 +254,24 @@ std::tuple<at::Tensor, at::Tensor> ext_batch_norm_finalize_cpu(
   }
   at::Tensor c = count.contiguous(), mp = mean.contiguous(), qp = m2.contiguous();
   at::Tensor mean_out = at::empty({C}, count.options()), var_out = at::empty({C}, count.options());
+  const bool in_loop = bn_running_in_kernel(op, mean_out, values, running_mean, running_var, momentum_tensor,
+                                            num_batches_tracked);
   if (!dry_run()) {
-    if (count.scalar_type() == at::kDouble)
+    const at::Tensor w = in_loop ? bn_kernel_momentum(momentum_tensor, *running_mean, mean_out) : at::Tensor();
+    if (count.scalar_type() == at::kDouble) {
       finalize_cpu<double>(c, mp, qp, b, mean_out, var_out);
-    else
+      if (in_loop) running_update_cpu<double>(mean_out, var_out, values, *running_mean, *running_var, momentum, w);
+    } else {
       finalize_cpu<float>(c, mp, qp, b, mean_out, var_out);
+      if (in_loop) running_update_cpu<float>(mean_out, var_out, values, *running_mean, *running_var, momentum, w);
+    }
   }
-  bn_update_running(op, mean_out, var_out, values, running_mean, running_var, momentum, momentum_tensor,
-                    num_batches_tracked);
+  if (!in_loop) {
+    bn_update_running(op, mean_out, var_out, values, running_mean, running_var, momentum, momentum_tensor,
+                      num_batches_tracked);
+  } else if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+    ++num_batches_tracked->data_ptr<int64_t>()[0];
+  }
   return {mean_out, var_out};
 }
 

@@ -109,11 +109,43 @@ template <typename Acc>
 __device__ __forceinline__ void partial_row(const BatchNormFinalizeParams& p, int64_t i, Moments<Acc>& s) {
   s = {static_cast<const Acc*>(p.cnt)[i], static_cast<const Acc*>(p.mean)[i], static_cast<const Acc*>(p.m2)[i]};
 }
+// running = lerp(running, stat rounded to the buffer's dtype, w) in the buffer's opmath type (at::lerp's).
+template <typename B, typename Acc>
+__device__ __forceinline__ void running_lerp(void* buf, int64_t stride, int64_t c, Acc stat, double w) {
+  using O = acc_t<B>;
+  B* p = static_cast<B*>(buf) + c * stride;
+  const O st = to_acc<B>(from_acc<B>(static_cast<O>(stat)));
+  store(p, bn_running_lerp<O>(load(p), st, static_cast<O>(w)));
+}
+template <typename Acc>
+__device__ __forceinline__ void running_update(const BatchNormFinalizeParams& p, int64_t c, Acc mean, Acc var) {
+  const double w = p.momentum_ptr ? static_cast<double>(*static_cast<const Acc*>(p.momentum_ptr)) : p.momentum;
+  const Acc unbiased = var * static_cast<Acc>(p.unbias);
+  switch (p.running_dtype) {  // (dispatch_dtype is host code)
+#define FASTCONV_RUNNING(B)                                                \
+  running_lerp<B>(p.running_mean, p.running_mean_stride, c, mean, w);      \
+  running_lerp<B>(p.running_var, p.running_var_stride, c, unbiased, w);    \
+  break;
+    case DType::f32:
+      FASTCONV_RUNNING(float)
+    case DType::f64:
+      FASTCONV_RUNNING(double)
+    case DType::f16:
+      FASTCONV_RUNNING(__half)
+    case DType::bf16:
+      FASTCONV_RUNNING(__nv_bfloat16)
+#undef FASTCONV_RUNNING
+  }
+  if (c == 0 && p.num_batches_tracked) ++*p.num_batches_tracked;  // one thread stores channel 0
+}
+
 template <typename Acc>
 __device__ __forceinline__ void store_result(const BatchNormFinalizeParams& p, int64_t c, const Moments<Acc>& s) {
   const Acc b = p.bias ? static_cast<const Acc*>(p.bias)[c] : Acc(0);
-  static_cast<Acc*>(p.mean_out)[c] = s.mean + b;
-  static_cast<Acc*>(p.var_out)[c] = moments_var(s);
+  const Acc mean = s.mean + b, var = moments_var(s);
+  static_cast<Acc*>(p.mean_out)[c] = mean;
+  static_cast<Acc*>(p.var_out)[c] = var;
+  if (p.running_mean) running_update(p, c, mean, var);
 }
 // ... and the backward's sums
 template <typename Acc>

@@ -77,9 +77,28 @@ std::tuple<at::Tensor, at::Tensor> ext_batch_norm_finalize_cuda(
   at::Tensor ws = workspace(bn_finalize_workspace_bytes(T, C, f64), count);
   BatchNormFinalizeParams p{c.const_data_ptr(), mp.const_data_ptr(), qp.const_data_ptr(), ptr_or_null(b),
                             mean_out.data_ptr(), var_out.data_ptr(), ws.data_ptr(), T, C, f64};
+  // the running statistics: updated by the finalize's last pass where bn_running_in_kernel allows
+  const bool in_kernel = bn_running_in_kernel(op, mean_out, values, running_mean, running_var, momentum_tensor,
+                                              num_batches_tracked) && T > 0;
+  at::Tensor w;
+  if (in_kernel) {
+    w = bn_kernel_momentum(momentum_tensor, *running_mean, mean_out);
+    p.running_mean = running_mean->data_ptr();
+    p.running_var = running_var->data_ptr();
+    p.running_mean_stride = running_mean->stride(0);
+    p.running_var_stride = running_var->stride(0);
+    p.running_dtype = dtype_of(*running_mean);
+    p.unbias = static_cast<double>(values) / static_cast<double>(values > 1 ? values - 1 : 1);
+    p.momentum = momentum;
+    p.momentum_ptr = w.defined() ? w.const_data_ptr() : nullptr;
+    p.num_batches_tracked = num_batches_tracked.has_value() && num_batches_tracked->defined()
+                                ? num_batches_tracked->data_ptr<int64_t>() : nullptr;
+  }
   check_launch(launch_batch_norm_finalize(p, c10::cuda::getCurrentCUDAStream().stream()), op);
-  bn_update_running(op, mean_out, var_out, values, running_mean, running_var, momentum, momentum_tensor,
-                    num_batches_tracked);
+  if (!in_kernel) {
+    bn_update_running(op, mean_out, var_out, values, running_mean, running_var, momentum, momentum_tensor,
+                      num_batches_tracked);
+  }
   return {mean_out, var_out};
 }
 

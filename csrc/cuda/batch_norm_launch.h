@@ -34,6 +34,15 @@ struct BatchNormFinalizeParams {
   void* workspace;              // bn_finalize_workspace_bytes(T, C, f64)
   int64_t T, C;
   bool f64;
+  // F.batch_norm's running-statistics update, done by the last pass (nullptr buffers: none): running_* [C] with
+  // element strides, of dtype running_dtype; the unbiased-variance factor; momentum, or momentum_ptr (0-dim,
+  // statistics dtype, already rounded to running_dtype); num_batches_tracked (int64, or nullptr) counts the call.
+  void *running_mean, *running_var;
+  int64_t running_mean_stride, running_var_stride;
+  DType running_dtype;
+  double unbias, momentum;
+  const void* momentum_ptr;
+  int64_t* num_batches_tracked;
 };
 
 struct BatchNormChannelParams {

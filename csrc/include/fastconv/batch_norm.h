@@ -66,6 +66,14 @@ FASTCONV_HD inline Acc moments_var(const Moments<Acc>& a) {
   return a.n > Acc(0) ? a.m2 / a.n : Acc(0);
 }
 
+// F.batch_norm's training update of one running statistic, as at::lerp computes it in the buffer's opmath
+// type O: running + w * (stat - running), from the other end for w >= 0.5. The caller rounds the batch
+// statistic (and a tensor momentum) to the buffer's dtype first, as `buf.lerp_(stat.to(buf.dtype), w)` does.
+template <typename O>
+FASTCONV_HD inline O bn_running_lerp(O running, O stat, O w) {
+  return w < O(0.5) ? running + w * (stat - running) : stat - (stat - running) * (O(1) - w);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Combination of [rows, C] partial states into one state per channel (ext_batch_norm_finalize: Moments;
 // the backward's sums: GradSums), in passes: a pass cuts its rows into chunks of kBnCombineRows and writes
