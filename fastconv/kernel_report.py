@@ -195,7 +195,8 @@ CASES = {
     "_im2col_gather_kernel": dict(tiles=lambda m: [(dict(BLOCK_M=m.IM2COL_BLOCKS[0], BLOCK_K=m.IM2COL_BLOCKS[1]),
                                                     m.IM2COL_BLOCKS[2], 3)], args=_CONV),
     # 3x3 windows are unrolled (KH*KW <= MAX_UNROLL_TAPS); 7x7 takes the loop.
-    "_max_pool2d_fwd_kernel": _pool_case(dict(KH=3, KW=3, UNROLL=True, CHANNELS_LAST=True), total=32 * 64 * 56 * 56,
+    "_max_pool2d_fwd_kernel": _pool_case(dict(KH=3, KW=3, UNROLL=True, CHANNELS_LAST=True, STORE_TAPS=True),
+                                         total=32 * 64 * 56 * 56,
                                          k7_loop=dict(KH=7, KW=7, UNROLL=False)),
     "_max_pool2d_bwd_kernel": _pool_case(dict(CHANNELS_LAST=True), total=32 * 64 * 112 * 112),
     # the BN finalize tree: inner passes write chunk partials, the last one the mean (+ conv bias) and var, and

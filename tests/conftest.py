@@ -51,6 +51,9 @@ SLOW_TIER = (
     "tests/test_launch.py::test_finalize_tree_matches_float64[70000]",
     # every tile the autotuner may try on the training block: implicit with a float momentum stays (~65 s each)
     "tests/test_launch.py::test_emulated_autotune_training_block[implicit-None]",
+    # and of the wgrad epilogue's and the fused pool's blocks (~55 s each; the chain's and the block's above stay)
+    "tests/test_fewer_launches.py::test_emulated_autotune",
+    "tests/test_batch_norm_act_pool.py::test_emulated_autotune",
     "tests/test_launch.py::test_emulated_autotune_training_block[im2col-0.1]",
     "tests/test_convert.py::test_train_step_matches_original[mobilenet_v2_head]",
     "tests/test_convert.py::test_train_step_matches_original[resnet18_head]",  # 5000 rows already take three tree levels

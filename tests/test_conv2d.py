@@ -532,6 +532,10 @@ def test_int64_selected_past_2_31_elements():
     assert not needs_int64(torch.empty(1).expand(2**30))
     wide = torch.empty_strided((2, 2), (2**31, 1), device="meta")  # offsets past the limit
     assert needs_int64(wide)
+    # dense tensors (the shortcut: span == numel) either side of the limit, and a non-dense permutation
+    cl = lambda *shape: torch.empty(shape, device="meta").contiguous(memory_format=torch.channels_last)  # noqa: E731
+    assert not needs_int64(cl(1, 8, 2**13, 2**13)) and needs_int64(cl(2, 8, 2**14, 2**13))
+    assert needs_int64(torch.empty((4, 2**30), device="meta").t()[:2])  # 8 elements, span > 2**31
 
 
 def test_split_k_wgrad_matches_single_split(triton_device):

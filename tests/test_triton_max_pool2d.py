@@ -204,6 +204,23 @@ def test_layouts(kind):
     assert off.stride() == y.stride()
 
 
+def test_layouts_alternating_one_shape_and_no_taps():
+    """One shape in every layout, in turn and twice over (the launcher's per-signature plan is keyed on strides,
+    not shape alone), with and without the argmax taps: same values, PyTorch's memory format each time."""
+    base = _rand((2, 5, 9, 10), 11)
+    k, s, p, d = (3, 3), (2, 2), (1, 1), (1, 1)
+    ref = F.max_pool2d(base, k, s, p, d, ceil_mode=True)
+    for kind in ["channels_last", "transposed", "channels_last", "spatial_slice", "permuted", "transposed"] * 2:
+        x = _layout(base, kind).to(DEVICE)
+        want = ref if kind != "spatial_slice" else F.max_pool2d(x.cpu(), k, s, p, d, ceil_mode=True)
+        y, off = mp.max_pool2d_forward(x, k, s, p, d, True)
+        y2, none = mp.max_pool2d_forward(x, k, s, p, d, True, False)
+        assert none is None and off.shape == y.shape
+        for out in (y, y2):
+            assert torch.equal(out.cpu(), want) and out.stride() == y.stride()
+            assert out.is_contiguous(memory_format=mp.suggest_memory_format(x))
+
+
 def test_backward_shape_only_and_strided_grad_out():
     """x given as a shape (format taken from offsets) and a non-contiguous grad_out."""
     x = _rand((2, 4, 9, 8), 5).contiguous(memory_format=torch.channels_last).to(DEVICE)

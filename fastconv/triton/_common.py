@@ -56,11 +56,17 @@ def upcast_dot_operands(dtype: torch.dtype) -> bool:
 def needs_int64(*tensors: torch.Tensor) -> bool:
     """Whether any element offset (or a row or pixel index past a tensor's end, see INDEX_HEADROOM) can pass
     2**31 - 1; then kernels use int64 math."""
+    limit = INT32_LIMIT - INDEX_HEADROOM
     for t in tensors:
         if t is None:
             continue
+        if t.numel() > limit:
+            return True
+        # a dense tensor spans its numel (the common case: no Python loop over its strides on every launch)
+        if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
+            continue
         span = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
-        if max(t.numel(), span) > INT32_LIMIT - INDEX_HEADROOM:
+        if span > limit:
             return True
     return False
 

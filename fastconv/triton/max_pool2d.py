@@ -267,35 +267,48 @@ def max_pool2d_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Max pooling of a 4-D x (any strides). Returns (y, offsets): y in x's suggested memory format and
     offsets (same shape and strides, `offsets_dtype(kernel_size)`) holding the argmax tap kh*KW + kw; without
-    `store_offsets` (no backward will follow) offsets is an empty tensor and the kernel writes only y."""
+    `store_offsets` (no backward will follow) offsets is None and the kernel writes only y."""
     check_runnable(x)
+    # everything but the output allocation depends only on the call signature: worked out once per signature
+    key = (x.shape, x.stride(), x.dtype, x.device, tuple(kernel_size), tuple(stride), tuple(padding),
+           tuple(dilation), ceil_mode, store_offsets, force_int64, interpreting())
+    plan = _FWD_PLANS.get(key)
+    if plan is None:
+        plan = _forward_plan(x, kernel_size, stride, padding, dilation, ceil_mode, store_offsets, force_int64)
+        if len(_FWD_PLANS) < _MAX_PLANS:
+            _FWD_PLANS[key] = plan
+    shape, fmt, off_dtype, grid, args, kwargs = plan
+    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    offsets = torch.empty(shape, dtype=off_dtype, device=x.device, memory_format=fmt) if store_offsets else None
+    if grid is not None:
+        run(_max_pool2d_fwd_kernel, grid, x, y, offsets if store_offsets else y, *args, device=x.device, **kwargs)
+    return y, offsets
+
+
+_FWD_PLANS: dict = {}
+_MAX_PLANS = 4096
+
+
+def _forward_plan(x, kernel_size, stride, padding, dilation, ceil_mode, store_offsets, force_int64):
+    """(output shape, memory format, offsets dtype, grid (None: empty output), the launch's arguments after the
+    three tensors, its keyword arguments) of max_pool2d_forward's call signature; raises PyTorch's errors."""
     _check_args(x.shape, kernel_size, stride, padding, dilation)
     N, C, H, W = x.shape
     OH, OW = _output_hw(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
     fmt = suggest_memory_format(x)
-    y = torch.empty((N, C, OH, OW), dtype=x.dtype, device=x.device, memory_format=fmt)
-    offsets = (torch.empty((N, C, OH, OW), dtype=offsets_dtype(kernel_size), device=x.device, memory_format=fmt)
-               if store_offsets else torch.empty(0, dtype=offsets_dtype(kernel_size), device=x.device))
-    total = y.numel()
+    shape = (N, C, OH, OW)
+    total = N * C * OH * OW
     if total == 0:
-        return y, offsets
-    idx64 = force_int64 or needs_int64(x, y)
+        return shape, fmt, offsets_dtype(kernel_size), None, (), {}
+    idx64 = force_int64 or needs_int64(x, torch.empty(shape, dtype=x.dtype, device="meta", memory_format=fmt))
     block, meta = _launch_meta(idx64, x.dtype)
-    run(_max_pool2d_fwd_kernel, (cdiv(total, block),),
-        x, y, offsets if store_offsets else y,
-        total, C, H, W, OH, OW,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        *x.stride(),
-        device=x.device, loop=kernel_size[0] * kernel_size[1],
-        KH=kernel_size[0], KW=kernel_size[1], UNROLL=kernel_size[0] * kernel_size[1] <= MAX_UNROLL_TAPS,
-        CHANNELS_LAST=fmt == torch.channels_last,
-        ACC_TYPE=acc_dtype(x.dtype),
-        IDX64=idx64,
-        BLOCK=block,
-        STORE_TAPS=store_offsets,
-        **meta,
-    )
-    return y, offsets
+    args = (total, C, H, W, OH, OW, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            *x.stride())
+    kwargs = dict(loop=kernel_size[0] * kernel_size[1],
+                  KH=kernel_size[0], KW=kernel_size[1], UNROLL=kernel_size[0] * kernel_size[1] <= MAX_UNROLL_TAPS,
+                  CHANNELS_LAST=fmt == torch.channels_last, ACC_TYPE=acc_dtype(x.dtype), IDX64=idx64, BLOCK=block,
+                  STORE_TAPS=store_offsets, **meta)
+    return shape, fmt, offsets_dtype(kernel_size), (cdiv(total, block),), args, kwargs
 
 
 def max_pool2d_backward(
