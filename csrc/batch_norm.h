@@ -12,6 +12,9 @@
 
 namespace fastconv {
 
+// Whether an optional tensor argument was given (not None, not an undefined tensor).
+inline bool bn_given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
 inline Act bn_parse_act(const char* op, const std::string& name) {
   if (name == "identity") return Act::identity;
   if (name == "relu") return Act::relu;
@@ -43,7 +46,7 @@ inline void bn_check_z(const char* op, const at::Tensor& z, bool allow_double) {
 // A per-channel vector as a contiguous [C] tensor of the statistics dtype on z's device (nullopt stays empty).
 inline at::Tensor bn_channel_vector(const char* op, const c10::optional<at::Tensor>& t, const at::Tensor& z,
                                     const char* what) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
+  if (!bn_given(t)) return at::Tensor();
   const int64_t C = z.size(1);
   TORCH_CHECK(t->dim() == 1 && t->size(0) == C, op, ": ", what, " must have shape [", C, "], got ", t->sizes());
   TORCH_CHECK(t->device() == z.device(), op, ": ", what, " is on ", t->device(), " but z is on ", z.device());
@@ -54,7 +57,7 @@ inline at::Tensor bn_channel_vector(const char* op, const c10::optional<at::Tens
 // A tensor shaped like z (residual, grad_y) in z's dtype; any strides.
 inline at::Tensor bn_like_z(const char* op, const c10::optional<at::Tensor>& t, const at::Tensor& z,
                             const char* what) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
+  if (!bn_given(t)) return at::Tensor();
   TORCH_CHECK(t->sizes() == z.sizes(), op, ": ", what, " must have z's shape ", z.sizes(), ", got ", t->sizes());
   TORCH_CHECK(t->device() == z.device(), op, ": ", what, " is on ", t->device(), " but z is on ", z.device());
   return t->scalar_type() == z.scalar_type() ? *t : t->to(z.scalar_type());
@@ -91,16 +94,20 @@ inline void bn_check_partials(const char* op, const at::Tensor& cnt, const at::T
   TORCH_CHECK(mean.device() == cnt.device() && m2.device() == cnt.device(), op, ": partials on different devices");
 }
 
+// The unbiased-variance factor n / (n - 1) of `values` per channel (1 for a single value), as F.batch_norm's
+// running_var update uses it.
+inline double bn_unbias(int64_t values) {
+  return static_cast<double>(values) / static_cast<double>(values > 1 ? values - 1 : 1);
+}
+
 // The running-statistics arguments of ext_batch_norm_finalize, checked: whether there is an update to do.
 inline bool bn_check_running(const char* op, const at::Tensor& stats, int64_t values,
                              const c10::optional<at::Tensor>& running_mean,
                              const c10::optional<at::Tensor>& running_var,
                              const c10::optional<at::Tensor>& num_batches_tracked) {
-  const bool has_mean = running_mean.has_value() && running_mean->defined();
-  const bool has_var = running_var.has_value() && running_var->defined();
-  const bool has_count = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  const bool has_mean = bn_given(running_mean), has_var = bn_given(running_var);
   TORCH_CHECK(has_mean == has_var, op, ": running_mean and running_var are given together or not at all");
-  TORCH_CHECK(!has_count || has_mean, op, ": num_batches_tracked is given with the running statistics");
+  TORCH_CHECK(!bn_given(num_batches_tracked) || has_mean, op, ": num_batches_tracked is given with the running statistics");
   if (!has_mean) return false;
   TORCH_CHECK(values >= 0, op, ": values must be >= 0, got ", values);
   for (const at::Tensor* buf : {&*running_mean, &*running_var})
@@ -120,12 +127,12 @@ inline void bn_update_running(const char* op, const at::Tensor& mean, const at::
                               const c10::optional<at::Tensor>& momentum_tensor,
                               const c10::optional<at::Tensor>& num_batches_tracked) {
   if (!bn_check_running(op, mean, values, running_mean, running_var, num_batches_tracked)) return;
-  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) num_batches_tracked->add_(1);
-  const double unbias = static_cast<double>(values) / static_cast<double>(values > 1 ? values - 1 : 1);
+  if (bn_given(num_batches_tracked)) num_batches_tracked->add_(1);
+  const double unbias = bn_unbias(values);
   for (int i = 0; i < 2; ++i) {
     const at::Tensor& buf = i == 0 ? *running_mean : *running_var;
     const at::Tensor stat = (i == 0 ? mean : var.mul(unbias)).to(buf.scalar_type());
-    if (momentum_tensor.has_value() && momentum_tensor->defined())
+    if (bn_given(momentum_tensor))
       buf.lerp_(stat, momentum_tensor->to(buf.device(), buf.scalar_type()));
     else
       buf.lerp_(stat, momentum);
@@ -144,9 +151,9 @@ inline bool bn_running_in_kernel(const char* op, const at::Tensor& stats, int64_
   const at::Tensor &rm = *running_mean, &rv = *running_var;
   const auto st = rm.scalar_type();
   const bool float_buffers = st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16;
-  const bool momentum_ok = !(momentum_tensor.has_value() && momentum_tensor->defined()) ||
+  const bool momentum_ok = !bn_given(momentum_tensor) ||
                            (momentum_tensor->dim() == 0 && momentum_tensor->device() == stats.device());
-  const bool count_ok = !(num_batches_tracked.has_value() && num_batches_tracked->defined()) ||
+  const bool count_ok = !bn_given(num_batches_tracked) ||
                         (num_batches_tracked->dim() == 0 && num_batches_tracked->scalar_type() == at::kLong &&
                          num_batches_tracked->device() == stats.device());
   return float_buffers && rv.scalar_type() == st && rm.dim() == 1 && rv.dim() == 1 &&
@@ -157,7 +164,7 @@ inline bool bn_running_in_kernel(const char* op, const at::Tensor& stats, int64_
 // `buf.lerp_(stat, momentum_tensor.to(buf.dtype))`), then to the statistics' dtype; undefined for a float one.
 inline at::Tensor bn_kernel_momentum(const c10::optional<at::Tensor>& momentum_tensor, const at::Tensor& buf,
                                      const at::Tensor& stats) {
-  if (!momentum_tensor.has_value() || !momentum_tensor->defined()) return at::Tensor();
+  if (!bn_given(momentum_tensor)) return at::Tensor();
   return momentum_tensor->to(buf.scalar_type()).to(stats.scalar_type()).contiguous();
 }
 

@@ -140,7 +140,6 @@ def record_step(model: torch.nn.Module, x: torch.Tensor, train: bool, gpu: str =
     """Rows of one step of `model` on input x (meta tensors): forward, and with `train` the backward from a
     given gradient of the output (the loss itself is not the model's). `backend` pins fastconv's backend (None: plain PyTorch model, nothing pinned)."""
     from . import _backend
-
     from .triton import _common
 
     model.train(train)

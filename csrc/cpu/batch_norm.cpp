@@ -219,7 +219,7 @@ template <typename Acc>
 void running_update_cpu(const at::Tensor& mean, const at::Tensor& var, int64_t values, const at::Tensor& rm,
                         const at::Tensor& rv, double momentum, const at::Tensor& momentum_t) {
   const double w = momentum_t.defined() ? static_cast<double>(momentum_t.const_data_ptr<Acc>()[0]) : momentum;
-  const Acc unbias = static_cast<Acc>(static_cast<double>(values) / static_cast<double>(values > 1 ? values - 1 : 1));
+  const Acc unbias = static_cast<Acc>(bn_unbias(values));
   const int64_t C = mean.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rm.scalar_type(), "running_update_cpu", [&] {
     using O = acc_t<scalar_t>;  // at::lerp's opmath type of the buffers
@@ -247,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor> ext_batch_norm_finalize_cpu(
   TORCH_CHECK(count.device().is_cpu(), op, ": expects CPU tensors, got ", count.device());
   const int64_t C = count.size(1);
   at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
+  if (bn_given(bias)) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, op, ": bias must have shape [", C, "], got ", bias->sizes());
     TORCH_CHECK(bias->device() == count.device(), op, ": bias is on ", bias->device());
     b = bias->to(count.scalar_type()).contiguous();
@@ -258,18 +258,20 @@ std::tuple<at::Tensor, at::Tensor> ext_batch_norm_finalize_cpu(
                                             num_batches_tracked);
   if (!dry_run()) {
     const at::Tensor w = in_loop ? bn_kernel_momentum(momentum_tensor, *running_mean, mean_out) : at::Tensor();
-    if (count.scalar_type() == at::kDouble) {
-      finalize_cpu<double>(c, mp, qp, b, mean_out, var_out);
-      if (in_loop) running_update_cpu<double>(mean_out, var_out, values, *running_mean, *running_var, momentum, w);
-    } else {
-      finalize_cpu<float>(c, mp, qp, b, mean_out, var_out);
-      if (in_loop) running_update_cpu<float>(mean_out, var_out, values, *running_mean, *running_var, momentum, w);
-    }
+    const auto finalize = [&](auto acc) {
+      using Acc = decltype(acc);
+      finalize_cpu<Acc>(c, mp, qp, b, mean_out, var_out);
+      if (in_loop) running_update_cpu<Acc>(mean_out, var_out, values, *running_mean, *running_var, momentum, w);
+    };
+    if (count.scalar_type() == at::kDouble)
+      finalize(double{});
+    else
+      finalize(float{});
   }
   if (!in_loop) {
     bn_update_running(op, mean_out, var_out, values, running_mean, running_var, momentum, momentum_tensor,
                       num_batches_tracked);
-  } else if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+  } else if (bn_given(num_batches_tracked)) {
     ++num_batches_tracked->data_ptr<int64_t>()[0];
   }
   return {mean_out, var_out};

@@ -66,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> ext_batch_norm_finalize_cuda(
   const int64_t T = count.size(0), C = count.size(1);
   check_channels(op, C);
   at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
+  if (bn_given(bias)) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, op, ": bias must have shape [", C, "], got ", bias->sizes());
     TORCH_CHECK(bias->device() == count.device(), op, ": bias is on ", bias->device());
     b = bias->to(count.scalar_type()).contiguous();
@@ -88,11 +88,10 @@ std::tuple<at::Tensor, at::Tensor> ext_batch_norm_finalize_cuda(
     p.running_mean_stride = running_mean->stride(0);
     p.running_var_stride = running_var->stride(0);
     p.running_dtype = dtype_of(*running_mean);
-    p.unbias = static_cast<double>(values) / static_cast<double>(values > 1 ? values - 1 : 1);
+    p.unbias = bn_unbias(values);
     p.momentum = momentum;
     p.momentum_ptr = w.defined() ? w.const_data_ptr() : nullptr;
-    p.num_batches_tracked = num_batches_tracked.has_value() && num_batches_tracked->defined()
-                                ? num_batches_tracked->data_ptr<int64_t>() : nullptr;
+    p.num_batches_tracked = bn_given(num_batches_tracked) ? num_batches_tracked->data_ptr<int64_t>() : nullptr;
   }
   check_launch(launch_batch_norm_finalize(p, c10::cuda::getCurrentCUDAStream().stream()), op);
   if (!in_kernel) {

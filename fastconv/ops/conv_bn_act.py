@@ -10,8 +10,8 @@
         With running_mean / running_var (mutated in place, in their own dtype) the op also does F.batch_norm's
         running-statistics update, lerp(running, stat, momentum) with the unbiased variance; the momentum is
         momentum_tensor (0-dim, e.g. momentum=None's 1 / num_batches_tracked: read on the device, no host sync)
-        when given, else the float momentum. Triton: in the statistics finalize's last pass; other backends:
-        PyTorch ops. num_batches_tracked (int64, with the running statistics): with a float momentum 1 is added to
+        when given, else the float momentum. Triton: in the statistics finalize's last pass; cpu / cuda: in
+        ext_batch_norm_finalize; torch: PyTorch ops. num_batches_tracked (int64, with the running statistics): with a float momentum 1 is added to
         it, nn.BatchNorm2d's counter (Triton: by that same pass, no launch of its own); with momentum_tensor the
         caller has counted (the factor needs the new count) and it is left as it is. Any mutable argument may be
         omitted or None, on torch < 2.12 too (ops._mutable_ops).
@@ -162,8 +162,8 @@ def counted_here(num_batches_tracked, momentum_tensor):
 
 def update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor,
                          num_batches_tracked=None) -> None:
-    """F.batch_norm's running-statistics update with PyTorch ops (backends torch, cpu, cuda; the Triton backend
-    does it in the finalize's last pass): running = lerp(running, batch statistic, momentum), unbiased
+    """F.batch_norm's running-statistics update with PyTorch ops (backend torch, and the Triton finalize's
+    buffers it cannot index; the Triton and C++ finalizes do it themselves): running = lerp(running, batch statistic, momentum), unbiased
     variance; num_batches_tracked, when given, counts the batch."""
     if running_mean is None:
         return

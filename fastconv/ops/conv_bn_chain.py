@@ -33,7 +33,7 @@ Saved per block: its input (the producer's z, or x) and the statistics; never y.
 Only the Triton backend fuses. The other backends compute the same values by materialising x with PyTorch
 ops (correct, no saving), which is why fastconv.FusedSequential chains blocks only on the Triton backend.
 With running_mean / running_var (and num_batches_tracked) the op also updates them as fastconv::conv_bn_act_train
-does (Triton: in the statistics finalize's last pass).
+does (Triton: in the statistics finalize's last pass; cpu / cuda: in ext_batch_norm_finalize).
 """
 from __future__ import annotations
 
