@@ -551,3 +551,93 @@ def test_split_k_wgrad_matches_single_split(triton_device):
     assert_close(one, wd.grad, torch.float32, "wgrad 1 split")
     assert_close(many, wd.grad, torch.float32, "wgrad 5 splits")
     assert_close(dbm, gy.double().cpu().sum((0, 2, 3)), torch.float32, "bias grad 5 splits")
+
+
+def _layout(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """t's values in another layout: NCHW, channels_last, or a strided view into a larger buffer."""
+    if kind == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if kind == "strided":
+        big = torch.full((*t.shape[:3], 2 * t.shape[3]), float("nan"), dtype=t.dtype, device=t.device)
+        big[..., ::2] = t
+        return big[..., ::2]
+    return t.contiguous()
+
+
+def _tensors_in(obj, seen=None) -> list:
+    """Tensors reachable from a launch plan (tuples, lists, dicts, closures of its functions)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.keys()) + list(obj.values())
+    if callable(obj) and getattr(obj, "__closure__", None):
+        obj = [c.cell_contents for c in obj.__closure__]
+    if isinstance(obj, (tuple, list)):
+        return [t for item in obj for t in _tensors_in(item, seen)]
+    return []
+
+
+def test_launch_plans_follow_the_call_signature(triton_device):
+    """The launchers' per-signature plans (strides, copies, integer arguments) are keyed on every layout, not on
+    shapes alone: one shape in alternating layouts of x, weight, grad_out, residual and out, forward and both
+    gradients, each call against float64. The plans hold no tensor (no output kept alive by a cache)."""
+    device = triton_device
+    gen = generator("plans")
+    x0 = randn((2, 6, 9, 7), torch.float32, device, gen)
+    w0 = randn((4, 3, 3, 3), torch.float32, device, gen)
+    g0 = randn((2, 4, 5, 4), torch.float32, device, gen)
+    r0 = randn((2, 4, 5, 4), torch.float32, device, gen)
+    stride, padding, dilation, groups = (2, 2), (1, 1, 1, 1), (1, 1), 2
+    xd, wd = x0.double().cpu().requires_grad_(), w0.double().cpu().requires_grad_()
+    ref = F.conv2d(xd, wd, None, stride, 1, dilation, groups)
+    dx_ref, dw_ref = torch.autograd.grad(ref, (xd, wd), g0.double().cpu())
+    ref = (ref + r0.double().cpu()).relu()
+    kinds = ["contiguous", "channels_last", "strided"]
+    for i in range(4):  # every tensor in each layout, then round 0's signature again
+        x, w, g, r = (_layout(t, kinds[(i + j) % 3]) for j, t in enumerate((x0, w0, g0, r0)))
+        out = _layout(torch.full_like(r0, float("nan")), "channels_last") if i == 2 else None
+        y = tconv.conv2d_forward(x, w, None, stride, padding, dilation, groups, residual=r, activation="relu",
+                                 out=out)
+        assert out is None or y is out
+        assert_close(y, ref, torch.float32, f"forward, round {i}")
+        dx = tconv.conv2d_input_grad(g, w, tuple(x.shape), stride, padding, dilation, groups)
+        assert_close(dx, dx_ref, torch.float32, f"dgrad, round {i}")
+        for cl in (False, True):
+            dw, _ = tconv.conv2d_weight_grad(g, x, tuple(w.shape), stride, padding, dilation, groups,
+                                             channels_last=cl)
+            assert dw.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+            assert_close(dw, dw_ref, torch.float32, f"wgrad, round {i}, channels_last={cl}")
+    for plans in (tconv._FWD_PLANS, tconv._DGRAD_PLANS, tconv._WGRAD_PLANS):
+        assert len(plans) > 0
+        assert _tensors_in(plans._plans) == []
+
+
+def test_wgrad_plan_follows_the_sm_count(triton_device, monkeypatch):
+    """The wgrad's split count fills one wave of the GPU's SMs: a plan made for one SM count is not reused for
+    another (the launch plan simulates several GPUs in one process through FASTCONV_SM_COUNT)."""
+    from fastconv.triton import launch
+
+    gen = generator("plans-sms")
+    x = randn((4, 8, 16, 16), torch.float32, triton_device, gen)
+    g = randn((4, 8, 16, 16), torch.float32, triton_device, gen)
+    grids = {}
+    for sms in ("2", "512", "2"):
+        monkeypatch.setenv("FASTCONV_SM_COUNT", sms)
+        with launch.recording() as launches:
+            tconv.conv2d_weight_grad(g, x, (8, 8, 3, 3), (1, 1), (1, 1), (1, 1), 1)
+        grids.setdefault(sms, set()).add(launches[0].grid)
+    assert len(grids["2"]) == 1  # the same plan twice
+    assert grids["2"] != grids["512"]  # more SMs, more splits
+
+
+def test_plan_cache_is_bounded():
+    from fastconv.triton._common import PlanCache
+
+    plans = PlanCache(limit=3)
+    for i in range(5):
+        assert plans.get(i) is None and plans.put(i, (i,)) == (i,)
+    assert len(plans) == 3 and plans.get(4) is None and plans.get(2) == (2,)

@@ -5,7 +5,7 @@ import torch
 import triton.language as tl
 
 from .._activations import CODES as ACTIVATIONS  # noqa: F401 (the fused epilogue's activation codes)
-from .._backend import interpreting  # noqa: F401 (one definition; re-exported)
+from .._backend import interpreting, planning  # noqa: F401 (one definition; re-exported)
 
 INT32_LIMIT = 2**31 - 1
 # GEMM rows, pixel blocks and split-K chunks may run up to one block past the end of what they index (masked
@@ -17,16 +17,10 @@ INDEX_HEADROOM = 2**16
 
 def check_runnable(*tensors: torch.Tensor) -> None:
     """Triton kernels need CUDA tensors, or CPU tensors with the interpreter switched on."""
-    from .._backend import planning
-
-    if planning():
-        return
     for t in tensors:
-        if t is None:
+        if t is None or t.is_cuda:
             continue
-        if t.is_cuda:
-            continue
-        if t.device.type == "cpu" and interpreting():
+        if planning() or (t.device.type == "cpu" and interpreting()):
             continue
         raise RuntimeError(
             f"fastconv triton backend: not supported for {t.device.type} tensors because Triton kernels run "
@@ -86,6 +80,38 @@ def channels_contiguous(t: torch.Tensor) -> torch.Tensor:
 def channels_strided(t: torch.Tensor | None) -> bool:
     """Whether t is a 4-D tensor with more than one channel whose channels are not at stride 1 (NCHW-like)."""
     return t is not None and t.dim() == 4 and t.size(1) > 1 and t.stride(1) != 1
+
+
+def meta_operand(t: torch.Tensor) -> torch.Tensor:
+    """A meta tensor shaped and strided like channels_contiguous(t) (what a launcher will pass for t): launch
+    plans derive strides and index widths from it without holding or copying t."""
+    m = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+    return m.contiguous(memory_format=torch.channels_last) if channels_strided(t) else m
+
+
+class PlanCache:
+    """Launch plans of one launcher, per call signature: what a launch needs besides its tensors (shapes,
+    integer arguments, constexprs, grid), worked out once per signature so that a repeated call costs a dict
+    lookup. Bounded: past `limit` signatures new ones are worked out per call, never stored (a program
+    that keeps changing shapes does not grow it without end). Plans must hold no tensors."""
+
+    def __init__(self, limit: int = 4096):
+        self.limit = limit
+        self._plans: dict = {}
+
+    def get(self, key):
+        return self._plans.get(key)
+
+    def put(self, key, plan):
+        if len(self._plans) < self.limit:
+            self._plans[key] = plan
+        return plan
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+    def __len__(self) -> int:
+        return len(self._plans)
 
 
 # Host-side integer helpers. triton.cdiv / triton.next_power_of_2 are Triton constexpr functions: called from

@@ -22,9 +22,13 @@ from ._common import (
     ACTIVATIONS,
     acc_dtype,
     channels_contiguous,
+    channels_strided,
     check_runnable,
     dot_precision,
+    interpreting,
+    meta_operand,
     needs_int64,
+    PlanCache,
     ticket_counters,
     upcast_dot_operands,
 )
@@ -456,51 +460,93 @@ def conv2d_forward(
     BatchNorm partials of the bias-free conv output, one row per row tile of the launch (stats_scratch).
     """
     check_runnable(x, weight)
-    x, weight = channels_contiguous(x), channels_contiguous(weight)
+    # everything but the tensors depends only on the call signature: worked out once per signature
+    key = (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), tuple(stride), tuple(padding),
+           tuple(dilation), groups, bias is None, scale is None, shift is None,
+           None if residual is None else (residual.shape, residual.stride()), activation, stats,
+           None if prologue is None else prologue[2], None if out is None else out.stride(), force_int64,
+           torch.backends.cudnn.allow_tf32, interpreting())
+    plan = _FWD_PLANS.get(key) or _FWD_PLANS.put(key, _forward_plan(
+        x, weight, bias, stride, padding, dilation, groups, scale, shift, residual, activation, out, stats,
+        prologue, force_int64))
+    copy_x, copy_w, shape, ints, problem, grid, consts, memo = plan
+    if copy_x:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if copy_w:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    y = out if out is not None else x.new_empty(shape)
+    if grid is None:  # nothing to compute
+        return (y, empty_stats(shape[1], y)) if stats else y
+    if residual is not None:
+        residual = residual_like(residual, y)
+    res = residual if residual is not None else y
+    if bias is not None and scale is not None:
+        bias, shift = fold_bias(bias, scale, shift)
+    in_scale, in_shift, _ = prologue_args(prologue, x.shape[1], y)
+    _, extra = _fwd(
+        grid,
+        x, weight, y,
+        bias if bias is not None else y,  # dummies (y) are never read: their HAS_* flag is off
+        scale if scale is not None else y,
+        shift if shift is not None else y,
+        res,
+        in_scale, in_shift,
+        *ints,
+        problem=problem,
+        device=x.device,
+        scratch=stats_scratch(problem.m, shape[1], y, stats),
+        memo=memo,
+        **consts,
+    )
+    return (y, stats_of(extra)) if stats else y
+
+
+# Launch plans per call signature of conv2d_forward, conv2d_input_grad and conv2d_weight_grad.
+_FWD_PLANS, _DGRAD_PLANS, _WGRAD_PLANS = PlanCache(), PlanCache(), PlanCache()
+
+
+def _forward_plan(x, weight, bias, stride, padding, dilation, groups, scale, shift, residual, activation, out,
+                  stats, prologue, force_int64):
+    """(copy x?, copy weight?, output shape, the launch's integer arguments, Problem, grid (None: empty output),
+    constexprs, autotune memo key) of conv2d_forward's call signature. Works on meta stand-ins of the tensors
+    (strides as the call will see them after its channels_last copies), so the plan holds no tensor."""
+    copy_x, copy_w = channels_strided(x), channels_strided(weight)
+    xm, wm = meta_operand(x), meta_operand(weight)
     N, C, H, W = x.shape
     C_out, cin_g, KH, KW = weight.shape
     OH, OW = output_hw(H, W, KH, KW, stride, padding, dilation)
-    top, _, left, _ = pads(padding)
-    y = out if out is not None else x.new_empty((N, C_out, OH, OW))
+    shape = (N, C_out, OH, OW)
+    ym = (torch.empty_strided(shape, out.stride(), dtype=x.dtype, device="meta") if out is not None
+          else xm.new_empty(shape))
     M = N * OH * OW
-    if M == 0 or C_out == 0:
-        return (y, empty_stats(C_out, y)) if stats else y
     cout_g = C_out // groups
-    residual = residual_like(residual, y)
-    res = residual if residual is not None else y
-    dummy = y  # never read when its HAS_* flag is off
-    bias, shift = fold_bias(bias, scale, shift)
-    in_scale, in_shift, in_act = prologue_args(prologue, C, dummy)
-    _, extra = _fwd(
-        lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(cout_g, meta["BLOCK_N"]), groups),
-        x, weight, y,
-        bias if bias is not None else dummy,
-        scale if scale is not None else dummy,
-        shift if shift is not None else dummy,
-        res,
-        in_scale, in_shift,
-        M, H, W, OH, OW, cin_g, cout_g, KH, KW,
-        stride[0], stride[1], top, left, dilation[0], dilation[1],
-        *x.stride(), *weight.stride(), *y.stride(),
-        problem=Problem(M, cout_g, cin_g, KH * KW, groups),
-        device=x.device,
-        scratch=stats_scratch(M, C_out, y, stats),
-        HAS_BIAS=bias is not None,
+    problem = Problem(M, cout_g, cin_g, KH * KW, groups)
+    if M == 0 or C_out == 0:
+        return copy_x, copy_w, shape, (), problem, None, {}, None
+    top, _, left, _ = pads(padding)
+    rm = None if residual is None else residual_like(torch.empty_strided(
+        residual.shape, residual.stride(), dtype=residual.dtype, device="meta"), ym)
+    ints = (M, H, W, OH, OW, cin_g, cout_g, KH, KW, stride[0], stride[1], top, left, dilation[0], dilation[1],
+            *xm.stride(), *wm.stride(), *ym.stride())
+    consts = dict(
+        HAS_BIAS=bias is not None and scale is None,  # a bias before a scale is folded into the shift
         HAS_SCALE=scale is not None,
-        HAS_SHIFT=shift is not None,
+        HAS_SHIFT=shift is not None or (bias is not None and scale is not None),
         HAS_RES=residual is not None,
         ACT=ACTIVATIONS[activation],
         STATS=stats,
         ACC_TYPE=acc_dtype(x.dtype),
         PRECISION=dot_precision(x.dtype),
         UPCAST=upcast_dot_operands(x.dtype),
-        IDX64=force_int64 or needs_int64(x, weight, y, residual),
+        IDX64=force_int64 or needs_int64(xm, wm, ym, rm),
         GROUP_M=GROUP_M,
-        SPLIT_N=split_store(y),
+        SPLIT_N=split_store(ym),
         PROLOGUE=prologue is not None,
-        IN_ACT=in_act,
+        IN_ACT=0 if prologue is None else ACTIVATIONS[prologue[2]],
     )
-    return (y, stats_of(extra)) if stats else y
+    return (copy_x, copy_w, shape, ints, problem,
+            lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(cout_g, meta["BLOCK_N"]), groups), consts,
+            (x.device, x.dtype, problem, *consts.items()))
 
 
 def prologue_args(prologue, channels: int, dummy: torch.Tensor):
@@ -531,36 +577,55 @@ def conv2d_input_grad(
 ) -> torch.Tensor:
     """dgrad: the gradient of conv2d with respect to its input, as an implicit GEMM over stride phases."""
     check_runnable(grad_out, weight)
-    grad_out, weight = channels_contiguous(grad_out), channels_contiguous(weight)
+    key = (grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device, weight.shape, weight.stride(),
+           tuple(input_shape), tuple(stride), tuple(padding), tuple(dilation), groups,
+           None if out is None else out.stride(), force_int64, torch.backends.cudnn.allow_tf32, interpreting())
+    plan = _DGRAD_PLANS.get(key) or _DGRAD_PLANS.put(key, _input_grad_plan(
+        grad_out, weight, input_shape, stride, padding, dilation, groups, out, force_int64))
+    copy_g, copy_w, work, ints, problem, grid, consts, memo = plan
+    dx = out if out is not None else grad_out.new_empty(input_shape)
+    if work is not True:  # nothing to compute: an empty dx, or one no output pixel reaches (zeros)
+        return dx.zero_() if work == "zero" else dx
+    if copy_g:
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    if copy_w:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    _dgrad(grid, grad_out, weight, dx, *ints, problem=problem, device=grad_out.device, memo=memo, **consts)
+    return dx
+
+
+def _input_grad_plan(grad_out, weight, input_shape, stride, padding, dilation, groups, out, force_int64):
+    """conv2d_input_grad's launch plan for its call signature (see _forward_plan); `work` is True, or "zero" /
+    "empty" where there is nothing to launch."""
+    copy_g, copy_w = channels_strided(grad_out), channels_strided(weight)
+    gm, wm = meta_operand(grad_out), meta_operand(weight)
+    dxm = (torch.empty_strided(input_shape, out.stride(), dtype=grad_out.dtype, device="meta") if out is not None
+           else gm.new_empty(input_shape))
     N, C, H, W = input_shape
     C_out, cin_g, KH, KW = weight.shape
     OH, OW = grad_out.shape[2], grad_out.shape[3]
-    dx = out if out is not None else grad_out.new_empty(input_shape)
-    if dx.numel() == 0:
-        return dx
     cout_g = C_out // groups
-    if cout_g == 0 or OH * OW == 0:
-        return dx.zero_()
+    if dxm.numel() == 0 or cout_g == 0 or OH * OW == 0:
+        return copy_g, copy_w, "empty" if dxm.numel() == 0 else "zero", (), None, None, {}, None
     sh, sw = stride
     HP, WP = cdiv(H, sh), cdiv(W, sw)
     MP = N * HP * WP
-    _dgrad(
-        lambda meta: (cdiv(MP, meta["BLOCK_M"]) * cdiv(cin_g, meta["BLOCK_N"]), groups * sh * sw),
-        grad_out, weight, dx,
-        MP, H, W, OH, OW, HP, WP, cin_g, cout_g, KH, KW,
-        sh, sw, pads(padding)[0], pads(padding)[2], dilation[0], dilation[1],
-        *grad_out.stride(), *weight.stride(), *dx.stride(),
-        # the taps one stride phase walks, at most cdiv(K, stride) per axis (_first_tap)
-        problem=Problem(MP, cin_g, cout_g, cdiv(KH, sh) * cdiv(KW, sw), groups * sh * sw),
-        device=grad_out.device,
+    top, _, left, _ = pads(padding)
+    ints = (MP, H, W, OH, OW, HP, WP, cin_g, cout_g, KH, KW, sh, sw, top, left, dilation[0], dilation[1],
+            *gm.stride(), *wm.stride(), *dxm.stride())
+    # the taps one stride phase walks, at most cdiv(K, stride) per axis (_first_tap)
+    problem = Problem(MP, cin_g, cout_g, cdiv(KH, sh) * cdiv(KW, sw), groups * sh * sw)
+    consts = dict(
         ACC_TYPE=acc_dtype(grad_out.dtype),
         PRECISION=dot_precision(grad_out.dtype),
         UPCAST=upcast_dot_operands(grad_out.dtype),
-        IDX64=force_int64 or needs_int64(grad_out, weight, dx),
+        IDX64=force_int64 or needs_int64(gm, wm, dxm),
         GROUP_M=GROUP_M,
-        SPLIT_N=split_store(dx),
+        SPLIT_N=split_store(dxm),
     )
-    return dx
+    return (copy_g, copy_w, True, ints, problem,
+            lambda meta: (cdiv(MP, meta["BLOCK_M"]) * cdiv(cin_g, meta["BLOCK_N"]), groups * sh * sw), consts,
+            (grad_out.device, grad_out.dtype, problem, *consts.items()))
 
 
 def conv2d_weight_grad(
@@ -580,75 +645,113 @@ def conv2d_weight_grad(
     in_shift), w): the kernel rebuilds each x tile from z. dw is contiguous, or channels_last with
     `channels_last` (the weight's own layout, so that autograd's gradient accumulation copies nothing)."""
     check_runnable(grad_out, x)
-    grad_out, x = channels_contiguous(grad_out), channels_contiguous(x)
-    N, C, H, W = x.shape
+    key = (grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device, x.shape, x.stride(), x.dtype,
+           tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), groups, bias_grad, splits,
+           None if prologue is None else prologue[2], channels_last, force_int64,
+           torch.backends.cudnn.allow_tf32, interpreting(), None if splits else sm_count(x.device))
+    plan = _WGRAD_PLANS.get(key) or _WGRAD_PLANS.put(key, _weight_grad_plan(
+        grad_out, x, weight_shape, stride, padding, dilation, groups, bias_grad, splits, prologue, channels_last,
+        force_int64, key[-1]))
+    copy_g, copy_x, ints, problem, split_of, grid, consts, memo = plan
     C_out, cin_g, KH, KW = weight_shape
-    OH, OW = grad_out.shape[2], grad_out.shape[3]
-    P = N * OH * OW
-    cout_g = C_out // groups
-    if P == 0 or C_out == 0 or cin_g == 0:
-        dw = x.new_zeros(weight_shape).contiguous(memory_format=torch.channels_last if channels_last
-                                                   else torch.contiguous_format)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if grid is None:  # no pixels or no channels: zero gradients
+        dw = x.new_zeros(weight_shape).contiguous(memory_format=fmt)
         return dw, (x.new_zeros(C_out) if bias_grad else None)
-    part_dtype = accumulation_dtype(x.dtype)
+    if copy_g:
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    if copy_x:
+        x = x.contiguous(memory_format=torch.channels_last)
     # every element written by the wgrad kernel (one split) or the reduce pass, in the weight's layout
     if channels_last:
         dw = workspace((C_out, KH, KW, cin_g), x.device, x.dtype).permute(0, 3, 1, 2)
     else:
         dw = workspace(weight_shape, x.device, x.dtype)
     db = workspace((C_out,), x.device, grad_out.dtype) if bias_grad else None
+    in_scale, in_shift, _ = prologue_args(prologue, x.shape[1], x)
+    _wgrad(
+        grid,
+        grad_out, x,
+        *ints[0],
+        in_scale, in_shift,
+        *ints[1],
+        problem=problem,
+        device=x.device,
+        scratch=_wgrad_scratch(split_of, dw, db, x.device, cin_g, groups, KH, KW),
+        memo=memo,
+        **consts,
+    )
+    return dw, db
+
+
+def _weight_grad_plan(grad_out, x, weight_shape, stride, padding, dilation, groups, bias_grad, splits, prologue,
+                      channels_last, force_int64, sms):
+    """conv2d_weight_grad's launch plan for its call signature (see _forward_plan): (copy grad_out?, copy x?,
+    integer arguments before and after the prologue coefficients, Problem, split_of(meta) -> (splits, chunk),
+    grid (None: zero gradients), constexprs, autotune memo key)."""
+    copy_g, copy_x = channels_strided(grad_out), channels_strided(x)
+    gm, xm = meta_operand(grad_out), meta_operand(x)
+    N, C, H, W = x.shape
+    C_out, cin_g, KH, KW = weight_shape
+    OH, OW = grad_out.shape[2], grad_out.shape[3]
+    P = N * OH * OW
+    cout_g = C_out // groups
+    if P == 0 or C_out == 0 or cin_g == 0:
+        return copy_g, copy_x, None, None, None, None, {}, None
+    dwm = (torch.empty((C_out, KH, KW, cin_g), dtype=x.dtype, device="meta").permute(0, 3, 1, 2) if channels_last
+           else torch.empty(weight_shape, dtype=x.dtype, device="meta"))
     if splits:  # a fixed split count (tests); else per tile, to fill one wave (Problem.split_fill)
         k_per_split = cdiv(cdiv(P, splits), SPLIT_K_ALIGN) * SPLIT_K_ALIGN
         problem = Problem(cout_g, cin_g, k_per_split, 1, KH * KW * cdiv(P, k_per_split) * groups)
     else:
-        problem = Problem(cout_g, cin_g, P, 1, KH * KW * groups, split_fill=sm_count(x.device))
+        problem = Problem(cout_g, cin_g, P, 1, KH * KW * groups, split_fill=sms)
 
     def split_of(meta):
         if splits:
             return cdiv(P, problem.k_per_tap), problem.k_per_tap
         return problem.splits((meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], 0, 0))
 
-    # dw laid out [C_out, KH, KW, cin_g] (channels_last, or any 1x1 weight) takes the kernel's own store
-    direct_ok = dw.permute(0, 2, 3, 1).is_contiguous()
-
-    def scratch(meta):
-        """One split into a dw the kernel can store: dw and db themselves; else fp32 partials
-        [split, C_out, KH, KW, cin_g] and [split, C_out] that each tile's last split adds up into dw and db
-        (REDUCE_LAST; sized per tile: the split count depends on it)."""
-        split, chunk = split_of(meta)
-        db_out = db if db is not None else dw
-        if split == 1 and direct_ok:
-            return dict(dw_ptr=dw, db_ptr=db_out, K_PER_SPLIT=chunk, dwf_ptr=dw, dbf_ptr=db_out, lock_ptr=dw,
-                        REDUCE_LAST=False)
-        partial = workspace((split, C_out, KH, KW, cin_g), x.device, part_dtype)
-        db_partial = workspace((split, C_out), x.device, part_dtype) if bias_grad else partial
-        tiles = cdiv(cout_g, meta["BLOCK_M"]) * KH * KW * cdiv(cin_g, meta["BLOCK_N"]) * groups
-        return dict(dw_ptr=partial, db_ptr=db_partial, K_PER_SPLIT=chunk, dwf_ptr=dw, dbf_ptr=db_out,
-                    lock_ptr=ticket_counters(x.device, tiles), REDUCE_LAST=True)
-
-    in_scale, in_shift, in_act = prologue_args(prologue, C, x)
-    _wgrad(
-        lambda meta: (
-            cdiv(cout_g, meta["BLOCK_M"]) * KH * KW * cdiv(cin_g, meta["BLOCK_N"]),
-            split_of(meta)[0],
-            groups,
-        ),
-        grad_out, x,
-        P, H, W, OH, OW, cin_g, cout_g, KH, KW,
-        stride[0], stride[1], pads(padding)[0], pads(padding)[2], dilation[0], dilation[1],
-        *grad_out.stride(), *x.stride(),
-        in_scale, in_shift,
-        C_out, *dw.stride(),
-        problem=problem,
-        device=x.device,
-        scratch=scratch,
+    top, _, left, _ = pads(padding)
+    ints = ((P, H, W, OH, OW, cin_g, cout_g, KH, KW, stride[0], stride[1], top, left, dilation[0], dilation[1],
+             *gm.stride(), *xm.stride()),
+            (C_out, *dwm.stride()))
+    consts = dict(
         HAS_DBIAS=bias_grad,
         ACC_TYPE=acc_dtype(x.dtype),
         PRECISION=dot_precision(x.dtype),
         UPCAST=upcast_dot_operands(x.dtype),
         # the partials hold up to max(splits, SPLIT_K_MAX) copies of dw
-        IDX64=force_int64 or needs_int64(grad_out, x, dw) or max(splits or 0, SPLIT_K_MAX) * dw.numel() >= 2**31 - 2**20,
+        IDX64=(force_int64 or needs_int64(gm, xm, dwm)
+               or max(splits or 0, SPLIT_K_MAX) * dwm.numel() >= 2**31 - 2**20),
         PROLOGUE=prologue is not None,
-        IN_ACT=in_act,
+        IN_ACT=0 if prologue is None else ACTIVATIONS[prologue[2]],
     )
-    return dw, db
+
+    def grid(meta):
+        return cdiv(cout_g, meta["BLOCK_M"]) * KH * KW * cdiv(cin_g, meta["BLOCK_N"]), split_of(meta)[0], groups
+
+    return (copy_g, copy_x, ints, problem, split_of, grid, consts,
+            (x.device, x.dtype, problem, *consts.items()))
+
+
+def _wgrad_scratch(split_of, dw, db, device, cin_g: int, groups: int, KH: int, KW: int):
+    """scratch(meta) of a wgrad launch. One split into a dw the kernel can store (laid out [C_out, KH, KW, cin_g]:
+    channels_last, or any 1x1 weight): dw and db themselves; else fp32 partials [split, C_out, KH, KW, cin_g]
+    and [split, C_out] that each tile's last split adds up into dw and db (REDUCE_LAST; sized per tile: the
+    split count depends on it)."""
+    C_out = dw.shape[0]
+    part_dtype = accumulation_dtype(dw.dtype)
+
+    def scratch(meta):
+        split, chunk = split_of(meta)
+        db_out = db if db is not None else dw
+        if split == 1 and dw.permute(0, 2, 3, 1).is_contiguous():
+            return dict(dw_ptr=dw, db_ptr=db_out, K_PER_SPLIT=chunk, dwf_ptr=dw, dbf_ptr=db_out, lock_ptr=dw,
+                        REDUCE_LAST=False)
+        partial = workspace((split, C_out, KH, KW, cin_g), device, part_dtype)
+        db_partial = workspace((split, C_out), device, part_dtype) if db is not None else partial
+        tiles = cdiv(C_out // groups, meta["BLOCK_M"]) * KH * KW * cdiv(cin_g, meta["BLOCK_N"]) * groups
+        return dict(dw_ptr=partial, db_ptr=db_partial, K_PER_SPLIT=chunk, dwf_ptr=dw, dbf_ptr=db_out,
+                    lock_ptr=ticket_counters(device, tiles), REDUCE_LAST=True)
+
+    return scratch

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -36,6 +37,7 @@ import time
 import torch
 import triton
 
+from .._backend import env_flag, getenv
 from . import configs as cfgs
 from ._common import cdiv, interpreting, next_pow2
 
@@ -48,20 +50,25 @@ DEFAULT_SMS = 132
 def sm_count(device: torch.device | None = None) -> int:
     """Streaming multiprocessors the grids are sized for: FASTCONV_SM_COUNT if set (tests simulate several GPUs),
     else the CUDA device's count, else DEFAULT_SMS."""
-    env = os.environ.get("FASTCONV_SM_COUNT")
+    env = getenv("FASTCONV_SM_COUNT")
     if env:
         return max(1, int(env))
     if device is not None and device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return DEFAULT_SMS
 
 
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def autotune_enabled() -> bool:
-    return os.environ.get("FASTCONV_AUTOTUNE", "1") not in ("", "0")
+    return env_flag("FASTCONV_AUTOTUNE", True)
 
 
 def interpret_autotune() -> bool:
-    return os.environ.get("FASTCONV_INTERPRET_AUTOTUNE", "0") not in ("", "0")
+    return env_flag("FASTCONV_INTERPRET_AUTOTUNE", False)
 
 
 _forced: contextvars.ContextVar[Tile | None] = contextvars.ContextVar("fastconv_forced_tile", default=None)
@@ -318,40 +325,52 @@ class TunedKernel:
     def __init__(self, kernel, family: str):
         self.kernel = kernel
         self.family = family
-        # (device, dtype, problem, autotune on/off, constexprs) -> (tile, pinned registers): the per-call fast path
-        self._memo: dict[tuple, tuple[Tile, int | None]] = {}
+        # (autotune on/off, signature) -> (tile, meta): the per-call fast path. The signature is the caller's
+        # `memo` (one launcher call signature, see conv2d's launch plans) or (device, dtype, problem,
+        # constexprs).
+        self._memo: dict[tuple, tuple[Tile, dict]] = {}
 
     def candidates(self, arch: str, kind: str, fused: bool, prologue: bool = False) -> list[tuple[Tile, int | None]]:
         return cfgs.tiles(self.family, arch, kind, fused, prologue)
 
-    def __call__(self, grid, *args, problem: Problem, device: torch.device, scratch=None, **consts):
-        def launch(tile: Tile, maxnreg: int | None = None):
-            meta = _meta(tile, maxnreg)
-            extra = scratch(meta) if scratch is not None else {}
-            g = tuple(grid(meta))
-            rec = _recorder.get()
-            if isinstance(rec, _Discard):
-                pass
-            elif rec is not None:
-                kind = cfgs.operand_kind(args[0].dtype, consts.get("PRECISION", "ieee"))
-                _record(self.kernel, tile, g, problem.k_steps(tile), True, problem.flops(),
-                        args, {**consts, **extra}, self._key(kind, cfgs.is_fused(consts), problem, consts))
-            else:
-                with device_guard(device):
-                    self.kernel[g](*args, **consts, **extra, **meta)
-            return meta, extra
-
+    def __call__(self, grid, *args, problem: Problem, device: torch.device, scratch=None, memo=None, **consts):
+        """memo: optional hashable stand-in for (device, args[0].dtype, problem, consts) that the caller worked
+        out once per call signature (saves building and hashing that tuple on every launch)."""
         rec = _recorder.get()
-        plain = _forced.get() is None and (rec is None or isinstance(rec, _Discard)) and not interpreting()
-        if plain:
-            memo = (device, args[0].dtype, problem, autotune_enabled(), *consts.items())
+        if _forced.get() is None and (rec is None or isinstance(rec, _Discard)) and not interpreting():
+            memo = (autotune_enabled(), memo if memo is not None else (device, args[0].dtype, problem,
+                                                                      *consts.items()))
             hit = self._memo.get(memo)
-            if hit is not None:
-                return launch(*hit)
-        chosen = self._choose(launch, args[0].dtype, problem, device, consts)
-        if plain:
-            self._memo[memo] = chosen
-        return launch(*chosen)
+            if hit is None:
+                tile, maxnreg = self._choose(self._launcher(grid, args, problem, device, scratch, consts),
+                                             args[0].dtype, problem, device, consts)
+                hit = self._memo[memo] = (tile, _meta(tile, maxnreg))
+            return self._launch(hit[0], hit[1], grid, args, problem, device, scratch, consts)
+        launch = self._launcher(grid, args, problem, device, scratch, consts)
+        return launch(*self._choose(launch, args[0].dtype, problem, device, consts))
+
+    def _launcher(self, grid, args, problem, device, scratch, consts):
+        def launch(tile: Tile, maxnreg: int | None = None):
+            return self._launch(tile, _meta(tile, maxnreg), grid, args, problem, device, scratch, consts)
+        return launch
+
+    def _launch(self, tile: Tile, meta: dict, grid, args, problem: Problem, device, scratch, consts):
+        """Launch (or record, or in a dry run skip) on `tile`; returns (meta, scratch kwargs)."""
+        extra = scratch(meta) if scratch is not None else {}
+        g = tuple(grid(meta))
+        rec = _recorder.get()
+        if isinstance(rec, _Discard):
+            pass
+        elif rec is not None:
+            kind = cfgs.operand_kind(args[0].dtype, consts.get("PRECISION", "ieee"))
+            _record(self.kernel, tile, g, problem.k_steps(tile), True, problem.flops(),
+                    args, {**consts, **extra}, self._key(kind, cfgs.is_fused(consts), problem, consts))
+        elif device.type == "cuda":
+            with torch.cuda.device(device):
+                self.kernel[g](*args, **consts, **extra, **meta)
+        else:
+            self.kernel[g](*args, **consts, **extra, **meta)
+        return meta, extra
 
     def _choose(self, launch, dtype: torch.dtype, problem: Problem, device: torch.device, consts: dict):
         """(tile, pinned registers) for this launch; see the module doc."""

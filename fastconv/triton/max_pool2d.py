@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .._pool_args import offsets_dtype, pool_output_size, suggest_memory_format  # noqa: F401 (re-exported)
-from ._common import acc_dtype, cdiv, check_runnable, interpreting, needs_int64
+from ._common import PlanCache, acc_dtype, cdiv, check_runnable, interpreting, needs_int64
 from .launch import run
 
 # GPU launch: BLOCK elements per program. 512 with 4 warps (4 elements per thread: 16-byte fp32 / 8-byte
@@ -272,11 +272,8 @@ def max_pool2d_forward(
     # everything but the output allocation depends only on the call signature: worked out once per signature
     key = (x.shape, x.stride(), x.dtype, x.device, tuple(kernel_size), tuple(stride), tuple(padding),
            tuple(dilation), ceil_mode, store_offsets, force_int64, interpreting())
-    plan = _FWD_PLANS.get(key)
-    if plan is None:
-        plan = _forward_plan(x, kernel_size, stride, padding, dilation, ceil_mode, store_offsets, force_int64)
-        if len(_FWD_PLANS) < _MAX_PLANS:
-            _FWD_PLANS[key] = plan
+    plan = _FWD_PLANS.get(key) or _FWD_PLANS.put(key, _forward_plan(
+        x, kernel_size, stride, padding, dilation, ceil_mode, store_offsets, force_int64))
     shape, fmt, off_dtype, grid, args, kwargs = plan
     y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     offsets = torch.empty(shape, dtype=off_dtype, device=x.device, memory_format=fmt) if store_offsets else None
@@ -285,8 +282,7 @@ def max_pool2d_forward(
     return y, offsets
 
 
-_FWD_PLANS: dict = {}
-_MAX_PLANS = 4096
+_FWD_PLANS = PlanCache()
 
 
 def _forward_plan(x, kernel_size, stride, padding, dilation, ceil_mode, store_offsets, force_int64):
