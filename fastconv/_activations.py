@@ -10,5 +10,8 @@ NAMES = ("identity", "relu", "relu6", "silu", "hardswish")
 CODES = {name: code for code, name in enumerate(NAMES)}
 FUNCTIONS = {"identity": lambda t: t, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish}
 MODULES = {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish}
+# Activations whose derivative is a 0/1 mask of the pre-activation u (also readable off the output): backward
+# passes keep no extra tile live for them (the Triton dgrad's BatchNorm epilogue takes only these).
+MASK_ACTIVATIONS = ("identity", "relu", "relu6")
 # nn activation module class -> name (what convert() fuses; Identity is not an activation there)
 BY_MODULE = {cls: name for name, cls in MODULES.items() if name != "identity"}

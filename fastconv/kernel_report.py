@@ -178,10 +178,23 @@ CASES = {
                                              prologue_stats=dict(HAS_BIAS=False, STATS=True, PROLOGUE=True,
                                                                  IN_ACT=1)),
                                types=dict(_FP32_STATS, **_FP32_PROLOGUE)),
-    "_conv2d_dgrad_kernel": dict(family="conv2d_dgrad", base=dict(stride_h=1, stride_w=1, GROUP_M=8, SPLIT_N=False),
-                                 args=_CONV,
+    "_conv2d_dgrad_kernel": dict(family="conv2d_dgrad", base=dict(stride_h=1, stride_w=1, GROUP_M=8, SPLIT_N=False,
+                                                                  BN_GRAD=False, BN_AFFINE=False, BN_ACT=0),
+                                 args=dict(_CONV, **_strides("sz", 64, 56, 56), bn_eps=1e-5),
                                  variants={"stride2": dict(stride_h=2, stride_w=2, args=_conv_args(stride=2)),
-                                           "NCHW": dict(SPLIT_N=True, args=_conv_args(nchw=("sdx",)))}),
+                                           "NCHW": dict(SPLIT_N=True, args=_conv_args(nchw=("sdx",))),
+                                           # a chain's dgrad with BatchNorm's backward sums in its epilogue (fp32
+                                           # statistics and partials): ReLU, ReLU6 at stride 2. Launched only
+                                           # channels_last, int32, mask activations (triton.conv2d.bn_grad_fusable:
+                                           # NCHW / IDX64 / SiLU variants spilled 8-1,132 B)
+                                           "bn_grad": dict(BN_GRAD=True, BN_AFFINE=True, BN_ACT=1),
+                                           "bn_grad_relu6_stride2": dict(BN_GRAD=True, BN_AFFINE=True, BN_ACT=2,
+                                                                         stride_h=2, stride_w=2,
+                                                                         args=dict(_conv_args(stride=2),
+                                                                                   **_strides("sz", 64, 56, 56),
+                                                                                   bn_eps=1e-5))},
+                                 types=dict(bn_mean_ptr="fp32", bn_var_ptr="fp32", bn_w_ptr="fp32",
+                                            bn_b_ptr="fp32", sum_g_ptr="fp32", sum_gx_ptr="fp32")),
     # split-K: fp32 partials whose tile's last split sums them into dw / db (REDUCE_LAST; ticket counters i32)
     "_conv2d_wgrad_kernel": dict(family="conv2d_wgrad", base=dict(HAS_DBIAS=False, REDUCE_LAST=True, **_NO_PROLOGUE),
                                  args=_CONV,
@@ -217,6 +230,12 @@ CASES = {
                   "final_fold_no_affine": dict(FINAL=True, FOLD=True)},
         types=dict(run_mean_ptr="bf16", run_var_ptr="bf16", gamma_ptr="bf16", beta_ptr="bf16", count_ptr="i64"),
         dtypes=("fp32",)),  # fp32 statistics whatever the model's dtype
+    # the column sums of a chain dgrad's BatchNorm partials: chunks and a last-program sum (ticket counters i32)
+    "_bn_sum_rows_kernel": dict(
+        tiles=lambda m: [(dict(BLOCK_T=m.COMBINE_BLOCK_T, BLOCK_C=m.COMBINE_BLOCK_C), 4, 3)],
+        base=dict(LAST_SUMS=True), args=dict(T=4096, C=64, ROWS=1024, CHUNKS=4),
+        variants={"one_chunk": dict(LAST_SUMS=False, args=dict(T=1024, C=64, ROWS=1024, CHUNKS=1))},
+        types=dict(lock_ptr="i32"), dtypes=("fp32",)),
     "_batch_norm_act_fwd_kernel": dict(tiles=_bn_tiles, base=_BN_FWD_BASE, args=_BN, types=_BN_TYPES,
                                        variants={"res_silu": _BN_RES_SILU}),
     "_batch_norm_act_bwd_reduce_kernel": dict(tiles=_bn_tiles, base=_BN_REDUCE_BASE, args=dict(_BN, SPLITS=33),
@@ -257,6 +276,7 @@ QUICK_DTYPES = {
     "_max_pool2d_bwd_kernel": ("bf16",),
     "_batch_norm_act_fwd_kernel": ("fp16",),
     "_batch_norm_act_bwd_reduce_kernel": ("bf16",),
+    "_bn_sum_rows_kernel": ("fp32",),
     "_batch_norm_act_bwd_apply_kernel": ("fp32",),
     "_batch_norm_act_pool_fwd_kernel": ("bf16",),
     "_batch_norm_combine_kernel": ("fp32",),

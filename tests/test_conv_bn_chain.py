@@ -246,8 +246,10 @@ def test_emulated_autotune(device, triton_backend, monkeypatch):
     if not launch.interpreting():
         pytest.skip("autotune emulation runs under the Triton interpreter; on a GPU the real autotuner runs")
     monkeypatch.setenv("FASTCONV_INTERPRET_AUTOTUNE", "1")
+    # a channels_last ReLU6 producer: its consumer's dgrad takes the BatchNorm sums in its epilogue, into partials
+    # sized per tried tile
     cfg = dict(input=(2, 3, 7, 6), dtype=torch.float64, layout="channels_last",
-               blocks=[_block(4, act="silu"), _block(5, stride=2, act="relu", momentum=None)])
+               blocks=[_block(4, act="relu6"), _block(5, stride=2, act="silu", momentum=None)])
     check_functional(cfg, "triton", device, "autotune")
 
 
@@ -348,3 +350,100 @@ def test_fx_traced_residual_blocks_chain(device, triton_backend, monkeypatch):
         x = randn((2, 3, 9, 8), torch.float64, "cpu", gen)
         assert_close(model(x.to(device=device, dtype=torch.float32)), ref(x), torch.float32, "eval")
     assert spy.calls["conv_bn_stats"] == 0
+
+
+def _input_grad_bn_act_reference(g, w, z, mean, var, gamma, beta, eps, act, geo):
+    """float64 autograd of conv(act(bn(z))) with z's batch statistics -> (grad_z, dbeta, dgamma)."""
+    stride, padding, dilation, groups = geo
+    zd = z.detach().double().cpu().requires_grad_()
+    gd = gamma.detach().double().cpu().requires_grad_() if gamma is not None else None
+    bd = beta.detach().double().cpu().requires_grad_() if beta is not None else None
+    x = torch.nn.functional.batch_norm(zd, None, None, gd, bd, True, 0.0, eps)
+    x = ACT_MODULES[act]()(x)
+    top, bottom, left, right = padding
+    x = torch.nn.functional.pad(x, (left, right, top, bottom))
+    y = torch.nn.functional.conv2d(x, w.detach().double().cpu(), None, stride, 0, dilation, groups)
+    wrt = [zd] + [t for t in (bd, gd) if t is not None]
+    return torch.autograd.grad(y, wrt, g.double().cpu())
+
+
+@pytest.mark.parametrize("case", [
+    dict(z=(2, 6, 9, 7), w=(4, 3, 3, 3), geo=([2, 2], [1, 1, 1, 1], [1, 1], 2), act="relu6", affine=True),
+    dict(z=(3, 40, 5, 6), w=(36, 40, 3, 1), geo=([1, 1], [1, 1, 0, 0], [1, 1], 1), act="relu", affine=False),
+    dict(z=(1, 5, 8, 8), w=(5, 5, 3, 3), geo=([1, 2], [2, 2, 1, 0], [2, 1], 1), act="identity", affine=True),
+    # not a mask activation: the dgrad and BatchNorm's reduce pass run apart (same op, same answer)
+    dict(z=(2, 6, 7, 7), w=(4, 6, 3, 3), geo=([2, 1], [1, 1, 1, 1], [1, 1], 1), act="silu", affine=True),
+], ids=["stride2_groups_relu6", "channel_tiles_relu_no_affine", "dilated_asymmetric_identity", "silu_unfused"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_input_grad_bn_act_op(case, backend, device, monkeypatch):
+    """fastconv::conv2d_input_grad_bn_act (the chain's dgrad with BatchNorm's first backward pass in its
+    epilogue on Triton) against float64 autograd: grad_z, dbeta = sum_g, dgamma = sum_gx; outputs and the
+    per-tile partials poisoned with NaN; NCHW and channels_last z; then opcheck."""
+    skip_unless_runnable(backend)
+    if backend != "triton":
+        device = torch.device("cpu")
+    monkeypatch.setattr(conv_ops, "alloc", nan_alloc)
+    monkeypatch.setattr(tconv, "workspace", nan_workspace)
+    gen = generator("input-grad-bn-act", repr(case))
+    f32 = torch.float32
+    geo = case["geo"]
+    z = randn(case["z"], f32, device, gen)
+    C = case["z"][1]
+    mean = z.double().mean((0, 2, 3)).float()
+    var = z.double().var((0, 2, 3), unbiased=False).float()
+    gamma = randn((C,), f32, device, gen) if case["affine"] else None
+    beta = randn((C,), f32, device, gen) if case["affine"] else None
+    w = randn(case["w"], f32, device, gen, 0.3)
+    stride, padding, dilation, groups = geo
+    oh = (case["z"][2] + padding[0] + padding[1] - dilation[0] * (case["w"][2] - 1) - 1) // stride[0] + 1
+    ow = (case["z"][3] + padding[2] + padding[3] - dilation[1] * (case["w"][3] - 1) - 1) // stride[1] + 1
+    g = randn((case["z"][0], case["w"][0], oh, ow), f32, device, gen)
+    want = _input_grad_bn_act_reference(g, w, z, mean, var, gamma, beta, 1e-5, case["act"], geo)
+    op = torch.ops.fastconv.conv2d_input_grad_bn_act.default
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        zk = z.contiguous(memory_format=fmt)
+        grad_z, sum_g, sum_gx = op(g, w, zk, mean, var, gamma, beta, 1e-5, case["act"], *geo, backend)
+        assert grad_z.is_contiguous(memory_format=fmt)
+        assert_close(grad_z, want[0], f32, f"{backend} grad_z {fmt}")
+        if case["affine"]:
+            assert_close(sum_g, want[1], f32, f"{backend} dbeta {fmt}")
+            assert_close(sum_gx, want[2], f32, f"{backend} dgamma {fmt}")
+    from torch.library import opcheck
+
+    opcheck(op, (g, w, z, mean, var, gamma, beta, 1e-5, case["act"], *geo, backend))
+
+
+def test_bn_grad_epilogue_where_it_applies(device, triton_backend):
+    """The dgrad's BatchNorm epilogue runs for channels_last z with a mask activation (three launches: dgrad, row
+    sums, apply); NCHW z or SiLU take the dgrad and both BatchNorm passes; conv2d_input_grad refuses them."""
+    from fastconv.triton import batch_norm as tbn
+
+    gen = generator("bn-grad-act")
+    z = randn((1, 4, 5, 5), torch.float32, device, gen)
+    w, g = randn((4, 4, 3, 3), torch.float32, device, gen), randn((1, 4, 5, 5), torch.float32, device, gen)
+    stats = (z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False), None, None, 1e-5)
+    geo = ((1, 1), (1, 1, 1, 1), (1, 1), 1)
+    cl = z.contiguous(memory_format=torch.channels_last)
+    for zk, act, want in [(cl, "relu", ["_conv2d_dgrad_kernel", "_bn_sum_rows_kernel"]),
+                          (z, "relu", ["_conv2d_dgrad_kernel", "_batch_norm_act_bwd_reduce_kernel"]),
+                          (cl, "silu", ["_conv2d_dgrad_kernel", "_batch_norm_act_bwd_reduce_kernel"])]:
+        with launch.recording() as launches:
+            tbn.conv2d_input_grad_bn_act(g, w, zk, *stats, act, *geo)
+        assert [r.kernel for r in launches] == [*want, "_batch_norm_act_bwd_apply_kernel"], (zk.stride(), act)
+        if want[1] != "_bn_sum_rows_kernel":
+            with pytest.raises(ValueError, match="BatchNorm epilogue"):
+                tconv.conv2d_input_grad(g, w, tuple(z.shape), *geo, bn=(zk, *stats, act))
+
+
+@pytest.mark.parametrize("rows", [0, 7, 1024, 2500])
+def test_bn_grad_sums(rows, device, triton_backend):
+    """The column sums of the dgrad's per-tile BatchNorm partials: one program per channel block up to
+    COMBINE_ROWS rows, chunks and a last-program sum past it (2500 rows: 3 chunks); float64 reference."""
+    from fastconv.triton import batch_norm as tbn
+
+    gen = generator("bn-grad-sums", rows)
+    a, b = (randn((rows, 37), torch.float32, device, gen) for _ in range(2))
+    sum_a, sum_b = tbn.bn_grad_sums(a, b)
+    assert sum_a.shape == sum_b.shape == (37,)
+    assert_close(sum_a, a.double().cpu().sum(0), torch.float32, "sum of g partials")
+    assert_close(sum_b, b.double().cpu().sum(0), torch.float32, "sum of g*xhat partials")

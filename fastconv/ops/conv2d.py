@@ -297,7 +297,7 @@ def _(grad_output, input, weight_size, stride, padding, dilation, groups, bias_g
 # Autograd: the backward is made of the gradient ops above (and elementwise epilogue algebra).
 #   z = conv(x, w) + bias;  u = z * scale + shift + residual;  y = act(u)
 
-_MASK_FROM_OUTPUT = {"identity", "relu", "relu6"}
+_MASK_FROM_OUTPUT = set(_activations.MASK_ACTIVATIONS)
 
 
 def _setup_context(ctx, inputs, output):

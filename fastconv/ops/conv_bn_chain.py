@@ -43,6 +43,7 @@ import torch
 
 from .. import _backend
 from . import conv2d as conv_ops
+from .._args import memory_format_of
 from .conv2d import ALGOS, ACTIVATIONS, _check_choice, _fake_alloc, _new_output
 from .conv2d_prologue import prologue_weight_grad_op, torch_prologue
 from .conv_bn_act import (
@@ -51,7 +52,9 @@ from .conv_bn_act import (
     _conv_backend,
     _register_autograd_of_mutating_op,
     _stat_dtype,
+    _sum_dtypes,
     batch_norm_act,
+    batch_norm_act_backward_op,
     batch_norm_act_grads,
     ext_finalize,
     counted_here,
@@ -191,14 +194,15 @@ def _backward(ctx, grad_z, _grad_mean, _grad_var, _grad_scale, _grad_shift):
     grad_input = grad_in_weight = grad_in_bias = grad_w = grad_b = None
     if needs[0] or (prologue is not None and (needs[5] or needs[6])):
         # the gradient of the conv's input x (virtual with a prologue)
-        grad_x = conv_ops.input_grad_op(grad_z, weight, ctx.input_size, stride, padding, dilation, groups,
-                                        conv_backend)
         if prologue is None:
-            grad_input = grad_x
-        else:  # x = act(bn(input)) with input's batch statistics: BatchNorm's training-mode gradient
-            grad_input, grad_in_weight, grad_in_bias, _ = batch_norm_act_grads(
-                grad_x, x, in_mean, in_var, in_weight, in_bias, None, ctx.in_eps, ctx.in_activation, needs[5],
-                needs[6], False, ctx.backend)
+            grad_input = conv_ops.input_grad_op(grad_z, weight, ctx.input_size, stride, padding, dilation, groups,
+                                                conv_backend)
+        else:  # x = act(bn(input)) with input's batch statistics: dgrad, then BatchNorm's training-mode gradient
+            grad_input, sum_g, sum_gx = input_grad_bn_act_op(grad_z, weight, x, in_mean, in_var, in_weight, in_bias,
+                                                             ctx.in_eps, ctx.in_activation, stride, padding,
+                                                             dilation, groups, ctx.backend)
+            grad_in_weight = sum_gx if (in_weight is not None and needs[5]) else None
+            grad_in_bias = sum_g if (in_bias is not None and needs[6]) else None
             grad_input = grad_input if needs[0] else None
     want_b = ctx.has_bias and needs[2]
     if needs[1] or want_b:
@@ -211,6 +215,55 @@ def _backward(ctx, grad_z, _grad_mean, _grad_var, _grad_scale, _grad_shift):
         grad_w = grad_w if needs[1] else None
         grad_b = db if want_b else None
     return (grad_input, grad_w, grad_b, None, None, grad_in_weight, grad_in_bias, *(None,) * (_NUM_INPUTS - 7))
+
+
+@torch.library.custom_op("fastconv::conv2d_input_grad_bn_act", mutates_args=())
+def conv2d_input_grad_bn_act(
+    grad_output: torch.Tensor,
+    weight: torch.Tensor,
+    z: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    bn_weight: Optional[torch.Tensor],
+    bn_bias: Optional[torch.Tensor],
+    eps: float,
+    activation: str,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_z, sum_g, sum_gx): the gradient of z through x = act(bn(z)) (z's batch statistics mean / var) and
+    conv(x, weight), and BatchNorm's sums (dbeta = sum_g, dgamma = sum_gx, in bn_bias's / bn_weight's dtypes),
+    as input_grad_op followed by batch_norm_act_backward compute them. Triton: the dgrad's epilogue takes the sums
+    per tile (no reduce pass over dx and z) where it can (triton.conv2d.bn_grad_fusable); the other backends run
+    the two ops."""
+    name = _resolve(z.device, backend)
+    fmt = memory_format_of(z)
+    if name == "triton":
+        from ..triton import batch_norm as tbn
+
+        grad_z = conv_ops.alloc(z.shape, z.dtype, z.device, fmt)  # looked up per call (tests poison it)
+        return tbn.conv2d_input_grad_bn_act(grad_output, weight, z, mean, var, bn_weight, bn_bias, eps, activation,
+                                            stride, padding, dilation, groups, out=grad_z,
+                                            param_dtypes=_sum_dtypes(mean, bn_weight, bn_bias))
+    grad_x = conv_ops.input_grad_op(grad_output, weight, list(z.shape), stride, padding, dilation, groups,
+                                    _conv_backend(name))
+    grad_z, sum_g, sum_gx, _ = batch_norm_act_backward_op(grad_x.contiguous(memory_format=fmt), z, mean, var,
+                                                          bn_weight, bn_bias, None, eps, activation, False, name)
+    return grad_z, sum_g, sum_gx
+
+
+@conv2d_input_grad_bn_act.register_fake
+def _(grad_output, weight, z, mean, var, bn_weight, bn_bias, eps, activation, stride, padding, dilation, groups,
+      backend="auto"):
+    g_dtype, gx_dtype = _sum_dtypes(mean, bn_weight, bn_bias)
+    grad_z = torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=memory_format_of(z))
+    return grad_z, mean.new_empty(z.shape[1], dtype=g_dtype), mean.new_empty(z.shape[1], dtype=gx_dtype)
+
+
+input_grad_bn_act_op = FastOp(conv2d_input_grad_bn_act)
 
 
 _register_autograd_of_mutating_op(conv_bn_stats_train, _backward, _setup_context)

@@ -49,6 +49,41 @@ def activation_grad(u, ACT: tl.constexpr):
 
 
 @triton.jit
+def bn_coefficients(c, cm, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_AFFINE: tl.constexpr, ACC: tl.constexpr):
+    """BatchNorm per channel c (where cm): mean, invstd, gamma, beta in the accumulation type."""
+    mean = tl.load(mean_ptr + c, mask=cm, other=0.0).to(ACC)
+    invstd = 1.0 / tl.sqrt(tl.load(var_ptr + c, mask=cm, other=1.0).to(ACC) + eps)
+    if HAS_AFFINE:
+        gamma = tl.load(w_ptr + c, mask=cm, other=1.0).to(ACC)
+        beta = tl.load(b_ptr + c, mask=cm, other=0.0).to(ACC)
+    else:
+        gamma = tl.full(mean.shape, 1.0, ACC)
+        beta = tl.zeros(mean.shape, ACC)
+    return mean, invstd, gamma, beta
+
+
+@triton.jit
+def store_bn_grad_sums(acc, rows, c, mask_m, mask_n, row, C, dx_ptr, z_ptr, szc, mean_ptr, var_ptr, w_ptr, b_ptr,
+                       eps, sum_g_ptr, sum_gx_ptr, HAS_AFFINE: tl.constexpr, ACT: tl.constexpr):
+    """The first pass of BatchNorm's training-mode backward, on a dgrad tile: acc is the gradient of the
+    (virtual) x = act(bn(z)) at input pixels `rows` (z's offsets) and channels c; stores this tile's sums over
+    its pixels of g = acc * act'(u) and g * xhat (xhat = (z - mean) * invstd, u = xhat * gamma + beta) at row
+    `row` of the [rows, C] partials. acc is rounded to dx's dtype first, so the sums are of the very values the
+    apply pass reads back. ACT: identity, relu or relu6 (BN_GRAD_ACTIVATIONS: a mask, no further tile live)."""
+    ACC = acc.dtype
+    mask = mask_m[:, None] & mask_n[None, :]
+    mean, invstd, gamma, beta = bn_coefficients(c, mask_n, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_AFFINE, ACC)
+    z = tl.load(z_ptr + rows[:, None] + (c * szc)[None, :], mask=mask, other=0.0).to(ACC)
+    xhat = (z - mean[None, :]) * invstd[None, :]
+    g = acc.to(dx_ptr.dtype.element_ty).to(ACC)
+    if ACT != 0:
+        g = g * activation_grad(xhat * gamma[None, :] + beta[None, :], ACT)
+    g = tl.where(mask, g, 0.0)
+    tl.store(sum_g_ptr + row * C + c, tl.sum(g, axis=0), mask=mask_n)
+    tl.store(sum_gx_ptr + row * C + c, tl.sum(g * xhat, axis=0), mask=mask_n)
+
+
+@triton.jit
 def store_tile_stats(acc, mask_m, co, mask_n, tile, C, cnt_ptr, mean_ptr, m2_ptr):
     """BatchNorm partials of this tile: per channel, the count, mean and M2 (sum of squared deviations
     from the tile mean) of its valid rows. Stored at [tile, co]; batch_norm.finalize combines them

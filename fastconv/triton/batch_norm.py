@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .._args import accumulation_dtype
 from ._common import ACTIVATIONS, acc_dtype, cdiv, check_runnable, needs_int64, ticket_counters
-from ._epilogue import activation, activation_grad, split_rows
+from ._epilogue import activation, activation_grad, bn_coefficients, split_rows
 from . import conv2d as _conv
 from .launch import run, sm_count
 from .max_pool2d import candidate_windows, window_grad_sum
@@ -145,17 +145,8 @@ def _bn_tile(p0, c0, P, C, H, W, IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLO
 
 @triton.jit
 def _bn_coefficients(c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_AFFINE: tl.constexpr, ACC: tl.constexpr):
-    """Per channel: mean, invstd, gamma, beta in the accumulation type."""
-    cm = c < C
-    mean = tl.load(mean_ptr + c, mask=cm, other=0.0).to(ACC)
-    invstd = 1.0 / tl.sqrt(tl.load(var_ptr + c, mask=cm, other=1.0).to(ACC) + eps)
-    if HAS_AFFINE:
-        gamma = tl.load(w_ptr + c, mask=cm, other=1.0).to(ACC)
-        beta = tl.load(b_ptr + c, mask=cm, other=0.0).to(ACC)
-    else:
-        gamma = tl.full(mean.shape, 1.0, ACC)
-        beta = tl.zeros(mean.shape, ACC)
-    return mean, invstd, gamma, beta
+    """Per channel c < C: mean, invstd, gamma, beta in the accumulation type."""
+    return bn_coefficients(c, c < C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_AFFINE, ACC)
 
 
 @triton.jit
@@ -273,6 +264,30 @@ def _sum_partial_rows(a_ptr, b_ptr, T, C, c, cm, a_out_ptr, b_out_ptr, ACC: tl.c
         sum_b += tl.load(b_ptr + off, mask=mask, other=0.0, cache_modifier=".cg").to(ACC)
     tl.store(a_out_ptr + c, tl.sum(sum_a, axis=0), mask=cm)
     tl.store(b_out_ptr + c, tl.sum(sum_b, axis=0), mask=cm)
+
+
+@triton.jit
+def _bn_sum_rows_kernel(a_ptr, b_ptr, T, C, ROWS, CHUNKS, part_a_ptr, part_b_ptr, lock_ptr, a_out_ptr, b_out_ptr,
+                        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, LAST_SUMS: tl.constexpr):
+    """Column sums of two [T, C] arrays -> [C] (bn_grad_sums). Without LAST_SUMS one program per channel block
+    sums all T rows. With LAST_SUMS, program (channel block, chunk) sums rows [chunk * ROWS, +ROWS) into row
+    `chunk` of the [CHUNKS, C] part arrays, and the last of a channel block's CHUNKS programs to finish (a ticket,
+    as in the reduce kernel: barrier, then an acq_rel atomic at GPU scope; it resets the counter) adds those rows
+    up in chunk order: deterministic, one launch, no program looping over more than max(ROWS, CHUNKS) rows."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    if LAST_SUMS:
+        chunk = tl.program_id(1)
+        first = chunk * ROWS
+        _sum_partial_rows(a_ptr + first * C, b_ptr + first * C, tl.minimum(T - first, ROWS), C, c, cm,
+                          part_a_ptr + chunk * C, part_b_ptr + chunk * C, ACC, BLOCK_T, BLOCK_C)
+        tl.debug_barrier()  # every thread's row stored before the ticket releases it
+        ticket = tl.atomic_add(lock_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+        if ticket == CHUNKS - 1:
+            _sum_partial_rows(part_a_ptr, part_b_ptr, CHUNKS, C, c, cm, a_out_ptr, b_out_ptr, ACC, BLOCK_T, BLOCK_C)
+            tl.atomic_xchg(lock_ptr + tl.program_id(0), 0, sem="relaxed", scope="gpu")
+    else:
+        _sum_partial_rows(a_ptr, b_ptr, T, C, c, cm, a_out_ptr, b_out_ptr, ACC, BLOCK_T, BLOCK_C)
 
 
 @triton.jit
@@ -424,27 +439,61 @@ def batch_norm_act_forward(z, mean, var, weight, bias, eps: float, activation: s
     return y
 
 
-def batch_norm_act_backward(grad_y, z, mean, var, weight, bias, eps: float, activation: str,
-                            residual: torch.Tensor | None = None, *, want_dres: bool = False,
-                            grad_z: torch.Tensor | None = None, grad_res: torch.Tensor | None = None,
-                            splits: int | None = None, force_int64: bool = False,
-                            param_dtypes: tuple[torch.dtype, torch.dtype] | None = None, pool=None):
-    """Returns (grad_z, sum_g, sum_gx, grad_residual or None); dgamma = sum_gx, dbeta = sum_g, accumulated in
-    fp32 (fp64 for fp64) and returned in param_dtypes = (sum_g's, sum_gx's) when given (the BatchNorm bias's and
-    weight's dtypes): the apply pass stores them cast, no separate cast launch.
+def bn_grad_sums(partial_g: torch.Tensor, partial_gx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, C] partial sums (conv2d_input_grad's BN_GRAD rows) -> their column sums [C], in a fixed order
+    (deterministic), in one launch: up to COMBINE_ROWS rows by one program per channel block, more in chunks of
+    at least COMBINE_ROWS rows whose last program adds the chunk sums up (_bn_sum_rows_kernel)."""
+    T, C = partial_g.shape
+    device, acc = partial_g.device, partial_g.dtype
+    out_g, out_gx = (_conv.workspace((C,), device, acc) for _ in range(2))
+    if T == 0:
+        return out_g.zero_(), out_gx.zero_()
+    rows = max(COMBINE_ROWS, cdiv(cdiv(T, COMBINE_ROWS), COMBINE_BLOCK_T) * COMBINE_BLOCK_T)
+    chunks = cdiv(T, rows)
+    if chunks > 1:
+        part_g, part_gx = (_conv.workspace((chunks, C), device, acc) for _ in range(2))
+        locks = ticket_counters(device, cdiv(C, COMBINE_BLOCK_C))
+    else:
+        part_g = part_gx = locks = out_g  # never touched
+    run(_bn_sum_rows_kernel, (cdiv(C, COMBINE_BLOCK_C), chunks), partial_g, partial_gx, T, C, rows, chunks,
+        part_g, part_gx, locks, out_g, out_gx, device=device,
+        loop=cdiv(min(T, rows), COMBINE_BLOCK_T) + (cdiv(chunks, COMBINE_BLOCK_T) if chunks > 1 else 0),
+        ACC=acc_dtype(acc), BLOCK_T=COMBINE_BLOCK_T, BLOCK_C=COMBINE_BLOCK_C, LAST_SUMS=chunks > 1)
+    return out_g, out_gx
 
-    pool: None, or (offsets, kernel_size, stride, padding, dilation) when y was max-pooled
-    (batch_norm_act_pool): grad_y is then the pooled output's gradient, gathered per pixel in both passes
-    through the argmax taps `offsets` (no residual)."""
-    check_runnable(grad_y, z)
+
+def conv2d_input_grad_bn_act(grad_out, weight, z, mean, var, bn_weight, bn_bias, eps: float, activation: str,
+                             stride, padding, dilation, groups: int, *, out=None, param_dtypes=None,
+                             force_int64: bool = False):
+    """The gradient of the producer's z through x = act(bn(z)) (training mode, z's batch statistics mean / var)
+    and conv(x, weight): (grad_z, sum_g, sum_gx) as batch_norm_act_backward returns them (dbeta = sum_g, dgamma =
+    sum_gx). Three launches and no separate reduce pass: the dgrad writes dx laid out like z and its tiles' BatchNorm
+    sums (conv2d_input_grad's bn), bn_grad_sums adds the tile rows up, the apply pass makes grad_z (in place of dx,
+    in `out` if given). Where the epilogue does not apply (conv2d.bn_grad_fusable), the dgrad and the two passes
+    of batch_norm_act_backward."""
+    check_runnable(grad_out, weight, z)
+    dx = out if out is not None else torch.empty_like(z)
+    if not _conv.bn_grad_fusable(grad_out, weight, z, activation, force_int64):
+        _conv.conv2d_input_grad(grad_out, weight, tuple(z.shape), stride, padding, dilation, groups, out=dx,
+                                force_int64=force_int64)
+        grad_z, sum_g, sum_gx, _ = batch_norm_act_backward(dx, z, mean, var, bn_weight, bn_bias, eps, activation,
+                                                           grad_z=dx, param_dtypes=param_dtypes,
+                                                           force_int64=force_int64)
+        return grad_z, sum_g, sum_gx
+    dx, partials = _conv.conv2d_input_grad(grad_out, weight, tuple(z.shape), stride, padding, dilation, groups,
+                                           out=dx, bn=(z, mean, var, bn_weight, bn_bias, eps, activation),
+                                           force_int64=force_int64)
+    grad_z, sum_g, sum_gx, _ = batch_norm_act_backward(dx, z, mean, var, bn_weight, bn_bias, eps, activation,
+                                                       grad_z=dx, sums=bn_grad_sums(*partials),
+                                                       param_dtypes=param_dtypes, force_int64=force_int64)
+    return grad_z, sum_g, sum_gx
+
+
+def _reduce(grad_y, z, res, offsets, mean, var, w, b, eps, pool_args, splits, common):
+    """The backward's reduce pass: (sum_g, sum_gx) [C] over all pixels."""
     N, C, H, W = z.shape
     P = N * H * W
-    dz = grad_z if grad_z is not None else torch.empty_like(z)
-    dres = (grad_res if grad_res is not None else torch.empty_like(z)) if want_dres else None
     acc = accumulation_dtype(z.dtype)
-    g_dtype, gx_dtype = param_dtypes if param_dtypes is not None else (acc, acc)
-    if P == 0:
-        return dz, torch.zeros(C, device=z.device, dtype=g_dtype), torch.zeros(C, device=z.device, dtype=gx_dtype), dres
     if splits is None:
         splits = reduce_splits(P, C, z.device)
     per_split = cdiv(cdiv(P, splits), BLOCK_P) * BLOCK_P
@@ -458,6 +507,38 @@ def batch_norm_act_backward(grad_y, z, mean, var, weight, bias, eps: float, acti
         locks = ticket_counters(z.device, cdiv(C, BLOCK_C))
     else:
         sum_g_acc, sum_gx_acc, locks = sum_g_p, sum_gx_p, sum_g_p
+    run(_batch_norm_act_bwd_reduce_kernel, (cdiv(C, BLOCK_C), splits),
+        grad_y, z, res, offsets, mean, var, w, b, sum_g_p, sum_gx_p, locks, sum_g_acc, sum_gx_acc,
+        P, C, H, W, eps, per_split, splits, *grad_y.stride(), *z.stride(), *res.stride(), *pool_args,
+        device=z.device, loop=cdiv(per_split, BLOCK_P) + cdiv(splits, COMBINE_BLOCK_T) * (splits > 1),
+        LAST_SUMS=splits > 1, BLOCK_T=COMBINE_BLOCK_T, **common,
+    )
+    return sum_g_acc, sum_gx_acc
+
+
+def batch_norm_act_backward(grad_y, z, mean, var, weight, bias, eps: float, activation: str,
+                            residual: torch.Tensor | None = None, *, want_dres: bool = False,
+                            grad_z: torch.Tensor | None = None, grad_res: torch.Tensor | None = None,
+                            splits: int | None = None, force_int64: bool = False,
+                            param_dtypes: tuple[torch.dtype, torch.dtype] | None = None, pool=None, sums=None):
+    """Returns (grad_z, sum_g, sum_gx, grad_residual or None); dgamma = sum_gx, dbeta = sum_g, accumulated in
+    fp32 (fp64 for fp64) and returned in param_dtypes = (sum_g's, sum_gx's) when given (the BatchNorm bias's and
+    weight's dtypes): the apply pass stores them cast, no separate cast launch.
+
+    pool: None, or (offsets, kernel_size, stride, padding, dilation) when y was max-pooled
+    (batch_norm_act_pool): grad_y is then the pooled output's gradient, gathered per pixel in both passes
+    through the argmax taps `offsets` (no residual).
+    sums: (sum_g, sum_gx) [C] worked out already (conv2d_input_grad_bn_act): no reduce pass, only the apply pass.
+    grad_z may be grad_y itself (each element is read before it is overwritten, by the same program)."""
+    check_runnable(grad_y, z)
+    N, C, H, W = z.shape
+    P = N * H * W
+    dz = grad_z if grad_z is not None else torch.empty_like(z)
+    dres = (grad_res if grad_res is not None else torch.empty_like(z)) if want_dres else None
+    acc = accumulation_dtype(z.dtype)
+    g_dtype, gx_dtype = param_dtypes if param_dtypes is not None else (acc, acc)
+    if P == 0:
+        return dz, torch.zeros(C, device=z.device, dtype=g_dtype), torch.zeros(C, device=z.device, dtype=gx_dtype), dres
     res = residual if residual is not None else z
     w, b = _affine_args(weight, bias, mean)
     if pool is not None:
@@ -469,12 +550,10 @@ def batch_norm_act_backward(grad_y, z, mean, var, weight, bias, eps: float, acti
     common = dict(HAS_AFFINE=weight is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS[activation],
                   POOL=pool is not None, ACC=acc_dtype(z.dtype),
                   IDX64=force_int64 or needs_int64(z, grad_y, residual), BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
-    run(_batch_norm_act_bwd_reduce_kernel, (cdiv(C, BLOCK_C), splits),
-        grad_y, z, res, offsets, mean, var, w, b, sum_g_p, sum_gx_p, locks, sum_g_acc, sum_gx_acc,
-        P, C, H, W, eps, per_split, splits, *grad_y.stride(), *z.stride(), *res.stride(), *pool_args,
-        device=z.device, loop=cdiv(per_split, BLOCK_P) + cdiv(splits, COMBINE_BLOCK_T) * (splits > 1),
-        LAST_SUMS=splits > 1, BLOCK_T=COMBINE_BLOCK_T, **common,
-    )
+    if sums is None:
+        sum_g_acc, sum_gx_acc = _reduce(grad_y, z, res, offsets, mean, var, w, b, eps, pool_args, splits, common)
+    else:
+        sum_g_acc, sum_gx_acc = sums
     sum_g, sum_gx = sum_g_acc, sum_gx_acc
     dres_t = dres if dres is not None else dz
     cast = (g_dtype, gx_dtype) != (acc, acc)

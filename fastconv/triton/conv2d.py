@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._activations import MASK_ACTIVATIONS
 from .._args import accumulation_dtype, conv_output_size
 from ._common import (
     cdiv,
@@ -34,6 +35,7 @@ from ._common import (
 )
 from ._epilogue import (
     activation,
+    store_bn_grad_sums,
     epilogue_store,
     fold_bias,
     grouped_tile,
@@ -175,8 +177,12 @@ def _conv2d_dgrad_kernel(
     sdyn, sdyc, sdyh, sdyw,
     swo, swc, swh, sww,
     sdxn, sdxc, sdxh, sdxw,
+    # BN_GRAD: x = act(bn(z)) of the producer's z, its batch statistics and affine (else dummies)
+    z_ptr, szn, szc, szh, szw, bn_mean_ptr, bn_var_ptr, bn_w_ptr, bn_b_ptr, bn_eps,
+    sum_g_ptr, sum_gx_ptr,  # BN_GRAD partials [stride phases * row tiles, C_in], by keyword (bn_grad_scratch)
     ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     IDX64: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_N: tl.constexpr,
+    BN_GRAD: tl.constexpr, BN_AFFINE: tl.constexpr, BN_ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx[n, ci, h, w] = sum_{co, kh, kw} dy[n, co, oh, ow] * w[co, ci, kh, kw], where
@@ -187,6 +193,11 @@ def _conv2d_dgrad_kernel(
     (one class, one tile) walks only the taps that do (an arithmetic progression, see _first_tap) instead of
     masking (stride-1)/stride of its loads, and oh = i + (rh + pad - kh*dil) / stride exactly. Every input
     pixel lies in exactly one class, so each dx element is written once, zeros included.
+
+    BN_GRAD (a chain of fused blocks, see ops.conv_bn_chain): x was act(bn(z)) of the producer's pre-BatchNorm z,
+    so dx is followed by BatchNorm's training-mode backward, whose first pass needs per channel the sums of
+    g = dx * act'(u) and g * xhat over all pixels. This program adds up its own tile's (store_bn_grad_sums) into
+    row (phase, row tile) of the partials: the backward's separate reduce pass over dx and z is not needed.
     """
     pid_pg = tl.program_id(1)
     phase = pid_pg % (stride_h * stride_w)
@@ -245,6 +256,12 @@ def _conv2d_dgrad_kernel(
     n, i, j = pixel_coords(offs_m, HP, WP, IDX64)
     dx_rows = n * sdxn + (rh + i * stride_h) * sdxh + (rw + j * stride_w) * sdxw
     store_tile(acc, dx_rows, g * CIN_G + offs_n, mask_m, mask_n, dx_ptr, sdxc, dx_ptr, False, 0, SPLIT_N)
+    if BN_GRAD:
+        z_rows = n * szn + (rh + i * stride_h) * szh + (rw + j * stride_w) * szw
+        groups = tl.num_programs(1) // (stride_h * stride_w)
+        store_bn_grad_sums(acc, z_rows, g * CIN_G + offs_n, mask_m, mask_n, phase * tl.cdiv(MP, BLOCK_M) + tile_m,
+                           CIN_G * groups, dx_ptr, z_ptr, szc, bn_mean_ptr, bn_var_ptr, bn_w_ptr, bn_b_ptr, bn_eps,
+                           sum_g_ptr, sum_gx_ptr, BN_AFFINE, BN_ACT)
 
 
 @triton.jit
@@ -501,6 +518,14 @@ def conv2d_forward(
     return (y, stats_of(extra)) if stats else y
 
 
+def bn_grad_fusable(grad_out, weight, z, activation: str, force_int64: bool = False) -> bool:
+    """Whether conv2d_input_grad's bn epilogue takes this launch: a mask activation (act' a 0/1 mask of u),
+    channels_last z (dx is laid out like z) and int32 indexing. The kernel report compiled the other variants
+    too: SiLU / Hardswish (more tiles live beside the accumulator), NCHW (the split store plus a strided z
+    tile) and IDX64 spilled 8-1,132 B, so those chains run the dgrad and BatchNorm's reduce pass apart."""
+    return (activation in MASK_ACTIVATIONS and not channels_strided(z) and not force_int64
+            and not needs_int64(grad_out, weight, z))
+
 # Launch plans per call signature of conv2d_forward, conv2d_input_grad and conv2d_weight_grad.
 _FWD_PLANS, _DGRAD_PLANS, _WGRAD_PLANS = PlanCache(), PlanCache(), PlanCache()
 
@@ -573,28 +598,64 @@ def conv2d_input_grad(
     stride, padding, dilation, groups: int,
     *,
     out: torch.Tensor | None = None,
+    bn=None,
     force_int64: bool = False,
-) -> torch.Tensor:
-    """dgrad: the gradient of conv2d with respect to its input, as an implicit GEMM over stride phases."""
+):
+    """dgrad: the gradient of conv2d with respect to its input, as an implicit GEMM over stride phases.
+
+    bn = (z, mean, var, bn_weight, bn_bias, eps, activation), where the conv's input was x = act(bn(z)) (a chain
+    of fused blocks; mean / var z's batch statistics, bn_weight / bn_bias None without affine): then returns
+    (dx, (sum_g, sum_gx)), the partial sums of BatchNorm's backward over each row tile (see the kernel's doc),
+    [rows, C_in] in the accumulation dtype with rows sized for the tile that ran; batch_norm.bn_grad_sums adds
+    them up."""
     check_runnable(grad_out, weight)
+    if bn is not None and not bn_grad_fusable(grad_out, weight, bn[0], bn[6], force_int64):
+        raise ValueError("conv2d_input_grad: the BatchNorm epilogue takes channels_last z, int32 indexing and "
+                         f"{MASK_ACTIVATIONS} (see bn_grad_fusable), not {bn[6]!r} on z of strides {bn[0].stride()}")
     key = (grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device, weight.shape, weight.stride(),
            tuple(input_shape), tuple(stride), tuple(padding), tuple(dilation), groups,
-           None if out is None else out.stride(), force_int64, torch.backends.cudnn.allow_tf32, interpreting())
+           None if out is None else out.stride(), force_int64, torch.backends.cudnn.allow_tf32, interpreting(),
+           None if bn is None else (bn[0].stride(), bn[3] is None, bn[6]))
     plan = _DGRAD_PLANS.get(key) or _DGRAD_PLANS.put(key, _input_grad_plan(
-        grad_out, weight, input_shape, stride, padding, dilation, groups, out, force_int64))
+        grad_out, weight, input_shape, stride, padding, dilation, groups, out, bn, force_int64))
     copy_g, copy_w, work, ints, problem, grid, consts, memo = plan
     dx = out if out is not None else grad_out.new_empty(input_shape)
     if work is not True:  # nothing to compute: an empty dx, or one no output pixel reaches (zeros)
-        return dx.zero_() if work == "zero" else dx
+        dx = dx.zero_() if work == "zero" else dx
+        if bn is None:
+            return dx
+        rows = 1 if work == "zero" else 0  # zero sums: one row of zeros
+        return dx, tuple(dx.new_zeros((rows, input_shape[1]), dtype=accumulation_dtype(dx.dtype)) for _ in range(2))
     if copy_g:
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     if copy_w:
         weight = weight.contiguous(memory_format=torch.channels_last)
-    _dgrad(grid, grad_out, weight, dx, *ints, problem=problem, device=grad_out.device, memo=memo, **consts)
-    return dx
+    if bn is None:
+        bn_args, scratch = (dx, 0, 0, 0, 0, dx, dx, dx, dx, 0.0, dx, dx), None  # dummies, never read
+    else:
+        z, mean, var, bn_weight, bn_bias, eps, _ = bn
+        bn_args = (z, *z.stride(), mean, var, bn_weight if bn_weight is not None else mean,
+                   bn_bias if bn_bias is not None else mean, float(eps))
+        scratch = bn_grad_scratch(problem, stride, input_shape[1], dx)
+    _, extra = _dgrad(grid, grad_out, weight, dx, *ints, *bn_args, problem=problem, device=grad_out.device,
+                      scratch=scratch, memo=memo, **consts)
+    return dx if bn is None else (dx, (extra["sum_g_ptr"], extra["sum_gx_ptr"]))
 
 
-def _input_grad_plan(grad_out, weight, input_shape, stride, padding, dilation, groups, out, force_int64):
+def bn_grad_scratch(problem: Problem, stride, channels: int, dx: torch.Tensor):
+    """scratch(meta) of a BN_GRAD dgrad launch: the [stride phases * cdiv(MP, BLOCK_M), C_in] partials, sized
+    for the tile that runs; every row is written (one per (phase, row tile), all channels over the groups and
+    channel tiles), so nothing is zero-filled and a tile the autotuner tried before leaves nothing behind."""
+    acc = accumulation_dtype(dx.dtype)
+
+    def scratch(meta):
+        rows = stride[0] * stride[1] * cdiv(problem.m, meta["BLOCK_M"])
+        return {name: workspace((rows, channels), dx.device, acc) for name in ("sum_g_ptr", "sum_gx_ptr")}
+
+    return scratch
+
+
+def _input_grad_plan(grad_out, weight, input_shape, stride, padding, dilation, groups, out, bn, force_int64):
     """conv2d_input_grad's launch plan for its call signature (see _forward_plan); `work` is True, or "zero" /
     "empty" where there is nothing to launch."""
     copy_g, copy_w = channels_strided(grad_out), channels_strided(weight)
@@ -615,13 +676,17 @@ def _input_grad_plan(grad_out, weight, input_shape, stride, padding, dilation, g
             *gm.stride(), *wm.stride(), *dxm.stride())
     # the taps one stride phase walks, at most cdiv(K, stride) per axis (_first_tap)
     problem = Problem(MP, cin_g, cout_g, cdiv(KH, sh) * cdiv(KW, sw), groups * sh * sw)
+    zm = None if bn is None else torch.empty_strided(bn[0].shape, bn[0].stride(), dtype=bn[0].dtype, device="meta")
     consts = dict(
         ACC_TYPE=acc_dtype(grad_out.dtype),
         PRECISION=dot_precision(grad_out.dtype),
         UPCAST=upcast_dot_operands(grad_out.dtype),
-        IDX64=force_int64 or needs_int64(gm, wm, dxm),
+        IDX64=force_int64 or needs_int64(gm, wm, dxm, zm),
         GROUP_M=GROUP_M,
         SPLIT_N=split_store(dxm),
+        BN_GRAD=bn is not None,
+        BN_AFFINE=bn is not None and bn[3] is not None,
+        BN_ACT=0 if bn is None else ACTIVATIONS[bn[6]],
     )
     return (copy_g, copy_w, True, ints, problem,
             lambda meta: (cdiv(MP, meta["BLOCK_M"]) * cdiv(cin_g, meta["BLOCK_N"]), groups * sh * sw), consts,
