@@ -231,7 +231,7 @@ CASES = {
         types=dict(run_mean_ptr="bf16", run_var_ptr="bf16", gamma_ptr="bf16", beta_ptr="bf16", count_ptr="i64"),
         dtypes=("fp32",)),  # fp32 statistics whatever the model's dtype
     # the column sums of a chain dgrad's BatchNorm partials: chunks and a last-program sum (ticket counters i32)
-    "_bn_sum_rows_kernel": dict(
+    "_batch_norm_sum_rows_kernel": dict(
         tiles=lambda m: [(dict(BLOCK_T=m.COMBINE_BLOCK_T, BLOCK_C=m.COMBINE_BLOCK_C), 4, 3)],
         base=dict(LAST_SUMS=True), args=dict(T=4096, C=64, ROWS=1024, CHUNKS=4),
         variants={"one_chunk": dict(LAST_SUMS=False, args=dict(T=1024, C=64, ROWS=1024, CHUNKS=1))},
@@ -276,7 +276,7 @@ QUICK_DTYPES = {
     "_max_pool2d_bwd_kernel": ("bf16",),
     "_batch_norm_act_fwd_kernel": ("fp16",),
     "_batch_norm_act_bwd_reduce_kernel": ("bf16",),
-    "_bn_sum_rows_kernel": ("fp32",),
+    "_batch_norm_sum_rows_kernel": ("fp32",),
     "_batch_norm_act_bwd_apply_kernel": ("fp32",),
     "_batch_norm_act_pool_fwd_kernel": ("bf16",),
     "_batch_norm_combine_kernel": ("fp32",),

@@ -263,7 +263,7 @@ def test_gemm_operands_channels_contiguous(triton_device, monkeypatch):
     y.backward(dy)
     assert y.is_contiguous() and x.grad.is_contiguous()
     (fx, fw, fy, *_), fkw = seen["_fwd"]
-    (gdy, gw, gdx), gkw = seen["_dgrad"]
+    (gdy, gw, gdx, *_), gkw = seen["_dgrad"]
     (wdy, wx, *_), _ = seen["_wgrad"]
     assert all(t.stride(1) == 1 for t in (fx, fw, gdy, gw, wdy, wx))
     assert fy.is_contiguous() and fkw["SPLIT_N"] and gdx.is_contiguous() and gkw["SPLIT_N"]

@@ -424,13 +424,13 @@ def test_bn_grad_epilogue_where_it_applies(device, triton_backend):
     stats = (z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False), None, None, 1e-5)
     geo = ((1, 1), (1, 1, 1, 1), (1, 1), 1)
     cl = z.contiguous(memory_format=torch.channels_last)
-    for zk, act, want in [(cl, "relu", ["_conv2d_dgrad_kernel", "_bn_sum_rows_kernel"]),
+    for zk, act, want in [(cl, "relu", ["_conv2d_dgrad_kernel", "_batch_norm_sum_rows_kernel"]),
                           (z, "relu", ["_conv2d_dgrad_kernel", "_batch_norm_act_bwd_reduce_kernel"]),
                           (cl, "silu", ["_conv2d_dgrad_kernel", "_batch_norm_act_bwd_reduce_kernel"])]:
         with launch.recording() as launches:
             tbn.conv2d_input_grad_bn_act(g, w, zk, *stats, act, *geo)
         assert [r.kernel for r in launches] == [*want, "_batch_norm_act_bwd_apply_kernel"], (zk.stride(), act)
-        if want[1] != "_bn_sum_rows_kernel":
+        if want[1] != "_batch_norm_sum_rows_kernel":
             with pytest.raises(ValueError, match="BatchNorm epilogue"):
                 tconv.conv2d_input_grad(g, w, tuple(z.shape), *geo, bn=(zk, *stats, act))
 

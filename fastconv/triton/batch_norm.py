@@ -267,7 +267,7 @@ def _sum_partial_rows(a_ptr, b_ptr, T, C, c, cm, a_out_ptr, b_out_ptr, ACC: tl.c
 
 
 @triton.jit
-def _bn_sum_rows_kernel(a_ptr, b_ptr, T, C, ROWS, CHUNKS, part_a_ptr, part_b_ptr, lock_ptr, a_out_ptr, b_out_ptr,
+def _batch_norm_sum_rows_kernel(a_ptr, b_ptr, T, C, ROWS, CHUNKS, part_a_ptr, part_b_ptr, lock_ptr, a_out_ptr, b_out_ptr,
                         ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, LAST_SUMS: tl.constexpr):
     """Column sums of two [T, C] arrays -> [C] (bn_grad_sums). Without LAST_SUMS one program per channel block
     sums all T rows. With LAST_SUMS, program (channel block, chunk) sums rows [chunk * ROWS, +ROWS) into row
@@ -442,7 +442,7 @@ def batch_norm_act_forward(z, mean, var, weight, bias, eps: float, activation: s
 def bn_grad_sums(partial_g: torch.Tensor, partial_gx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[T, C] partial sums (conv2d_input_grad's BN_GRAD rows) -> their column sums [C], in a fixed order
     (deterministic), in one launch: up to COMBINE_ROWS rows by one program per channel block, more in chunks of
-    at least COMBINE_ROWS rows whose last program adds the chunk sums up (_bn_sum_rows_kernel)."""
+    at least COMBINE_ROWS rows whose last program adds the chunk sums up (_batch_norm_sum_rows_kernel)."""
     T, C = partial_g.shape
     device, acc = partial_g.device, partial_g.dtype
     out_g, out_gx = (_conv.workspace((C,), device, acc) for _ in range(2))
@@ -455,7 +455,7 @@ def bn_grad_sums(partial_g: torch.Tensor, partial_gx: torch.Tensor) -> tuple[tor
         locks = ticket_counters(device, cdiv(C, COMBINE_BLOCK_C))
     else:
         part_g = part_gx = locks = out_g  # never touched
-    run(_bn_sum_rows_kernel, (cdiv(C, COMBINE_BLOCK_C), chunks), partial_g, partial_gx, T, C, rows, chunks,
+    run(_batch_norm_sum_rows_kernel, (cdiv(C, COMBINE_BLOCK_C), chunks), partial_g, partial_gx, T, C, rows, chunks,
         part_g, part_gx, locks, out_g, out_gx, device=device,
         loop=cdiv(min(T, rows), COMBINE_BLOCK_T) + (cdiv(chunks, COMBINE_BLOCK_T) if chunks > 1 else 0),
         ACC=acc_dtype(acc), BLOCK_T=COMBINE_BLOCK_T, BLOCK_C=COMBINE_BLOCK_C, LAST_SUMS=chunks > 1)
