@@ -47,14 +47,18 @@ _ENVIRON = getattr(os.environ, "_data", None) if os.name == "posix" else None
 _ENV_KEYS: dict[str, bytes] = {}
 
 
+def _env_bytes(name: str) -> bytes | None:
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = os.fsencode(name)
+    return _ENVIRON.get(key)
+
+
 def getenv(name: str, default: str | None = None) -> str | None:
     """os.environ.get(name, default), cheaply."""
     if not isinstance(_ENVIRON, dict):
         return os.environ.get(name, default)
-    key = _ENV_KEYS.get(name)
-    if key is None:
-        key = _ENV_KEYS[name] = os.fsencode(name)
-    value = _ENVIRON.get(key)
+    value = _env_bytes(name)
     return default if value is None else os.fsdecode(value)
 
 
@@ -63,10 +67,7 @@ def env_flag(name: str, default: bool) -> bool:
     if not isinstance(_ENVIRON, dict):
         value = os.environ.get(name)
         return default if value is None else value not in ("", "0")
-    key = _ENV_KEYS.get(name)
-    if key is None:
-        key = _ENV_KEYS[name] = os.fsencode(name)
-    value = _ENVIRON.get(key)
+    value = _env_bytes(name)
     return default if value is None else value not in (b"", b"0")
 
 

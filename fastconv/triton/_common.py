@@ -82,11 +82,15 @@ def channels_strided(t: torch.Tensor | None) -> bool:
     return t is not None and t.dim() == 4 and t.size(1) > 1 and t.stride(1) != 1
 
 
+def meta_like(t: torch.Tensor) -> torch.Tensor:
+    """A meta tensor with t's shape, strides and dtype: launch plans derive strides and index widths from it
+    without holding t."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
 def meta_operand(t: torch.Tensor) -> torch.Tensor:
-    """A meta tensor shaped and strided like channels_contiguous(t) (what a launcher will pass for t): launch
-    plans derive strides and index widths from it without holding or copying t."""
-    m = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-    return m.contiguous(memory_format=torch.channels_last) if channels_strided(t) else m
+    """meta_like(channels_contiguous(t)): what a launcher will pass for t, without copying it."""
+    return channels_contiguous(meta_like(t))
 
 
 class PlanCache:

@@ -69,7 +69,7 @@ def store_bn_grad_sums(acc, rows, c, mask_m, mask_n, row, C, dx_ptr, z_ptr, szc,
     (virtual) x = act(bn(z)) at input pixels `rows` (z's offsets) and channels c; stores this tile's sums over
     its pixels of g = acc * act'(u) and g * xhat (xhat = (z - mean) * invstd, u = xhat * gamma + beta) at row
     `row` of the [rows, C] partials. acc is rounded to dx's dtype first, so the sums are of the very values the
-    apply pass reads back. ACT: identity, relu or relu6 (BN_GRAD_ACTIVATIONS: a mask, no further tile live)."""
+    apply pass reads back. ACT: identity, relu or relu6 (conv2d.bn_grad_fusable: a mask, no further tile live)."""
     ACC = acc.dtype
     mask = mask_m[:, None] & mask_n[None, :]
     mean, invstd, gamma, beta = bn_coefficients(c, mask_n, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_AFFINE, ACC)

@@ -27,6 +27,7 @@ from ._common import (
     check_runnable,
     dot_precision,
     interpreting,
+    meta_like,
     meta_operand,
     needs_int64,
     PlanCache,
@@ -486,11 +487,8 @@ def conv2d_forward(
     plan = _FWD_PLANS.get(key) or _FWD_PLANS.put(key, _forward_plan(
         x, weight, bias, stride, padding, dilation, groups, scale, shift, residual, activation, out, stats,
         prologue, force_int64))
-    copy_x, copy_w, shape, ints, problem, grid, consts, memo = plan
-    if copy_x:
-        x = x.contiguous(memory_format=torch.channels_last)
-    if copy_w:
-        weight = weight.contiguous(memory_format=torch.channels_last)
+    shape, ints, problem, grid, consts, memo = plan
+    x, weight = channels_contiguous(x), channels_contiguous(weight)
     y = out if out is not None else x.new_empty(shape)
     if grid is None:  # nothing to compute
         return (y, empty_stats(shape[1], y)) if stats else y
@@ -526,31 +524,29 @@ def bn_grad_fusable(grad_out, weight, z, activation: str, force_int64: bool = Fa
     return (activation in MASK_ACTIVATIONS and not channels_strided(z) and not force_int64
             and not needs_int64(grad_out, weight, z))
 
+
 # Launch plans per call signature of conv2d_forward, conv2d_input_grad and conv2d_weight_grad.
 _FWD_PLANS, _DGRAD_PLANS, _WGRAD_PLANS = PlanCache(), PlanCache(), PlanCache()
 
 
 def _forward_plan(x, weight, bias, stride, padding, dilation, groups, scale, shift, residual, activation, out,
                   stats, prologue, force_int64):
-    """(copy x?, copy weight?, output shape, the launch's integer arguments, Problem, grid (None: empty output),
-    constexprs, autotune memo key) of conv2d_forward's call signature. Works on meta stand-ins of the tensors
-    (strides as the call will see them after its channels_last copies), so the plan holds no tensor."""
-    copy_x, copy_w = channels_strided(x), channels_strided(weight)
+    """(output shape, the launch's integer arguments, Problem, grid (None: empty output), constexprs, autotune
+    memo key) of conv2d_forward's call signature. Works on meta stand-ins of the tensors (strides as the call
+    will see them after its channels_last copies), so the plan holds no tensor."""
     xm, wm = meta_operand(x), meta_operand(weight)
     N, C, H, W = x.shape
     C_out, cin_g, KH, KW = weight.shape
     OH, OW = output_hw(H, W, KH, KW, stride, padding, dilation)
     shape = (N, C_out, OH, OW)
-    ym = (torch.empty_strided(shape, out.stride(), dtype=x.dtype, device="meta") if out is not None
-          else xm.new_empty(shape))
+    ym = meta_like(out) if out is not None else xm.new_empty(shape)
     M = N * OH * OW
     cout_g = C_out // groups
     problem = Problem(M, cout_g, cin_g, KH * KW, groups)
     if M == 0 or C_out == 0:
-        return copy_x, copy_w, shape, (), problem, None, {}, None
+        return shape, (), problem, None, {}, None
     top, _, left, _ = pads(padding)
-    rm = None if residual is None else residual_like(torch.empty_strided(
-        residual.shape, residual.stride(), dtype=residual.dtype, device="meta"), ym)
+    rm = None if residual is None else residual_like(meta_like(residual), ym)
     ints = (M, H, W, OH, OW, cin_g, cout_g, KH, KW, stride[0], stride[1], top, left, dilation[0], dilation[1],
             *xm.stride(), *wm.stride(), *ym.stride())
     consts = dict(
@@ -569,7 +565,7 @@ def _forward_plan(x, weight, bias, stride, padding, dilation, groups, scale, shi
         PROLOGUE=prologue is not None,
         IN_ACT=0 if prologue is None else ACTIVATIONS[prologue[2]],
     )
-    return (copy_x, copy_w, shape, ints, problem,
+    return (shape, ints, problem,
             lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(cout_g, meta["BLOCK_N"]), groups), consts,
             (x.device, x.dtype, problem, *consts.items()))
 
@@ -609,16 +605,13 @@ def conv2d_input_grad(
     [rows, C_in] in the accumulation dtype with rows sized for the tile that ran; batch_norm.bn_grad_sums adds
     them up."""
     check_runnable(grad_out, weight)
-    if bn is not None and not bn_grad_fusable(grad_out, weight, bn[0], bn[6], force_int64):
-        raise ValueError("conv2d_input_grad: the BatchNorm epilogue takes channels_last z, int32 indexing and "
-                         f"{MASK_ACTIVATIONS} (see bn_grad_fusable), not {bn[6]!r} on z of strides {bn[0].stride()}")
     key = (grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device, weight.shape, weight.stride(),
            tuple(input_shape), tuple(stride), tuple(padding), tuple(dilation), groups,
            None if out is None else out.stride(), force_int64, torch.backends.cudnn.allow_tf32, interpreting(),
            None if bn is None else (bn[0].stride(), bn[3] is None, bn[6]))
     plan = _DGRAD_PLANS.get(key) or _DGRAD_PLANS.put(key, _input_grad_plan(
         grad_out, weight, input_shape, stride, padding, dilation, groups, out, bn, force_int64))
-    copy_g, copy_w, work, ints, problem, grid, consts, memo = plan
+    work, ints, problem, grid, consts, memo = plan
     dx = out if out is not None else grad_out.new_empty(input_shape)
     if work is not True:  # nothing to compute: an empty dx, or one no output pixel reaches (zeros)
         dx = dx.zero_() if work == "zero" else dx
@@ -626,10 +619,7 @@ def conv2d_input_grad(
             return dx
         rows = 1 if work == "zero" else 0  # zero sums: one row of zeros
         return dx, tuple(dx.new_zeros((rows, input_shape[1]), dtype=accumulation_dtype(dx.dtype)) for _ in range(2))
-    if copy_g:
-        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
-    if copy_w:
-        weight = weight.contiguous(memory_format=torch.channels_last)
+    grad_out, weight = channels_contiguous(grad_out), channels_contiguous(weight)
     if bn is None:
         bn_args, scratch = (dx, 0, 0, 0, 0, dx, dx, dx, dx, 0.0, dx, dx), None  # dummies, never read
     else:
@@ -657,17 +647,18 @@ def bn_grad_scratch(problem: Problem, stride, channels: int, dx: torch.Tensor):
 
 def _input_grad_plan(grad_out, weight, input_shape, stride, padding, dilation, groups, out, bn, force_int64):
     """conv2d_input_grad's launch plan for its call signature (see _forward_plan); `work` is True, or "zero" /
-    "empty" where there is nothing to launch."""
-    copy_g, copy_w = channels_strided(grad_out), channels_strided(weight)
+    "empty" where there is nothing to launch. Raises where the bn epilogue does not apply (bn_grad_fusable)."""
+    if bn is not None and not bn_grad_fusable(grad_out, weight, bn[0], bn[6], force_int64):
+        raise ValueError("conv2d_input_grad: the BatchNorm epilogue takes channels_last z, int32 indexing and "
+                         f"{MASK_ACTIVATIONS} (see bn_grad_fusable), not {bn[6]!r} on z of strides {bn[0].stride()}")
     gm, wm = meta_operand(grad_out), meta_operand(weight)
-    dxm = (torch.empty_strided(input_shape, out.stride(), dtype=grad_out.dtype, device="meta") if out is not None
-           else gm.new_empty(input_shape))
+    dxm = meta_like(out) if out is not None else gm.new_empty(input_shape)
     N, C, H, W = input_shape
     C_out, cin_g, KH, KW = weight.shape
     OH, OW = grad_out.shape[2], grad_out.shape[3]
     cout_g = C_out // groups
     if dxm.numel() == 0 or cout_g == 0 or OH * OW == 0:
-        return copy_g, copy_w, "empty" if dxm.numel() == 0 else "zero", (), None, None, {}, None
+        return "empty" if dxm.numel() == 0 else "zero", (), None, None, {}, None
     sh, sw = stride
     HP, WP = cdiv(H, sh), cdiv(W, sw)
     MP = N * HP * WP
@@ -676,7 +667,7 @@ def _input_grad_plan(grad_out, weight, input_shape, stride, padding, dilation, g
             *gm.stride(), *wm.stride(), *dxm.stride())
     # the taps one stride phase walks, at most cdiv(K, stride) per axis (_first_tap)
     problem = Problem(MP, cin_g, cout_g, cdiv(KH, sh) * cdiv(KW, sw), groups * sh * sw)
-    zm = None if bn is None else torch.empty_strided(bn[0].shape, bn[0].stride(), dtype=bn[0].dtype, device="meta")
+    zm = None if bn is None else meta_like(bn[0])
     consts = dict(
         ACC_TYPE=acc_dtype(grad_out.dtype),
         PRECISION=dot_precision(grad_out.dtype),
@@ -688,7 +679,7 @@ def _input_grad_plan(grad_out, weight, input_shape, stride, padding, dilation, g
         BN_AFFINE=bn is not None and bn[3] is not None,
         BN_ACT=0 if bn is None else ACTIVATIONS[bn[6]],
     )
-    return (copy_g, copy_w, True, ints, problem,
+    return (True, ints, problem,
             lambda meta: (cdiv(MP, meta["BLOCK_M"]) * cdiv(cin_g, meta["BLOCK_N"]), groups * sh * sw), consts,
             (grad_out.device, grad_out.dtype, problem, *consts.items()))
 
@@ -717,16 +708,13 @@ def conv2d_weight_grad(
     plan = _WGRAD_PLANS.get(key) or _WGRAD_PLANS.put(key, _weight_grad_plan(
         grad_out, x, weight_shape, stride, padding, dilation, groups, bias_grad, splits, prologue, channels_last,
         force_int64, key[-1]))
-    copy_g, copy_x, ints, problem, split_of, grid, consts, memo = plan
+    ints, problem, split_of, grid, consts, memo = plan
     C_out, cin_g, KH, KW = weight_shape
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if grid is None:  # no pixels or no channels: zero gradients
         dw = x.new_zeros(weight_shape).contiguous(memory_format=fmt)
         return dw, (x.new_zeros(C_out) if bias_grad else None)
-    if copy_g:
-        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
-    if copy_x:
-        x = x.contiguous(memory_format=torch.channels_last)
+    grad_out, x = channels_contiguous(grad_out), channels_contiguous(x)
     # every element written by the wgrad kernel (one split) or the reduce pass, in the weight's layout
     if channels_last:
         dw = workspace((C_out, KH, KW, cin_g), x.device, x.dtype).permute(0, 3, 1, 2)
@@ -751,10 +739,9 @@ def conv2d_weight_grad(
 
 def _weight_grad_plan(grad_out, x, weight_shape, stride, padding, dilation, groups, bias_grad, splits, prologue,
                       channels_last, force_int64, sms):
-    """conv2d_weight_grad's launch plan for its call signature (see _forward_plan): (copy grad_out?, copy x?,
-    integer arguments before and after the prologue coefficients, Problem, split_of(meta) -> (splits, chunk),
-    grid (None: zero gradients), constexprs, autotune memo key)."""
-    copy_g, copy_x = channels_strided(grad_out), channels_strided(x)
+    """conv2d_weight_grad's launch plan for its call signature (see _forward_plan): (integer arguments before and
+    after the prologue coefficients, Problem, split_of(meta) -> (splits, chunk), grid (None: zero gradients),
+    constexprs, autotune memo key)."""
     gm, xm = meta_operand(grad_out), meta_operand(x)
     N, C, H, W = x.shape
     C_out, cin_g, KH, KW = weight_shape
@@ -762,7 +749,7 @@ def _weight_grad_plan(grad_out, x, weight_shape, stride, padding, dilation, grou
     P = N * OH * OW
     cout_g = C_out // groups
     if P == 0 or C_out == 0 or cin_g == 0:
-        return copy_g, copy_x, None, None, None, None, {}, None
+        return None, None, None, None, {}, None
     dwm = (torch.empty((C_out, KH, KW, cin_g), dtype=x.dtype, device="meta").permute(0, 3, 1, 2) if channels_last
            else torch.empty(weight_shape, dtype=x.dtype, device="meta"))
     if splits:  # a fixed split count (tests); else per tile, to fill one wave (Problem.split_fill)
@@ -795,7 +782,7 @@ def _weight_grad_plan(grad_out, x, weight_shape, stride, padding, dilation, grou
     def grid(meta):
         return cdiv(cout_g, meta["BLOCK_M"]) * KH * KW * cdiv(cin_g, meta["BLOCK_N"]), split_of(meta)[0], groups
 
-    return (copy_g, copy_x, ints, problem, split_of, grid, consts,
+    return (ints, problem, split_of, grid, consts,
             (x.device, x.dtype, problem, *consts.items()))
 
 
@@ -806,11 +793,12 @@ def _wgrad_scratch(split_of, dw, db, device, cin_g: int, groups: int, KH: int, K
     split count depends on it)."""
     C_out = dw.shape[0]
     part_dtype = accumulation_dtype(dw.dtype)
+    direct_ok = dw.permute(0, 2, 3, 1).is_contiguous()  # dw laid out [C_out, KH, KW, cin_g]: the kernel's own store
 
     def scratch(meta):
         split, chunk = split_of(meta)
         db_out = db if db is not None else dw
-        if split == 1 and dw.permute(0, 2, 3, 1).is_contiguous():
+        if split == 1 and direct_ok:
             return dict(dw_ptr=dw, db_ptr=db_out, K_PER_SPLIT=chunk, dwf_ptr=dw, dbf_ptr=db_out, lock_ptr=dw,
                         REDUCE_LAST=False)
         partial = workspace((split, C_out, KH, KW, cin_g), device, part_dtype)

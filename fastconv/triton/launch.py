@@ -365,11 +365,9 @@ class TunedKernel:
             kind = cfgs.operand_kind(args[0].dtype, consts.get("PRECISION", "ieee"))
             _record(self.kernel, tile, g, problem.k_steps(tile), True, problem.flops(),
                     args, {**consts, **extra}, self._key(kind, cfgs.is_fused(consts), problem, consts))
-        elif device.type == "cuda":
-            with torch.cuda.device(device):
-                self.kernel[g](*args, **consts, **extra, **meta)
         else:
-            self.kernel[g](*args, **consts, **extra, **meta)
+            with device_guard(device):
+                self.kernel[g](*args, **consts, **extra, **meta)
         return meta, extra
 
     def _choose(self, launch, dtype: torch.dtype, problem: Problem, device: torch.device, consts: dict):
