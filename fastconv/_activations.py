@@ -13,5 +13,17 @@ MODULES = {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": 
 # Activations whose derivative is a 0/1 mask of the pre-activation u (also readable off the output): backward
 # passes keep no extra tile live for them (the Triton dgrad's BatchNorm epilogue takes only these).
 MASK_ACTIVATIONS = ("identity", "relu", "relu6")
+
+
+def mask_derivative(v, name: str):
+    """act'(u) != 0 as a bool tensor for a mask activation, from u or from the output y = act(u) (0 < y (< 6) iff
+    0 < u (< 6)). Written as PyTorch's threshold / hardtanh backward are: a NaN passes the gradient through."""
+    if name == "relu":
+        return ~(v <= 0)
+    if name == "relu6":
+        return ~((v <= 0) | (v >= 6))
+    raise ValueError(f"fastconv: the derivative of {name!r} is not a 0/1 mask")
+
+
 # nn activation module class -> name (what convert() fuses; Identity is not an activation there)
 BY_MODULE = {cls: name for name, cls in MODULES.items() if name != "identity"}

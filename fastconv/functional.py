@@ -246,8 +246,8 @@ def bn_act(block: PendingBlock, residual: torch.Tensor | None = None) -> torch.T
     with respect to z (BatchNorm's training-mode gradient), bn_weight, bn_bias and residual."""
     z = block.z
     _, name = _backend.choose("conv_bn_act", z.device, cba_ops.SUPPORTED_BACKENDS, z.dtype)
-    y = chain_ops.batch_norm_act_train_op(z, block.mean, block.var, block.bn_weight, block.bn_bias, residual,
-                                          block.eps, block.activation, name)
+    y, _ = chain_ops.batch_norm_act_train_op(z, block.mean, block.var, block.bn_weight, block.bn_bias, residual,
+                                             block.eps, block.activation, name)
     if y.requires_grad and not torch.compiler.is_compiling():
         _mark_producer(y, z, block.mean, block.var, block.bn_weight, block.bn_bias, residual, block.eps,
                        block.activation)

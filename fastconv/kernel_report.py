@@ -119,11 +119,14 @@ _PROLOGUE_VARIANTS = {"prologue_relu": dict(PROLOGUE=True, IN_ACT=1), "prologue_
 _FP32_STATS = dict(cnt_ptr="fp32", mean_ptr="fp32", m2_ptr="fp32")
 _FP32_PROLOGUE = dict(in_scale_ptr="fp32", in_shift_ptr="fp32")
 _BN_TYPES = dict(mean_ptr="fp32", var_ptr="fp32", w_ptr="fp32", b_ptr="fp32", sum_g_ptr="fp32", sum_gx_ptr="fp32")
-_BN_FWD_BASE = dict(HAS_AFFINE=True, HAS_RES=False, ACT=1)
+_BN_FWD_BASE = dict(HAS_AFFINE=True, HAS_RES=False, ACT=1, ACT_BITS=False)
 _BN_BASE = dict(_BN_FWD_BASE, POOL=False)  # the backward passes also read a max-pooled block's gradient (POOL)
 # the reduce pass with split partials added up by each channel block's last program (LAST_SUMS)
 _BN_REDUCE_BASE = dict(_BN_BASE, LAST_SUMS=True, BLOCK_T=64)
 _BN_RES_SILU = dict(HAS_RES=True, ACT=3)
+# a residual block's last BatchNorm with ReLU / ReLU6: the forward stores act' as int32 bit words, the backward
+# passes read them through res_ptr instead of the residual (fastconv._act_bits)
+_BN_BITS = dict(ACT_BITS=True, types=dict(res_ptr="i32"))
 # The BatchNorm backward of a block whose output was max-pooled (batch_norm_act_pool): grad_y gathered from the
 # pooled gradient through int8 argmax taps; 2x2 windows (one candidate) and ResNet's overlapping 3x3 stride 2.
 _BN_POOL_ARGS = dict(OH=28, OW=28, KH=2, KW=2, NH=1, NW=1, pool_sh=2, pool_sw=2, pool_ph=0, pool_pw=0, pool_dh=1,
@@ -236,12 +239,17 @@ CASES = {
         base=dict(LAST_SUMS=True), args=dict(T=4096, C=64, ROWS=1024, CHUNKS=4),
         variants={"one_chunk": dict(LAST_SUMS=False, args=dict(T=1024, C=64, ROWS=1024, CHUNKS=1))},
         types=dict(lock_ptr="i32"), dtypes=("fp32",)),
-    "_batch_norm_act_fwd_kernel": dict(tiles=_bn_tiles, base=_BN_FWD_BASE, args=_BN, types=_BN_TYPES,
-                                       variants={"res_silu": _BN_RES_SILU}),
+    "_batch_norm_act_fwd_kernel": dict(tiles=_bn_tiles, base=_BN_FWD_BASE, args=_BN,
+                                       types=dict(_BN_TYPES, bits_ptr="i32"),
+                                       variants={"res_silu": _BN_RES_SILU,
+                                                 "res_relu_bits": dict(HAS_RES=True, ACT_BITS=True),
+                                                 "res_relu6_bits": dict(HAS_RES=True, ACT=2, ACT_BITS=True)}),
     "_batch_norm_act_bwd_reduce_kernel": dict(tiles=_bn_tiles, base=_BN_REDUCE_BASE, args=dict(_BN, SPLITS=33),
                                               types=dict(_BN_POOL_TYPES, total_g_ptr="fp32", total_gx_ptr="fp32",
                                                          lock_ptr="i32"),
                                               variants={"res_silu": _BN_RES_SILU, "one_split": dict(LAST_SUMS=False),
+                                                        "relu_bits": _BN_BITS,
+                                                        "relu6_bits": dict(_BN_BITS, ACT=2),
                                                         "pool2x2": dict(_BN_POOL, args=dict(_BN_POOL["args"], SPLITS=33)),
                                                         "pool3x3_s2": dict(_BN_POOL_3x3,
                                                                            args=dict(_BN_POOL_3x3["args"], SPLITS=33))}),
@@ -250,6 +258,7 @@ CASES = {
                                              base=dict(_BN_BASE, WANT_DRES=False, WRITE_PARAM_GRADS=False),
                                              args=_BN, types=_BN_POOL_TYPES,
                                              variants={"res_silu_dres": dict(_BN_RES_SILU, WANT_DRES=True),
+                                                       "relu_bits_dres": dict(_BN_BITS, WANT_DRES=True),
                                                        "param_grads": dict(WRITE_PARAM_GRADS=True),
                                                        "pool2x2_param_grads": dict(_BN_POOL, WRITE_PARAM_GRADS=True),
                                                        "pool3x3_s2": _BN_POOL_3x3}),
@@ -414,6 +423,7 @@ def _kernel_jobs(module, name, fn, arches, quick, skipped, all_variants=False, v
                 over = dict(over)
                 warps = over.pop("num_warps", warps)
                 args = over.pop("args", case.get("args", {}))
+                types = dict(case.get("types", {}), **over.pop("types", {}))
                 constexprs = {k: v for k, v in _common_constexprs(dtype).items() if k in consts}
                 for layer in (case.get("base", {}), meta, over):
                     constexprs.update(layer)
@@ -434,8 +444,7 @@ def _kernel_jobs(module, name, fn, arches, quick, skipped, all_variants=False, v
                                         note=f"skipped: no value for constexpr {','.join(missing)}; "
                                              "add the kernel to kernel_report.CASES"))
                     continue
-                sig, attrs = _signature(fn, "fp32" if dtype == "tf32" else dtype, case.get("types", {}), args,
-                                        constexprs)
+                sig, attrs = _signature(fn, "fp32" if dtype == "tf32" else dtype, types, args, constexprs)
                 jobs.append(dict(module=module, kernel=name, config=config, dtype=dtype, arch=arch, signature=sig,
                                  constexprs=constexprs, attrs=attrs, num_warps=warps, num_stages=stages,
                                  maxnreg=maxnreg))

@@ -16,6 +16,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fastconv
@@ -273,6 +274,59 @@ def test_opcheck(device, triton_backend):
     g6, b6 = (randn((6,), f32, device, gen).requires_grad_() for _ in range(2))
     opcheck(torch.ops.fastconv.batch_norm_act_train.default,
             (z.requires_grad_(), m, v, g6, b6, None, 1e-5, "silu", "triton"))
+    res = randn(tuple(z.shape), f32, device, gen).requires_grad_()
+    opcheck(torch.ops.fastconv.batch_norm_act_train.default, (z, m, v, g6, b6, res, 1e-5, "relu", "triton"))
+    _, bits = torch.ops.fastconv.batch_norm_act_train(z.detach(), m, v, g6.detach(), b6.detach(), res.detach(),
+                                                      1e-5, "relu", "triton")
+    opcheck(torch.ops.fastconv.batch_norm_act_backward.default,
+            (torch.randn_like(z), z.detach(), m, v, g6.detach(), b6.detach(), None, 1e-5, "relu", True, "triton",
+             bits))
+
+
+@pytest.mark.parametrize("backend,act,layout,dtype", [
+    ("triton", "relu", "nchw", torch.float64), ("triton", "relu6", "channels_last", torch.float64),
+    ("triton", "relu", "channels_last", torch.float32), ("torch", "relu6", "nchw", torch.float64),
+    ("cpu", "relu", "channels_last", torch.float64)])
+def test_residual_block_keeps_act_bits(backend, act, layout, dtype, device, monkeypatch):
+    """A residual block's last BatchNorm with ReLU / ReLU6 keeps act' as bits (fastconv._act_bits), not the
+    residual: the bits equal act'(u) packed (every word written, the tail past the last pixel 0), the residual
+    may change in place after the forward, and every gradient still matches float64 of the original values.
+    105 pixels (a partial 64-pixel tile and a partial 32-pixel word), 37 channels (a partial channel tile)."""
+    skip_unless_runnable(backend)
+    if backend != "triton":
+        device = torch.device("cpu")
+    from fastconv import _act_bits
+
+    monkeypatch.setattr(_act_bits, "empty", lambda z, want: torch.full(
+        _act_bits.shape(z.shape) if want else (0,), -1, dtype=torch.int32, device=z.device))  # all bits set
+    gen = generator("act-bits", backend, act, layout, str(dtype))
+    N, C, H, W = 3, 37, 5, 7
+    z64 = randn((N, C, H, W), torch.float64, "cpu", gen) * 2
+    mean, var = z64.mean((0, 2, 3)), z64.var((0, 2, 3), unbiased=False)
+    gamma, beta, res64 = randn((C,), torch.float64, "cpu", gen), randn((C,), torch.float64, "cpu", gen), \
+        randn((N, C, H, W), torch.float64, "cpu", gen) * 2
+    gy = randn((N, C, H, W), torch.float64, "cpu", gen)
+    ref_in = [t.clone().requires_grad_() for t in (z64, gamma, beta, res64)]
+    u_ref = F.batch_norm(ref_in[0], None, None, ref_in[1], ref_in[2], True, 0.0, 1e-5) + ref_in[3]  # batch stats
+    y_ref = ACT_MODULES[act]()(u_ref)
+    refs = torch.autograd.grad(y_ref, ref_in, gy)
+
+    def on(t):
+        t = t.to(device=device, dtype=dtype)
+        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 and layout == "channels_last" else t
+
+    z, g, b, res = (on(t).requires_grad_() for t in (z64, gamma, beta, res64))
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    y, bits = torch.ops.fastconv.batch_norm_act_train(z, mean.to(device, stat), var.to(device, stat), g, b, res,
+                                                      1e-5, act, backend)
+    assert bits.dtype == torch.int32 and bits.shape == (4, C) and not bits.requires_grad
+    if dtype == torch.float64:  # exact: no rounding puts a u on the other side of 0 or 6
+        assert torch.equal(bits.cpu(), _act_bits.of(u_ref.detach(), act)), "act' bits"
+    assert_close(y, y_ref, dtype, "y")
+    with torch.no_grad():
+        res.mul_(-1)  # not saved: the backward reads the bits
+    for ours, ref, name in zip(torch.autograd.grad(y, [z, g, b, res], on(gy)), refs, ["z", "gamma", "beta", "res"]):
+        assert_close(ours, ref, dtype, f"grad {name}")
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

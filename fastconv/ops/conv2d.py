@@ -338,12 +338,8 @@ def activation_grad(grad_y, activation, y=None, u=None):
     0 < u (< 6)), whichever is given."""
     if activation == "identity":
         return grad_y
-    v = y if y is not None else u
-    # written as PyTorch's threshold / hardtanh backward are: a NaN passes the gradient through
-    if activation == "relu":
-        return grad_y * ~(v <= 0)
-    if activation == "relu6":
-        return grad_y * ~((v <= 0) | (v >= 6))
+    if activation in ("relu", "relu6"):
+        return grad_y * _activations.mask_derivative(y if y is not None else u, activation)
     if activation == "silu":
         s = torch.sigmoid(u)
         return grad_y * (s * (1 + u * (1 - s)))

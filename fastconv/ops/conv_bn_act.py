@@ -16,8 +16,9 @@
         caller has counted (the factor needs the new count) and it is left as it is. Any mutable argument may be
         omitted or None, on torch < 2.12 too (ops._mutable_ops).
     fastconv::batch_norm_act_backward(grad_y, z, mean, var, bn_weight?, bn_bias?, residual?, eps, activation,
-                                      want_grad_residual, backend) -> (grad_z, sum_g, sum_gx, grad_residual)
-        with g = grad_y * act'(u): grad_bn_bias = sum_g, grad_bn_weight = sum_gx (sum of g * xhat). Accumulated in
+                                      want_grad_residual, backend, act_bits?) -> (grad_z, sum_g, sum_gx, grad_residual)
+        with g = grad_y * act'(u): grad_bn_bias = sum_g, grad_bn_weight = sum_gx (sum of g * xhat); act' read from
+        act_bits where given (fastconv._act_bits: stored by fastconv::batch_norm_act_train). Accumulated in
         fp32 (fp64 for fp64); sum_g is returned in bn_bias's dtype and sum_gx in bn_weight's (the statistics'
         dtype without them), ready as the parameter gradients (Triton: stored cast by the apply pass).
 
@@ -31,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from .. import _backend, _ext
+from .. import _act_bits, _backend, _ext
 from .._args import accumulation_dtype, memory_format_of
 from . import conv2d as conv_ops
 from .conv2d import (
@@ -76,7 +77,8 @@ def fold_batch_norm(mean, var, weight, bias, eps: float):
     return scale, shift
 
 
-def _torch_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation):
+def torch_bn_u(z, mean, var, bn_weight, bn_bias, residual, eps):
+    """u = bn(z) [+ residual] in the statistics' dtype (PyTorch ops)."""
     acc = _stat_dtype(z.dtype)
     shape = (1, -1, 1, 1)
     u = (z.to(acc) - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
@@ -84,7 +86,11 @@ def _torch_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation):
         u = u * bn_weight.to(acc).view(shape) + bn_bias.to(acc).view(shape)
     if residual is not None:
         u = u + residual.to(acc)
-    return _torch_activation(u, activation).to(z.dtype)
+    return u
+
+
+def _torch_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation):
+    return _torch_activation(torch_bn_u(z, mean, var, bn_weight, bn_bias, residual, eps), activation).to(z.dtype)
 
 
 @torch.library.custom_op("fastconv::conv_bn_act_train",
@@ -288,9 +294,16 @@ def batch_norm_act_backward(
     activation: str,
     want_grad_residual: bool,
     backend: str = "auto",
+    act_bits: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_z, sum_g, sum_gx, grad_residual or empty) of y = act(bn(z) [+ residual]) (z's batch statistics).
+    act_bits: act'(u) as fastconv::batch_norm_act_train stored it (fastconv._act_bits), used instead of
+    recomputing u, so the residual is not needed (it may be None); the C++ backends take that case with
+    PyTorch ops."""
     name = _backend.resolve("conv_bn_act", z.device, SUPPORTED_BACKENDS, backend)
     g_dtype, gx_dtype = _sum_dtypes(mean, bn_weight, bn_bias)
+    if act_bits is not None and name in ("cuda", "cpu"):
+        name = "torch"
     if name == "torch":
         acc = _stat_dtype(z.dtype)
         shape = (1, -1, 1, 1)
@@ -298,8 +311,11 @@ def batch_norm_act_backward(
         xhat = (z.to(acc) - mean.view(shape)) * invstd
         gamma = bn_weight.to(acc).view(shape) if bn_weight is not None else torch.ones_like(invstd)
         beta = bn_bias.to(acc).view(shape) if bn_bias is not None else torch.zeros_like(invstd)
-        u = xhat * gamma + beta + (residual.to(acc) if residual is not None else 0)
-        g = activation_grad(grad_y.to(acc), activation, u=u)
+        if act_bits is not None:
+            g = grad_y.to(acc) * _act_bits.unpack(act_bits, z.shape)
+        else:
+            u = xhat * gamma + beta + (residual.to(acc) if residual is not None else 0)
+            g = activation_grad(grad_y.to(acc), activation, u=u)
         P = z.shape[0] * z.shape[2] * z.shape[3]
         sum_g, sum_gx = g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))
         grad_z = gamma * invstd * (g - sum_g.view(shape) / P - xhat * sum_gx.view(shape) / P)
@@ -316,7 +332,7 @@ def batch_norm_act_backward(
     grad_res = alloc(z.shape, z.dtype, z.device, memory_format_of(z)) if want_grad_residual else None
     _, sum_g, sum_gx, grad_res = tbn.batch_norm_act_backward(
         grad_y, z, mean, var, bn_weight, bn_bias, eps, activation, residual, want_dres=want_grad_residual,
-        grad_z=grad_z, grad_res=grad_res, param_dtypes=(g_dtype, gx_dtype))
+        grad_z=grad_z, grad_res=grad_res, param_dtypes=(g_dtype, gx_dtype), act_bits=act_bits)
     return grad_z, sum_g, sum_gx, (grad_res if grad_res is not None else z.new_empty(0))
 
 
@@ -327,7 +343,8 @@ def _sum_dtypes(mean, bn_weight, bn_bias):
 
 
 @batch_norm_act_backward.register_fake
-def _(grad_y, z, mean, var, bn_weight, bn_bias, residual, eps, activation, want_grad_residual, backend="auto"):
+def _(grad_y, z, mean, var, bn_weight, bn_bias, residual, eps, activation, want_grad_residual, backend="auto",
+      act_bits=None):
     grad_z = torch.empty_like(z)
     grad_res = torch.empty_like(z) if want_grad_residual else z.new_empty(0)
     g_dtype, gx_dtype = _sum_dtypes(mean, bn_weight, bn_bias)
@@ -430,13 +447,14 @@ def _backward(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
 
 
 def batch_norm_act_grads(grad_y, z, mean, var, bn_weight, bn_bias, residual, eps, activation, want_weight,
-                         want_bias, want_residual, backend):
+                         want_bias, want_residual, backend, act_bits=None):
     """(grad_z, grad_bn_weight, grad_bn_bias, grad_residual) of y = act(bn(z) [+ residual]) with z's batch
     statistics (BatchNorm's training-mode gradient), the last three None unless wanted (and present). The
-    parameter gradients come in the parameters' dtypes; grad_y is laid out like z for the kernels."""
+    parameter gradients come in the parameters' dtypes; grad_y is laid out like z for the kernels. act_bits:
+    act' as the forward stored it (then residual is not read)."""
     grad_z, sum_g, sum_gx, grad_res = batch_norm_act_backward_op(
         grad_y.contiguous(memory_format=memory_format_of(z)), z, mean, var, bn_weight, bn_bias, residual, eps,
-        activation, want_residual, backend)
+        activation, want_residual, backend, act_bits)
     return (grad_z, sum_gx if (bn_weight is not None and want_weight) else None,
             sum_g if (bn_bias is not None and want_bias) else None, grad_res if want_residual else None)
 

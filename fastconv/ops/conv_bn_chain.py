@@ -19,9 +19,12 @@ where a consumer needs the tensor.
         last pass, no launch of their own). With in_scale / in_shift (the producer's), the prologue uses them
         in forward and backward; without, they are folded from in_mean, in_var, in_weight, in_bias here
         (fold_batch_norm, PyTorch ops).
-    fastconv::batch_norm_act_train(z, mean, var, bn_weight?, bn_bias?, residual?, eps, activation, backend) -> y
+    fastconv::batch_norm_act_train(z, mean, var, bn_weight?, bn_bias?, residual?, eps, activation, backend)
+        -> (y, act_bits)
         y = act((z - mean) / sqrt(var + eps) * bn_weight + bn_bias [+ residual]), mean / var z's batch
-        statistics.
+        statistics. act_bits (no gradient): with a residual and a mask activation (relu, relu6), act'(u) as bits
+        (fastconv._act_bits, 1/16 of a bf16 y), which its backward reads instead of the residual: the residual is
+        neither saved by this op nor read again; else an empty int32 tensor.
 
 Autograd. mean / var are batch statistics of z, so they carry no gradient of their own: the consumer's
 backward applies BatchNorm's training-mode gradient, which accounts for them (fastconv::batch_norm_act_backward:
@@ -41,7 +44,7 @@ from typing import Optional
 
 import torch
 
-from .. import _backend
+from .. import _act_bits, _backend
 from . import conv2d as conv_ops
 from .._args import memory_format_of
 from .conv2d import ALGOS, ACTIVATIONS, _check_choice, _fake_alloc, _new_output
@@ -56,6 +59,7 @@ from .conv_bn_act import (
     batch_norm_act,
     batch_norm_act_backward_op,
     batch_norm_act_grads,
+    torch_bn_u,
     ext_finalize,
     counted_here,
     finalize_running,
@@ -281,30 +285,51 @@ def batch_norm_act_train(
     eps: float,
     activation: str,
     backend: str = "auto",
-) -> torch.Tensor:
-    return impl_of(batch_norm_act)(z, mean, var, bn_weight, bn_bias, residual, eps, activation, backend)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    name = _resolve(z.device, backend)
+    want = _act_bits.wanted(residual, activation)
+    if name == "triton":
+        from ..triton import batch_norm as tbn
+
+        y = conv_ops.alloc(z.shape, z.dtype, z.device, memory_format_of(z))
+        bits = _act_bits.empty(z, want)
+        tbn.batch_norm_act_forward(z, mean, var, bn_weight, bn_bias, eps, activation, residual, out=y,
+                                   act_bits=bits if want else None)
+        return y, bits
+    y = impl_of(batch_norm_act)(z, mean, var, bn_weight, bn_bias, residual, eps, activation, name)
+    if not want:
+        return y, _act_bits.empty(z, False)
+    return y, _act_bits.of(torch_bn_u(z, mean, var, bn_weight, bn_bias, residual, eps), activation)
 
 
 @batch_norm_act_train.register_fake
 def _(z, mean, var, bn_weight, bn_bias, residual, eps, activation, backend="auto"):
-    return torch.empty_like(z)
+    return torch.empty_like(z), _act_bits.empty(z, _act_bits.wanted(residual, activation))
 
 
 def _bn_setup_context(ctx, inputs, output):
     z, mean, var, bn_weight, bn_bias, residual, eps, activation, backend = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
     ctx.eps, ctx.activation = eps, activation
     ctx.backend = _resolve(z.device, backend)
     ctx.has_residual = residual is not None
-    ctx.save_for_backward(z, mean, var, bn_weight, bn_bias, residual if activation != "identity" else None)
-    mark_saved(residual if activation != "identity" else None)
+    ctx.has_bits = _act_bits.wanted(residual, activation)
+    # act' needs u = bn(z) + residual: the bits where the forward kept them, else the residual (SiLU, hardswish)
+    keep = output[1] if ctx.has_bits else residual if activation != "identity" else None
+    ctx.save_for_backward(z, mean, var, bn_weight, bn_bias, keep)
+    mark_saved(None if ctx.has_bits else keep)
 
 
-def _bn_backward(ctx, grad_y):
-    z, mean, var, bn_weight, bn_bias, residual = ctx.saved_tensors
+def _bn_backward(ctx, grad_y, _grad_bits=None):
+    if grad_y is None:  # y took no part in the loss
+        return (None,) * 9
+    z, mean, var, bn_weight, bn_bias, kept = ctx.saved_tensors
+    residual, bits = (None, kept) if ctx.has_bits else (kept, None)
     needs = tuple(ctx.needs_input_grad) + (False,) * 9
     grad_z, grad_gamma, grad_beta, grad_res = batch_norm_act_grads(
         grad_y, z, mean, var, bn_weight, bn_bias, residual, ctx.eps, ctx.activation, needs[3], needs[4],
-        ctx.has_residual and needs[5], ctx.backend)
+        ctx.has_residual and needs[5], ctx.backend, bits)
     return (grad_z if needs[0] else None, None, None, grad_gamma, grad_beta, grad_res, None, None, None)
 
 

@@ -4,7 +4,8 @@ and the backward's two passes.
 Forward:   z = conv(x) + bias            conv kernel, STATS epilogue writes per-tile (count, mean, M2)
            mean, var = finalize(...)      Chan's parallel combination of the tile partials, as a tree
            y = act((z - mean) * invstd * gamma + beta [+ residual])
-Backward (only z, mean, var are kept; xhat, u and the activation mask are recomputed from z):
+Backward (only z, mean, var are kept; xhat, u and the activation mask are recomputed from z; with a residual and a
+mask activation the forward stores act' as bits, ACT_BITS, and the backward reads those instead of the residual):
            g = dy * act'(u),  xhat = (z - mean) * invstd
            sum_g, sum_gx = sum over (n, h, w) of g and g * xhat      (reduce pass; its last program per channel
                                                                        block adds the split partials up)
@@ -150,15 +151,50 @@ def _bn_coefficients(c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_AFFINE: tl.
 
 
 @triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _act_bit_rows(p0, P, c, C, IDX64: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The offsets and mask of a tile's int32 act' words [p // 32, c] (fastconv._act_bits: pixels p0 ..
+    p0 + BLOCK_P - 1, p0 a multiple of BLOCK_P: a program owns whole words, no two programs write one)."""
+    tl.static_assert(BLOCK_P % 32 == 0, "act' bits: BLOCK_P must be a multiple of the 32-bit word")
+    r = p0 // 32 + tl.arange(0, BLOCK_P // 32)
+    if IDX64:
+        r = r.to(tl.int64)
+    return r[:, None] * C + c[None, :], (r * 32 < P)[:, None] & (c < C)[None, :]
+
+
+@triton.jit
+def _store_act_bits(bits_ptr, d, mask, p0, P, c, C, IDX64: tl.constexpr, BLOCK_P: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    """act' (d, [BLOCK_P, BLOCK_C]) != 0 of a tile as bits: 32 pixels of a channel per int32 word."""
+    on = tl.where(mask & (d != 0), 1, 0)
+    shifted = tl.reshape(on, (BLOCK_P // 32, 32, BLOCK_C)) << tl.arange(0, 32)[None, :, None]
+    off, wmask = _act_bit_rows(p0, P, c, C, IDX64, BLOCK_P)
+    tl.store(bits_ptr + off, tl.reduce(shifted, 1, _bit_or), mask=wmask)
+
+
+@triton.jit
+def _load_act_bits(bits_ptr, p0, P, c, C, IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """_store_act_bits' inverse: the tile's act' as 0 / 1 int32 [BLOCK_P, BLOCK_C]."""
+    off, wmask = _act_bit_rows(p0, P, c, C, IDX64, BLOCK_P)
+    words = tl.load(bits_ptr + off, mask=wmask, other=0)
+    return tl.reshape((words[:, None, :] >> tl.arange(0, 32)[None, :, None]) & 1, (BLOCK_P, BLOCK_C))
+
+
+@triton.jit
 def _batch_norm_act_fwd_kernel(
-    z_ptr, y_ptr, res_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
+    z_ptr, y_ptr, res_ptr, bits_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
     P, C, H, W, eps,
     szn, szc, szh, szw, syn, syc, syh, syw, srn, src, srh, srw,
-    HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+    HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, ACT_BITS: tl.constexpr, ACC: tl.constexpr,
     IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    n, h, w, c, mask = _bn_tile(tl.program_id(0) * BLOCK_P, tl.program_id(1) * BLOCK_C, P, C, H, W,
-                                IDX64, BLOCK_P, BLOCK_C)
+    """y; with ACT_BITS also act'(u) as bits into bits_ptr (fastconv._act_bits)."""
+    p0 = tl.program_id(0) * BLOCK_P
+    n, h, w, c, mask = _bn_tile(p0, tl.program_id(1) * BLOCK_C, P, C, H, W, IDX64, BLOCK_P, BLOCK_C)
     mean, invstd, gamma, beta = _bn_coefficients(c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_AFFINE, ACC)
     scale = invstd * gamma
     shift = beta - mean * scale
@@ -170,16 +206,20 @@ def _batch_norm_act_fwd_kernel(
     y = activation(u, ACT)
     tl.store(y_ptr + (n * syn + h * syh + w * syw)[:, None] + (c * syc)[None, :], y.to(y_ptr.dtype.element_ty),
              mask=mask)
+    if ACT_BITS:
+        _store_act_bits(bits_ptr, activation_grad(u, ACT), mask, p0, P, c, C, IDX64, BLOCK_P, BLOCK_C)
 
 
 @triton.jit
-def _bn_grad_u(dy_ptr, z_ptr, res_ptr, off_ptr, n, h, w, c, mask, mean, invstd, gamma, beta,
+def _bn_grad_u(dy_ptr, z_ptr, res_ptr, off_ptr, p0, P, C, n, h, w, c, mask, mean, invstd, gamma, beta,
                sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw, son, soc, soh, sow,
                OH, OW, KH, KW, NH, NW, pool_sh, pool_sw, pool_ph, pool_pw, pool_dh, pool_dw,
-               HAS_RES: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr, ACC: tl.constexpr):
-    """Recompute xhat and u from z, and return (g = dy * act'(u), xhat) for one tile. POOL: y was max-pooled
-    (batch_norm_act_pool) and dy_ptr / off_ptr are the pooled output's gradient and argmax taps, [N, C, OH, OW]:
-    dy is gathered from the windows that picked each pixel (max_pool2d.window_grad_sum)."""
+               HAS_RES: tl.constexpr, ACT: tl.constexpr, ACT_BITS: tl.constexpr, POOL: tl.constexpr,
+               ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Recompute xhat and u from z, and return (g = dy * act'(u), xhat) for the tile of pixels p0 .. p0 + BLOCK_P
+    - 1. POOL: y was max-pooled (batch_norm_act_pool) and dy_ptr / off_ptr are the pooled output's gradient and
+    argmax taps, [N, C, OH, OW]: dy is gathered from the windows that picked each pixel
+    (max_pool2d.window_grad_sum). ACT_BITS: act' is read from the forward's bits at res_ptr, not recomputed."""
     z = tl.load(z_ptr + (n * szn + h * szh + w * szw)[:, None] + (c * szc)[None, :], mask=mask, other=0.0)
     xhat = (z.to(ACC) - mean[None, :]) * invstd[None, :]
     if POOL:
@@ -189,7 +229,9 @@ def _bn_grad_u(dy_ptr, z_ptr, res_ptr, off_ptr, n, h, w, c, mask, mean, invstd, 
     else:
         dy = tl.load(dy_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + (c * sdc)[None, :], mask=mask, other=0.0)
         g = dy.to(ACC)
-    if ACT != 0:
+    if ACT_BITS:
+        g = g * _load_act_bits(res_ptr, p0, P, c, C, IDX64, BLOCK_P, BLOCK_C).to(ACC)
+    elif ACT != 0:
         u = xhat * gamma[None, :] + beta[None, :]
         if HAS_RES:
             u += tl.load(res_ptr + (n * srn + h * srh + w * srw)[:, None] + (c * src)[None, :], mask=mask,
@@ -205,8 +247,8 @@ def _batch_norm_act_bwd_reduce_kernel(
     total_g_ptr, total_gx_ptr, P, C, H, W, eps, P_PER_SPLIT, SPLITS,
     sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw, son, soc, soh, sow,
     OH, OW, KH, KW, NH, NW, pool_sh, pool_sw, pool_ph, pool_pw, pool_dh, pool_dw,
-    HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr, ACC: tl.constexpr,
-    IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, LAST_SUMS: tl.constexpr,
+    HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, ACT_BITS: tl.constexpr, POOL: tl.constexpr,
+    ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, LAST_SUMS: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     """Partial sums of g and g * xhat over pixels [split * P_PER_SPLIT, ...) -> [split, C]. One pass over the
@@ -230,10 +272,10 @@ def _batch_norm_act_bwd_reduce_kernel(
     p_hi = tl.minimum(p_lo + P_PER_SPLIT, P)
     for p0 in tl.range(p_lo, p_hi, BLOCK_P, num_stages=3):
         n, h, w, cc, mask = _bn_tile(p0, c0, p_hi, C, H, W, IDX64, BLOCK_P, BLOCK_C)
-        g, xhat = _bn_grad_u(dy_ptr, z_ptr, res_ptr, off_ptr, n, h, w, cc, mask, mean, invstd, gamma, beta,
-                             sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw, son, soc, soh, sow,
+        g, xhat = _bn_grad_u(dy_ptr, z_ptr, res_ptr, off_ptr, p0, P, C, n, h, w, cc, mask, mean, invstd, gamma,
+                             beta, sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw, son, soc, soh, sow,
                              OH, OW, KH, KW, NH, NW, pool_sh, pool_sw, pool_ph, pool_pw, pool_dh, pool_dw,
-                             HAS_RES, ACT, POOL, ACC)
+                             HAS_RES, ACT, ACT_BITS, POOL, ACC, IDX64, BLOCK_P, BLOCK_C)
         acc_g += g
         acc_gx += g * xhat
     cm = c < C
@@ -298,19 +340,19 @@ def _batch_norm_act_bwd_apply_kernel(
     sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw, sxn, sxc, sxh, sxw, sqn, sqc, sqh, sqw,
     son, soc, soh, sow, OH, OW, KH, KW, NH, NW, pool_sh, pool_sw, pool_ph, pool_pw, pool_dh, pool_dw,
     HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, WANT_DRES: tl.constexpr, WRITE_PARAM_GRADS: tl.constexpr,
-    ACT: tl.constexpr, POOL: tl.constexpr, ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    ACT: tl.constexpr, ACT_BITS: tl.constexpr, POOL: tl.constexpr, ACC: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dz (and the residual's gradient g). WRITE_PARAM_GRADS: the first pixel tile's programs also store the sums
     (fp32 / fp64, as accumulated) cast to the BatchNorm parameters' dtype, dbeta = sum_g, dgamma = sum_gx: the
     parameter gradients without a cast launch."""
-    n, h, w, c, mask = _bn_tile(tl.program_id(0) * BLOCK_P, tl.program_id(1) * BLOCK_C, P, C, H, W,
-                                IDX64, BLOCK_P, BLOCK_C)
+    p0 = tl.program_id(0) * BLOCK_P
+    n, h, w, c, mask = _bn_tile(p0, tl.program_id(1) * BLOCK_C, P, C, H, W, IDX64, BLOCK_P, BLOCK_C)
     mean, invstd, gamma, beta = _bn_coefficients(c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_AFFINE, ACC)
-    g, xhat = _bn_grad_u(dy_ptr, z_ptr, res_ptr, off_ptr, n, h, w, c, mask, mean, invstd, gamma, beta,
+    g, xhat = _bn_grad_u(dy_ptr, z_ptr, res_ptr, off_ptr, p0, P, C, n, h, w, c, mask, mean, invstd, gamma, beta,
                          sdn, sdc, sdh, sdw, szn, szc, szh, szw, srn, src, srh, srw, son, soc, soh, sow,
                          OH, OW, KH, KW, NH, NW, pool_sh, pool_sw, pool_ph, pool_pw, pool_dh, pool_dw,
-                         HAS_RES, ACT, POOL, ACC)
+                         HAS_RES, ACT, ACT_BITS, POOL, ACC, IDX64, BLOCK_P, BLOCK_C)
     cm = c < C
     sum_g = tl.load(sum_g_ptr + c, mask=cm, other=0.0).to(ACC)
     sum_gx = tl.load(sum_gx_ptr + c, mask=cm, other=0.0).to(ACC)
@@ -418,8 +460,9 @@ def _affine_args(weight, bias, fallback):
 
 def batch_norm_act_forward(z, mean, var, weight, bias, eps: float, activation: str,
                            residual: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
-                           force_int64: bool = False) -> torch.Tensor:
-    """y = act((z - mean) / sqrt(var + eps) * weight + bias [+ residual]) over [N, C, H, W] z."""
+                           act_bits: torch.Tensor | None = None, force_int64: bool = False) -> torch.Tensor:
+    """y = act((z - mean) / sqrt(var + eps) * weight + bias [+ residual]) over [N, C, H, W] z. act_bits: an int32
+    tensor of fastconv._act_bits' shape to receive act'(u) as bits (a mask activation), for the backward."""
     check_runnable(z)
     N, C, H, W = z.shape
     y = out if out is not None else torch.empty_like(z)
@@ -429,11 +472,11 @@ def batch_norm_act_forward(z, mean, var, weight, bias, eps: float, activation: s
     res = residual if residual is not None else z
     w, b = _affine_args(weight, bias, mean)
     run(_batch_norm_act_fwd_kernel, (cdiv(P, BLOCK_P), cdiv(C, BLOCK_C)),
-        z, y, res, mean, var, w, b, P, C, H, W, eps,
+        z, y, res, act_bits if act_bits is not None else y, mean, var, w, b, P, C, H, W, eps,
         *z.stride(), *y.stride(), *res.stride(),
         device=z.device,
         HAS_AFFINE=weight is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS[activation],
-        ACC=acc_dtype(z.dtype), IDX64=force_int64 or needs_int64(z, y, residual),
+        ACT_BITS=act_bits is not None, ACC=acc_dtype(z.dtype), IDX64=force_int64 or needs_int64(z, y, residual),
         BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
     )
     return y
@@ -489,7 +532,7 @@ def conv2d_input_grad_bn_act(grad_out, weight, z, mean, var, bn_weight, bn_bias,
     return grad_z, sum_g, sum_gx
 
 
-def _reduce(grad_y, z, res, offsets, mean, var, w, b, eps, pool_args, splits, common):
+def _reduce(grad_y, z, res, res_strides, offsets, mean, var, w, b, eps, pool_args, splits, common):
     """The backward's reduce pass: (sum_g, sum_gx) [C] over all pixels."""
     N, C, H, W = z.shape
     P = N * H * W
@@ -509,7 +552,7 @@ def _reduce(grad_y, z, res, offsets, mean, var, w, b, eps, pool_args, splits, co
         sum_g_acc, sum_gx_acc, locks = sum_g_p, sum_gx_p, sum_g_p
     run(_batch_norm_act_bwd_reduce_kernel, (cdiv(C, BLOCK_C), splits),
         grad_y, z, res, offsets, mean, var, w, b, sum_g_p, sum_gx_p, locks, sum_g_acc, sum_gx_acc,
-        P, C, H, W, eps, per_split, splits, *grad_y.stride(), *z.stride(), *res.stride(), *pool_args,
+        P, C, H, W, eps, per_split, splits, *grad_y.stride(), *z.stride(), *res_strides, *pool_args,
         device=z.device, loop=cdiv(per_split, BLOCK_P) + cdiv(splits, COMBINE_BLOCK_T) * (splits > 1),
         LAST_SUMS=splits > 1, BLOCK_T=COMBINE_BLOCK_T, **common,
     )
@@ -520,7 +563,8 @@ def batch_norm_act_backward(grad_y, z, mean, var, weight, bias, eps: float, acti
                             residual: torch.Tensor | None = None, *, want_dres: bool = False,
                             grad_z: torch.Tensor | None = None, grad_res: torch.Tensor | None = None,
                             splits: int | None = None, force_int64: bool = False,
-                            param_dtypes: tuple[torch.dtype, torch.dtype] | None = None, pool=None, sums=None):
+                            param_dtypes: tuple[torch.dtype, torch.dtype] | None = None, pool=None, sums=None,
+                            act_bits: torch.Tensor | None = None):
     """Returns (grad_z, sum_g, sum_gx, grad_residual or None); dgamma = sum_gx, dbeta = sum_g, accumulated in
     fp32 (fp64 for fp64) and returned in param_dtypes = (sum_g's, sum_gx's) when given (the BatchNorm bias's and
     weight's dtypes): the apply pass stores them cast, no separate cast launch.
@@ -529,6 +573,8 @@ def batch_norm_act_backward(grad_y, z, mean, var, weight, bias, eps: float, acti
     (batch_norm_act_pool): grad_y is then the pooled output's gradient, gathered per pixel in both passes
     through the argmax taps `offsets` (no residual).
     sums: (sum_g, sum_gx) [C] worked out already (conv2d_input_grad_bn_act): no reduce pass, only the apply pass.
+    act_bits: act'(u) as the forward stored it (batch_norm_act_forward's act_bits): read instead of recomputing u,
+    so the residual is not read (and may be None).
     grad_z may be grad_y itself (each element is read before it is overwritten, by the same program)."""
     check_runnable(grad_y, z)
     N, C, H, W = z.shape
@@ -539,7 +585,10 @@ def batch_norm_act_backward(grad_y, z, mean, var, weight, bias, eps: float, acti
     g_dtype, gx_dtype = param_dtypes if param_dtypes is not None else (acc, acc)
     if P == 0:
         return dz, torch.zeros(C, device=z.device, dtype=g_dtype), torch.zeros(C, device=z.device, dtype=gx_dtype), dres
-    res = residual if residual is not None else z
+    if act_bits is not None:
+        residual = None  # act' comes from the bits, read through the residual's pointer
+    res = act_bits if act_bits is not None else residual if residual is not None else z
+    res_strides = (residual if residual is not None else z).stride()  # unused with the bits
     w, b = _affine_args(weight, bias, mean)
     if pool is not None:
         offsets, kernel_size, stride, padding, dilation = pool
@@ -548,10 +597,11 @@ def batch_norm_act_backward(grad_y, z, mean, var, weight, bias, eps: float, acti
     else:
         offsets, pool_args = z, (0,) * 16
     common = dict(HAS_AFFINE=weight is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS[activation],
-                  POOL=pool is not None, ACC=acc_dtype(z.dtype),
+                  ACT_BITS=act_bits is not None, POOL=pool is not None, ACC=acc_dtype(z.dtype),
                   IDX64=force_int64 or needs_int64(z, grad_y, residual), BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
     if sums is None:
-        sum_g_acc, sum_gx_acc = _reduce(grad_y, z, res, offsets, mean, var, w, b, eps, pool_args, splits, common)
+        sum_g_acc, sum_gx_acc = _reduce(grad_y, z, res, res_strides, offsets, mean, var, w, b, eps, pool_args, splits,
+                                        common)
     else:
         sum_g_acc, sum_gx_acc = sums
     sum_g, sum_gx = sum_g_acc, sum_gx_acc
@@ -564,7 +614,7 @@ def batch_norm_act_backward(grad_y, z, mean, var, weight, bias, eps: float, acti
     run(_batch_norm_act_bwd_apply_kernel, (cdiv(P, BLOCK_P), cdiv(C, BLOCK_C)),
         grad_y, z, res, offsets, mean, var, w, b, sum_g_acc, sum_gx_acc, dz, dres_t,
         *((dbeta, dgamma) if cast else (sum_g, sum_gx)), P, C, H, W, eps,
-        *grad_y.stride(), *z.stride(), *res.stride(), *dz.stride(), *dres_t.stride(), *pool_args,
+        *grad_y.stride(), *z.stride(), *res_strides, *dz.stride(), *dres_t.stride(), *pool_args,
         device=z.device, WANT_DRES=want_dres, WRITE_PARAM_GRADS=cast, **common,
     )
     return dz, sum_g, sum_gx, dres
