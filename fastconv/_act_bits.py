@@ -30,6 +30,18 @@ def shape(z_shape) -> tuple[int, int]:
     return -(-(N * H * W) // WORD_BITS), C
 
 
+def check(bits: torch.Tensor, z: torch.Tensor, activation: str) -> None:
+    """ValueError unless `bits` can be act' bits of z for `activation` (the kernels read them unchecked)."""
+    if activation not in BIT_ACTIVATIONS:
+        raise ValueError(f"fastconv: act_bits carry a 0/1 derivative ({', '.join(BIT_ACTIVATIONS)}), not that of "
+                         f"{activation!r}")
+    want = shape(z.shape)
+    if (bits.dtype != torch.int32 or tuple(bits.shape) != want or bits.device != z.device
+            or not bits.is_contiguous()):
+        raise ValueError(f"fastconv: act_bits must be a contiguous int32 tensor of shape {list(want)} on {z.device} "
+                         f"(z {list(z.shape)}), got {bits.dtype} {list(bits.shape)} on {bits.device}")
+
+
 def empty(z: torch.Tensor, want: bool) -> torch.Tensor:
     """The bits tensor for z (uninitialised), or an empty int32 tensor where none is kept."""
     return z.new_empty(shape(z.shape) if want else (0,), dtype=torch.int32)

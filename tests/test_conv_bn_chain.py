@@ -327,6 +327,11 @@ def test_residual_block_keeps_act_bits(backend, act, layout, dtype, device, monk
         res.mul_(-1)  # not saved: the backward reads the bits
     for ours, ref, name in zip(torch.autograd.grad(y, [z, g, b, res], on(gy)), refs, ["z", "gamma", "beta", "res"]):
         assert_close(ours, ref, dtype, f"grad {name}")
+    # bits that cannot be z's: a clear error, never a kernel reading past them
+    args = (on(gy), z.detach(), mean.to(device, stat), var.to(device, stat), None, None, None, 1e-5)
+    for bad, act_bad in [(bits[:-1], act), (bits.to(torch.int64), act), (bits.t(), act), (bits, "silu")]:
+        with pytest.raises(ValueError, match="act_bits"):
+            torch.ops.fastconv.batch_norm_act_backward(*args, act_bad, False, backend, bad)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

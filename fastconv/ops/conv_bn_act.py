@@ -302,8 +302,10 @@ def batch_norm_act_backward(
     PyTorch ops."""
     name = _backend.resolve("conv_bn_act", z.device, SUPPORTED_BACKENDS, backend)
     g_dtype, gx_dtype = _sum_dtypes(mean, bn_weight, bn_bias)
-    if act_bits is not None and name in ("cuda", "cpu"):
-        name = "torch"
+    if act_bits is not None:
+        _act_bits.check(act_bits, z, activation)
+        if name in ("cuda", "cpu"):
+            name = "torch"
     if name == "torch":
         acc = _stat_dtype(z.dtype)
         shape = (1, -1, 1, 1)
