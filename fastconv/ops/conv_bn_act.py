@@ -452,11 +452,13 @@ def batch_norm_act_grads(grad_y, z, mean, var, bn_weight, bn_bias, residual, eps
                          want_bias, want_residual, backend, act_bits=None):
     """(grad_z, grad_bn_weight, grad_bn_bias, grad_residual) of y = act(bn(z) [+ residual]) with z's batch
     statistics (BatchNorm's training-mode gradient), the last three None unless wanted (and present). The
-    parameter gradients come in the parameters' dtypes; grad_y is laid out like z for the kernels. act_bits:
-    act' as the forward stored it (then residual is not read)."""
+    parameter gradients come in the parameters' dtypes. grad_y is laid out like z for the C++ kernels; the Triton
+    passes read it through its strides (e.g. the NCHW or expanded gradient of a global average pool: no copy).
+    act_bits: act' as the forward stored it (then residual is not read)."""
+    if backend != "triton":
+        grad_y = grad_y.contiguous(memory_format=memory_format_of(z))
     grad_z, sum_g, sum_gx, grad_res = batch_norm_act_backward_op(
-        grad_y.contiguous(memory_format=memory_format_of(z)), z, mean, var, bn_weight, bn_bias, residual, eps,
-        activation, want_residual, backend, act_bits)
+        grad_y, z, mean, var, bn_weight, bn_bias, residual, eps, activation, want_residual, backend, act_bits)
     return (grad_z, sum_gx if (bn_weight is not None and want_weight) else None,
             sum_g if (bn_bias is not None and want_bias) else None, grad_res if want_residual else None)
 
