@@ -287,18 +287,18 @@ def batch_norm_act_train(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     name = _resolve(z.device, backend)
-    want = _act_bits.wanted(residual, activation)
-    if name == "triton":
+    if not _act_bits.wanted(residual, activation):
+        return (impl_of(batch_norm_act)(z, mean, var, bn_weight, bn_bias, residual, eps, activation, name),
+                _act_bits.empty(z, False))
+    if name == "triton":  # the forward kernel stores the bits as it normalises
         from ..triton import batch_norm as tbn
 
         y = conv_ops.alloc(z.shape, z.dtype, z.device, memory_format_of(z))
-        bits = _act_bits.empty(z, want)
+        bits = _act_bits.empty(z, True)
         tbn.batch_norm_act_forward(z, mean, var, bn_weight, bn_bias, eps, activation, residual, out=y,
-                                   act_bits=bits if want else None)
+                                   act_bits=bits)
         return y, bits
     y = impl_of(batch_norm_act)(z, mean, var, bn_weight, bn_bias, residual, eps, activation, name)
-    if not want:
-        return y, _act_bits.empty(z, False)
     return y, _act_bits.of(torch_bn_u(z, mean, var, bn_weight, bn_bias, residual, eps), activation)
 
 
