@@ -448,6 +448,35 @@ def test_tf32_follows_cudnn_flag():
     assert dot_precision(torch.float16) == "ieee"
 
 
+def test_tf32_flag_reaches_cached_launch_plans():
+    """The conv launchers' per-signature plans key on the dot precision: flipping cudnn.allow_tf32 between two
+    calls of one fp32 signature changes every launch's PRECISION (forward, dgrad, wgrad); other dtypes ignore
+    the flag."""
+    from fastconv.triton import conv2d as tconv, launch
+
+    x, w = torch.randn(2, 4, 7, 7), torch.randn(6, 4, 3, 3)
+    g = torch.randn(2, 6, 7, 7)
+    keys = {}
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        for flag in (True, False, True):
+            torch.backends.cudnn.allow_tf32 = flag
+            with launch.recording() as launches:
+                tconv.conv2d_forward(x, w, None, (1, 1), (1, 1), (1, 1), 1)
+                tconv.conv2d_input_grad(g, w, tuple(x.shape), (1, 1), (1, 1), (1, 1), 1)
+                tconv.conv2d_weight_grad(g, x, tuple(w.shape), (1, 1), (1, 1), (1, 1), 1)
+            assert len(launches) >= 3
+            want = "PRECISION=tf32" if flag else "PRECISION=ieee"
+            assert all(want in r.key for r in launches if r.key), (flag, [r.key for r in launches])
+            keys[flag] = [r.key for r in launches]
+        with launch.recording() as launches:
+            tconv.conv2d_forward(x.half(), w.half(), None, (1, 1), (1, 1), (1, 1), 1)
+        assert "PRECISION=ieee" in launches[0].key
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+    assert keys[True] != keys[False]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 numerics need a GPU with tensor cores")
 def test_tf32_numerics_gpu(triton_device):
     device = triton_device

@@ -46,7 +46,7 @@ from ._epilogue import (
     store_tile,
     tile_rows,
 )
-from .launch import SPLIT_K_ALIGN, SPLIT_K_MAX, Problem, TunedKernel, run, sm_count
+from .launch import SPLIT_K_ALIGN, SPLIT_K_MAX, Problem, TunedKernel, memo_id, run, sm_count
 
 @triton.jit
 def _conv2d_fwd_kernel(
@@ -483,7 +483,7 @@ def conv2d_forward(
            tuple(dilation), groups, bias is None, scale is None, shift is None,
            None if residual is None else (residual.shape, residual.stride()), activation, stats,
            None if prologue is None else prologue[2], None if out is None else out.stride(), force_int64,
-           torch.backends.cudnn.allow_tf32, interpreting())
+           dot_precision(x.dtype), interpreting())
     plan = _FWD_PLANS.get(key) or _FWD_PLANS.put(key, _forward_plan(
         x, weight, bias, stride, padding, dilation, groups, scale, shift, residual, activation, out, stats,
         prologue, force_int64))
@@ -497,7 +497,7 @@ def conv2d_forward(
     res = residual if residual is not None else y
     if bias is not None and scale is not None:
         bias, shift = fold_bias(bias, scale, shift)
-    in_scale, in_shift, _ = prologue_args(prologue, x.shape[1], y)
+    in_scale, in_shift, _ = prologue_args(prologue, x.shape[1], y) if prologue is not None else (y, y, 0)
     _, extra = _fwd(
         grid,
         x, weight, y,
@@ -567,7 +567,7 @@ def _forward_plan(x, weight, bias, stride, padding, dilation, groups, scale, shi
     )
     return (shape, ints, problem,
             lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(cout_g, meta["BLOCK_N"]), groups), consts,
-            (x.device, x.dtype, problem, *consts.items()))
+            memo_id((x.device, x.dtype, problem, *consts.items())))
 
 
 def prologue_args(prologue, channels: int, dummy: torch.Tensor):
@@ -607,7 +607,7 @@ def conv2d_input_grad(
     check_runnable(grad_out, weight)
     key = (grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device, weight.shape, weight.stride(),
            tuple(input_shape), tuple(stride), tuple(padding), tuple(dilation), groups,
-           None if out is None else out.stride(), force_int64, torch.backends.cudnn.allow_tf32, interpreting(),
+           None if out is None else out.stride(), force_int64, dot_precision(grad_out.dtype), interpreting(),
            None if bn is None else (bn[0].stride(), bn[3] is None, bn[6]))
     plan = _DGRAD_PLANS.get(key) or _DGRAD_PLANS.put(key, _input_grad_plan(
         grad_out, weight, input_shape, stride, padding, dilation, groups, out, bn, force_int64))
@@ -681,7 +681,7 @@ def _input_grad_plan(grad_out, weight, input_shape, stride, padding, dilation, g
     )
     return (True, ints, problem,
             lambda meta: (cdiv(MP, meta["BLOCK_M"]) * cdiv(cin_g, meta["BLOCK_N"]), groups * sh * sw), consts,
-            (grad_out.device, grad_out.dtype, problem, *consts.items()))
+            memo_id((grad_out.device, grad_out.dtype, problem, *consts.items())))
 
 
 def conv2d_weight_grad(
@@ -704,7 +704,7 @@ def conv2d_weight_grad(
     key = (grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device, x.shape, x.stride(), x.dtype,
            tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), groups, bias_grad, splits,
            None if prologue is None else prologue[2], channels_last, force_int64,
-           torch.backends.cudnn.allow_tf32, interpreting(), None if splits else sm_count(x.device))
+           dot_precision(x.dtype), interpreting(), None if splits else sm_count(x.device))
     plan = _WGRAD_PLANS.get(key) or _WGRAD_PLANS.put(key, _weight_grad_plan(
         grad_out, x, weight_shape, stride, padding, dilation, groups, bias_grad, splits, prologue, channels_last,
         force_int64, key[-1]))
@@ -783,7 +783,7 @@ def _weight_grad_plan(grad_out, x, weight_shape, stride, padding, dilation, grou
         return cdiv(cout_g, meta["BLOCK_M"]) * KH * KW * cdiv(cin_g, meta["BLOCK_N"]), split_of(meta)[0], groups
 
     return (ints, problem, split_of, grid, consts,
-            (x.device, x.dtype, problem, *consts.items()))
+            memo_id((x.device, x.dtype, problem, *consts.items())))
 
 
 def _wgrad_scratch(split_of, dw, db, device, cin_g: int, groups: int, KH: int, KW: int):

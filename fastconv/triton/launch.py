@@ -315,6 +315,18 @@ def _bench_ms(fn) -> float:
     return float(do_bench(fn, warmup=5, rep=20))
 
 
+_MEMO_IDS: dict[tuple, int] = {}
+
+
+def memo_id(signature: tuple) -> int:
+    """A small int standing for a launch's (device, dtype, Problem, constexprs) tuple, equal for equal tuples:
+    the TunedKernel memo key a launch plan stores (an int hashes in C; the tuple's Problem hashes in Python)."""
+    found = _MEMO_IDS.get(signature)
+    if found is None:
+        found = _MEMO_IDS[signature] = len(_MEMO_IDS)
+    return found
+
+
 class TunedKernel:
     """A @triton.jit kernel with a tile table (configs.CONFIGS[family]); see the module doc for how the tile is
     chosen. Call it with grid(meta) -> grid tuple, the positional args, the constexpr kwargs, and
@@ -334,8 +346,9 @@ class TunedKernel:
         return cfgs.tiles(self.family, arch, kind, fused, prologue)
 
     def __call__(self, grid, *args, problem: Problem, device: torch.device, scratch=None, memo=None, **consts):
-        """memo: optional hashable stand-in for (device, args[0].dtype, problem, consts) that the caller worked
-        out once per call signature (saves building and hashing that tuple on every launch)."""
+        """memo: optional stand-in for (device, args[0].dtype, problem, consts) that the caller worked out once
+        per call signature with `memo_id` (saves building and hashing that tuple, whose Problem hashes in
+        Python, on every launch)."""
         rec = _recorder.get()
         if _forced.get() is None and (rec is None or isinstance(rec, _Discard)) and not interpreting():
             memo = (autotune_enabled(), memo if memo is not None else (device, args[0].dtype, problem,
