@@ -31,6 +31,12 @@ def memory_format_of(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if cl else torch.contiguous_format
 
 
+def channels_strided(t: torch.Tensor | None) -> bool:
+    """Whether t is a 4-D tensor with more than one channel whose channels are not at stride 1 (NCHW-like): the
+    operands the Triton GEMMs read through a channels_last copy (triton._common.channels_contiguous)."""
+    return t is not None and t.dim() == 4 and t.size(1) > 1 and t.stride(1) != 1
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype kernels accumulate in and keep statistics / split-K partials in: fp64 for fp64 tensors
     (gradcheck), fp32 otherwise."""

@@ -485,3 +485,53 @@ def test_launch_plan_against_eager(name, max_bytes):
     ours, theirs = launch_plan.summarize(rows, "H100", "half"), launch_plan.summarize(eager, "H100", "half")
     assert ours["launches"] <= theirs["launches"], (ours["launches"], theirs["launches"])
     assert ours["bytes"] <= max_bytes * theirs["bytes"], ours["bytes"] / theirs["bytes"]
+
+
+@pytest.mark.parametrize("block", ["conv_bn_relu", "conv"])
+def test_nchw_step_copies_each_operand_once(block):
+    """NCHW operands (the Triton GEMMs read channels_last): a training step of one layer on meta tensors copies
+    x and the weight in forward, and in backward the output gradient once (shared by the dgrad and the wgrad),
+    the weight once and x once; dx comes out channels_last, so autograd copies it into the leaf x's NCHW .grad
+    (inside a network the layer before reads it as it is). No copy of a plan's meta stand-ins is counted."""
+    N, C, H, W, K = 8, 16, 8, 8, 24
+    if block == "conv":
+        layer = fastconv.Conv2d(C, K, 3, padding=1, device="meta", dtype=torch.float16)
+    else:
+        layer = fastconv.ConvBNReLU2d(C, K, 3, padding=1, device="meta", dtype=torch.float16)
+    x = torch.empty((N, C, H, W), device="meta", dtype=torch.float16, requires_grad=True)
+    rows = launch_plan.record_step(layer, x, True)
+    copies = [(r.op, int(r.launch.bytes)) for r in rows if r.launch.kernel in ("aten.clone", "aten.copy_")]
+    a_x, a_w, a_y = N * C * H * W * 2, K * C * 9 * 2, N * K * H * W * 2
+    # a copy's bytes: source and destination
+    assert sorted(b for _, b in copies) == sorted([2 * a_x, 2 * a_w, 2 * a_y, 2 * a_w, 2 * a_x, 2 * a_x]), copies
+    assert copies[-1] == ("-", 2 * a_x)  # the leaf's .grad
+    assert [r.launch.kernel for r in rows if r.launch.kernel.startswith("_conv2d_")] == [
+        "_conv2d_fwd_kernel", "_conv2d_dgrad_kernel", "_conv2d_wgrad_kernel"]
+
+
+def test_nchw_conv_gradients_match_float64(device):
+    """The shared channels_last copy of an NCHW output gradient: dx, dw, db against float64, for fastconv.Conv2d
+    and a fused block; dx comes out channels_last inside the network, and a leaf input's .grad NCHW like the
+    leaf."""
+    gen = generator("nchw-shared-grad")
+    x = randn((2, 5, 9, 7), torch.float32, device, gen).requires_grad_()
+    conv = fastconv.Conv2d(5, 6, 3, padding=1, stride=2).to(device)
+    block = fastconv.ConvBNReLU2d(6, 7, 3, padding=1).to(device)
+    ref_conv, ref_block = copy.deepcopy(conv).double(), copy.deepcopy(block).double()
+    g = randn((2, 7, 5, 4), torch.float32, device, gen)
+    with fastconv.backend("triton"):
+        h = conv(x)
+        y = block(h)
+        dh, = torch.autograd.grad(y, h, g, retain_graph=True)
+        y.backward(g)
+    assert dh.is_contiguous(memory_format=torch.channels_last)
+    assert x.grad.is_contiguous()
+    xr = x.detach().double().requires_grad_()
+    with fastconv.backend("torch"):
+        yr = torch.nn.Sequential(ref_conv, ref_block)(xr)
+    yr.backward(g.double())
+    assert_close(y, yr, torch.float32, "y")
+    assert_close(x.grad, xr.grad, torch.float32, "dx")
+    for (name, p), pr in zip(list(conv.named_parameters()) + list(block.named_parameters()),
+                             list(ref_conv.parameters()) + list(ref_block.parameters())):
+        assert_close(p.grad, pr.grad, torch.float32, name)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _activations, _backend, _ext
-from .._args import accumulation_dtype, conv_output_size, memory_format_of, output_memory_format
+from .._args import accumulation_dtype, channels_strided, conv_output_size, memory_format_of, output_memory_format
 from ._autocast import register_autocast
 from ._fastpath import FastOp
 
@@ -347,11 +347,22 @@ def activation_grad(grad_y, activation, y=None, u=None):
     return grad_y * torch.where(u <= -3, torch.zeros_like(u), torch.where(u >= 3, torch.ones_like(u), (2 * u + 3) / 6))
 
 
+def grad_for_dgrad_and_wgrad(grad: torch.Tensor, backend: str, both: bool) -> torch.Tensor:
+    """A conv's output gradient as its two gradient launches read it. The Triton dgrad and wgrad each read their
+    operands channels_last (triton._common.channels_contiguous, one copy per launch): an NCHW gradient that feeds
+    both is copied here once instead. dx then comes out channels_last, as the gradient ops lay dx out like
+    grad_output (a leaf's .grad is still laid out like the leaf: autograd's accumulation obeys its layout)."""
+    if not both or backend != "triton" or not channels_strided(grad):
+        return grad
+    return grad.contiguous(memory_format=torch.channels_last)
+
+
 def conv2d_grads(grad_z, x, weight, input_size, weight_size, geometry, want_x, want_w, want_b, backend):
     """(grad_x, grad_w, grad_b) of z = conv(x, weight) + bias from grad_z, each None unless wanted: the last
     step of the backward of conv2d and of conv_bn_act."""
     stride, padding, dilation, groups = geometry
     grad_x = grad_w = grad_b = None
+    grad_z = grad_for_dgrad_and_wgrad(grad_z, backend, want_x and (want_w or want_b))
     if want_x:
         grad_x = input_grad_op(grad_z, weight, input_size, stride, padding, dilation, groups, backend)
     if want_w or want_b:

@@ -200,11 +200,13 @@ def _backward(ctx, grad_y):
         grad_y, ctx.activation, y, scale, shift, ctx.residual_given, needs[10:13], recompute)
     grad_c = grad_c.to(z.dtype)
     grad_z = grad_in_scale = grad_in_shift = grad_w = grad_b = None
+    want_b = ctx.has_bias and needs[5]
+    grad_c = conv_ops.grad_for_dgrad_and_wgrad(grad_c, ctx.backend, (needs[0] or needs[1] or needs[2])
+                                               and (needs[4] or want_b))
     if needs[0] or needs[1] or needs[2]:
         grad_x = conv_ops.input_grad_op(grad_c, weight, ctx.input_size, stride, padding, dilation, groups,
                                         ctx.backend)
         grad_z, grad_in_scale, grad_in_shift = prologue_grads(grad_x, z, *prologue, *needs[:3])
-    want_b = ctx.has_bias and needs[5]
     if needs[4] or want_b:
         dw, db = prologue_weight_grad_op(grad_c, z, *prologue, ctx.weight_size, stride, padding, dilation, groups,
                                          want_b, ctx.backend, conv_ops.weight_layout(weight))

@@ -196,7 +196,10 @@ def _backward(ctx, grad_z, _grad_mean, _grad_var, _grad_scale, _grad_shift):
     grad_z = grad_z.to(x.dtype)
     prologue = _prologue(in_mean, in_var, in_weight, in_bias, ctx.in_eps, ctx.in_activation, in_scale, in_shift)
     grad_input = grad_in_weight = grad_in_bias = grad_w = grad_b = None
-    if needs[0] or (prologue is not None and (needs[5] or needs[6])):
+    want_dx = needs[0] or (prologue is not None and (needs[5] or needs[6]))
+    want_b = ctx.has_bias and needs[2]
+    grad_z = conv_ops.grad_for_dgrad_and_wgrad(grad_z, conv_backend, want_dx and (needs[1] or want_b))
+    if want_dx:
         # the gradient of the conv's input x (virtual with a prologue)
         if prologue is None:
             grad_input = conv_ops.input_grad_op(grad_z, weight, ctx.input_size, stride, padding, dilation, groups,
@@ -208,7 +211,6 @@ def _backward(ctx, grad_z, _grad_mean, _grad_var, _grad_scale, _grad_shift):
             grad_in_weight = sum_gx if (in_weight is not None and needs[5]) else None
             grad_in_bias = sum_g if (in_bias is not None and needs[6]) else None
             grad_input = grad_input if needs[0] else None
-    want_b = ctx.has_bias and needs[2]
     if needs[1] or want_b:
         if prologue is None:
             grad_w, db = conv_ops.weight_grad_op(grad_z, x, ctx.weight_size, stride, padding, dilation, groups,

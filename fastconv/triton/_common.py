@@ -5,6 +5,7 @@ import torch
 import triton.language as tl
 
 from .._activations import CODES as ACTIVATIONS  # noqa: F401 (the fused epilogue's activation codes)
+from .._args import channels_strided  # noqa: F401 (one definition; re-exported)
 from .._backend import interpreting, planning  # noqa: F401 (one definition; re-exported)
 
 INT32_LIMIT = 2**31 - 1
@@ -77,11 +78,6 @@ def channels_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last) if channels_strided(t) else t
 
 
-def channels_strided(t: torch.Tensor | None) -> bool:
-    """Whether t is a 4-D tensor with more than one channel whose channels are not at stride 1 (NCHW-like)."""
-    return t is not None and t.dim() == 4 and t.size(1) > 1 and t.stride(1) != 1
-
-
 def meta_like(t: torch.Tensor) -> torch.Tensor:
     """A meta tensor with t's shape, strides and dtype: launch plans derive strides and index widths from it
     without holding t."""
@@ -89,8 +85,11 @@ def meta_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def meta_operand(t: torch.Tensor) -> torch.Tensor:
-    """meta_like(channels_contiguous(t)): what a launcher will pass for t, without copying it."""
-    return channels_contiguous(meta_like(t))
+    """meta_like(channels_contiguous(t)): what a launcher will pass for t, allocated as such (no clone op: the
+    launch plan would count a copy of a meta stand-in as a kernel of the step)."""
+    if not channels_strided(t):
+        return meta_like(t)
+    return torch.empty(t.shape, dtype=t.dtype, device="meta", memory_format=torch.channels_last)
 
 
 class PlanCache:
