@@ -276,6 +276,13 @@ def test_gemm_operands_channels_contiguous(triton_device, monkeypatch):
     assert_close(y, yd, torch.float32, "NCHW forward")
     assert_close(x.grad, xd.grad, torch.float32, "NCHW grad_input")
     assert_close(w.grad, wd.grad, torch.float32, "NCHW grad_weight")
+    # a frozen weight: the dgrad alone reads the NCHW grad_out (its own copy) and stores dx NCHW in two halves
+    seen.clear()
+    x.grad = None
+    conv2d(x, w.detach(), None, 1, 1, algo="implicit").backward(dy)
+    (gdy, gw, gdx, *_), gkw = seen["_dgrad"]
+    assert "_wgrad" not in seen and gdy.stride(1) == 1 and gdx.is_contiguous() and gkw["SPLIT_N"]
+    assert_close(x.grad, xd.grad, torch.float32, "NCHW grad_input, frozen weight")
 
 
 @pytest.mark.parametrize("activation", ["identity", "relu", "relu6", "silu", "hardswish"])
