@@ -1,7 +1,8 @@
 """The launch plan: every kernel one training (or eval) step launches, with its cost, computed without a GPU.
 
     python -m fastconv.launch_plan --model resnet [--batch 256] [--dtype bf16] [--train|--eval] [--gpu H100]
-                                   [--layer N,C,H,W,K,R,S,stride,pad,groups] [--compare-eager] [--json]
+                                   [--layer N,C,H,W,K,R,S,stride,pad,groups] [--layout channels_last|nchw]
+                                   [--compare-eager] [--json]
 
 The step runs on meta tensors (no memory, no compute) through fastconv's own launchers: Triton launches are
 recorded by fastconv.triton.launch (kernel, tile as the FASTCONV_AUTOTUNE=0 heuristic picks it for the named
@@ -161,25 +162,32 @@ def record_step(model: torch.nn.Module, x: torch.Tensor, train: bool, gpu: str =
     return mode.rows
 
 
-def build(name: str, batch: int, dtype: torch.dtype, fastconv: bool):
-    """(model, input) on the meta device, channels_last, in `dtype`."""
+# --layout: the memory format of the model's parameters and input (channels_last: what fast GPU training uses;
+# nchw: PyTorch's default, where the Triton GEMMs read their NCHW operands through channels_last copies).
+LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
+
+
+def build(name: str, batch: int, dtype: torch.dtype, fastconv: bool, layout: str = "channels_last"):
+    """(model, input) on the meta device, in `layout` (LAYOUTS) and `dtype`."""
     from . import models
 
-    model = models.build(name, fastconv=fastconv).to(device="meta", dtype=dtype, memory_format=torch.channels_last)
+    fmt = LAYOUTS[layout]
+    model = models.build(name, fastconv=fastconv).to(device="meta", dtype=dtype, memory_format=fmt)
     c, h, w = models.input_size(name)
-    x = torch.empty((batch, c, h, w), device="meta", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.empty((batch, c, h, w), device="meta", dtype=dtype).contiguous(memory_format=fmt)
     return model, x
 
 
-def layer_model(spec: str, dtype: torch.dtype):
+def layer_model(spec: str, dtype: torch.dtype, layout: str = "channels_last"):
     """--layer N,C,H,W,K,R,S,stride,pad,groups: one fused conv+BN+ReLU block on that problem, as inside a
     network (its input needs a gradient)."""
     from .modules import ConvBNReLU2d
 
     N, C, H, W, K, R, S, stride, pad, groups = (int(v) for v in spec.split(","))
+    fmt = LAYOUTS[layout]
     block = ConvBNReLU2d(C, K, (R, S), stride=stride, padding=pad, groups=groups)
-    block = block.to(device="meta", dtype=dtype, memory_format=torch.channels_last)
-    x = torch.empty((N, C, H, W), device="meta", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    block = block.to(device="meta", dtype=dtype, memory_format=fmt)
+    x = torch.empty((N, C, H, W), device="meta", dtype=dtype).contiguous(memory_format=fmt)
     return block, x.requires_grad_()  # a block inside a network: its input gradient is computed too
 
 
@@ -257,6 +265,8 @@ def main(argv=None) -> int:
     mode.add_argument("--train", dest="train", action="store_true", default=True)
     mode.add_argument("--eval", dest="train", action="store_false")
     ap.add_argument("--gpu", choices=list(GPUS), default="H100")
+    ap.add_argument("--layout", choices=list(LAYOUTS), default="channels_last",
+                    help="memory format of the parameters and the input (default channels_last)")
     ap.add_argument("--compare-eager", action="store_true", help="also account plain PyTorch eager's step")
     ap.add_argument("--autotune-runs", action="store_true",
                     help="count the autotune runs of a whole CIFAR-10 training of --model at --batch")
@@ -265,9 +275,9 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype]
     kind = _kind(dtype)
     if args.model:
-        model, x = build(args.model, args.batch, dtype, fastconv=True)
+        model, x = build(args.model, args.batch, dtype, fastconv=True, layout=args.layout)
     else:
-        model, x = layer_model(args.layer, dtype)
+        model, x = layer_model(args.layer, dtype, args.layout)
     rows = record_step(model, x, args.train, args.gpu)
     result = {"fastconv": {**summarize(rows, args.gpu, kind), "rows": [
         {"op": r.op, **dataclasses.asdict(r.launch), "programs": r.launch.programs,
@@ -279,7 +289,7 @@ def main(argv=None) -> int:
     if args.compare_eager:
         if not args.model:
             ap.error("--compare-eager needs --model")
-        plain, x = build(args.model, args.batch, dtype, fastconv=False)
+        plain, x = build(args.model, args.batch, dtype, fastconv=False, layout=args.layout)
         eager = record_step(plain, x, args.train, args.gpu, backend=None)
         result["eager"] = summarize(eager, args.gpu, kind)
     if args.json:
@@ -287,7 +297,8 @@ def main(argv=None) -> int:
         print()
         return 0
     what = f"--model {args.model}" if args.model else f"--layer {args.layer}"
-    print(f"launch plan: {what}, batch {args.batch}, {args.dtype}, {'train' if args.train else 'eval'} step, "
+    print(f"launch plan: {what}, batch {args.batch}, {args.dtype} {args.layout}, "
+          f"{'train' if args.train else 'eval'} step, "
           f"{args.gpu} ({GPUS[args.gpu]['arch']}, {GPUS[args.gpu]['sms']} SMs)")
     print(_table(rows, args.gpu, kind))
     print(_summary_line("fastconv", result["fastconv"]))

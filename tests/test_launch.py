@@ -394,6 +394,25 @@ def test_launch_plan_cli_json(capsys):
     assert all(r["programs"] >= 1 for r in out["fastconv"]["rows"])
 
 
+def test_launch_plan_layout_nchw(capsys):
+    """--layout nchw plans the model with PyTorch's default memory format: the same conv kernels, plus the
+    channels_last copies of NCHW GEMM operands as ATen copies (--layout channels_last has one: the flatten before
+    the classifier); an NCHW z also keeps the BatchNorm backward's reduce pass out of the dgrad epilogue."""
+    plans = {}
+    for layout in ("channels_last", "nchw"):
+        assert launch_plan.main(["--model", "cifar10_cnn", "--batch", "4", "--compare-eager", "--json",
+                                 "--layout", layout]) == 0
+        plans[layout] = json.loads(capsys.readouterr().out)
+    cl, nchw = plans["channels_last"]["fastconv"], plans["nchw"]["fastconv"]
+    triton = [[r["kernel"] for r in p["rows"] if r["kernel"].startswith("_conv2d_")] for p in (cl, nchw)]
+    assert triton[0] == triton[1]
+    copies = [sum(r["kernel"] in ("aten.clone", "aten.copy_") for r in p["rows"]) for p in (cl, nchw)]
+    assert copies[1] > copies[0]
+    assert nchw["bytes"] > cl["bytes"]
+    model, x = launch_plan.build("cifar10_cnn", 2, torch.bfloat16, True, layout="nchw")
+    assert x.is_contiguous() and all(p.is_contiguous() for p in model.parameters())
+
+
 def _int32_overflow_launch():
     """A kernel that multiplies an int32 2**30 by 4: wraps on a GPU, an assertion in the checked interpreter."""
     import triton
