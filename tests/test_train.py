@@ -122,6 +122,17 @@ def test_metrics_json_is_complete(data_dir, tmp_path):
     assert m["device"].startswith("cpu") and m["world_size"] == 1
     assert {"python", "torch", "torchvision", "triton", "fastconv"} <= set(m["versions"])
     assert m["model"] == "lenet5" and m["amp"] == "none" and m["args"]["schedule"] == "cosine"
+    assert m["channels_last"] is False and m["args"]["channels_last"] is False  # the default on CPU
+
+
+def test_channels_last_flag_defaults_to_the_device():
+    """--channels-last / --no-channels-last, or unset: resolved by the engine (on for CUDA, off on CPU)."""
+    from fastconv.train import cli
+
+    p = cli.parser()
+    assert p.parse_args([]).channels_last is None
+    assert p.parse_args(["--channels-last"]).channels_last is True
+    assert p.parse_args(["--no-channels-last"]).channels_last is False
 
 
 def test_per_class_metrics_by_hand():

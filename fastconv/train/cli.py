@@ -50,7 +50,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     r.add_argument("--amp", default="none", choices=("none", "fp16", "bf16"),
                    help="autocast dtype (fp16 uses a GradScaler)")
-    r.add_argument("--channels-last", action="store_true")
+    r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last model and batches (default: on for CUDA, where fastconv's Triton GEMMs read "
+                        "channels_last operands and NCHW ones cost layout copies; off on CPU)")
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
     r.add_argument("--fastconv", action=argparse.BooleanOptionalAction, default=True,
                    help="run on fastconv's kernels (default) or plain PyTorch (--no-fastconv)")

@@ -67,6 +67,8 @@ class Run:
         _seed(args.seed)  # the same initial weights in every process and for --fastconv / --no-fastconv
         build_kw = {"backend": args.backend} if args.fastconv else {}
         model = models.build(args.model, num_classes=len(self.data.classes), fastconv=args.fastconv, **build_kw)
+        if args.channels_last is None:  # the default: channels_last on CUDA (see the CLI's help)
+            args.channels_last = self.device.type == "cuda"
         memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=memory_format)
         self.memory_format = memory_format
