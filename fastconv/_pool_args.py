@@ -52,10 +52,10 @@ class _DenseChannelsLast:
         return self._strides
 
 
-def pooled_memory_format(z: torch.Tensor) -> torch.memory_format:
+def pooled_memory_format(z: torch.Tensor, y_format: torch.memory_format | None = None) -> torch.memory_format:
     """The layout of max_pool2d(y) for y = batch_norm_act(z) (fastconv.ops.batch_norm_act_pool): y is dense in
-    memory_format_of(z), and the pool's output takes y's suggested memory format."""
-    fmt = memory_format_of(z)
+    y_format (default memory_format_of(z)), and the pool's output takes y's suggested memory format."""
+    fmt = memory_format_of(z) if y_format is None else y_format
     return suggest_memory_format(_DenseChannelsLast(z.shape)) if fmt == torch.channels_last else fmt
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._args import ConvArgs, as_list
+from ._args import ConvArgs, as_list, memory_format_of
 from .ops import conv2d as conv_ops, conv2d_prologue as prologue_ops, conv_bn_act as cba_ops
 from .ops import batch_norm_act_pool as bn_pool_ops, conv_bn_chain as chain_ops, max_pool2d as _pool_ops
 from .ops import _fastpath
@@ -189,6 +189,9 @@ class PendingBlock(NamedTuple):
     # own on Triton): the next conv's prologue coefficients
     scale: torch.Tensor | None = None
     shift: torch.Tensor | None = None
+    # y's layout were it nn.Conv2d's output (channels_last or not; None: like z): what the chain end lays its
+    # output out as, Triton's z being channels_last whatever the model's layout
+    out_channels_last: bool | None = None
 
 
 def conv_bn_stats(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, *, stride=1, padding=0,
@@ -218,7 +221,11 @@ def conv_bn_stats(input, weight, bias, bn_weight, bn_bias, running_mean, running
     z, mean, var, scale, shift = chain_ops.conv_bn_stats_train_op(
         x, weight, bias, *prologue, stride, padding, dilation, groups, algo, name, *running, bn_weight, bn_bias,
         float(eps), *((prev.scale, prev.shift) if prev is not None else (None, None)), count)
-    return PendingBlock(z, mean, var, bn_weight, bn_bias, float(eps), activation, scale, shift)
+    # nn.Conv2d's rule, applied to the virtual input: channels_last out if the input or the weight is
+    in_cl = (memory_format_of(x) if prev is None or prev.out_channels_last is None
+             else (torch.channels_last if prev.out_channels_last else torch.contiguous_format))
+    out_cl = torch.channels_last in (in_cl, memory_format_of(weight))
+    return PendingBlock(z, mean, var, bn_weight, bn_bias, float(eps), activation, scale, shift, out_cl)
 
 
 def _one_value_per_channel(batch, channels, out_hw, running_mean, running_var, momentum, num_batches_tracked):
@@ -248,7 +255,7 @@ def bn_act(block: PendingBlock, residual: torch.Tensor | None = None) -> torch.T
     z = block.z
     _, name = _backend.choose("conv_bn_act", z.device, cba_ops.SUPPORTED_BACKENDS, z.dtype)
     y, _ = chain_ops.batch_norm_act_train_op(z, block.mean, block.var, block.bn_weight, block.bn_bias, residual,
-                                             block.eps, block.activation, name)
+                                             block.eps, block.activation, name, block.out_channels_last)
     if y.requires_grad and not torch.compiler.is_compiling():
         _mark_producer(y, z, block.mean, block.var, block.bn_weight, block.bn_bias, residual, block.eps,
                        block.activation)
@@ -265,7 +272,8 @@ def bn_act_max_pool(block: PendingBlock, kernel_size, stride=None, padding=0, di
     _, name = _backend.choose("conv_bn_act", z.device, cba_ops.SUPPORTED_BACKENDS, z.dtype)
     geo = tuple(map(list, _pool_geometry(z, kernel_size, stride, padding, dilation, ceil_mode, "max_pool2d")))
     out, _ = bn_pool_ops.batch_norm_act_pool_train_op(z, block.mean, block.var, block.bn_weight, block.bn_bias,
-                                                      block.eps, block.activation, *geo, ceil_mode, name)
+                                                      block.eps, block.activation, *geo, ceil_mode, name,
+                                                      block.out_channels_last)
     return out
 
 

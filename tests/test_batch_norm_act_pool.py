@@ -226,6 +226,7 @@ def test_fused_sequential_pools_pending_blocks(layout, device, triton_backend, m
         assert kernels.count("_batch_norm_act_pool_fwd_kernel") == 2, kernels
         assert not any("max_pool2d" in k or "batch_norm_act_fwd" in k for k in kernels), kernels
         y = model(xk)
+        assert y.is_contiguous(memory_format=fmt)  # nn's layout (the blocks' z is channels_last on Triton)
         grads = torch.autograd.grad(y, [xk, *model.parameters()], g.to(device=device, dtype=torch.float32))
         assert_close(y, y_ref, torch.float32, f"step {step} output")
         for (name, _), got, want in zip([("input", None), *ref.named_parameters()], grads, grads_ref):
@@ -329,6 +330,16 @@ def test_opcheck(backend, device):
     geo = tuple(map(list, POOLS["2x2"][:4]))
     opcheck(torch.ops.fastconv.batch_norm_act_pool_train.default,
             (z, blk.mean, blk.var, None, None, 1e-5, "relu", *geo, False, backend))
+    for cl in (False, True):  # the chain's nn layout for out and offsets, whatever z's
+        opcheck(torch.ops.fastconv.batch_norm_act_pool_train.default,
+                (z, blk.mean, blk.var, gamma, beta, 1e-5, "relu", *geo, False, backend, cl))
+        out, off = torch.ops.fastconv.batch_norm_act_pool_train(z.detach(), blk.mean, blk.var, gamma.detach(),
+                                                               beta.detach(), 1e-5, "relu", *geo, False, backend, cl)
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        assert out.is_contiguous(memory_format=fmt) and off.is_contiguous(memory_format=fmt)
+        ref, ref_off = torch.ops.fastconv.batch_norm_act_pool_train(z.detach(), blk.mean, blk.var, gamma.detach(),
+                                                                   beta.detach(), 1e-5, "relu", *geo, False, backend)
+        assert torch.equal(out, ref) and torch.equal(off, ref_off)
     out, off = torch.ops.fastconv.batch_norm_act_pool_train(z.detach(), blk.mean, blk.var, gamma.detach(),
                                                            beta.detach(), 1e-5, "silu", *geo, False, backend)
     opcheck(torch.ops.fastconv.batch_norm_act_pool_backward.default,

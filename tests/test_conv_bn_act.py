@@ -342,6 +342,26 @@ def test_statistics_robust_to_large_mean(kernel_backend, kdevice):
     assert (var.double().cpu() - ref_var).abs().max() <= 1e-3 * ref_var.max(), (var, ref_var)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_z_channels_last_on_triton_y_like_nn(layout, kernel_backend, kdevice):
+    """conv_bn_act_train's y takes nn.Conv2d's output layout on every backend; the z it keeps is channels_last on
+    Triton (its GEMMs read z channels_last in backward: no copy of an NCHW one), y's layout elsewhere. Values of
+    both against float64."""
+    gen = generator("bn-z-layout", layout)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = randn((2, 5, 7, 6), torch.float32, kdevice, gen).contiguous(memory_format=fmt)
+    w = randn((6, 5, 3, 3), torch.float32, kdevice, gen)
+    y, z, mean, var = torch.ops.fastconv.conv_bn_act_train(x, w, None, None, None, None, [1, 1], [1, 1, 1, 1],
+                                                           [1, 1], 1, 1e-5, "relu", "implicit", kernel_backend)
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), None, 1, 1)
+    assert y.is_contiguous(memory_format=fmt)  # nn.Conv2d's rule: the input's layout here
+    z_fmt = torch.channels_last if kernel_backend == "triton" else fmt
+    assert z.is_contiguous(memory_format=z_fmt)
+    assert_close(z, ref, torch.float32, "z")
+    m, v = ref.mean((0, 2, 3), keepdim=True), ref.var((0, 2, 3), unbiased=False, keepdim=True)
+    assert_close(y, torch.relu((ref - m) / torch.sqrt(v + 1e-5)), torch.float32, "y")
+
+
 def test_opcheck(kernel_backend, kdevice):
     from torch.library import opcheck
 

@@ -116,6 +116,11 @@ def check_functional(cfg, backend, device, salt, residual=False):
                                      dilation=conv.dilation, groups=conv.groups, momentum=factor, eps=bn.eps,
                                      activation=b["act"])
             y = FC.bn_act(h, rk)
+            # the output in nn's layout (the input's: the weights are contiguous); z channels_last on Triton
+            fmt = torch.channels_last if cfg["layout"] == "channels_last" else torch.contiguous_format
+            assert y.is_contiguous(memory_format=fmt) and h.out_channels_last == (cfg["layout"] == "channels_last")
+            if backend == "triton":
+                assert h.z.is_contiguous(memory_format=torch.channels_last)
             wrt_k = [xk, *mods.parameters()] + ([rk] if residual else [])
             grads = torch.autograd.grad(y, wrt_k, _layout(g.to(device=device, dtype=dtype), cfg))
         what = f"{backend} step {step}"
@@ -270,12 +275,22 @@ def test_opcheck(device, triton_backend):
     opcheck(op, (x, w, None, mean, var, gamma, beta, 1e-5, "silu", *geo, "implicit", "triton"))
     running = (torch.zeros(6, device=device), torch.ones(6, device=device))
     opcheck(op, (x, w, b, mean, var, None, None, 1e-5, "relu", *geo, "implicit", "triton", *running, 0.1, None))
-    z, m, v, _, _ = op(x.detach(), w.detach(), b.detach(), None, None, None, None, 0.0, "identity", *geo)
+    z, m, v, _, _ = op(x.detach(), w.detach(), b.detach(), None, None, None, None, 0.0, "identity", *geo, "implicit",
+                       "triton")
     g6, b6 = (randn((6,), f32, device, gen).requires_grad_() for _ in range(2))
     opcheck(torch.ops.fastconv.batch_norm_act_train.default,
             (z.requires_grad_(), m, v, g6, b6, None, 1e-5, "silu", "triton"))
     res = randn(tuple(z.shape), f32, device, gen).requires_grad_()
     opcheck(torch.ops.fastconv.batch_norm_act_train.default, (z, m, v, g6, b6, res, 1e-5, "relu", "triton"))
+    assert z.is_contiguous(memory_format=torch.channels_last)  # Triton's z, for the NCHW x
+    for cl, r in ((False, None), (True, None), (False, res)):  # y in the chain's nn layout, whatever z's
+        opcheck(torch.ops.fastconv.batch_norm_act_train.default, (z, m, v, g6, b6, r, 1e-5, "relu", "triton", cl))
+        y, _ = torch.ops.fastconv.batch_norm_act_train(z.detach(), m, v, g6.detach(), b6.detach(),
+                                                       None if r is None else r.detach(), 1e-5, "relu", "triton", cl)
+        assert y.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        ref, _ = torch.ops.fastconv.batch_norm_act_train(z.detach(), m, v, g6.detach(), b6.detach(),
+                                                         None if r is None else r.detach(), 1e-5, "relu", "torch")
+        assert_close(y, ref, f32, f"y, out_channels_last={cl}")
     _, bits = torch.ops.fastconv.batch_norm_act_train(z.detach(), m, v, g6.detach(), b6.detach(), res.detach(),
                                                       1e-5, "relu", "triton")
     opcheck(torch.ops.fastconv.batch_norm_act_backward.default,

@@ -2,10 +2,13 @@
 never materialised, in forward or backward.
 
     fastconv::batch_norm_act_pool_train(z, mean, var, bn_weight?, bn_bias?, eps, activation, kernel_size[2],
-                                        stride[2], padding[2], dilation[2], ceil_mode, backend) -> (out, offsets)
+                                        stride[2], padding[2], dilation[2], ceil_mode, backend,
+                                        out_channels_last?) -> (out, offsets)
         out, offsets = max_pool2d(act((z - mean) / sqrt(var + eps) * bn_weight + bn_bias)), mean / var z's
         batch statistics (a PendingBlock's: functional.bn_act_max_pool). offsets: the argmax taps, in
-        fastconv.ops.max_pool2d's format. Differentiable with respect to z, bn_weight and bn_bias.
+        fastconv.ops.max_pool2d's format, laid out like out: channels_last or contiguous as out_channels_last asks
+        (a chain's nn layout), else as max_pool2d of z would lay them out. Differentiable with respect to z,
+        bn_weight and bn_bias.
     fastconv::batch_norm_act_pool_backward(grad_out, offsets, z, mean, var, bn_weight?, bn_bias?, eps,
                                            activation, kernel_size, stride, padding, dilation, ceil_mode,
                                            backend) -> (grad_z, sum_g, sum_gx)
@@ -55,35 +58,50 @@ def batch_norm_act_pool_train(
     dilation: list[int],
     ceil_mode: bool,
     backend: str = "auto",
+    out_channels_last: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check(z, kernel_size, stride, padding, dilation, ceil_mode)
     return _forward_checked(z, mean, var, bn_weight, bn_bias, eps, activation, kernel_size, stride, padding,
-                            dilation, ceil_mode, backend)
+                            dilation, ceil_mode, backend, out_channels_last)
 
 
 def _forward_checked(z, mean, var, bn_weight, bn_bias, eps, activation, kernel_size, stride, padding, dilation,
-                     ceil_mode, backend="auto"):
+                     ceil_mode, backend="auto", out_channels_last=None):
     name = _resolve(z, backend)
     if name == "triton":
         from ..triton import batch_norm_act_pool as tpool
 
-        out, offsets = _alloc_outputs(z, kernel_size, stride, padding, dilation, ceil_mode, alloc)
+        out, offsets = _alloc_outputs(z, kernel_size, stride, padding, dilation, ceil_mode, alloc, out_channels_last)
         return tpool.batch_norm_act_pool_forward(z, mean, var, bn_weight, bn_bias, eps, activation, kernel_size,
                                                  stride, padding, dilation, ceil_mode, out=out, offsets=offsets)
     y = impl_of(batch_norm_act)(z, mean, var, bn_weight, bn_bias, None, eps, activation, name)
-    return _max_pool2d_checked(y, kernel_size, stride, padding, dilation, ceil_mode, name)
+    out, offsets = _max_pool2d_checked(y, kernel_size, stride, padding, dilation, ceil_mode, name)
+    if out_channels_last is None:
+        return out, offsets
+    # (copies only where asked for another layout than z's: a chain's z is laid out like y on these backends)
+    fmt = _pooled_format(z, out_channels_last)
+    return out.contiguous(memory_format=fmt), offsets.contiguous(memory_format=fmt)
 
 
 @batch_norm_act_pool_train.register_fake
 def _(z, mean, var, bn_weight, bn_bias, eps, activation, kernel_size, stride, padding, dilation, ceil_mode,
-      backend="auto"):
+      backend="auto", out_channels_last=None):
     _check(z, kernel_size, stride, padding, dilation, ceil_mode)
-    return _alloc_outputs(z, kernel_size, stride, padding, dilation, ceil_mode, _fake_alloc)
+    return _alloc_outputs(z, kernel_size, stride, padding, dilation, ceil_mode, _fake_alloc, out_channels_last)
 
 
-def _alloc_outputs(z, kernel_size, stride, padding, dilation, ceil_mode, allocate):
-    """(out, offsets) for pooling act(bn(z)), laid out as max_pool2d(batch_norm_act(z))'s."""
-    return pool_outputs(z, kernel_size, stride, padding, dilation, ceil_mode, pooled_memory_format(z), allocate)
+def _alloc_outputs(z, kernel_size, stride, padding, dilation, ceil_mode, allocate, out_channels_last=None):
+    """(out, offsets) for pooling act(bn(z)), laid out as max_pool2d(batch_norm_act(z))'s, or channels_last /
+    contiguous as out_channels_last asks (a chain's nn layout; Triton's z is channels_last whatever it is)."""
+    return pool_outputs(z, kernel_size, stride, padding, dilation, ceil_mode, _pooled_format(z, out_channels_last),
+                        allocate)
+
+
+def _pooled_format(z, out_channels_last):
+    """The pool's output layout where y = act(bn(z)) is laid out as out_channels_last asks (None: like z)."""
+    if out_channels_last is None:
+        return pooled_memory_format(z)
+    return pooled_memory_format(z, torch.channels_last if out_channels_last else torch.contiguous_format)
 
 
 @torch.library.custom_op("fastconv::batch_norm_act_pool_backward", mutates_args=())
@@ -132,7 +150,8 @@ def _(grad_out, offsets, z, mean, var, bn_weight, bn_bias, eps, activation, kern
 
 
 def _setup_context(ctx, inputs, output):
-    z, mean, var, bn_weight, bn_bias, eps, activation, kernel_size, stride, padding, dilation, ceil_mode, backend = inputs
+    (z, mean, var, bn_weight, bn_bias, eps, activation, kernel_size, stride, padding, dilation, ceil_mode, backend,
+     *_) = inputs
     _, offsets = output
     ctx.mark_non_differentiable(offsets)
     ctx.set_materialize_grads(False)
@@ -144,14 +163,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_offsets):
     if grad_out is None:
-        return (None,) * 13
+        return (None,) * 14
     z, mean, var, bn_weight, bn_bias, offsets = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_z, sum_g, sum_gx = batch_norm_act_pool_backward_op(grad_out, offsets, z, mean, var, bn_weight, bn_bias,
                                                             ctx.eps, ctx.activation, *ctx.geometry, ctx.backend)
     return (grad_z if needs[0] else None, None, None,
             sum_gx if (bn_weight is not None and needs[3]) else None,
-            sum_g if (bn_bias is not None and needs[4]) else None, *(None,) * 8)
+            sum_g if (bn_bias is not None and needs[4]) else None, *(None,) * 9)
 
 
 batch_norm_act_pool_train.register_autograd(_backward, setup_context=_setup_context)

@@ -38,8 +38,8 @@ def alloc(shape, dtype, device, memory_format) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
 
 
-def _new_output(x, weight, stride, padding, dilation, allocate=None):
-    allocate = allocate or alloc  # looked up per call so tests can patch `alloc`
+def output_geometry(x, weight, stride, padding, dilation) -> tuple[tuple[int, ...], torch.memory_format]:
+    """(shape, memory format) of conv(x, weight) with padding (top, bottom, left, right): nn.Conv2d's."""
     n, _, h, w = x.shape
     k, _, kh, kw = weight.shape
     top, bottom, left, right = padding
@@ -47,7 +47,20 @@ def _new_output(x, weight, stride, padding, dilation, allocate=None):
              conv_output_size(w, kw, stride[1], left, right, dilation[1]))
     fmt = (torch.contiguous_format if x.is_contiguous() and weight.is_contiguous()  # the common case, quickly
            else output_memory_format(x, weight))
-    return allocate(shape, x.dtype, x.device, fmt)
+    return shape, fmt
+
+
+def internal_format(backend: str, fmt: torch.memory_format) -> torch.memory_format:
+    """The layout of a fused block's z (the pre-BatchNorm conv output it keeps for backward and a chained consumer
+    conv reads) where nn's output layout is `fmt`: channels_last on the Triton backend, whose GEMMs read their
+    operands channels_last (an NCHW z would be copied by the backward's dgrad and wgrad and by the consumer),
+    `fmt` elsewhere. Outputs a user sees (a block's y, a pool's output) keep nn's layout."""
+    return torch.channels_last if backend == "triton" else fmt
+
+
+def _new_output(x, weight, stride, padding, dilation, allocate=None):
+    shape, fmt = output_geometry(x, weight, stride, padding, dilation)
+    return (allocate or alloc)(shape, x.dtype, x.device, fmt)  # looked up per call so tests can patch `alloc`
 
 
 def _fake_alloc(shape, dtype, device, memory_format):

@@ -6,7 +6,10 @@
                                 -> (y, z, mean, var)
         z = conv(input) + bias, its batch statistics taken in the conv kernel's epilogue;
         y = act((z - mean) / sqrt(var + eps) * bn_weight + bn_bias [+ residual]).
-        mean and biased var are per channel in fp32 (fp64 for fp64 input); z, mean, var carry no gradient.
+        y takes nn.Conv2d's output layout; z, kept for backward (and read by a chained consumer conv), is
+        channels_last on the Triton backend whatever the input's layout (conv2d.internal_format), laid out like
+        y on the others. mean and biased var are per channel in fp32 (fp64 for fp64 input); z, mean, var carry
+        no gradient.
         With running_mean / running_var (mutated in place, in their own dtype) the op also does F.batch_norm's
         running-statistics update, lerp(running, stat, momentum) with the unbiased variance; the momentum is
         momentum_tensor (0-dim, e.g. momentum=None's 1 / num_batches_tracked: read on the device, no host sync)
@@ -40,7 +43,8 @@ from .conv2d import (
     mark_saved,
     _check_choice,
     _fake_alloc,
-    _new_output,
+    internal_format,
+    output_geometry,
     _torch_activation,
     activation_grad,
     _torch_conv_forward,
@@ -124,8 +128,9 @@ def conv_bn_act_train(
     if name in ("cuda", "cpu"):
         return _ext_forward(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups,
                             eps, activation, algo, name, (running_mean, running_var, momentum, momentum_tensor, nbt))
-    z = _new_output(input, weight, stride, padding, dilation)
-    y = alloc(z.shape, z.dtype, z.device, memory_format_of(z))
+    shape, fmt = output_geometry(input, weight, stride, padding, dilation)
+    y = alloc(shape, input.dtype, input.device, fmt)  # nn.Conv2d's layout
+    z = alloc(shape, input.dtype, input.device, internal_format(name, fmt))
     if name == "torch":
         z.copy_(_torch_conv_forward(input, weight, bias, stride, padding, dilation, groups, None, None, None,
                                     "identity"))
@@ -274,8 +279,10 @@ def _(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilati
       activation="relu", algo="implicit", backend="auto", running_mean=None, running_var=None, momentum=0.1,
       momentum_tensor=None, num_batches_tracked=None):
     _check_running(running_mean, running_var, momentum_tensor, weight.shape[0], num_batches_tracked)
-    z = _new_output(input, weight, stride, padding, dilation, _fake_alloc)
-    y = torch.empty_like(z)
+    shape, fmt = output_geometry(input, weight, stride, padding, dilation)
+    name = _backend.resolve("conv_bn_act", input.device, SUPPORTED_BACKENDS, backend)
+    y = _fake_alloc(shape, input.dtype, input.device, fmt)
+    z = _fake_alloc(shape, input.dtype, input.device, internal_format(name, fmt))
     c = weight.shape[0]
     stat = input.new_empty(c, dtype=_stat_dtype(input.dtype))
     return y, z, stat, torch.empty_like(stat)
@@ -368,14 +375,22 @@ def batch_norm_act(
     """y = act((z - mean) / sqrt(var + eps) * bn_weight + bn_bias [+ residual]); used by backward to
     rebuild a fused block's output instead of keeping it."""
     name = _backend.resolve("conv_bn_act", z.device, SUPPORTED_BACKENDS, backend)
-    y = alloc(z.shape, z.dtype, z.device, memory_format_of(z))
-    if name == "torch":
-        return y.copy_(_torch_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation))
+    if name == "triton":
+        return triton_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation, memory_format_of(z))
     if name in ("cuda", "cpu"):
         return ext_ops().ext_batch_norm_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation)
+    y = alloc(z.shape, z.dtype, z.device, memory_format_of(z))
+    return y.copy_(_torch_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation))
+
+
+def triton_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation, fmt, act_bits=None):
+    """The Triton normalize pass of fastconv::batch_norm_act and batch_norm_act_train: y in layout `fmt` (any:
+    the kernel reads z and writes y through their strides), act_bits filled when given."""
     from ..triton import batch_norm as tbn
 
-    return tbn.batch_norm_act_forward(z, mean, var, bn_weight, bn_bias, eps, activation, residual, out=y)
+    y = alloc(z.shape, z.dtype, z.device, fmt)
+    return tbn.batch_norm_act_forward(z, mean, var, bn_weight, bn_bias, eps, activation, residual, out=y,
+                                      act_bits=act_bits)
 
 
 @batch_norm_act.register_fake

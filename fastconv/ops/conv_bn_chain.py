@@ -18,11 +18,14 @@ where a consumer needs the tensor.
         statistics' dtype: the next block's in_scale / in_shift (Triton: written by the statistics finalize's
         last pass, no launch of their own). With in_scale / in_shift (the producer's), the prologue uses them
         in forward and backward; without, they are folded from in_mean, in_var, in_weight, in_bias here
-        (fold_batch_norm, PyTorch ops).
-    fastconv::batch_norm_act_train(z, mean, var, bn_weight?, bn_bias?, residual?, eps, activation, backend)
-        -> (y, act_bits)
+        (fold_batch_norm, PyTorch ops). z is channels_last on Triton whatever the input's layout
+        (conv2d.internal_format), nn.Conv2d's layout elsewhere.
+    fastconv::batch_norm_act_train(z, mean, var, bn_weight?, bn_bias?, residual?, eps, activation, backend,
+                                   out_channels_last?) -> (y, act_bits)
         y = act((z - mean) / sqrt(var + eps) * bn_weight + bn_bias [+ residual]), mean / var z's batch
-        statistics. act_bits (no gradient): with a residual and a mask activation (relu, relu6), act'(u) as bits
+        statistics; y channels_last or contiguous as out_channels_last asks (a chain's nn.Conv2d layout: on
+        Triton the producer's z is channels_last whatever the model's layout), like z when it is None.
+        act_bits (no gradient): with a residual and a mask activation (relu, relu6), act'(u) as bits
         (fastconv._act_bits, 1/16 of a bf16 y), which its backward reads instead of the residual: the residual is
         neither saved by this op nor read again; else an empty int32 tensor.
 
@@ -47,7 +50,7 @@ import torch
 from .. import _act_bits, _backend
 from . import conv2d as conv_ops
 from .._args import memory_format_of
-from .conv2d import ALGOS, ACTIVATIONS, _check_choice, _fake_alloc, _new_output
+from .conv2d import ALGOS, ACTIVATIONS, _check_choice, _fake_alloc, internal_format, output_geometry
 from .conv2d_prologue import prologue_weight_grad_op, torch_prologue
 from .conv_bn_act import (
     SUPPORTED_BACKENDS,
@@ -60,6 +63,7 @@ from .conv_bn_act import (
     batch_norm_act_backward_op,
     batch_norm_act_grads,
     torch_bn_u,
+    triton_bn_act,
     ext_finalize,
     counted_here,
     finalize_running,
@@ -134,7 +138,8 @@ def conv_bn_stats_train(
     if name == "triton" and (prologue is None or algo == "implicit"):
         from ..triton import batch_norm as tbn, conv2d as tconv, im2col as tim2col
 
-        z = _new_output(input, weight, stride, padding, dilation)
+        shape, fmt = output_geometry(input, weight, stride, padding, dilation)
+        z = conv_ops.alloc(shape, input.dtype, input.device, internal_format(name, fmt))  # channels_last
         if prologue is None:
             conv = tconv.conv2d_forward if algo == "implicit" else tim2col.conv2d_im2col
             _, stats = conv(input, weight, bias, stride, padding, dilation, groups, out=z, stats=True)
@@ -165,7 +170,10 @@ def _(input, weight, bias, in_mean, in_var, in_weight, in_bias, in_eps, in_activ
       momentum_tensor=None, bn_weight=None, bn_bias=None, bn_eps=1e-5, in_scale=None, in_shift=None,
       num_batches_tracked=None):
     _check_running(running_mean, running_var, momentum_tensor, weight.shape[0], num_batches_tracked)
-    z = _new_output(input, weight, stride, padding, dilation, _fake_alloc)
+    shape, fmt = output_geometry(input, weight, stride, padding, dilation)
+    name = _resolve(input.device, backend)
+    fused = name == "triton" and (in_mean is None or algo == "implicit")  # the op's own Triton path
+    z = _fake_alloc(shape, input.dtype, input.device, internal_format(name, fmt) if fused else fmt)
     stat = input.new_empty(weight.shape[0], dtype=_stat_dtype(input.dtype))
     return z, stat, torch.empty_like(stat), torch.empty_like(stat), torch.empty_like(stat)
 
@@ -287,30 +295,39 @@ def batch_norm_act_train(
     eps: float,
     activation: str,
     backend: str = "auto",
+    out_channels_last: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     name = _resolve(z.device, backend)
-    if not _act_bits.wanted(residual, activation):
-        return (impl_of(batch_norm_act)(z, mean, var, bn_weight, bn_bias, residual, eps, activation, name),
-                _act_bits.empty(z, False))
-    if name == "triton":  # the forward kernel stores the bits as it normalises
-        from ..triton import batch_norm as tbn
-
-        y = conv_ops.alloc(z.shape, z.dtype, z.device, memory_format_of(z))
-        bits = _act_bits.empty(z, True)
-        tbn.batch_norm_act_forward(z, mean, var, bn_weight, bn_bias, eps, activation, residual, out=y,
-                                   act_bits=bits)
-        return y, bits
+    fmt = out_format(z, out_channels_last)
+    if name == "triton":  # one kernel; with bits, it stores them as it normalises
+        wanted = _act_bits.wanted(residual, activation)
+        bits = _act_bits.empty(z, wanted)
+        return (triton_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation, fmt,
+                              bits if wanted else None), bits)
     y = impl_of(batch_norm_act)(z, mean, var, bn_weight, bn_bias, residual, eps, activation, name)
+    y = y.contiguous(memory_format=fmt)  # (z is laid out as asked on these backends: no copy in a chain)
+    if not _act_bits.wanted(residual, activation):
+        return y, _act_bits.empty(z, False)
     return y, _act_bits.of(torch_bn_u(z, mean, var, bn_weight, bn_bias, residual, eps), activation)
 
 
+def out_format(z: torch.Tensor, channels_last: bool | None) -> torch.memory_format:
+    """The layout of a chain end's output (batch_norm_act_train's y, batch_norm_act_pool_train's out): as asked
+    (the chain's nn.Conv2d layout, functional.PendingBlock.out_channels_last; Triton's z is channels_last
+    whatever it is), else like z."""
+    if channels_last is None:
+        return memory_format_of(z)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 @batch_norm_act_train.register_fake
-def _(z, mean, var, bn_weight, bn_bias, residual, eps, activation, backend="auto"):
-    return torch.empty_like(z), _act_bits.empty(z, _act_bits.wanted(residual, activation))
+def _(z, mean, var, bn_weight, bn_bias, residual, eps, activation, backend="auto", out_channels_last=None):
+    y = torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=out_format(z, out_channels_last))
+    return y, _act_bits.empty(z, _act_bits.wanted(residual, activation))
 
 
 def _bn_setup_context(ctx, inputs, output):
-    z, mean, var, bn_weight, bn_bias, residual, eps, activation, backend = inputs
+    z, mean, var, bn_weight, bn_bias, residual, eps, activation, backend, *_ = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
     ctx.eps, ctx.activation = eps, activation
@@ -325,14 +342,14 @@ def _bn_setup_context(ctx, inputs, output):
 
 def _bn_backward(ctx, grad_y, _grad_bits=None):
     if grad_y is None:  # y took no part in the loss
-        return (None,) * 9
+        return (None,) * 10
     z, mean, var, bn_weight, bn_bias, kept = ctx.saved_tensors
     residual, bits = (None, kept) if ctx.has_bits else (kept, None)
-    needs = tuple(ctx.needs_input_grad) + (False,) * 9
+    needs = tuple(ctx.needs_input_grad) + (False,) * 10
     grad_z, grad_gamma, grad_beta, grad_res = batch_norm_act_grads(
         grad_y, z, mean, var, bn_weight, bn_bias, residual, ctx.eps, ctx.activation, needs[3], needs[4],
         ctx.has_residual and needs[5], ctx.backend, bits)
-    return (grad_z if needs[0] else None, None, None, grad_gamma, grad_beta, grad_res, None, None, None)
+    return (grad_z if needs[0] else None, None, None, grad_gamma, grad_beta, grad_res, None, None, None, None)
 
 
 batch_norm_act_train.register_autograd(_bn_backward, setup_context=_bn_setup_context)
