@@ -31,6 +31,14 @@ def memory_format_of(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if cl else torch.contiguous_format
 
 
+def memory_format_as(like: torch.Tensor, channels_last: bool | None) -> torch.memory_format:
+    """channels_last or contiguous as `channels_last` asks (a layout carried as a flag: a chain's nn.Conv2d layout,
+    functional.PendingBlock.out_channels_last), memory_format_of(like) when it is None."""
+    if channels_last is None:
+        return memory_format_of(like)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def channels_strided(t: torch.Tensor | None) -> bool:
     """Whether t is a 4-D tensor with more than one channel whose channels are not at stride 1 (NCHW-like): the
     operands the Triton GEMMs read through a channels_last copy (triton._common.channels_contiguous)."""

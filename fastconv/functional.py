@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._args import ConvArgs, as_list, memory_format_of
+from ._args import ConvArgs, as_list, memory_format_as, memory_format_of
 from .ops import conv2d as conv_ops, conv2d_prologue as prologue_ops, conv_bn_act as cba_ops
 from .ops import batch_norm_act_pool as bn_pool_ops, conv_bn_chain as chain_ops, max_pool2d as _pool_ops
 from .ops import _fastpath
@@ -222,9 +222,8 @@ def conv_bn_stats(input, weight, bias, bn_weight, bn_bias, running_mean, running
         x, weight, bias, *prologue, stride, padding, dilation, groups, algo, name, *running, bn_weight, bn_bias,
         float(eps), *((prev.scale, prev.shift) if prev is not None else (None, None)), count)
     # nn.Conv2d's rule, applied to the virtual input: channels_last out if the input or the weight is
-    in_cl = (memory_format_of(x) if prev is None or prev.out_channels_last is None
-             else (torch.channels_last if prev.out_channels_last else torch.contiguous_format))
-    out_cl = torch.channels_last in (in_cl, memory_format_of(weight))
+    in_fmt = memory_format_as(x, prev.out_channels_last if prev is not None else None)
+    out_cl = torch.channels_last in (in_fmt, memory_format_of(weight))
     return PendingBlock(z, mean, var, bn_weight, bn_bias, float(eps), activation, scale, shift, out_cl)
 
 

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
+from .._args import memory_format_as
 from .._pool_args import pool_outputs, pooled_memory_format
 from .conv_bn_act import SUPPORTED_BACKENDS, _sum_dtypes, batch_norm_act, batch_norm_act_backward
 from ._fastpath import FastOp, impl_of
@@ -79,7 +80,7 @@ def _forward_checked(z, mean, var, bn_weight, bn_bias, eps, activation, kernel_s
     if out_channels_last is None:
         return out, offsets
     # (copies only where asked for another layout than z's: a chain's z is laid out like y on these backends)
-    fmt = _pooled_format(z, out_channels_last)
+    fmt = pooled_memory_format(z, memory_format_as(z, out_channels_last))
     return out.contiguous(memory_format=fmt), offsets.contiguous(memory_format=fmt)
 
 
@@ -93,15 +94,8 @@ def _(z, mean, var, bn_weight, bn_bias, eps, activation, kernel_size, stride, pa
 def _alloc_outputs(z, kernel_size, stride, padding, dilation, ceil_mode, allocate, out_channels_last=None):
     """(out, offsets) for pooling act(bn(z)), laid out as max_pool2d(batch_norm_act(z))'s, or channels_last /
     contiguous as out_channels_last asks (a chain's nn layout; Triton's z is channels_last whatever it is)."""
-    return pool_outputs(z, kernel_size, stride, padding, dilation, ceil_mode, _pooled_format(z, out_channels_last),
-                        allocate)
-
-
-def _pooled_format(z, out_channels_last):
-    """The pool's output layout where y = act(bn(z)) is laid out as out_channels_last asks (None: like z)."""
-    if out_channels_last is None:
-        return pooled_memory_format(z)
-    return pooled_memory_format(z, torch.channels_last if out_channels_last else torch.contiguous_format)
+    fmt = pooled_memory_format(z, memory_format_as(z, out_channels_last))
+    return pool_outputs(z, kernel_size, stride, padding, dilation, ceil_mode, fmt, allocate)
 
 
 @torch.library.custom_op("fastconv::batch_norm_act_pool_backward", mutates_args=())

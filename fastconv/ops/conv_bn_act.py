@@ -128,10 +128,10 @@ def conv_bn_act_train(
     if name in ("cuda", "cpu"):
         return _ext_forward(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups,
                             eps, activation, algo, name, (running_mean, running_var, momentum, momentum_tensor, nbt))
-    shape, fmt = output_geometry(input, weight, stride, padding, dilation)
-    y = alloc(shape, input.dtype, input.device, fmt)  # nn.Conv2d's layout
+    shape, fmt = output_geometry(input, weight, stride, padding, dilation)  # y takes nn.Conv2d's layout `fmt`
     z = alloc(shape, input.dtype, input.device, internal_format(name, fmt))
     if name == "torch":
+        y = alloc(shape, input.dtype, input.device, fmt)
         z.copy_(_torch_conv_forward(input, weight, bias, stride, padding, dilation, groups, None, None, None,
                                     "identity"))
         zf = z.to(_stat_dtype(z.dtype))
@@ -147,7 +147,7 @@ def conv_bn_act_train(
     running, after = finalize_running(running_mean, running_var, momentum, momentum_tensor, nbt)
     mean, var = tbn.finalize(stats, z.shape[1], bias, running)
     after(mean, var, z)
-    tbn.batch_norm_act_forward(z, mean, var, bn_weight, bn_bias, eps, activation, residual, out=y)
+    y = triton_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation, fmt)
     return y, z, mean, var
 
 

@@ -49,7 +49,7 @@ import torch
 
 from .. import _act_bits, _backend
 from . import conv2d as conv_ops
-from .._args import memory_format_of
+from .._args import memory_format_as, memory_format_of
 from .conv2d import ALGOS, ACTIVATIONS, _check_choice, _fake_alloc, internal_format, output_geometry
 from .conv2d_prologue import prologue_weight_grad_op, torch_prologue
 from .conv_bn_act import (
@@ -298,7 +298,7 @@ def batch_norm_act_train(
     out_channels_last: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     name = _resolve(z.device, backend)
-    fmt = out_format(z, out_channels_last)
+    fmt = memory_format_as(z, out_channels_last)  # the chain's nn layout (Triton's z is channels_last regardless)
     if name == "triton":  # one kernel; with bits, it stores them as it normalises
         wanted = _act_bits.wanted(residual, activation)
         bits = _act_bits.empty(z, wanted)
@@ -311,18 +311,9 @@ def batch_norm_act_train(
     return y, _act_bits.of(torch_bn_u(z, mean, var, bn_weight, bn_bias, residual, eps), activation)
 
 
-def out_format(z: torch.Tensor, channels_last: bool | None) -> torch.memory_format:
-    """The layout of a chain end's output (batch_norm_act_train's y, batch_norm_act_pool_train's out): as asked
-    (the chain's nn.Conv2d layout, functional.PendingBlock.out_channels_last; Triton's z is channels_last
-    whatever it is), else like z."""
-    if channels_last is None:
-        return memory_format_of(z)
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
 @batch_norm_act_train.register_fake
 def _(z, mean, var, bn_weight, bn_bias, residual, eps, activation, backend="auto", out_channels_last=None):
-    y = torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=out_format(z, out_channels_last))
+    y = torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=memory_format_as(z, out_channels_last))
     return y, _act_bits.empty(z, _act_bits.wanted(residual, activation))
 
 

@@ -497,7 +497,7 @@ def conv2d_forward(
     res = residual if residual is not None else y
     if bias is not None and scale is not None:
         bias, shift = fold_bias(bias, scale, shift)
-    in_scale, in_shift, _ = prologue_args(prologue, x.shape[1], y) if prologue is not None else (y, y, 0)
+    in_scale, in_shift, _ = prologue_args(prologue, x.shape[1], y)
     _, extra = _fwd(
         grid,
         x, weight, y,
