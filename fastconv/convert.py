@@ -254,6 +254,7 @@ def _chain_graph(graph: torch.fx.Graph, fused_nodes: set, submodules: dict) -> N
     Where that one user is a max-pool module (torchvision ResNet's stem), call both through
     modules.pool_start: the block's output is then pooled as it is normalised, never materialised."""
     _chain_pairs(graph, fused_nodes)
+    _residual_blocks(graph, submodules)
     for node in list(graph.nodes):
         if node not in fused_nodes or len(node.args) != 1:
             continue
@@ -280,6 +281,35 @@ def _chain_pairs(graph: torch.fx.Graph, fused_nodes: set) -> None:
             producer, consumer = graph.get_attr(node.target), graph.get_attr(users[0].target)
             started = graph.call_function(modules.chain_start, (producer, consumer, node.args[0]))
         node.replace_all_uses_with(started)
+        graph.erase_node(node)
+
+
+def _residual_blocks(graph: torch.fx.Graph, submodules: dict) -> None:
+    """ResNet's block after _chain_pairs: pending = chain_start(conv1, conv2, x); out = conv2(pending, r) with
+    r = x or r = shortcut(x) (a module call used only there) -> out = modules.residual_block(conv1, conv2,
+    shortcut or None, x): one autograd node for both uses of x where it can run as one op (training, Triton)."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not modules.chain_start:
+            continue
+        producer, consumer, x = node.args
+        user = _only_user(node)
+        if (user is None or user.op != "call_module" or user.target != consumer.target or user.kwargs
+                or len(user.args) != 2 or user.args[0] is not node):
+            continue
+        r = user.args[1]
+        shortcut = None
+        if r is not x:
+            if (not isinstance(r, torch.fx.Node) or r.op != "call_module" or r.args != (x,) or r.kwargs
+                    or _only_user(r) is not user or not isinstance(submodules.get(r.target), nn.Module)):
+                continue
+            shortcut = r
+        with graph.inserting_before(user):
+            short = graph.get_attr(shortcut.target) if shortcut is not None else None
+            block = graph.call_function(modules.residual_block, (producer, consumer, short, x))
+        user.replace_all_uses_with(block)
+        graph.erase_node(user)
+        if shortcut is not None:
+            graph.erase_node(shortcut)
         graph.erase_node(node)
 
 

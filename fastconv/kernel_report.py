@@ -182,8 +182,9 @@ CASES = {
                                                                  IN_ACT=1)),
                                types=dict(_FP32_STATS, **_FP32_PROLOGUE)),
     "_conv2d_dgrad_kernel": dict(family="conv2d_dgrad", base=dict(stride_h=1, stride_w=1, GROUP_M=8, SPLIT_N=False,
-                                                                  BN_GRAD=False, BN_AFFINE=False, BN_ACT=0),
-                                 args=dict(_CONV, **_strides("sz", 64, 56, 56), bn_eps=1e-5),
+                                                                  BN_GRAD=False, BN_AFFINE=False, BN_ACT=0, ADD=0),
+                                 args=dict(_CONV, **_strides("sz", 64, 56, 56), **_strides("sa", 64, 56, 56),
+                                           bn_eps=1e-5),
                                  variants={"stride2": dict(stride_h=2, stride_w=2, args=_conv_args(stride=2)),
                                            "NCHW": dict(SPLIT_N=True, args=_conv_args(nchw=("sdx",))),
                                            # a chain's dgrad with BatchNorm's backward sums in its epilogue (fp32
@@ -195,9 +196,28 @@ CASES = {
                                                                          stride_h=2, stride_w=2,
                                                                          args=dict(_conv_args(stride=2),
                                                                                    **_strides("sz", 64, 56, 56),
-                                                                                   bn_eps=1e-5))},
+                                                                                   bn_eps=1e-5)),
+                                           # a residual block's backward: dx = dgrad + t (ADD=1, a channels_last t
+                                           # read through its own strides) or + t where the block's int32 act' bit
+                                           # is set (ADD=2, fastconv._act_bits), in the dgrad's store; an NCHW dx
+                                           # and t (SPLIT_N: the add in channel quarters). With IDX64 the add
+                                           # spilled 16-152 B on sm_80's TF32 tiles and the pinned ones (r112,
+                                           # r152), so it is never launched (conv2d.conv2d_input_grad adds after
+                                           # the dgrad there) and has no variant here
+                                           "add": dict(ADD=1),
+                                           "add_bits": dict(ADD=2),
+                                           "add_stride2": dict(ADD=1, stride_h=2, stride_w=2,
+                                                               args=dict(_conv_args(stride=2),
+                                                                         **_strides("sa", 64, 56, 56))),
+                                           "add_NCHW": dict(ADD=1, SPLIT_N=True,
+                                                            args=dict(_conv_args(nchw=("sdx",)),
+                                                                      **_strides("sa", 64, 56, 56, False))),
+                                           "add_bits_NCHW": dict(ADD=2, SPLIT_N=True,
+                                                                 args=dict(_conv_args(nchw=("sdx",)),
+                                                                           **_strides("sa", 64, 56, 56, False)))},
                                  types=dict(bn_mean_ptr="fp32", bn_var_ptr="fp32", bn_w_ptr="fp32",
-                                            bn_b_ptr="fp32", sum_g_ptr="fp32", sum_gx_ptr="fp32")),
+                                            bn_b_ptr="fp32", sum_g_ptr="fp32", sum_gx_ptr="fp32",
+                                            add_bits_ptr="i32")),
     # split-K: fp32 partials whose tile's last split sums them into dw / db (REDUCE_LAST; ticket counters i32)
     "_conv2d_wgrad_kernel": dict(family="conv2d_wgrad", base=dict(HAS_DBIAS=False, REDUCE_LAST=True, **_NO_PROLOGUE),
                                  args=_CONV,
@@ -239,11 +259,16 @@ CASES = {
         base=dict(LAST_SUMS=True), args=dict(T=4096, C=64, ROWS=1024, CHUNKS=4),
         variants={"one_chunk": dict(LAST_SUMS=False, args=dict(T=1024, C=64, ROWS=1024, CHUNKS=1))},
         types=dict(lock_ptr="i32"), dtypes=("fp32",)),
-    "_batch_norm_act_fwd_kernel": dict(tiles=_bn_tiles, base=_BN_FWD_BASE, args=_BN,
-                                       types=dict(_BN_TYPES, bits_ptr="i32"),
+    "_batch_norm_act_fwd_kernel": dict(tiles=_bn_tiles, base=dict(_BN_FWD_BASE, RES_AFFINE=False), args=_BN,
+                                       types=dict(_BN_TYPES, bits_ptr="i32", res_scale_ptr="fp32",
+                                                  res_shift_ptr="fp32"),
                                        variants={"res_silu": _BN_RES_SILU,
                                                  "res_relu_bits": dict(HAS_RES=True, ACT_BITS=True),
-                                                 "res_relu6_bits": dict(HAS_RES=True, ACT=2, ACT_BITS=True)}),
+                                                 "res_relu6_bits": dict(HAS_RES=True, ACT=2, ACT_BITS=True),
+                                                 # a residual block whose projection's BatchNorm is applied here,
+                                                 # on its z (ops.residual_block)
+                                                 "res_affine_relu_bits": dict(HAS_RES=True, ACT_BITS=True,
+                                                                              RES_AFFINE=True)}),
     "_batch_norm_act_bwd_reduce_kernel": dict(tiles=_bn_tiles, base=_BN_REDUCE_BASE, args=dict(_BN, SPLITS=33),
                                               types=dict(_BN_POOL_TYPES, total_g_ptr="fp32", total_gx_ptr="fp32",
                                                          lock_ptr="i32"),

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _activations, functional as FC
+from ._args import conv_output_size, memory_format_of
+from .ops import residual_block as _rb_ops
 
 __all__ = ["Conv2d", "ConvBNReLU2d", "FusedSequential", "MaxPool2d", "fused_conv_bn_forward"]
 
@@ -274,6 +276,122 @@ def consume_pending(module: nn.Module, pending: PendingBlock, residual=None) -> 
             return FC.bn_act(block, residual)
         return _activations.FUNCTIONS[parts[2]](FC.bn_act(block._replace(activation="identity")) + residual)
     return module(FC.bn_act(pending), residual) if residual is not None else module(FC.bn_act(pending))
+
+
+def residual_block(producer: nn.Module, consumer: nn.Module, shortcut: nn.Module | None, x):
+    """consumer(chain_start(producer, consumer, x), x if shortcut is None else shortcut(x)): a residual block
+    (convert()'s fx rewrite of conv1 -> conv2 + shortcut). In training on Triton, with an identity shortcut or a
+    fused conv + BatchNorm one (ResNet's projection), it is one fastconv::residual_block_train: one autograd node
+    for both uses of x, whose gradients are then summed in conv1's dgrad store instead of a pass of their own.
+    Otherwise (eval, other backends, hooks, other shortcuts) exactly the chain it replaces."""
+    fused = _residual_parts(producer, consumer, shortcut, x)
+    if fused is not None:
+        return _residual_call(x, *fused)
+    pending = chain_start(producer, consumer, x)
+    return consumer(pending, x if shortcut is None else shortcut(x))
+
+
+IDENTITY = "identity"  # _shortcut_unit's answer for a shortcut that passes x through
+
+
+def _shortcut_unit(shortcut: nn.Module):
+    """(conv, bn) of a shortcut that is one fused conv + BatchNorm without activation (a FusedConv2d or
+    ConvBNReLU2d with activation 'identity', alone or first in an nn.Sequential of it and fused-away
+    BatchNorms), that can run in a block now; IDENTITY for an identity (nn.Identity, an empty nn.Sequential);
+    else None."""
+    if type(shortcut) in (nn.Sequential, FusedSequential):
+        if _has_hooks(shortcut):
+            return None
+        mods = list(shortcut._modules.values())
+        if all(_passes_through(m) for m in mods):
+            return IDENTITY
+        if not all(_passes_through(m) for m in mods[1:]):
+            return None
+        shortcut = mods[0]
+    elif _passes_through(shortcut):
+        return IDENTITY
+    parts = chain_block(shortcut, consumer=False)
+    if parts is None or parts[2] != "identity":
+        return None
+    return parts[0], parts[1]
+
+
+def _int_pair_padding(conv: nn.Conv2d):
+    """conv's padding as (top, bottom, left, right), or None for a string padding ('same' / 'valid')."""
+    if isinstance(conv.padding, str):
+        return None
+    ph, pw = conv.padding
+    return [ph, ph, pw, pw]
+
+
+def _residual_parts(producer, consumer, shortcut, x):
+    """What _residual_call needs when the block can run as one op now, else None."""
+    if not (isinstance(x, torch.Tensor) and x.dim() == 4 and producer.training):
+        return None
+    first, second = chain_block(producer, consumer=False), chain_block(consumer, consumer=True)
+    if first is None or second is None or not _chains_on(x):
+        return None
+    unit = None if shortcut is None else _shortcut_unit(shortcut)
+    if unit is IDENTITY:
+        unit = None
+    elif shortcut is not None and unit is None:
+        return None
+    convs = [first[0], second[0]] + ([unit[0]] if unit is not None else [])
+    paddings = [_int_pair_padding(c) for c in convs]
+    if any(p is None for p in paddings):
+        return None
+    # the block's shapes, checked here so that a block that does not fit takes the chain (and its errors)
+    N, C, H, W = x.shape
+    shapes = []
+    for conv, pad, c_in in zip(convs, paddings, (C, first[0].out_channels, C)):
+        h_in, w_in = (H, W) if conv is not second[0] else shapes[0][1:]
+        if conv.in_channels != c_in or conv.weight.dtype != x.dtype:
+            return None
+        (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+        shapes.append((conv.out_channels, conv_output_size(h_in, kh, sh, pad[0], pad[1], dh),
+                       conv_output_size(w_in, kw, sw, pad[2], pad[3], dw)))
+    residual_shape = shapes[2] if unit is not None else (C, H, W)
+    # (a BatchNorm with one value per channel, or an empty output: the chain raises nn's error / handles it)
+    if shapes[1] != residual_shape or any(N * h * w <= 1 for _, h, w in shapes):
+        return None
+    return first, second, unit, paddings
+
+
+def _residual_call(x, first, second, unit, paddings):
+    """fastconv::residual_block_train with the modules' parameters, buffers and nn.BatchNorm2d's bookkeeping."""
+    (conv1, bn1, act1), (conv2, bn2, act2) = first, second
+    units = [(conv1, bn1), (conv2, bn2)] + ([unit] if unit is not None else [])
+    states = [_bn_call_state(bn) for _, bn in units]  # (momentum factor, bn_training, running, count)
+    while len(units) < 3:
+        units.append((None, None))
+        states.append((0.0, True, (None, None), None))
+    args = []
+    for conv, bn in units:
+        args += ([conv.weight, conv.bias, bn.weight, bn.bias] if conv is not None else [None] * 4)
+    for conv, pad in zip(units, paddings + [[0, 0, 0, 0]] * 3):
+        conv = conv[0]
+        args += ([list(conv.stride), pad, list(conv.dilation), conv.groups] if conv is not None
+                 else [[1, 1], [0, 0, 0, 0], [1, 1], 1])
+    eps = [float(bn.eps) if bn is not None else 1e-5 for _, bn in units]
+    momenta, running = [], []
+    for factor, _, (rm, rv), count in states:
+        tensor = isinstance(factor, torch.Tensor)
+        momenta.append(0.0 if tensor else float(factor))
+        running += [rm, rv, count if rm is not None else None, factor if tensor and rm is not None else None]
+    # nn's layout rule along the block (conv1's output, then conv2's), as chains keep it
+    cl = torch.channels_last in (memory_format_of(x), memory_format_of(conv1.weight), memory_format_of(conv2.weight))
+    out = _rb_ops.residual_block_train_op(x, *args, eps, momenta, act1, act2, getattr(conv1, "algo", "implicit"),
+                                          _residual_backend(x), cl, *running)
+    return out[0]
+
+
+def _residual_backend(x: torch.Tensor) -> str:
+    """The block op's backend: the fused blocks' (Triton, where _chains_on let the block through)."""
+    from .ops import conv_bn_act as cba_ops
+
+    from . import _backend
+
+    return _backend.choose("conv_bn_act", x.device, cba_ops.SUPPORTED_BACKENDS, x.dtype)[1]
 
 
 def _chains_on(x: torch.Tensor) -> bool:

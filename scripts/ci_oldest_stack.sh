@@ -120,7 +120,8 @@ else
                tests/test_gpu_check.py tests/test_max_pool2d.py
                tests/test_conv2d.py::test_opcheck tests/test_conv2d.py::test_gradcheck_fused
                tests/test_conv_bn_act.py::test_opcheck tests/test_conv_bn_act.py::test_running_statistics_direct_op_calls
-               tests/test_conv_bn_act.py::test_ext_batch_norm_ops_match_float64)
+               tests/test_conv_bn_act.py::test_ext_batch_norm_ops_match_float64
+               tests/test_residual_block.py::test_opcheck tests/test_residual_block.py::test_op_on_every_backend)
     # the build's own tests, where this leg built the extension
     [[ "${FASTCONV_OLDEST_BUILD:-0}" == 1 ]] && SELECTION=(tests/test_ext_build.py "${SELECTION[@]}")
 fi

@@ -20,6 +20,7 @@ import triton.language as tl
 
 import fastconv.ops.conv2d as conv_ops
 import fastconv.triton.conv2d as tconv
+from fastconv import _act_bits
 from fastconv.triton._epilogue import pixel_coords, tile_rows
 from fastconv.functional import conv2d, conv2d_fused
 
@@ -680,3 +681,157 @@ def test_plan_cache_is_bounded():
     for i in range(5):
         assert plans.get(i) is None and plans.put(i, (i,)) == (i,)
     assert len(plans) == 3 and plans.get(4) is None and plans.get(2) == (2,)
+
+
+def _add_operand(shape, kind, dtype, device, gen):
+    """t for conv2d_input_grad's add: channels_last, NCHW, or an expanded view (stride 0 over H and W)."""
+    if kind == "expanded":
+        t = randn((shape[0], shape[1], 1, 1), dtype, device, gen).expand(shape)
+        assert t.stride()[2:] == (0, 0)
+        return t
+    return make_input(shape, dtype, device, "channels_last" if kind == "channels_last" else "contiguous", gen)
+
+
+def _dgrad_add_reference(gy, w, shape, geo, t, mask):
+    """dgrad(gy, w) + t (* mask) in float64 on CPU."""
+    if w.shape[0] == 0:  # no output channels: a zero dgrad
+        ref = torch.zeros(shape, dtype=torch.float64)
+    else:
+        ref = torch.nn.grad.conv2d_input(shape, w.detach().cpu().double(), gy.detach().cpu().double(), *geo)
+    t = t.detach().cpu().double()
+    return ref + (t if mask is None else torch.where(mask.cpu(), t, 0.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+# out: None (a new NCHW dx) or a NaN-poisoned tensor (never t itself: see test_dgrad_add_errors)
+@pytest.mark.parametrize("t_kind,out_kind", [(t, o) for t in ("channels_last", "NCHW", "expanded")
+                                             for o in ("new", "nan")])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("bits", [False, True], ids=["add", "add_bits"])
+def test_dgrad_add_epilogue(bits, stride, groups, t_kind, out_kind, dtype, triton_device, monkeypatch):
+    """conv2d_input_grad(add=(t, bits)): dx = dgrad + t (* act' bits) in the dgrad's own store, against float64,
+    t in any layout (read through its strides: an expanded t is passed as is, never copied), dx new (NCHW: the
+    split store) or a NaN-poisoned `out` in t's layout; rows and (groups 1) channels cross
+    the interpreter's 32-wide tiles, odd sizes, both stride phases' tails."""
+    seen = {}
+    dgrad = tconv._dgrad
+
+    def spy(grid, *args, **kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+        return dgrad(grid, *args, **kwargs)
+
+    monkeypatch.setattr(tconv, "_dgrad", spy)
+    gen = generator("dgrad-add", bits, stride, groups, t_kind, out_kind, str(dtype))
+    cin_g = 37 if groups == 1 else 5
+    N, C, H, W = shape = (3, cin_g * groups, 7, 9)
+    w = randn((3 * groups, cin_g, 3, 3), dtype, triton_device, gen, scale=(cin_g * 9) ** -0.5)
+    geo = ((stride, stride), (1, 1), (1, 1), groups)
+    OH, OW = (H + 2 - 3) // stride + 1, (W + 2 - 3) // stride + 1
+    gy = randn((N, 3 * groups, OH, OW), dtype, triton_device, gen)
+    t = _add_operand(shape, t_kind, dtype, triton_device, gen)
+    mask = torch.rand(shape, generator=gen) > 0.5 if bits else None
+    packed = _act_bits.pack(mask).to(triton_device) if bits else None
+    ref = _dgrad_add_reference(gy, w, shape, geo, t, mask)
+    t_before = t.clone()
+    out = {"new": None, "nan": torch.full_like(t, float("nan")) if t_kind != "expanded"
+           else torch.full(shape, float("nan"), dtype=dtype, device=triton_device)}[out_kind]
+    dx = tconv.conv2d_input_grad(gy, w, shape, *geo, out=out, add=(t, packed))
+    assert dx.shape == shape and dx.dtype == dtype
+    assert dx is out if out is not None else dx.is_contiguous()
+    assert_close(dx, ref, dtype, "dgrad + add", (bits, stride, groups, t_kind, out_kind))
+    assert torch.equal(t, t_before)  # t itself untouched
+    args, kwargs = seen["args"], seen["kwargs"]
+    at = tconv._conv2d_dgrad_kernel.arg_names.index("add_ptr")
+    assert args[at] is t, "t reached the kernel as a copy"
+    assert tuple(args[at + 1:at + 5]) == t.stride() and (args[at + 5] is packed or not bits)  # t's own strides
+    assert kwargs["ADD"] == (2 if bits else 1) and kwargs["SPLIT_N"] == (dx.stride(1) != 1)
+
+
+def test_dgrad_add_cache_key_and_plain_call(triton_device):
+    """The launch plan follows the add (its strides, whether bits come with it): the same signature without the
+    add, then with t in two layouts and with bits, each call against float64."""
+    gen = generator("dgrad-add-plans")
+    shape, geo = (2, 6, 5, 7), ((1, 1), (1, 1), (1, 1), 1)
+    w = randn((4, 6, 3, 3), torch.float32, triton_device, gen, scale=54 ** -0.5)
+    gy = randn((2, 4, 5, 7), torch.float32, triton_device, gen)
+    t0 = randn(shape, torch.float32, triton_device, gen)
+    mask = torch.rand(shape, generator=gen) > 0.5
+    bits = _act_bits.pack(mask).to(triton_device)
+    plain = torch.nn.grad.conv2d_input(shape, w.double().cpu(), gy.double().cpu(), *geo)
+    for t, b in [(None, None), (t0, None), (t0.contiguous(memory_format=torch.channels_last), None), (t0, bits),
+                 (None, None)]:
+        dx = tconv.conv2d_input_grad(gy, w, shape, *geo, add=None if t is None else (t, b))
+        want = plain if t is None else plain + t0.double().cpu() * (1.0 if b is None else mask.double())
+        assert_close(dx, want, torch.float32, f"plan with add {t is not None}, bits {b is not None}")
+
+
+@pytest.mark.parametrize("bits", [False, True], ids=["add", "add_bits"])
+@pytest.mark.parametrize("case", ["no_cout", "no_tap_phase"])
+def test_dgrad_add_where_dgrad_is_zero(case, bits, triton_device):
+    """Where no output pixel reaches (part of) the input, dx there is t (where the act' bit is set): the
+    launcher's zero path (no output channels: PyTorch ops, no launch) and a stride phase no tap reaches (1x1
+    kernel, stride 2: the kernel's own store of a zero dgrad), into a NaN-poisoned out. With
+    bits, t is NaN where its bit is 0: the add selects (0 there, as PyTorch's threshold backward), not multiplies."""
+    gen = generator("dgrad-add-zero", case, bits)
+    shape = (2, 4, 5, 7)
+    if case == "no_cout":
+        w, gy, geo = (randn((0, 4, 3, 3), torch.float32, triton_device, gen),
+                      randn((2, 0, 5, 7), torch.float32, triton_device, gen), ((1, 1), (1, 1), (1, 1), 1))
+    else:
+        w, gy, geo = (randn((3, 4, 1, 1), torch.float32, triton_device, gen),
+                      randn((2, 3, 3, 4), torch.float32, triton_device, gen), ((2, 2), (0, 0), (1, 1), 1))
+    mask = torch.rand(shape, generator=gen) > 0.5 if bits else None
+    packed = _act_bits.pack(mask).to(triton_device) if bits else None
+    t = randn(shape, torch.float32, triton_device, gen).contiguous(memory_format=torch.channels_last)
+    if bits:
+        t[~mask.to(triton_device)] = float("nan")
+    ref = _dgrad_add_reference(gy, w, shape, geo, t, mask)
+    assert torch.isfinite(ref).all()
+    out = torch.full(shape, float("nan"), device=triton_device)
+    dx = tconv.conv2d_input_grad(gy, w, shape, *geo, out=out, add=(t, packed))
+    assert dx is out
+    assert_close(dx, ref, torch.float32, f"{case} dgrad + add")
+    if case == "no_tap_phase":  # the odd rows, which no tap reaches: t (where the bit is set) exactly
+        assert torch.equal(dx[:, :, 1::2, :].double().cpu(), ref[:, :, 1::2, :])
+
+
+@pytest.mark.sanitize_overflow
+def test_dgrad_add_int64_indexing(triton_device):
+    """The add on the int64 index path (force_int64: the add runs after the dgrad, with PyTorch ops, the IDX64
+    add epilogue having spilled in the kernel report): t expanded (stride 0) and act' bits, stride 2, groups 2
+    against float64; and the add's own tensor decides the index width (a t whose offsets pass 2**31)."""
+    gen = generator("dgrad-add-int64")
+    shape, geo = (2, 6, 9, 8), ((2, 1), (1, 1), (1, 2), 2)
+    w = randn((8, 3, 3, 3), torch.float32, triton_device, gen, scale=27 ** -0.5)
+    OH, OW = F.conv2d(torch.zeros(shape), w.cpu(), None, *geo).shape[2:]
+    gy = randn((2, 8, OH, OW), torch.float32, triton_device, gen)
+    t = randn((2, 6, 1, 1), torch.float32, triton_device, gen).expand(shape)
+    mask = torch.rand(shape, generator=gen) > 0.5
+    dx = tconv.conv2d_input_grad(gy, w, shape, *geo, force_int64=True,
+                                 add=(t, _act_bits.pack(mask).to(triton_device)))
+    assert_close(dx, _dgrad_add_reference(gy, w, shape, geo, t, mask), torch.float32, "int64 dgrad + add")
+    far = torch.empty_strided(shape, (2**31, 1, 8 * 6, 6), device="meta")  # offsets past 2**31, 6 * 9 * 8 * 2 elements
+    plan = lambda add: tconv._input_grad_plan(gy, w, shape, *geo, None, None, False, add)[4]  # noqa: E731
+    assert not plan(None)["IDX64"] and plan((far, None))["IDX64"] and plan((far, None))["ADD"] == 1
+
+
+def test_dgrad_add_errors(triton_device):
+    """add with bn is refused (precise reason); a t or bits of the wrong shape / dtype too."""
+    gen = generator("dgrad-add-errors")
+    shape, geo = (2, 4, 5, 5), ((1, 1), (1, 1), (1, 1), 1)
+    w = randn((3, 4, 3, 3), torch.float32, triton_device, gen)
+    gy = randn((2, 3, 5, 5), torch.float32, triton_device, gen)
+    z = randn(shape, torch.float32, triton_device, gen).contiguous(memory_format=torch.channels_last)
+    stats = (torch.zeros(4, device=triton_device), torch.ones(4, device=triton_device), None, None, 1e-5)
+    t = randn(shape, torch.float32, triton_device, gen)
+    with pytest.raises(ValueError, match="add is not supported together with bn because"):
+        tconv.conv2d_input_grad(gy, w, shape, *geo, bn=(z, *stats, "relu"), add=(t, None))
+    with pytest.raises(ValueError, match="add's tensor must have the input's shape"):
+        tconv.conv2d_input_grad(gy, w, shape, *geo, add=(t[:, :2], None))
+    with pytest.raises(ValueError, match="add's tensor must have"):
+        tconv.conv2d_input_grad(gy, w, shape, *geo, add=(t.half(), None))
+    with pytest.raises(ValueError, match="add's bits must be"):
+        tconv.conv2d_input_grad(gy, w, shape, *geo, add=(t, torch.zeros(2, 4, dtype=torch.int64)))
+    with pytest.raises(ValueError, match="must not share memory with add's tensor"):  # the autotuner would repeat it
+        tconv.conv2d_input_grad(gy, w, shape, *geo, out=t, add=(t, None))

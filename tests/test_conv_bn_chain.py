@@ -393,11 +393,21 @@ def test_compile_fullgraph_training(device, triton_backend):
         assert_close(a, b, torch.float64, "compiled running statistics")
 
 
-def test_fx_traced_residual_blocks_chain(device, triton_backend, monkeypatch):
-    """convert() of ResNet blocks (fx-traced forwards): conv1 -> conv2 inside each block is called through
-    modules.chain_start, so conv1's output stays virtual in training; output, gradients and running statistics
-    match the plain blocks over two steps; the projection shortcut is an ordinary fused call."""
+@pytest.mark.parametrize("one_op", [True, False], ids=["block_op", "chain"])
+def test_fx_traced_residual_blocks_chain(one_op, device, triton_backend, monkeypatch):
+    """convert() of ResNet blocks (fx-traced forwards): each block is called through modules.residual_block, which
+    in training on Triton runs it as one fastconv::residual_block_train (tests/test_residual_block.py), and where it
+    cannot (here forced) the chain it replaces: conv1 -> conv2 through the chain ops, so conv1's output stays
+    virtual, and the projection shortcut as an ordinary fused call. Output, gradients and running statistics match
+    the plain blocks over two steps either way."""
     from fastconv.models import ResidualBlock
+    from fastconv.ops import residual_block as rb_ops
+
+    if not one_op:
+        monkeypatch.setattr(modules, "_residual_parts", lambda *a: None)
+    block_ops = []
+    real_op = rb_ops.residual_block_train_op
+    monkeypatch.setattr(rb_ops, "residual_block_train_op", lambda *a: block_ops.append(1) or real_op(*a))
 
     torch.manual_seed(generator("fx-chain").initial_seed() % 2**31)
     ref = nn.Sequential(ResidualBlock(3, 5, stride=2), ResidualBlock(5, 5)).double().train()
@@ -407,7 +417,7 @@ def test_fx_traced_residual_blocks_chain(device, triton_backend, monkeypatch):
                 m.weight.uniform_(-1.5, 1.5)
                 m.bias.uniform_(-1, 1)
     model = fastconv.convert(ref).to(device=device, dtype=torch.float32)
-    assert "chain_start" in model[0].forward.code and "chain_start" in model[1].forward.code
+    assert "residual_block" in model[0].forward.code and "residual_block" in model[1].forward.code
     spy = _Spy(monkeypatch)
     gen = generator("fx-chain-steps")
     for step in range(2):
@@ -420,7 +430,10 @@ def test_fx_traced_residual_blocks_chain(device, triton_backend, monkeypatch):
             assert_close(got, want, torch.float32, f"step {step} grad {name}")
     for got, want in zip(_running(model), _running(ref)):
         assert_close(got, want, torch.float32, "running statistics")
-    assert spy.calls["conv_bn_stats"] == 2 * 4 and spy.calls["bn_act"] == 2 * 2
+    if one_op:
+        assert len(block_ops) == 2 * 2 and spy.calls["conv_bn_stats"] == 0 and spy.calls["bn_act"] == 0
+    else:
+        assert not block_ops and spy.calls["conv_bn_stats"] == 2 * 4 and spy.calls["bn_act"] == 2 * 2
     ref.eval(), model.eval()
     spy.calls.update(dict.fromkeys(spy.calls, 0))
     with torch.no_grad():

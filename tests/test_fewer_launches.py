@@ -475,11 +475,11 @@ def test_projection_shortcut_reads_the_saved_block_input(device):
 
 # ---------------------------------------------------------------------------------------------- issue 18 goals
 
-@pytest.mark.parametrize("name,max_bytes", [("cifar10_cnn", 0.65), ("vgg16", 0.65), ("resnet", 0.83)])
+@pytest.mark.parametrize("name,max_bytes", [("cifar10_cnn", 0.65), ("vgg16", 0.65), ("resnet", 0.75)])
 def test_launch_plan_against_eager(name, max_bytes):
-    """Training step at batch 256, bf16 channels_last (H100 tables): no more launches than PyTorch eager (issue 18's
-    goal) and compulsory bytes at most `max_bytes` of eager's (cifar10_cnn and vgg16: the goal, 0.65, at 0.59 and
-    0.60; resnet: today's 0.82 as a regression guard, its goal being 0.75)."""
+    """Training step at batch 256, bf16 channels_last (H100 tables): no more launches than PyTorch eager and
+    compulsory bytes at most `max_bytes` of eager's: issue 18's goals (0.65 for chains of blocks, at 0.59 and 0.60;
+    0.75 for resnet, whose residual adds keep some outputs, at 0.736 with its blocks as one op each)."""
     rows = launch_plan.record_step(*launch_plan.build(name, 256, torch.bfloat16, True), True)
     eager = launch_plan.record_step(*launch_plan.build(name, 256, torch.bfloat16, False), True, backend=None)
     ours, theirs = launch_plan.summarize(rows, "H100", "half"), launch_plan.summarize(eager, "H100", "half")

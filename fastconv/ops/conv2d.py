@@ -3,7 +3,8 @@
     fastconv::conv2d(input, weight, bias?, stride, padding[4], dilation, groups,
                      scale?, shift?, residual?, activation, algo, backend) -> Tensor
         y = act((conv(input, weight) + bias) * scale + shift + residual), in one kernel.
-    fastconv::conv2d_input_grad(grad_output, weight, input_size, stride, padding[4], dilation, groups, backend)
+    fastconv::conv2d_input_grad(grad_output, weight, input_size, stride, padding[4], dilation, groups, backend,
+                                add?, add_bits?) -> dx (+ add, masked by the act' bits add_bits where given)
     fastconv::conv2d_weight_grad(grad_output, input, weight_size, stride, padding[4], dilation, groups,
                                  bias_grad, backend, channels_last) -> (grad_weight, grad_bias or an empty tensor)
         grad_weight channels_last with `channels_last` (the weight's layout, weight_layout()), else contiguous.
@@ -20,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _activations, _backend, _ext
+from .. import _act_bits, _activations, _backend, _ext
 from .._args import accumulation_dtype, channels_strided, conv_output_size, memory_format_of, output_memory_format
 from ._autocast import register_autocast
 from ._fastpath import FastOp
@@ -239,23 +240,48 @@ def conv2d_input_grad(
     dilation: list[int],
     groups: int,
     backend: str = "auto",
+    add: Optional[torch.Tensor] = None,
+    add_bits: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
+    """dx of conv(x, weight) from grad_output, plus `add` (input_size, any strides) where given, masked by the
+    act' bits `add_bits` (fastconv._act_bits) where given: a residual block's second gradient of its input,
+    summed in the Triton dgrad's store (no separate pass); the other backends add with PyTorch ops."""
+    _check_add(add, add_bits, input_size, grad_output)
     name = _backend.resolve("conv2d", grad_output.device, CONV2D_BACKENDS, backend)
     dx = alloc(input_size, grad_output.dtype, grad_output.device, memory_format_of(grad_output))
+    if name == "triton":
+        from ..triton import conv2d as tconv
+
+        return tconv.conv2d_input_grad(grad_output, weight, tuple(input_size), stride, padding, dilation, groups,
+                                       out=dx, add=None if add is None else (add, add_bits))
     if name in _EXT_BACKENDS:
         ext_ops().ext_conv2d_input_grad(grad_output, weight, stride, padding, dilation, groups,
                                         _allow_tf32(grad_output), dx)
-        return dx
-    if name == "torch":
+    else:
         dx.copy_(_torch_input_grad(grad_output, weight, input_size, stride, padding, dilation, groups))
-        return dx
-    from ..triton import conv2d as tconv
+    if add is not None:
+        # (a select where the bit is 0, as the Triton epilogue and PyTorch's threshold backward: a non-finite
+        # gradient there adds 0)
+        dx.add_(add if add_bits is None else torch.where(_act_bits.unpack(add_bits, input_size), add,
+                                                         add.new_zeros(())))
+    return dx
 
-    return tconv.conv2d_input_grad(grad_output, weight, tuple(input_size), stride, padding, dilation, groups, out=dx)
+
+def _check_add(add, add_bits, input_size, grad_output) -> None:
+    if add is None:
+        if add_bits is not None:
+            raise ValueError("fastconv.conv2d_input_grad: add_bits masks `add`, which is missing")
+        return
+    if list(add.shape) != list(input_size) or add.dtype != grad_output.dtype or add.device != grad_output.device:
+        raise ValueError(f"fastconv.conv2d_input_grad: add must match dx ({list(input_size)}, {grad_output.dtype}, "
+                         f"{grad_output.device}), got {list(add.shape)} {add.dtype} on {add.device}")
+    if add_bits is not None:
+        _act_bits.check(add_bits, add, _act_bits.BIT_ACTIVATIONS[0])
 
 
 @conv2d_input_grad.register_fake
-def _(grad_output, weight, input_size, stride, padding, dilation, groups, backend="auto"):
+def _(grad_output, weight, input_size, stride, padding, dilation, groups, backend="auto", add=None, add_bits=None):
+    _check_add(add, add_bits, input_size, grad_output)
     return torch.empty(input_size, dtype=grad_output.dtype, device=grad_output.device,
                        memory_format=memory_format_of(grad_output))
 

@@ -383,14 +383,16 @@ def batch_norm_act(
     return y.copy_(_torch_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation))
 
 
-def triton_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation, fmt, act_bits=None):
-    """The Triton normalize pass of fastconv::batch_norm_act and batch_norm_act_train: y in layout `fmt` (any:
-    the kernel reads z and writes y through their strides), act_bits filled when given."""
+def triton_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation, fmt, act_bits=None,
+                  residual_affine=None):
+    """The Triton normalize pass of fastconv::batch_norm_act, batch_norm_act_train and residual_block_train: y in
+    layout `fmt` (any: the kernel reads z and writes y through their strides), act_bits filled when given; the
+    residual scaled and shifted per channel by residual_affine = (scale, shift) when given."""
     from ..triton import batch_norm as tbn
 
     y = alloc(z.shape, z.dtype, z.device, fmt)
     return tbn.batch_norm_act_forward(z, mean, var, bn_weight, bn_bias, eps, activation, residual, out=y,
-                                      act_bits=act_bits)
+                                      act_bits=act_bits, residual_affine=residual_affine)
 
 
 @batch_norm_act.register_fake

@@ -186,13 +186,15 @@ def _load_act_bits(bits_ptr, p0, P, c, C, IDX64: tl.constexpr, BLOCK_P: tl.const
 
 @triton.jit
 def _batch_norm_act_fwd_kernel(
-    z_ptr, y_ptr, res_ptr, bits_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
+    z_ptr, y_ptr, res_ptr, bits_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, res_scale_ptr, res_shift_ptr,
     P, C, H, W, eps,
     szn, szc, szh, szw, syn, syc, syh, syw, srn, src, srh, srw,
     HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, ACT_BITS: tl.constexpr, ACC: tl.constexpr,
-    IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, RES_AFFINE: tl.constexpr = False,
 ):
-    """y; with ACT_BITS also act'(u) as bits into bits_ptr (fastconv._act_bits)."""
+    """y; with ACT_BITS also act'(u) as bits into bits_ptr (fastconv._act_bits). RES_AFFINE: the residual is
+    added as res * res_scale[c] + res_shift[c] (a projection shortcut's BatchNorm, folded: its z is read, its
+    normalized output never written)."""
     p0 = tl.program_id(0) * BLOCK_P
     n, h, w, c, mask = _bn_tile(p0, tl.program_id(1) * BLOCK_C, P, C, H, W, IDX64, BLOCK_P, BLOCK_C)
     mean, invstd, gamma, beta = _bn_coefficients(c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_AFFINE, ACC)
@@ -201,8 +203,12 @@ def _batch_norm_act_fwd_kernel(
     z = tl.load(z_ptr + (n * szn + h * szh + w * szw)[:, None] + (c * szc)[None, :], mask=mask, other=0.0)
     u = z.to(ACC) * scale[None, :] + shift[None, :]
     if HAS_RES:
-        u += tl.load(res_ptr + (n * srn + h * srh + w * srw)[:, None] + (c * src)[None, :], mask=mask,
-                     other=0.0).to(ACC)
+        r = tl.load(res_ptr + (n * srn + h * srh + w * srw)[:, None] + (c * src)[None, :], mask=mask,
+                    other=0.0).to(ACC)
+        if RES_AFFINE:
+            r = (r * tl.load(res_scale_ptr + c, mask=c < C, other=0.0).to(ACC)[None, :]
+                 + tl.load(res_shift_ptr + c, mask=c < C, other=0.0).to(ACC)[None, :])
+        u += r
     y = activation(u, ACT)
     tl.store(y_ptr + (n * syn + h * syh + w * syw)[:, None] + (c * syc)[None, :], y.to(y_ptr.dtype.element_ty),
              mask=mask)
@@ -460,9 +466,14 @@ def _affine_args(weight, bias, fallback):
 
 def batch_norm_act_forward(z, mean, var, weight, bias, eps: float, activation: str,
                            residual: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
-                           act_bits: torch.Tensor | None = None, force_int64: bool = False) -> torch.Tensor:
+                           act_bits: torch.Tensor | None = None, force_int64: bool = False,
+                           residual_affine=None) -> torch.Tensor:
     """y = act((z - mean) / sqrt(var + eps) * weight + bias [+ residual]) over [N, C, H, W] z. act_bits: an int32
-    tensor of fastconv._act_bits' shape to receive act'(u) as bits (a mask activation), for the backward."""
+    tensor of fastconv._act_bits' shape to receive act'(u) as bits (a mask activation), for the backward.
+    residual_affine = (scale, shift), per-channel vectors: the residual enters as residual * scale + shift (a
+    projection shortcut's z and its BatchNorm folded)."""
+    if residual_affine is not None and residual is None:
+        raise ValueError("batch_norm_act_forward: residual_affine scales a residual, which is missing")
     check_runnable(z)
     N, C, H, W = z.shape
     y = out if out is not None else torch.empty_like(z)
@@ -472,12 +483,13 @@ def batch_norm_act_forward(z, mean, var, weight, bias, eps: float, activation: s
     res = residual if residual is not None else z
     w, b = _affine_args(weight, bias, mean)
     run(_batch_norm_act_fwd_kernel, (cdiv(P, BLOCK_P), cdiv(C, BLOCK_C)),
-        z, y, res, act_bits if act_bits is not None else y, mean, var, w, b, P, C, H, W, eps,
+        z, y, res, act_bits if act_bits is not None else y, mean, var, w, b,
+        *(residual_affine if residual_affine is not None else (mean, mean)), P, C, H, W, eps,
         *z.stride(), *y.stride(), *res.stride(),
         device=z.device,
         HAS_AFFINE=weight is not None, HAS_RES=residual is not None, ACT=ACTIVATIONS[activation],
         ACT_BITS=act_bits is not None, ACC=acc_dtype(z.dtype), IDX64=force_int64 or needs_int64(z, y, residual),
-        BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
+        BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, RES_AFFINE=residual_affine is not None,
     )
     return y
 

@@ -157,9 +157,9 @@ PROLOGUE_EXCLUDED = {
 }
 
 # Launches whose constexprs set any of these carry a heavy epilogue, prologue or address path: per-channel
-# scale/shift, residual, BN statistics partials, an NCHW store in channel halves, 64-bit indices, the operand
+# scale/shift, residual, BN statistics partials, a dgrad add (ADD), an NCHW store in channel halves, 64-bit indices, the operand
 # transform of a PROLOGUE (act(z * scale + shift) on every A tile, in registers).
-FUSED_FLAGS = ("HAS_SCALE", "HAS_SHIFT", "HAS_RES", "STATS", "SPLIT_N", "IDX64", "PROLOGUE", "BN_GRAD")
+FUSED_FLAGS = ("HAS_SCALE", "HAS_SHIFT", "HAS_RES", "STATS", "SPLIT_N", "IDX64", "PROLOGUE", "BN_GRAD", "ADD")
 # Registers a fused launch needs besides its fp32 accumulator, per operand kind. Compiling every variant on
 # every tile (`kernel_report --all-variants`, triton 3.8 and 3.9) showed the fused variants spilling 24 B - 2 KB
 # on exactly the tiles that leave less than this beside the accumulator (sm_90's 128x128/4-warp and 128x256 /

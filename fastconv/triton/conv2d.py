@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _act_bits
 from .._activations import MASK_ACTIVATIONS
 from .._args import accumulation_dtype, conv_output_size
 from ._common import (
@@ -35,6 +36,8 @@ from ._common import (
     upcast_dot_operands,
 )
 from ._epilogue import (
+    _column_halves,
+    _vector_halves,
     activation,
     store_bn_grad_sums,
     epilogue_store,
@@ -178,12 +181,14 @@ def _conv2d_dgrad_kernel(
     sdyn, sdyc, sdyh, sdyw,
     swo, swc, swh, sww,
     sdxn, sdxc, sdxh, sdxw,
+    # ADD: the tensor t added to dx (any strides) and, with ADD == 2, its act' bits (fastconv._act_bits; else dummies)
+    add_ptr, san, sac, sah, saw, add_bits_ptr,
     # BN_GRAD: x = act(bn(z)) of the producer's z, its batch statistics and affine (else dummies)
     z_ptr, szn, szc, szh, szw, bn_mean_ptr, bn_var_ptr, bn_w_ptr, bn_b_ptr, bn_eps,
     sum_g_ptr, sum_gx_ptr,  # BN_GRAD partials [stride phases * row tiles, C_in], by keyword (bn_grad_scratch)
     ACC_TYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     IDX64: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_N: tl.constexpr,
-    BN_GRAD: tl.constexpr, BN_AFFINE: tl.constexpr, BN_ACT: tl.constexpr,
+    BN_GRAD: tl.constexpr, BN_AFFINE: tl.constexpr, BN_ACT: tl.constexpr, ADD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx[n, ci, h, w] = sum_{co, kh, kw} dy[n, co, oh, ow] * w[co, ci, kh, kw], where
@@ -199,6 +204,12 @@ def _conv2d_dgrad_kernel(
     so dx is followed by BatchNorm's training-mode backward, whose first pass needs per channel the sums of
     g = dx * act'(u) and g * xhat over all pixels. This program adds up its own tile's (store_bn_grad_sums) into
     row (phase, row tile) of the partials: the backward's separate reduce pass over dx and z is not needed.
+
+    ADD (a residual block's backward, see conv2d_input_grad's `add`): 1 stores dx = dgrad + t, 2 stores
+    dx = dgrad + (t where act' else 0), act' the bit of (pixel, channel) in add_bits_ptr (fastconv._act_bits layout);
+    t is read through its own strides (san, sac, sah, saw), the sum taken in ACC_TYPE and cast once on the store
+    (_add_store). t must not overlap dx: the autotuner runs every tile on the real buffers, so an in-place add
+    would be applied once per tile tried.
     """
     pid_pg = tl.program_id(1)
     phase = pid_pg % (stride_h * stride_w)
@@ -255,14 +266,79 @@ def _conv2d_dgrad_kernel(
         th, tw, c0 = _next_step(th, tw, c0, BLOCK_K, COUT_G, count_w)
 
     n, i, j = pixel_coords(offs_m, HP, WP, IDX64)
-    dx_rows = n * sdxn + (rh + i * stride_h) * sdxh + (rw + j * stride_w) * sdxw
-    store_tile(acc, dx_rows, g * CIN_G + offs_n, mask_m, mask_n, dx_ptr, sdxc, dx_ptr, False, 0, SPLIT_N)
+    ph = rh + i * stride_h  # the rows' input pixels (n, ph, pw)
+    pw = rw + j * stride_w
+    dx_rows = n * sdxn + ph * sdxh + pw * sdxw
+    groups = tl.num_programs(1) // (stride_h * stride_w)
+    if ADD != 0:
+        _add_store(acc, n, ph, pw, dx_rows, g * CIN_G + offs_n, mask_m, mask_n, dx_ptr, sdxc,
+                   add_ptr, san, sac, sah, saw, add_bits_ptr, H, W, CIN_G * groups, ADD, SPLIT_N)
+    else:
+        store_tile(acc, dx_rows, g * CIN_G + offs_n, mask_m, mask_n, dx_ptr, sdxc, dx_ptr, False, 0, SPLIT_N)
     if BN_GRAD:
-        z_rows = n * szn + (rh + i * stride_h) * szh + (rw + j * stride_w) * szw
-        groups = tl.num_programs(1) // (stride_h * stride_w)
+        z_rows = n * szn + ph * szh + pw * szw
         store_bn_grad_sums(acc, z_rows, g * CIN_G + offs_n, mask_m, mask_n, phase * tl.cdiv(MP, BLOCK_M) + tile_m,
                            CIN_G * groups, dx_ptr, z_ptr, szc, bn_mean_ptr, bn_var_ptr, bn_w_ptr, bn_b_ptr, bn_eps,
                            sum_g_ptr, sum_gx_ptr, BN_AFFINE, BN_ACT)
+
+
+@triton.jit
+def _add_store(acc, n, h, w, dx_rows, c, mask_m, mask_n, dx_ptr, sdxc, add_ptr, san, sac, sah, saw, bits_ptr, H, W, C,
+               ADD: tl.constexpr, SPLIT_N: tl.constexpr):
+    """The dgrad's ADD epilogue: dx[dx_rows[m] + c * sdxc] = acc + t[n, c, h, w] (ADD 1), or acc + (t[n, c, h, w]
+    where act'(p, c) else 0) (ADD 2: bit p % 32 of int32 word [p // 32, c] of bits_ptr, p = (n*H + h)*W + w; a
+    select, not a product, so that a non-finite t where act' is 0 adds 0, as PyTorch's threshold backward passes
+    none of it), summed in acc's dtype and cast to dx's once. t is read through its own strides: its 1-D row part
+    is built here, after the main loop. With SPLIT_N (an NCHW dx, see store_tile) in four channel quarters, so that
+    only a quarter of the tile's per-element addresses, t values and bit words are live at once (halves spilled).
+    Never launched with IDX64: the kernel report measured spills there (ADD 1: 64 B on sm_80's pinned TF32 128x32
+    tile; ADD 2: 16-140 B on sm_80's TF32 128x128, 128x64 and 128x32 tiles; splitting the columns made them
+    worse), so conv2d_input_grad adds after the dgrad with PyTorch ops for tensors past 2**31 elements."""
+    add_rows = n * san + h * sah + w * saw
+    if ADD == 2:
+        p = (n * H + h) * W + w  # >= 0
+        word_rows = (p >> 5) * C
+        bit = tl.full(p.shape, 1, tl.int32) << (p & 31).to(tl.int32)  # the pixel's bit within its words
+    else:
+        word_rows = add_rows  # unused
+        bit = add_rows
+    if SPLIT_N:
+        acc_lo, acc_hi = _column_halves(acc)
+        c_lo, c_hi = _vector_halves(c)
+        ok_lo, ok_hi = _vector_halves(mask_n)
+        _add_store_half(acc_lo, dx_rows, add_rows, word_rows, bit, c_lo, mask_m, ok_lo, dx_ptr, sdxc, add_ptr, sac,
+                        bits_ptr, ADD)
+        _add_store_half(acc_hi, dx_rows, add_rows, word_rows, bit, c_hi, mask_m, ok_hi, dx_ptr, sdxc, add_ptr, sac,
+                        bits_ptr, ADD)
+    else:
+        _add_store_part(acc, dx_rows, add_rows, word_rows, bit, c, mask_m, mask_n, dx_ptr, sdxc, add_ptr, sac,
+                        bits_ptr, ADD)
+
+
+@triton.jit
+def _add_store_half(acc, dx_rows, add_rows, word_rows, bit, c, mask_m, mask_n, dx_ptr, sdxc, add_ptr, sac, bits_ptr,
+                    ADD: tl.constexpr):
+    """One channel half of an NCHW (SPLIT_N) add, itself in two quarters: with the t tile (and the bit words)
+    beside the accumulator, halves still spilled (100-576 B, kernel report add_NCHW / add_bits_NCHW)."""
+    acc_lo, acc_hi = _column_halves(acc)
+    c_lo, c_hi = _vector_halves(c)
+    ok_lo, ok_hi = _vector_halves(mask_n)
+    _add_store_part(acc_lo, dx_rows, add_rows, word_rows, bit, c_lo, mask_m, ok_lo, dx_ptr, sdxc, add_ptr, sac,
+                    bits_ptr, ADD)
+    _add_store_part(acc_hi, dx_rows, add_rows, word_rows, bit, c_hi, mask_m, ok_hi, dx_ptr, sdxc, add_ptr, sac,
+                    bits_ptr, ADD)
+
+
+@triton.jit
+def _add_store_part(acc, dx_rows, add_rows, word_rows, bit, c, mask_m, mask_n, dx_ptr, sdxc, add_ptr, sac, bits_ptr,
+                    ADD: tl.constexpr):
+    mask = mask_m[:, None] & mask_n[None, :]
+    t = tl.load(add_ptr + add_rows[:, None] + (c * sac)[None, :], mask=mask, other=0.0).to(acc.dtype)
+    if ADD == 2:
+        words = tl.load(bits_ptr + word_rows[:, None] + c[None, :], mask=mask, other=0)
+        t = tl.where((words & bit[:, None]) != 0, t, 0.0)
+    acc += t
+    tl.store(dx_ptr + dx_rows[:, None] + (c * sdxc)[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -596,6 +672,7 @@ def conv2d_input_grad(
     out: torch.Tensor | None = None,
     bn=None,
     force_int64: bool = False,
+    add=None,
 ):
     """dgrad: the gradient of conv2d with respect to its input, as an implicit GEMM over stride phases.
 
@@ -603,23 +680,51 @@ def conv2d_input_grad(
     of fused blocks; mean / var z's batch statistics, bn_weight / bn_bias None without affine): then returns
     (dx, (sum_g, sum_gx)), the partial sums of BatchNorm's backward over each row tile (see the kernel's doc),
     [rows, C_in] in the accumulation dtype with rows sized for the tile that ran; batch_norm.bn_grad_sums adds
-    them up."""
+    them up.
+
+    add = (t, bits) (a residual block's backward: the gradient reaching the block's input through the conv and
+    through the shortcut): returns dx = dgrad + t, or with bits dx = dgrad + t * act', summed in the accumulation
+    dtype and rounded once, in the dgrad's own store (no separate add pass). t has shape input_shape and dx's
+    dtype, any strides (channels_last, NCHW, an expanded view: read through its strides, never copied); bits is
+    None or act'(u) of t's elements as fastconv._act_bits packs it for input_shape (a contiguous int32
+    [ceil(N*H*W / 32), C] tensor): the add takes t where the bit is 1 and 0 where it is 0 (a select, as PyTorch's
+    threshold backward: a NaN / inf t where the bit is 0 adds 0). `out` must not overlap t: the autotuner runs
+    every tile it tries on the real buffers, so an in-place add would be added once per tile (ValueError). Where
+    the launch needs 64-bit indices the add runs after the dgrad with PyTorch ops (the kernel report measured the
+    IDX64 add epilogue spilling). Not with bn (see _check_add)."""
     check_runnable(grad_out, weight)
+    if add is not None:
+        _check_add(add, input_shape, out.dtype if out is not None else grad_out.dtype, grad_out.device, bn)
+        if out is not None and _same_storage(out, add[0]):
+            raise ValueError("conv2d_input_grad: out must not share memory with add's tensor, because the "
+                             "autotuner runs every tile on the real buffers (an in-place add would repeat)")
     key = (grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device, weight.shape, weight.stride(),
            tuple(input_shape), tuple(stride), tuple(padding), tuple(dilation), groups,
            None if out is None else out.stride(), force_int64, dot_precision(grad_out.dtype), interpreting(),
-           None if bn is None else (bn[0].stride(), bn[3] is None, bn[6]))
+           None if bn is None else (bn[0].stride(), bn[3] is None, bn[6]),
+           None if add is None else (add[0].stride(), add[1] is not None))
     plan = _DGRAD_PLANS.get(key) or _DGRAD_PLANS.put(key, _input_grad_plan(
-        grad_out, weight, input_shape, stride, padding, dilation, groups, out, bn, force_int64))
+        grad_out, weight, input_shape, stride, padding, dilation, groups, out, bn, force_int64, add))
     work, ints, problem, grid, consts, memo = plan
+    if add is not None and work is True and consts["IDX64"]:  # no spill-checked IDX64 add epilogue: add after
+        dx = conv2d_input_grad(grad_out, weight, input_shape, stride, padding, dilation, groups, out=out,
+                               force_int64=force_int64)
+        t, bits = add
+        return dx.add_(t if bits is None else torch.where(_act_bits.unpack(bits, input_shape), t, t.new_zeros(())))
     dx = out if out is not None else grad_out.new_empty(input_shape)
-    if work is not True:  # nothing to compute: an empty dx, or one no output pixel reaches (zeros)
-        dx = dx.zero_() if work == "zero" else dx
+    if work is not True:  # nothing to compute: an empty dx, or one no output pixel reaches (zeros, or the add)
+        if work == "zero":
+            dx = dx.zero_() if add is None else _add_only(dx, add, input_shape)
         if bn is None:
             return dx
         rows = 1 if work == "zero" else 0  # zero sums: one row of zeros
         return dx, tuple(dx.new_zeros((rows, input_shape[1]), dtype=accumulation_dtype(dx.dtype)) for _ in range(2))
     grad_out, weight = channels_contiguous(grad_out), channels_contiguous(weight)
+    if add is None:
+        add_args = (dx, 0, 0, 0, 0, dx)  # dummies, never read
+    else:
+        t, bits = add
+        add_args = (t, *t.stride(), bits if bits is not None else dx)
     if bn is None:
         bn_args, scratch = (dx, 0, 0, 0, 0, dx, dx, dx, dx, 0.0, dx, dx), None  # dummies, never read
     else:
@@ -627,9 +732,48 @@ def conv2d_input_grad(
         bn_args = (z, *z.stride(), mean, var, bn_weight if bn_weight is not None else mean,
                    bn_bias if bn_bias is not None else mean, float(eps))
         scratch = bn_grad_scratch(problem, stride, input_shape[1], dx)
-    _, extra = _dgrad(grid, grad_out, weight, dx, *ints, *bn_args, problem=problem, device=grad_out.device,
-                      scratch=scratch, memo=memo, **consts)
+    _, extra = _dgrad(grid, grad_out, weight, dx, *ints, *add_args, *bn_args, problem=problem,
+                      device=grad_out.device, scratch=scratch, memo=memo, **consts)
     return dx if bn is None else (dx, (extra["sum_g_ptr"], extra["sum_gx_ptr"]))
+
+
+def _check_add(add, input_shape, dtype: torch.dtype, device: torch.device, bn) -> None:
+    """ValueError unless conv2d_input_grad's `add` = (t, bits) fits the call (the kernel reads both unchecked)."""
+    if bn is not None:
+        raise ValueError("conv2d_input_grad: add is not supported together with bn because the BatchNorm "
+                         "epilogue (store_bn_grad_sums) sums the dgrad tile without the added t, and the two "
+                         "epilogues together are not among the kernel report's spill-checked variants; add t "
+                         "(add=...) without bn, or pass bn without add and add t before the BatchNorm backward")
+    if not (isinstance(add, (tuple, list)) and len(add) == 2):
+        raise ValueError("conv2d_input_grad: add must be a pair (t, bits), bits None or act' bits")
+    t, bits = add
+    if tuple(t.shape) != tuple(input_shape) or t.dtype != dtype or t.device != device:
+        raise ValueError(f"conv2d_input_grad: add's tensor must have the input's shape {list(input_shape)}, dx's "
+                         f"dtype {dtype} and device {device}, got {list(t.shape)} {t.dtype} on {t.device}")
+    if bits is not None:
+        want = _act_bits.shape(input_shape)
+        if (bits.dtype != torch.int32 or tuple(bits.shape) != want or bits.device != device
+                or not bits.is_contiguous()):
+            raise ValueError(f"conv2d_input_grad: add's bits must be a contiguous int32 tensor of shape {list(want)} "
+                             f"on {device} (fastconv._act_bits for input {list(input_shape)}), got {bits.dtype} "
+                             f"{list(bits.shape)} on {bits.device}")
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b may share memory: the same storage (meta tensors, which have none: the same tensor)."""
+    if a is b:
+        return True
+    if a.device.type == "meta" or a.numel() == 0 or b.numel() == 0:
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _add_only(dx: torch.Tensor, add, input_shape) -> torch.Tensor:
+    """dx = t (* act' bits) where the dgrad itself is zero (no output pixel reaches the input): PyTorch ops."""
+    t, bits = add
+    if bits is None:
+        return dx.copy_(t)
+    return torch.where(_act_bits.unpack(bits, input_shape), t, t.new_zeros(()), out=dx)
 
 
 def bn_grad_scratch(problem: Problem, stride, channels: int, dx: torch.Tensor):
@@ -645,7 +789,8 @@ def bn_grad_scratch(problem: Problem, stride, channels: int, dx: torch.Tensor):
     return scratch
 
 
-def _input_grad_plan(grad_out, weight, input_shape, stride, padding, dilation, groups, out, bn, force_int64):
+def _input_grad_plan(grad_out, weight, input_shape, stride, padding, dilation, groups, out, bn, force_int64,
+                     add=None):
     """conv2d_input_grad's launch plan for its call signature (see _forward_plan); `work` is True, or "zero" /
     "empty" where there is nothing to launch. Raises where the bn epilogue does not apply (bn_grad_fusable)."""
     if bn is not None and not bn_grad_fusable(grad_out, weight, bn[0], bn[6], force_int64):
@@ -668,16 +813,18 @@ def _input_grad_plan(grad_out, weight, input_shape, stride, padding, dilation, g
     # the taps one stride phase walks, at most cdiv(K, stride) per axis (_first_tap)
     problem = Problem(MP, cin_g, cout_g, cdiv(KH, sh) * cdiv(KW, sw), groups * sh * sw)
     zm = None if bn is None else meta_like(bn[0])
+    am = None if add is None else meta_like(add[0])
     consts = dict(
         ACC_TYPE=acc_dtype(grad_out.dtype),
         PRECISION=dot_precision(grad_out.dtype),
         UPCAST=upcast_dot_operands(grad_out.dtype),
-        IDX64=force_int64 or needs_int64(gm, wm, dxm, zm),
+        IDX64=force_int64 or needs_int64(gm, wm, dxm, zm, am),
         GROUP_M=GROUP_M,
         SPLIT_N=split_store(dxm),
         BN_GRAD=bn is not None,
         BN_AFFINE=bn is not None and bn[3] is not None,
         BN_ACT=0 if bn is None else ACTIVATIONS[bn[6]],
+        ADD=0 if add is None else (1 if add[1] is None else 2),
     )
     return (True, ints, problem,
             lambda meta: (cdiv(MP, meta["BLOCK_M"]) * cdiv(cin_g, meta["BLOCK_N"]), groups * sh * sw), consts,
