@@ -35,11 +35,17 @@ def check(bits: torch.Tensor, z: torch.Tensor, activation: str) -> None:
     if activation not in BIT_ACTIVATIONS:
         raise ValueError(f"fastconv: act_bits carry a 0/1 derivative ({', '.join(BIT_ACTIVATIONS)}), not that of "
                          f"{activation!r}")
-    want = shape(z.shape)
-    if (bits.dtype != torch.int32 or tuple(bits.shape) != want or bits.device != z.device
+    check_layout(bits, z.shape, z.device, "fastconv: act_bits")
+
+
+def check_layout(bits: torch.Tensor, z_shape, device: torch.device, what: str) -> None:
+    """ValueError (starting with `what`) unless `bits` is laid out as the bits of a [N, C, H, W] tensor of shape
+    z_shape on `device`: contiguous int32 words of shape(z_shape)."""
+    want = shape(z_shape)
+    if (bits.dtype != torch.int32 or tuple(bits.shape) != want or bits.device != device
             or not bits.is_contiguous()):
-        raise ValueError(f"fastconv: act_bits must be a contiguous int32 tensor of shape {list(want)} on {z.device} "
-                         f"(z {list(z.shape)}), got {bits.dtype} {list(bits.shape)} on {bits.device}")
+        raise ValueError(f"{what} must be a contiguous int32 tensor of shape {list(want)} on {device} "
+                         f"(z {list(z_shape)}), got {bits.dtype} {list(bits.shape)} on {bits.device}")
 
 
 def empty(z: torch.Tensor, want: bool) -> torch.Tensor:

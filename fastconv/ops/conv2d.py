@@ -276,7 +276,7 @@ def _check_add(add, add_bits, input_size, grad_output) -> None:
         raise ValueError(f"fastconv.conv2d_input_grad: add must match dx ({list(input_size)}, {grad_output.dtype}, "
                          f"{grad_output.device}), got {list(add.shape)} {add.dtype} on {add.device}")
     if add_bits is not None:
-        _act_bits.check(add_bits, add, _act_bits.BIT_ACTIVATIONS[0])
+        _act_bits.check_layout(add_bits, input_size, add.device, "fastconv.conv2d_input_grad: add_bits")
 
 
 @conv2d_input_grad.register_fake

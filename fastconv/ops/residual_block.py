@@ -60,8 +60,8 @@ def _resolve(device: torch.device, backend: str) -> str:
     return _backend.resolve("conv_bn_act", device, SUPPORTED_BACKENDS, backend)
 
 
-def _forward(ops, fold_shortcut, input, w1, b1, bw1, bb1, w2, b2, bw2, bb2, ws, bs, bws, bbs, stride1, padding1, dilation1,
-             groups1, stride2, padding2, dilation2, groups2, stride_s, padding_s, dilation_s, groups_s, eps,
+def _forward(ops, fold_shortcut, input, w1, b1, bw1, bb1, w2, b2, bw2, bb2, ws, bs, bws, bbs, stride1, padding1,
+             dilation1, groups1, stride2, padding2, dilation2, groups2, stride_s, padding_s, dilation_s, groups_s, eps,
              momentum, activation1, activation, algo1, backend, out_channels_last, rm1, rv1, nbt1, mt1, rm2, rv2,
              nbt2, mt2, rms, rvs, nbts, mts):
     """The block through `ops` = (conv_bn_stats_train, conv_bn_act_train, batch_norm_act_train): their
@@ -176,8 +176,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.geometry = ((list(stride1), list(padding1), list(dilation1), groups1),
                     (list(stride2), list(padding2), list(dilation2), groups2),
-                    (list(stride_s or [1, 1]), list(padding_s or [0, 0, 0, 0]), list(dilation_s or [1, 1]),
-                     groups_s or 1))
+                    (list(stride_s), list(padding_s), list(dilation_s), groups_s))
     ctx.eps, ctx.activation1, ctx.activation = list(eps), activation1, activation
     ctx.backend = _resolve(x.device, backend)
     ctx.has_bias = (b1 is not None, b2 is not None, bs is not None)

@@ -751,12 +751,7 @@ def _check_add(add, input_shape, dtype: torch.dtype, device: torch.device, bn) -
         raise ValueError(f"conv2d_input_grad: add's tensor must have the input's shape {list(input_shape)}, dx's "
                          f"dtype {dtype} and device {device}, got {list(t.shape)} {t.dtype} on {t.device}")
     if bits is not None:
-        want = _act_bits.shape(input_shape)
-        if (bits.dtype != torch.int32 or tuple(bits.shape) != want or bits.device != device
-                or not bits.is_contiguous()):
-            raise ValueError(f"conv2d_input_grad: add's bits must be a contiguous int32 tensor of shape {list(want)} "
-                             f"on {device} (fastconv._act_bits for input {list(input_shape)}), got {bits.dtype} "
-                             f"{list(bits.shape)} on {bits.device}")
+        _act_bits.check_layout(bits, input_shape, device, "conv2d_input_grad: add's bits")
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
