@@ -15,6 +15,8 @@
 #include "fastconv/batch_norm.h"
 #include "fastconv/dry_run.h"
 #include "fastconv/epilogue.h"
+#include "conv_bn_act.h"
+#include "ext_ops.h"
 
 #include <string>
 #include <tuple>
@@ -56,38 +58,8 @@ TORCH_LIBRARY_FRAGMENT(fastconv, m) {
 }
 
 namespace fastconv {
-namespace {
 
-using Tensor = at::Tensor;
-using OptTensor = c10::optional<at::Tensor>;
-using Ints = at::IntArrayRef;
-
-// The registered signatures (csrc/cpu/*.cpp, csrc/cuda/*_cuda.cpp implement exactly these).
-using Conv2dFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, Ints, Ints,
-                                                    Ints, int64_t, const OptTensor&, const OptTensor&,
-                                                    const OptTensor&, int64_t, bool, bool, Tensor&);
-using Conv2dInputGradFn = void(const Tensor&, const Tensor&, Ints, Ints, Ints, int64_t, bool, Tensor&);
-using Conv2dWeightGradFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, Ints, Ints, Ints, Ints,
-                                                      int64_t, bool, bool);
-using BnStatsFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&);
-using BnFinalizeFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                                 const OptTensor&, const OptTensor&, double, const OptTensor&,
-                                                 const OptTensor&, int64_t);
-using BnActFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-                       const OptTensor&, double, c10::string_view);
-using BnActBackwardFn = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                                   const Tensor&, const OptTensor&,
-                                                                   const OptTensor&, const OptTensor&, double,
-                                                                   c10::string_view, bool);
-using MaxPoolFn = std::tuple<Tensor, Tensor>(const Tensor&, Ints, Ints, Ints, Ints, bool, bool);
-using MaxPoolInputGradFn = Tensor(const Tensor&, const Tensor&, Ints, Ints, Ints, Ints, Ints, bool, bool);
-
-// A function-local static per entry point: the op's typed handle, looked up on its first call (all ops are
-// registered by then: they register when the library loads).
-#define FASTCONV_HANDLE(Fn, name) \
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>()
-
-}  // namespace
+using namespace ext;  // the signatures and FASTCONV_HANDLE (csrc/ext_ops.h)
 
 static void bind_ops(pybind11::module_& m) {
   namespace py = pybind11;
@@ -159,6 +131,10 @@ static void bind_ops(pybind11::module_& m) {
         return op.call(grad_y, z, mean, var, weight, bias, residual, eps, activation, want_grad_residual);
       },
       release);
+  m.def("conv_bn_act_train", &conv_bn_act_train_eager,
+        "the eager fast path of fastconv::conv_bn_act_train on backends cpu / cuda: (y, z, mean, var), one C++ "
+        "autograd node (csrc/conv_bn_act.cpp)",
+        release);
   m.def(
       "ext_max_pool2d",
       [](const Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,

@@ -162,7 +162,7 @@ def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_v
         # last pass); a tensor momentum is read on the device.
         running = (_running_args(running_mean, running_var, momentum, num_batches_tracked) if training
                    else (None, None, 0.0, None, None))
-        y, z, mean, var = cba_ops.conv_bn_act_train_op(
+        y, z, mean, var = cba_ops.conv_bn_act_train_call(
             input, weight, bias, bn_weight, bn_bias, residual, *geometry, float(eps), activation, algo, name,
             *running)
         if y.requires_grad and not torch.compiler.is_compiling():
@@ -277,11 +277,9 @@ def bn_act_max_pool(block: PendingBlock, kernel_size, stride=None, padding=0, di
 
 
 def _mark_producer(y, z, mean, var, bn_weight, bn_bias, residual, eps, activation):
-    from .ops.conv_bn_act import PRODUCER_ATTR, Producer
-
     detach = lambda t: t.detach() if t is not None else None  # noqa: E731 - references, not graph edges
-    setattr(y, PRODUCER_ATTR, Producer(z, mean, var, detach(bn_weight), detach(bn_bias), detach(residual),
-                                       float(eps), activation, y._version))
+    setattr(y, cba_ops.PRODUCER_ATTR, cba_ops.Producer(z, mean, var, detach(bn_weight), detach(bn_bias),
+                                                       detach(residual), float(eps), activation, y._version))
 
 
 def conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, **kwargs) -> torch.Tensor:

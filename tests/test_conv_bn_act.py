@@ -412,10 +412,12 @@ def _load_chain(fused_model, plain_model):
 
 
 @pytest.mark.parametrize("modify_between", [False, True])
-def test_chain_rebuilds_inputs_in_backward(modify_between, kdevice, monkeypatch):
+def test_chain_rebuilds_inputs_in_backward(modify_between, kernel_backend, kdevice, monkeypatch):
     """A fused block whose input is the previous fused block's untouched output keeps the producer's
     (z, mean, var) instead of that output and rebuilds it in backward; an in-place change in between
-    makes it keep its real input instead. Both must give PyTorch's gradients."""
+    makes it keep its real input instead. Both must give PyTorch's gradients. What a node keeps is read through
+    saved-tensor hooks (they see the C++ node of backends cpu / cuda too, csrc/conv_bn_act.cpp); the Python
+    paths' rebuilds are also counted at their entry point (the C++ node rebuilds inside C++)."""
     import fastconv.ops.conv_bn_act as bn_ops
 
     plain, fused = _chain(False).to(kdevice), _chain(True).to(kdevice)
@@ -424,6 +426,7 @@ def test_chain_rebuilds_inputs_in_backward(modify_between, kdevice, monkeypatch)
     real = bn_ops.batch_norm_act_op  # the rebuild's entry point (the op, or its eager fast path)
     monkeypatch.setattr(bn_ops, "batch_norm_act_op", lambda *a: rebuilt.append(1) or real(*a))
     x = torch.randn(2, 3, 7, 6, dtype=torch.float64, device=kdevice)
+    outputs, saved = [], []
 
     def run(model, fused_blocks):
         h = x
@@ -432,16 +435,23 @@ def test_chain_rebuilds_inputs_in_backward(modify_between, kdevice, monkeypatch)
             h = model[i](h) if fused_blocks else model[i + 2](model[i + 1](model[i](h)))
             if modify_between:
                 h = h.mul_(1.5) if fused_blocks else h * 1.5
+            outputs.append(h)
         return h
 
     y_ref = run(plain, False)
-    y = run(fused, True)
+    outputs.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = run(fused, True)
     y_ref.square().sum().backward()
     y.square().sum().backward()
     assert_close(y, y_ref, torch.float64, "chain output")
     for (name, p_ref), p in zip(plain.named_parameters(), fused.parameters()):
         assert_close(p.grad, p_ref.grad, torch.float64, f"chain grad {name}")
-    assert len(rebuilt) == (0 if modify_between else 2)
+    # the outputs that feed the next block: kept exactly when modified in between
+    kept = [any(t.data_ptr() == out.data_ptr() for t in saved) for out in outputs[:-1]]
+    assert kept == [modify_between] * 2, kept
+    c_node = kernel_backend in ("cpu", "cuda") and hasattr(bn_ops.ext_ops(), "conv_bn_act_train")
+    assert len(rebuilt) == (0 if modify_between or c_node else 2)
 
 
 def test_saved_bytes_half_of_pytorch(kdevice):
@@ -712,3 +722,74 @@ def test_nan_propagates_like_pytorch(activation, kernel_backend, kdevice):
 
     ours.train(), ref.train()  # training: the NaN reaches every batch statistic, so every output is NaN
     assert ours(x.clone()).isnan().all() and ref(x.clone()).isnan().all()
+
+
+@pytest.mark.parametrize("backend", EXT_BACKENDS)
+@pytest.mark.parametrize("case", [
+    dict(activation="relu"),
+    dict(activation="silu", residual=True, bias=True, channels_last=True),
+    dict(activation="identity", residual=True, momentum=None),
+    dict(activation="hardswish", stride=2, groups=2, affine=False),
+    dict(activation="relu6", channels_last=True, dtype=torch.float32),
+], ids=["relu", "silu_res_bias_cl", "identity_res_mom_none", "hardswish_s2_g2_affine_false", "relu6_cl_fp32"])
+def test_c_node_equals_the_op(backend, case, poisoned):
+    """On backends cpu / cuda in eager mode a fused block's training step is one C++ autograd node
+    (fastconv._C.conv_bn_act_train, csrc/conv_bn_act.cpp). It runs the op's own ext ops, so it must give exactly
+    what the Python autograd path (conv_bn_act_train_op) gives: outputs, every gradient and their layouts, the
+    running statistics, the counter, the version counters; without a gradient, no node at all. Two chained blocks,
+    so the second rebuilds its input from the first's producer; empty tensors NaN-poisoned (`poisoned`)."""
+    skip_unless_runnable(backend)
+    import fastconv.ops.conv_bn_act as bn_ops
+
+    if not hasattr(bn_ops.ext_ops(), "conv_bn_act_train"):
+        pytest.skip("fastconv._C predates conv_bn_act_train: rebuild the extension")
+    case = dict(case)
+    dtype = case.pop("dtype", torch.float64)
+    device = torch.device(backend)
+    gen = generator("c_node", str(case))
+    cl, with_res = case.pop("channels_last", False), case.pop("residual", False)
+    momentum = case.pop("momentum", 0.1)
+    kw = dict(stride=case.pop("stride", 1), groups=case.pop("groups", 1), bias=case.pop("bias", False),
+              affine=case.pop("affine", True), activation=case.pop("activation"))
+
+    def make():
+        torch.manual_seed(0)
+        a = fastconv.ConvBNReLU2d(4, 6, 3, padding=1, momentum=momentum, **kw)
+        b = fastconv.ConvBNReLU2d(6, 6, 3, padding=1, momentum=momentum, activation=kw["activation"])
+        return a.to(device, dtype), b.to(device, dtype)
+
+    x0 = randn((3, 4, 9, 7), dtype, device, gen)
+    r0 = randn((3, 6, 9 // kw["stride"] + 9 % kw["stride"], 7 // kw["stride"] + 7 % kw["stride"]), dtype, device,
+               gen) if with_res else None
+    g0 = None
+
+    def step(use_node):
+        nonlocal g0
+        a, b = make()
+        x = (x0.contiguous(memory_format=torch.channels_last) if cl else x0.clone()).requires_grad_()
+        r = r0.clone().requires_grad_() if r0 is not None else None
+        call = bn_ops.conv_bn_act_train_call if use_node else bn_ops.conv_bn_act_train_op
+        versions = []
+        with fastconv.backend(backend), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(bn_ops, "conv_bn_act_train_call", call)
+            v0 = a.bn.running_mean._version
+            y = b(a(x, r))
+            versions.append(a.bn.running_mean._version > v0)
+            if g0 is None:
+                g0 = randn(y.shape, dtype, device, gen)
+            params = [x, *a.parameters(), *b.parameters(), *([r] if r is not None else [])]
+            grads = torch.autograd.grad(y, params, g0)
+            with torch.no_grad():
+                y_ng = b(a(x, r))
+        node = type(y.grad_fn).__name__
+        bufs = [a.bn.running_mean, a.bn.running_var, a.bn.num_batches_tracked, b.bn.running_var]
+        return [y, *grads, y_ng, *[t for t in bufs if t is not None]], node, versions, y_ng.grad_fn
+
+    ours, node, versions, ng_fn = step(True)
+    ref, ref_node, ref_versions, _ = step(False)
+    assert node == "CppFunction" and ref_node != "CppFunction", (node, ref_node)
+    assert versions == ref_versions == [True] and ng_fn is None
+    assert len(ours) == len(ref)
+    for i, (o, e) in enumerate(zip(ours, ref)):
+        assert o.dtype == e.dtype and o.shape == e.shape and o.stride() == e.stride(), (i, o.stride(), e.stride())
+        assert torch.equal(o, e), (i, (o - e).abs().max())

@@ -31,6 +31,7 @@ from .._pool_args import pool_outputs, pooled_memory_format
 from .conv_bn_act import SUPPORTED_BACKENDS, _sum_dtypes, batch_norm_act, batch_norm_act_backward
 from ._fastpath import FastOp, impl_of
 from .max_pool2d import _fake_alloc, _max_pool2d_checked, alloc, check_pool_args, max_pool2d_input_grad
+from . import _triton
 
 
 def _resolve(z: torch.Tensor, backend: str) -> str:
@@ -70,7 +71,7 @@ def _forward_checked(z, mean, var, bn_weight, bn_bias, eps, activation, kernel_s
                      ceil_mode, backend="auto", out_channels_last=None):
     name = _resolve(z, backend)
     if name == "triton":
-        from ..triton import batch_norm_act_pool as tpool
+        tpool = _triton.batch_norm_act_pool
 
         out, offsets = _alloc_outputs(z, kernel_size, stride, padding, dilation, ceil_mode, alloc, out_channels_last)
         return tpool.batch_norm_act_pool_forward(z, mean, var, bn_weight, bn_bias, eps, activation, kernel_size,
@@ -120,7 +121,7 @@ def batch_norm_act_pool_backward(
     geo = (list(kernel_size), list(stride), list(padding), list(dilation))
     if name == "triton":  # (ceil_mode is in the shapes of grad_out / offsets)
         from .._args import memory_format_of
-        from ..triton import batch_norm as tbn
+        tbn = _triton.batch_norm
 
         grad_z = alloc(z.shape, z.dtype, z.device, memory_format_of(z))
         _, sum_g, sum_gx, _ = tbn.batch_norm_act_backward(

@@ -25,6 +25,7 @@ from .. import _act_bits, _activations, _backend, _ext
 from .._args import accumulation_dtype, channels_strided, conv_output_size, memory_format_of, output_memory_format
 from ._autocast import register_autocast
 from ._fastpath import FastOp
+from . import _triton
 
 ALGOS = ("implicit", "im2col")
 ACTIVATIONS = _activations.NAMES
@@ -216,7 +217,7 @@ def conv2d(
                                 activation)
         y.copy_(z)
         return y
-    from ..triton import conv2d as tconv, im2col as tim2col
+    tconv, tim2col = _triton.conv2d, _triton.im2col
 
     launch = tconv.conv2d_forward if algo == "implicit" else tim2col.conv2d_im2col
     launch(input, weight, bias, stride, padding, dilation, groups,
@@ -250,7 +251,7 @@ def conv2d_input_grad(
     name = _backend.resolve("conv2d", grad_output.device, CONV2D_BACKENDS, backend)
     dx = alloc(input_size, grad_output.dtype, grad_output.device, memory_format_of(grad_output))
     if name == "triton":
-        from ..triton import conv2d as tconv
+        tconv = _triton.conv2d
 
         return tconv.conv2d_input_grad(grad_output, weight, tuple(input_size), stride, padding, dilation, groups,
                                        out=dx, add=None if add is None else (add, add_bits))
@@ -310,7 +311,7 @@ def conv2d_weight_grad(
         dw = _torch_weight_grad(grad_output, input, weight_size, stride, padding, dilation, groups)
         db = grad_output.sum((0, 2, 3)) if bias_grad else grad_output.new_empty(0)
         return dw.contiguous(memory_format=fmt), db
-    from ..triton import conv2d as tconv
+    tconv = _triton.conv2d
 
     dw, db = tconv.conv2d_weight_grad(grad_output, input, tuple(weight_size), stride, padding, dilation, groups,
                                       bias_grad=bias_grad, channels_last=channels_last)

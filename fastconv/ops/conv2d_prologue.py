@@ -46,6 +46,7 @@ from .conv2d import (
     activation_grad,
     epilogue_grads,
 )
+from . import _triton
 
 _CHANNELS = (1, -1, 1, 1)
 
@@ -107,7 +108,7 @@ def conv2d_prologue(
     name = _resolve(input.device, backend)
     y = _new_output(input, weight, stride, padding, dilation)
     if name == "triton":
-        from ..triton import conv2d as tconv
+        tconv = _triton.conv2d
 
         tconv.conv2d_forward(input, weight, bias, stride, padding, dilation, groups, scale=scale, shift=shift,
                              residual=residual, activation=activation, out=y,
@@ -146,7 +147,7 @@ def conv2d_prologue_weight_grad(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     name = _resolve(grad_output.device, backend)
     if name == "triton":
-        from ..triton import conv2d as tconv
+        tconv = _triton.conv2d
 
         dw, db = tconv.conv2d_weight_grad(grad_output, input, tuple(weight_size), stride, padding, dilation, groups,
                                           bias_grad=bias_grad, prologue=(in_scale, in_shift, in_activation),

@@ -54,8 +54,10 @@ from .conv2d import (
     conv2d_grads,
 )
 from ._autocast import register_autocast
+from . import _fastpath
 from ._fastpath import FastOp
 from ._mutable_ops import lenient_inplace_view
+from . import _triton
 
 SUPPORTED_BACKENDS = ("triton", "cuda", "cpu", "torch")
 
@@ -140,7 +142,7 @@ def conv_bn_act_train(
         y.copy_(_torch_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation))
         update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor, nbt)
         return y, z, mean, var
-    from ..triton import batch_norm as tbn, conv2d as tconv, im2col as tim2col
+    tbn, tconv, tim2col = _triton.batch_norm, _triton.conv2d, _triton.im2col
 
     conv = tconv.conv2d_forward if algo == "implicit" else tim2col.conv2d_im2col
     _, stats = conv(input, weight, bias, stride, padding, dilation, groups, out=z, stats=True)
@@ -335,7 +337,7 @@ def batch_norm_act_backward(
         grad_z, sum_g, sum_gx, grad_res = ext_ops().ext_batch_norm_act_backward(
             grad_y, z, mean, var, bn_weight, bn_bias, residual, eps, activation, want_grad_residual)
         return grad_z, sum_g.to(g_dtype), sum_gx.to(gx_dtype), grad_res
-    from ..triton import batch_norm as tbn
+    tbn = _triton.batch_norm
 
     grad_z = alloc(z.shape, z.dtype, z.device, memory_format_of(z))
     grad_res = alloc(z.shape, z.dtype, z.device, memory_format_of(z)) if want_grad_residual else None
@@ -388,7 +390,7 @@ def triton_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation, f
     """The Triton normalize pass of fastconv::batch_norm_act, batch_norm_act_train and residual_block_train: y in
     layout `fmt` (any: the kernel reads z and writes y through their strides), act_bits filled when given; the
     residual scaled and shifted per channel by residual_affine = (scale, shift) when given."""
-    from ..triton import batch_norm as tbn
+    tbn = _triton.batch_norm
 
     y = alloc(z.shape, z.dtype, z.device, fmt)
     return tbn.batch_norm_act_forward(z, mean, var, bn_weight, bn_bias, eps, activation, residual, out=y,
@@ -499,6 +501,47 @@ _register_autograd_of_mutating_op(conv_bn_act_train, _backward, _setup_context)
 # see _fastpath; the eager path bumps the running statistics' version counters as the dispatcher does
 conv_bn_act_train_op = FastOp(conv_bn_act_train, _setup_context, _backward, mutated=(14, 15, 18))
 batch_norm_act_op = FastOp(batch_norm_act)
+
+
+def conv_bn_act_train_call(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps,
+                           activation, algo, backend, running_mean=None, running_var=None, momentum=0.1,
+                           momentum_tensor=None, num_batches_tracked=None):
+    """conv_bn_act_train_op for fastconv's own callers (`backend` resolved): in eager mode on the C++ backends the
+    whole op, forward and backward, is one C++ autograd node (fastconv._C.conv_bn_act_train, csrc/conv_bn_act.cpp:
+    the same ext ops as _ext_forward / _backward, without their Python frames); elsewhere the op."""
+    if backend in ("cpu", "cuda") and _conv_backend(backend) == backend and _fastpath.eager(input):
+        entry = getattr(ext_ops(), "conv_bn_act_train", None)
+        if entry is not None:  # (None: an extension built before it existed)
+            return _ext_train_eager(entry, input, weight, bias, bn_weight, bn_bias, residual, stride, padding,
+                                    dilation, groups, eps, activation, algo, backend, running_mean, running_var,
+                                    momentum, momentum_tensor, num_batches_tracked)
+    return conv_bn_act_train_op(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups,
+                                eps, activation, algo, backend, running_mean, running_var, momentum, momentum_tensor,
+                                num_batches_tracked)
+
+
+def _ext_train_eager(entry, x, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps,
+                     activation, algo, backend, running_mean, running_var, momentum, momentum_tensor,
+                     num_batches_tracked):
+    """The op's checks, then fastconv._C.conv_bn_act_train; with a gradient, the producer bookkeeping of
+    _setup_context (x rebuilt from the block that made it; what the node keeps marked saved)."""
+    _check_choice(activation, ACTIVATIONS, "activation")
+    _check_choice(algo, ALGOS, "algo")
+    _check_running(running_mean, running_var, momentum_tensor, weight.shape[0], num_batches_tracked)
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or any(
+        t is not None and t.requires_grad for t in (bias, bn_weight, bn_bias, residual)))
+    producer = _producer_of(x) if grad else None
+    p_tensors, p_eps, p_activation = (producer.tensors, producer.eps, producer.activation) if producer is not None \
+        else ((None,) * 6, 0.0, "identity")
+    shape, fmt = output_geometry(x, weight, stride, padding, dilation)
+    y, z, mean, var = entry(
+        x, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, activation,
+        running_mean, running_var, momentum, momentum_tensor, counted_here(num_batches_tracked, momentum_tensor),
+        shape, fmt == torch.channels_last, conv_ops._allow_tf32(x), *p_tensors, p_eps, p_activation)
+    if grad:
+        mark_saved(None if producer is not None else x,
+                   residual if residual is not None and activation != "identity" else None)
+    return y, z, mean, var
 batch_norm_act_backward_op = FastOp(batch_norm_act_backward)
 
 _lib = torch.library.Library("fastconv", "IMPL")

@@ -73,6 +73,7 @@ from .conv_bn_act import (
 )
 from ._autocast import register_autocast
 from ._fastpath import FastOp, impl_of
+from . import _triton
 
 _NUM_INPUTS = 25  # conv_bn_stats_train's arguments
 
@@ -136,7 +137,7 @@ def conv_bn_stats_train(
     prologue = _prologue(in_mean, in_var, in_weight, in_bias, in_eps, in_activation, in_scale, in_shift)
     name = _resolve(input.device, backend)
     if name == "triton" and (prologue is None or algo == "implicit"):
-        from ..triton import batch_norm as tbn, conv2d as tconv, im2col as tim2col
+        tbn, tconv, tim2col = _triton.batch_norm, _triton.conv2d, _triton.im2col
 
         shape, fmt = output_geometry(input, weight, stride, padding, dilation)
         z = conv_ops.alloc(shape, input.dtype, input.device, internal_format(name, fmt))  # channels_last
@@ -256,7 +257,7 @@ def conv2d_input_grad_bn_act(
     name = _resolve(z.device, backend)
     fmt = memory_format_of(z)
     if name == "triton":
-        from ..triton import batch_norm as tbn
+        tbn = _triton.batch_norm
 
         grad_z = conv_ops.alloc(z.shape, z.dtype, z.device, fmt)  # looked up per call (tests poison it)
         return tbn.conv2d_input_grad_bn_act(grad_output, weight, z, mean, var, bn_weight, bn_bias, eps, activation,

@@ -35,6 +35,7 @@ from .. import _backend, _ext
 from .._pool_args import (  # noqa: F401 (re-exported)
     offsets_dtype, pool_output_size, pool_outputs, suggest_memory_format)
 from ._fastpath import FastOp
+from . import _triton
 
 SUPPORTED_BACKENDS = ("triton", "cuda", "cpu", "torch")
 # The fastconv kernels (Triton, CUDA C++ and the C++ CPU twin alike) pool the dtypes in _backend.KERNEL_DTYPES;
@@ -206,7 +207,7 @@ def _max_pool2d_checked(input, kernel_size, stride, padding, dilation, ceil_mode
         return ext_ops().ext_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
     geo = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
     if name == "triton":
-        from ..triton import max_pool2d as tpool
+        tpool = _triton.max_pool2d
 
         return tpool.max_pool2d_forward(input, *geo, ceil_mode)
     y_ref, idx = torch.ops.aten.max_pool2d_with_indices(input, *geo, ceil_mode)
@@ -226,7 +227,7 @@ def forward_kernel(backend: str, geo, ceil_mode: bool):
     if backend in ("cuda", "cpu"):
         return ext_ops().ext_max_pool2d, (*geo, ceil_mode, False)
     if backend == "triton":
-        from ..triton import max_pool2d as tpool
+        tpool = _triton.max_pool2d
 
         return tpool.max_pool2d_forward, (*map(tuple, geo), ceil_mode, False)
     return None
@@ -263,7 +264,7 @@ def max_pool2d_input_grad(grad_output, offsets, input_size, kernel_size, stride,
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     name = _resolve(grad_output.device, grad_output.dtype, backend)
     if name == "triton":
-        from ..triton import max_pool2d as tpool
+        tpool = _triton.max_pool2d
 
         return tpool.max_pool2d_backward(grad_output, list(input_size), offsets, *geo, ceil_mode, memory_format=fmt)
     if name in ("cuda", "cpu"):
