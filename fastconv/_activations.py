@@ -9,6 +9,9 @@ from torch import nn
 NAMES = ("identity", "relu", "relu6", "silu", "hardswish")
 CODES = {name: code for code, name in enumerate(NAMES)}
 FUNCTIONS = {"identity": lambda t: t, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish}
+# In-place forms of the activations whose derivative PyTorch takes from the output (nn.ReLU(inplace=True) and
+# nn.ReLU6(inplace=True)): applied to a temporary nothing else reads, they skip an activation-sized buffer
+INPLACE = {"relu": lambda t: F.relu(t, inplace=True), "relu6": lambda t: F.relu6(t, inplace=True)}
 MODULES = {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish}
 # Activations whose derivative is a 0/1 mask of the pre-activation u (also readable off the output): backward
 # passes keep no extra tile live for them (the Triton dgrad's BatchNorm epilogue takes only these).

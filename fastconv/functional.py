@@ -6,7 +6,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import _backend
+from . import _activations, _backend
 from ._args import ConvArgs, as_list, memory_format_as, memory_format_of
 from .ops import conv2d as conv_ops, conv2d_prologue as prologue_ops, conv_bn_act as cba_ops
 from .ops import batch_norm_act_pool as bn_pool_ops, conv_bn_chain as chain_ops, max_pool2d as _pool_ops
@@ -148,6 +148,10 @@ def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_v
             momentum = float(momentum)  # F.batch_norm takes a float (nn.BatchNorm2d syncs here too)
         z = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
         y = F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+        if residual is None and activation in _activations.INPLACE:
+            # y is this call's own temporary (BatchNorm's backward does not read it): activated in place, as
+            # nn.ReLU(inplace=True) does after a BatchNorm2d in the models convert() fuses
+            return _activations.INPLACE[activation](y)
         return conv_ops.torch_conv_epilogue(y, None, None, residual, activation)
     input, residual, unbatched = _batched(input, residual)
     *geometry, out_hw = geometry
