@@ -80,9 +80,9 @@ def _check_name(name: str) -> str:
 def current() -> str:
     """The backend in force: the innermost `backend(...)` context, else $FASTCONV_BACKEND, else 'auto'."""
     name = _current.get()
-    if name is None:
-        name = getenv(ENV_VAR, "auto") or "auto"
-    return _check_name(name)
+    if name is not None:
+        return name  # checked by backend() when it was set
+    return _check_name(getenv(ENV_VAR, "auto") or "auto")
 
 
 @contextlib.contextmanager

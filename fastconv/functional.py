@@ -331,7 +331,10 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
         raise TypeError(f"{fname}(): argument 'input' (position 1) must be Tensor, not {type(input).__name__}")
     key = None
     if not torch.compiler.is_compiling():  # worked out once per call signature, as conv's _conv_call
-        parts = (_arg_key(kernel_size), _arg_key(stride), _arg_key(padding), _arg_key(dilation))
+        if type(kernel_size) is int and type(stride) is int and type(padding) is int and type(dilation) is int:
+            parts = (kernel_size, stride, padding, dilation)  # a layer's usual arguments, without _arg_key's calls
+        else:
+            parts = (_arg_key(kernel_size), _arg_key(stride), _arg_key(padding), _arg_key(dilation))
         if _NO_KEY not in parts and type(ceil_mode) is bool:
             key = (_backend.current(), _backend.planning(), input.shape, input.dtype, input.device, *parts,
                    ceil_mode)
