@@ -15,6 +15,7 @@
 #include "fastconv/batch_norm.h"
 #include "fastconv/dry_run.h"
 #include "fastconv/epilogue.h"
+#include "conv2d.h"
 #include "conv_bn_act.h"
 #include "ext_ops.h"
 
@@ -131,6 +132,10 @@ static void bind_ops(pybind11::module_& m) {
         return op.call(grad_y, z, mean, var, weight, bias, residual, eps, activation, want_grad_residual);
       },
       release);
+  m.def("conv2d_train", &conv2d_train_eager,
+        "the eager fast path of fastconv::conv2d without an epilogue on backends cpu / cuda: z, one C++ autograd "
+        "node (csrc/conv2d.cpp)",
+        release);
   m.def("conv_bn_act_train", &conv_bn_act_train_eager,
         "the eager fast path of fastconv::conv_bn_act_train on backends cpu / cuda: (y, z, mean, var), one C++ "
         "autograd node (csrc/conv_bn_act.cpp)",

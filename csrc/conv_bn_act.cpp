@@ -7,12 +7,12 @@
 // torch.compile, dispatch modes, the profiler and autocast still take the custom op (fastconv/ops/_fastpath.py).
 #include "conv_bn_act.h"
 
-#include <ATen/Context.h>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/variable.h>
 
 #include "batch_norm.h"
+#include "conv2d_grads.h"
 #include "ext_ops.h"
 #include "fastconv/common.h"
 
@@ -25,11 +25,6 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : c10::nullopt; }
-
-// fp32 GEMMs may use TF32 exactly when nn.Conv2d would (fastconv.ops.conv2d._allow_tf32).
-bool allow_tf32(const Tensor& t) {
-  return t.is_cuda() && t.scalar_type() == at::kFloat && at::globalContext().allowTF32CuDNN();
-}
 
 // What the node needs besides its differentiable inputs (kept out of autograd's edges).
 struct Extra {
@@ -47,8 +42,6 @@ struct Extra {
   std::string producer_activation;
 };
 
-// ctx->saved_data["geometry"]: stride (2), padding (4), dilation (2), groups, input size (4), weight size (4)
-constexpr size_t kGroups = 8, kInputSize = 9, kWeightSize = 13;
 // ctx->saved_data["edges"]: autograd edge index of bias, bn_weight, bn_bias, residual (-1: not given), and whether
 // the node keeps a producer
 constexpr size_t kBias = 0, kBnWeight = 1, kBnBias = 2, kResidual = 3, kProducer = 4;
@@ -99,13 +92,7 @@ struct ConvBnActTrain : public torch::autograd::Function<ConvBnActTrain> {
                            given[2] ? *bn_bias : Tensor(), keep_residual ? *residual : Tensor(), z, mean, var};
     for (const auto& t : e.producer) saved.push_back(t.has_value() ? *t : Tensor());
     ctx->save_for_backward(std::move(saved));
-    std::vector<int64_t> geometry;
-    geometry.reserve(17);
-    for (const auto* v : {&e.stride, &e.padding, &e.dilation}) geometry.insert(geometry.end(), v->begin(), v->end());
-    geometry.push_back(e.groups);
-    geometry.insert(geometry.end(), x.sizes().begin(), x.sizes().end());
-    geometry.insert(geometry.end(), weight.sizes().begin(), weight.sizes().end());
-    ctx->saved_data["geometry"] = std::move(geometry);
+    ctx->saved_data["geometry"] = conv_geometry(e.stride, e.padding, e.dilation, e.groups, x, weight);
     ctx->saved_data["edges"] = std::move(edges);
     ctx->saved_data["eps"] = std::vector<double>{e.eps, e.producer_eps};
     ctx->saved_data["activation"] = e.activation;
@@ -144,23 +131,8 @@ struct ConvBnActTrain : public torch::autograd::Function<ConvBnActTrain> {
     if (needs(edges[kBnBias])) out[4] = sum_g.to(saved[3].scalar_type());
     if (want_residual) out[5] = grad_residual;
 
-    const at::IntArrayRef stride(geometry.data(), 2), padding(geometry.data() + 2, 4),
-        dilation(geometry.data() + 6, 2), input_size(geometry.data() + kInputSize, 4),
-        weight_size(geometry.data() + kWeightSize, 4);
-    const int64_t groups = geometry[kGroups];
-    if (needs(0)) {
-      auto dx = at::empty(input_size, grad_z.options().memory_format(bn_format(grad_z)));
-      FASTCONV_HANDLE(ext::Conv2dInputGradFn, "fastconv::ext_conv2d_input_grad");
-      op.call(grad_z, weight, stride, padding, dilation, groups, allow_tf32(grad_z), dx);
-      out[0] = dx;
-    }
-    const bool want_w = needs(1), want_b = needs(edges[kBias]);
-    if (want_w || want_b) {
-      FASTCONV_HANDLE(ext::Conv2dWeightGradFn, "fastconv::ext_conv2d_weight_grad");
-      auto [dw, db] = op.call(grad_z, x, weight_size, stride, padding, dilation, groups, want_b, allow_tf32(x));
-      if (want_w) out[1] = dw.contiguous(bn_format(weight));  // dw in the weight's layout
-      if (want_b) out[2] = db;
-    }
+    std::tie(out[0], out[1], out[2]) =
+        conv2d_grads(grad_z, x, weight, geometry, needs(0), needs(1), needs(edges[kBias]));
     return out;
   }
 };

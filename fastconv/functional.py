@@ -98,8 +98,8 @@ def conv2d_fused(input, weight, bias=None, stride=1, padding=0, dilation=1, grou
     if input.dim() == 3:
         input, residual, unbatched = _batched(input, residual)
     stride, padding, dilation, _ = geometry
-    out = conv_ops.conv2d_op(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual,
-                             activation, algo, name)
+    out = conv_ops.conv2d_call(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual,
+                               activation, algo, name)
     return out.squeeze(0) if unbatched else out
 
 

@@ -24,6 +24,7 @@ from fastconv import _act_bits
 from fastconv.triton._epilogue import pixel_coords, tile_rows
 from fastconv.functional import conv2d, conv2d_fused
 
+from .backends import EXT_BACKENDS, skip_unless_runnable
 from .helpers import assert_close, generator, nan_alloc, nan_workspace, randn, rng
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -835,3 +836,59 @@ def test_dgrad_add_errors(triton_device):
         tconv.conv2d_input_grad(gy, w, shape, *geo, add=(t, torch.zeros(2, 4, dtype=torch.int64)))
     with pytest.raises(ValueError, match="must not share memory with add's tensor"):  # the autotuner would repeat it
         tconv.conv2d_input_grad(gy, w, shape, *geo, out=t, add=(t, None))
+
+
+@pytest.mark.parametrize("backend", EXT_BACKENDS)
+@pytest.mark.parametrize("case", [
+    dict(),
+    dict(bias=True, stride=2, padding=1, channels_last=True),
+    dict(groups=2, dilation=2, bias=True),
+    dict(padding="same", kernel=4, dtype=torch.float32),
+], ids=["plain", "bias_s2_cl", "groups_dilation", "same_even_kernel_fp32"])
+def test_c_node_equals_the_op(backend, case):
+    """On backends cpu / cuda in eager mode a conv without an epilogue is one C++ autograd node
+    (fastconv._C.conv2d_train, csrc/conv2d.cpp) running this op's own ext ops: the output, every gradient and
+    their layouts equal the Python autograd path's (conv2d_op) exactly; without a gradient there is no node. Empty
+    tensors NaN-poisoned (deterministic mode)."""
+    from fastconv import _ext
+
+    skip_unless_runnable(backend)
+    if not hasattr(conv_ops.ext_ops(), "conv2d_train"):
+        pytest.skip(f"fastconv._C predates conv2d_train: rebuild the extension ({_ext.build_info()})")
+    import fastconv
+
+    case = dict(case)
+    dtype, cl = case.pop("dtype", torch.float64), case.pop("channels_last", False)
+    kernel, bias = case.pop("kernel", 3), case.pop("bias", False)
+    device = torch.device(backend)
+    gen = generator("conv_c_node", str(case))
+    x0 = randn((3, 4, 9, 8), dtype, device, gen)
+    g0 = None
+
+    def step(use_node):
+        nonlocal g0
+        torch.manual_seed(0)
+        m = fastconv.Conv2d(4, 6, kernel, bias=bias, **case).to(device, dtype)
+        x = (x0.contiguous(memory_format=torch.channels_last) if cl else x0.clone()).requires_grad_()
+        call = conv_ops.conv2d_call if use_node else conv_ops.conv2d_op
+        with fastconv.backend(backend), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(conv_ops, "conv2d_call", call)
+            y = m(x)
+            if g0 is None:
+                g0 = randn(y.shape, dtype, device, gen)
+            grads = torch.autograd.grad(y, [x, *m.parameters()], g0)
+            with torch.no_grad():
+                y_ng = m(x)
+        return [y, *grads, y_ng], type(y.grad_fn).__name__, y_ng.grad_fn
+
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # at::empty's memory filled with NaN: unwritten elements show
+    try:
+        ours, node, ng_fn = step(True)
+        ref, ref_node, _ = step(False)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert node == "CppFunction" and ref_node != "CppFunction" and ng_fn is None, (node, ref_node)
+    for i, (o, e) in enumerate(zip(ours, ref)):
+        assert o.dtype == e.dtype and o.shape == e.shape and o.stride() == e.stride(), (i, o.stride(), e.stride())
+        assert torch.equal(o, e), (i, (o - e).abs().max())

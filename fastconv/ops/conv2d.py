@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .. import _act_bits, _activations, _backend, _ext
 from .._args import accumulation_dtype, channels_strided, conv_output_size, memory_format_of, output_memory_format
 from ._autocast import register_autocast
+from . import _fastpath
 from ._fastpath import FastOp
 from . import _triton
 
@@ -453,6 +454,26 @@ conv2d.register_autograd(_backward, setup_context=_setup_context)
 # The entry points fastconv calls (functional, backward functions): the custom ops, or in eager mode their
 # implementations directly (see _fastpath).
 conv2d_op = FastOp(conv2d, _setup_context, _backward)
+
+
+def conv2d_call(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual, activation, algo,
+                backend):
+    """conv2d_op for fastconv's own callers (`backend` resolved): in eager mode on the C++ backends a conv without
+    an epilogue is one C++ autograd node (fastconv._C.conv2d_train, csrc/conv2d.cpp: the same ext ops as this
+    op's implementation and _backward, without their Python frames); elsewhere the op."""
+    if (backend in _EXT_BACKENDS and scale is None and shift is None and residual is None and activation == "identity"
+            and _fastpath.eager(input)):
+        entry = getattr(ext_ops(), "conv2d_train", None)
+        if entry is not None:  # (None: an extension built before it existed)
+            _check_choice(algo, ALGOS, "algo")
+            shape, fmt = output_geometry(input, weight, stride, padding, dilation)
+            out = entry(input, weight, bias, stride, padding, dilation, groups, shape, fmt == torch.channels_last,
+                        _allow_tf32(input))
+            if out.requires_grad:
+                mark_saved(input)
+            return out
+    return conv2d_op(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual, activation, algo,
+                     backend)
 input_grad_op = FastOp(conv2d_input_grad)
 weight_grad_op = FastOp(conv2d_weight_grad)
 
