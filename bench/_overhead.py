@@ -465,13 +465,15 @@ def notes(device: torch.device, ext_call_us: float | None) -> list[str]:
             out.append(f"One C++ ext op call that does no arithmetic costs {ext_call_us:.2g} µs here "
                        f"(fastconv._C.ext_conv2d in the dry run, these shapes), so `fastconv-cpu` minus "
                        f"`fastconv-cpu-noop` is the C++ kernels' compute on these tiny tensors. `kernels/call`: "
-                       f"C++ ext op calls (Triton launches for the triton rows) per call.")
+                       f"C++ calls from Python (Triton launches for the triton rows) per call; a conv's or fused "
+                       f"block's training step is one C++ autograd node (csrc/conv2d.cpp, csrc/conv_bn_act.cpp) "
+                       f"whose ext ops, forward and backward, run inside that one call.")
     else:
         out.append("GPU: every row is a real call on CUDA tensors; a round is a loop of calls between two "
                    "torch.cuda.synchronize(), so host time per call = wall time of the loop / calls (a "
                    "GPU-bound row would show kernel time instead; on these sizes none should be). "
-                   "`kernels/call` counts Triton launches / C++ ext op calls (a CUDA ext op may launch several "
-                   "kernels).")
+                   "`kernels/call` counts Triton launches / C++ calls from Python (a CUDA ext op may launch several "
+                   "kernels; a C++ autograd node's training step is one call).")
     out.append("fwd+bwd rows: forward then torch.autograd.grad of the input and every parameter (no .grad "
                "accumulation), modules in train(); eval-fwd/fwd rows under torch.no_grad(), modules in eval(). "
                "ratio = fastconv median / nn median (lower is better). Goals (issue 16) apply to the cpu, cuda "
