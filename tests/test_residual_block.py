@@ -330,3 +330,18 @@ def test_normalize_with_affine_residual(layout, device, triton_backend):
     assert torch.equal(_act_bits.unpack(bits.cpu(), z.shape), u > 0)
     with pytest.raises(ValueError, match="residual_affine"):
         tbn.batch_norm_act_forward(z, mean, var, gamma, beta, 1e-5, "relu", None, residual_affine=(rscale, rshift))
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_mismatched_shortcut_raises_before_touching_anything(projection, device, triton_backend):
+    """A direct op call whose shortcut output cannot be added to the block's (here: stride 2 in conv1 only, so
+    the block halves the resolution and the shortcut keeps it) raises ValueError before any running statistic
+    or counter changes."""
+    gen = generator("residual-mismatch", projection)
+    args, stats = _op_args(device, torch.float32, projection, True, gen)
+    args[13] = [2, 2] if not projection else [1, 1]  # conv1's stride: the block's and the shortcut's sizes differ
+    before = [t.clone() for t in stats if t is not None]
+    with pytest.raises(ValueError, match="shortcut's output .* does not match the block's"):
+        torch.ops.fastconv.residual_block_train(*args, "triton", None, *stats)
+    after = [t for t in stats if t is not None]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))

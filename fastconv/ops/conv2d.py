@@ -41,13 +41,18 @@ def alloc(shape, dtype, device, memory_format) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
 
 
+def output_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple[int, int, int, int]:
+    """Shape of conv(x, weight) with padding (top, bottom, left, right)."""
+    n, _, h, w = x_shape
+    k, _, kh, kw = weight_shape
+    top, bottom, left, right = padding
+    return (n, k, conv_output_size(h, kh, stride[0], top, bottom, dilation[0]),
+            conv_output_size(w, kw, stride[1], left, right, dilation[1]))
+
+
 def output_geometry(x, weight, stride, padding, dilation) -> tuple[tuple[int, ...], torch.memory_format]:
     """(shape, memory format) of conv(x, weight) with padding (top, bottom, left, right): nn.Conv2d's."""
-    n, _, h, w = x.shape
-    k, _, kh, kw = weight.shape
-    top, bottom, left, right = padding
-    shape = (n, k, conv_output_size(h, kh, stride[0], top, bottom, dilation[0]),
-             conv_output_size(w, kw, stride[1], left, right, dilation[1]))
+    shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
     fmt = (torch.contiguous_format if x.is_contiguous() and weight.is_contiguous()  # the common case, quickly
            else output_memory_format(x, weight))
     return shape, fmt

@@ -71,6 +71,14 @@ def _forward(ops, fold_shortcut, input, w1, b1, bw1, bb1, w2, b2, bw2, bb2, ws, 
     stats_train, act_train, bn_act_train = ops
     if len(eps) != 3 or len(momentum) != 3:
         raise ValueError("fastconv.residual_block_train: eps and momentum take 3 values (BatchNorm 1, 2, shortcut)")
+    # the shapes first: nothing (running statistics included) is touched by a call that cannot add its shortcut
+    out_shape = conv_ops.output_shape(conv_ops.output_shape(input.shape, w1.shape, stride1, padding1, dilation1),
+                                      w2.shape, stride2, padding2, dilation2)
+    shortcut_shape = (tuple(input.shape) if ws is None
+                      else conv_ops.output_shape(input.shape, ws.shape, stride_s, padding_s, dilation_s))
+    if shortcut_shape != out_shape:
+        raise ValueError(f"fastconv.residual_block_train: the shortcut's output {list(shortcut_shape)} does not "
+                         f"match the block's {list(out_shape)}")
     z1, mean1, var1, scale1, shift1 = stats_train(
         input, w1, b1, None, None, None, None, 0.0, "identity", stride1, padding1, dilation1, groups1, algo1,
         backend, rm1, rv1, momentum[0], mt1, bw1, bb1, eps[0], None, None, nbt1)
@@ -89,9 +97,6 @@ def _forward(ops, fold_shortcut, input, w1, b1, bw1, bb1, w2, b2, bw2, bb2, ws, 
                                                 momentum[2], mts, nbts)
     else:
         residual, zs, mean_s, var_s = input, input.new_empty(0), mean2.new_empty(0), mean2.new_empty(0)
-    if residual.shape != z2.shape:
-        raise ValueError(f"fastconv.residual_block_train: the shortcut's output {list(residual.shape)} does not "
-                         f"match the block's {list(z2.shape)}")
     if affine is None:
         y, bits = bn_act_train(z2, mean2, var2, bw2, bb2, residual, eps[1], activation, backend, out_channels_last)
     else:
