@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _activations, functional as FC
+from . import _activations, _backend, functional as FC
 from ._args import conv_output_size, memory_format_of
-from .ops import residual_block as _rb_ops
+from .ops import conv_bn_act as cba_ops, residual_block as _rb_ops
 
 __all__ = ["Conv2d", "ConvBNReLU2d", "FusedSequential", "MaxPool2d", "fused_conv_bn_forward"]
 
@@ -381,26 +381,18 @@ def _residual_call(x, first, second, unit, paddings):
     # nn's layout rule along the block (conv1's output, then conv2's), as chains keep it
     cl = torch.channels_last in (memory_format_of(x), memory_format_of(conv1.weight), memory_format_of(conv2.weight))
     out = _rb_ops.residual_block_train_op(x, *args, eps, momenta, act1, act2, getattr(conv1, "algo", "implicit"),
-                                          _residual_backend(x), cl, *running)
+                                          RESIDUAL_BACKEND, cl, *running)
     return out[0]
 
 
-def _residual_backend(x: torch.Tensor) -> str:
-    """The block op's backend: the fused blocks' (Triton, where _chains_on let the block through)."""
-    from .ops import conv_bn_act as cba_ops
-
-    from . import _backend
-
-    return _backend.choose("conv_bn_act", x.device, cba_ops.SUPPORTED_BACKENDS, x.dtype)[1]
+# The block op's backend: _residual_parts lets a block through only where _chains_on found the fused blocks on
+# Triton (tests point it at the other backends to run the op there)
+RESIDUAL_BACKEND = "triton"
 
 
 def _chains_on(x: torch.Tensor) -> bool:
     """Whether a chain pays off for input x: the fused blocks run on Triton (the only backend whose conv
     has the operand prologue) and no global module hook expects to see every block's output."""
-    from .ops import conv_bn_act as cba_ops
-
-    from . import _backend
-
     name = _backend.choose("conv_bn_act", x.device, cba_ops.SUPPORTED_BACKENDS, x.dtype)[1]
     return name == "triton" and not _global_hooks()
 

@@ -159,7 +159,7 @@ def test_op_on_every_backend(name, backend, monkeypatch):
     skip_unless_runnable(backend)
     cfg = CASES[name]
     monkeypatch.setattr(modules, "_chains_on", lambda x: True)  # take the op path off Triton too
-    monkeypatch.setattr(modules, "_residual_backend", lambda x: backend)
+    monkeypatch.setattr(modules, "RESIDUAL_BACKEND", backend)
     calls = _Calls(monkeypatch)
     check_block(cfg, backend, torch.device("cpu"), name)
     assert calls.n == 2
