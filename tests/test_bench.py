@@ -334,3 +334,27 @@ def test_overhead_row_that_cannot_run_leaves_the_backend_as_it_was(monkeypatch):
         _overhead.build(case, torch.device("cpu"))
     # checked while the traceback (which holds the frames, as pytest's skip report did) is still alive
     assert raised.tb is not None and fastconv.current_backend() == before
+
+
+@pytest.mark.slow
+def test_instruction_counts_of_an_overhead_row():
+    """bench._instructions (callgrind counts of one loop per side of an overhead row): both sides counted, the
+    counts growing with the calls counted (so they cover the loop, not a fixed start-up), a finite ratio.
+    Several minutes: valgrind runs the interpreter and torch's import, four times here."""
+    import shutil
+
+    from bench import _instructions
+
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        pytest.skip("needs valgrind and callgrind_control on PATH")
+    if not _ext_loaded():
+        pytest.skip("needs the C++ extension fastconv._C (the row's provider is fastconv-cpu-noop)")
+    case = _overhead.Case("max_pool2d", "fwd", "fastconv-cpu-noop")
+    few, many = (_instructions.count(case, "fastconv", n) for n in (10, 40))
+    assert 0 < few < many, (few, many)
+    per_call = (many - few) / 30  # the loop's instructions per call, without what a loop costs once
+    assert 5_000 < per_call < 1_000_000, per_call
+    rows = _instructions.measure(["max_pool2d"], ["fastconv-cpu-noop"], calls=10)
+    assert len(rows) == 1 and rows[0]["fastconv_instructions"] > 0 and rows[0]["nn_instructions"] > 0
+    assert math.isfinite(rows[0]["ratio"]) and rows[0]["goal"] == 1.5
+    assert "| max_pool2d | fwd | fastconv-cpu-noop |" in _instructions.table(rows)
