@@ -43,6 +43,8 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from ._args import conv_output_size
+
 ARCHES = {"sm_80": 80, "sm_90": 90}
 # Opt-in dynamic shared memory per block: A100 / H100. Consumer Ampere/Ada (sm_86/sm_89), which also get the
 # sm_80 config list, allow only 99 KiB.
@@ -74,8 +76,6 @@ def _conv_args(N=32, C=64, K=64, H=56, W=56, R=3, S=3, stride=1, pad=1, dil=1, n
     prefixes are in `nchw`. The launchers make every operand a GEMM loop reads channel-contiguous
     (triton._common.channels_contiguous), so only outputs (sy, sdx) can be NCHW; the residual is read in y's
     layout (triton._epilogue.residual_like)."""
-    from ._args import conv_output_size
-
     OH, OW = conv_output_size(H, R, stride, pad, pad, dil), conv_output_size(W, S, stride, pad, pad, dil)
     HP, WP = -(-H // stride), -(-W // stride)
     shapes = dict(sx=(C, H, W), sw=(C, R, S), sy=(K, OH, OW), sdy=(K, OH, OW), sdx=(C, H, W))

@@ -459,6 +459,8 @@ conv2d.register_autograd(_backward, setup_context=_setup_context)
 # The entry points fastconv calls (functional, backward functions): the custom ops, or in eager mode their
 # implementations directly (see _fastpath).
 conv2d_op = FastOp(conv2d, _setup_context, _backward)
+input_grad_op = FastOp(conv2d_input_grad)
+weight_grad_op = FastOp(conv2d_weight_grad)
 
 
 def conv2d_call(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual, activation, algo,
@@ -479,8 +481,7 @@ def conv2d_call(input, weight, bias, stride, padding, dilation, groups, scale, s
             return out
     return conv2d_op(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual, activation, algo,
                      backend)
-input_grad_op = FastOp(conv2d_input_grad)
-weight_grad_op = FastOp(conv2d_weight_grad)
+
 
 _lib = torch.library.Library("fastconv", "IMPL")
 # input, weight, bias and residual follow autocast like nn.Conv2d; the per-channel scale/shift (folded

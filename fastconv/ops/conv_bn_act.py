@@ -435,17 +435,20 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = _backend.resolve("conv_bn_act", x.device, SUPPORTED_BACKENDS, backend)
     ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
     ctx.input_size, ctx.weight_size = list(x.shape), list(weight.shape)
-    keep_residual = residual is not None and activation != "identity"
+    producer, saved_x, kept_residual = _kept_for_backward(x, residual, activation)
+    ctx.input_producer = None if producer is None else (producer.eps, producer.activation, len(producer.tensors))
+    ctx.save_for_backward(saved_x, weight, bn_weight, bn_bias, kept_residual, z, mean, var,
+                          *(producer.tensors if producer is not None else ()))
+    mark_saved(saved_x, kept_residual)
+
+
+def _kept_for_backward(x, residual, activation):
+    """What a fused block's autograd node keeps of its input and residual (the Python node above and the C++ one,
+    csrc/conv_bn_act.cpp): (x's Producer or None, x unless that producer rebuilds it in backward, the residual
+    where a non-identity activation's derivative reads it again, else None)."""
     producer = (_producer_of(x) if not (torch.compiler.is_compiling() or isinstance(x, torch._subclasses.FakeTensor))
                 else None)
-    ctx.input_producer = None
-    saved_x = x
-    if producer is not None:  # rebuild x in backward from what its producer keeps anyway
-        ctx.input_producer = (producer.eps, producer.activation, len(producer.tensors))
-        saved_x = None
-    ctx.save_for_backward(saved_x, weight, bn_weight, bn_bias, residual if keep_residual else None, z, mean, var,
-                          *(producer.tensors if producer is not None else ()))
-    mark_saved(saved_x, residual if keep_residual else None)
+    return producer, (x if producer is None else None), (residual if activation != "identity" else None)
 
 
 _NUM_INPUTS = 19  # conv_bn_act_train's arguments
@@ -501,6 +504,7 @@ _register_autograd_of_mutating_op(conv_bn_act_train, _backward, _setup_context)
 # see _fastpath; the eager path bumps the running statistics' version counters as the dispatcher does
 conv_bn_act_train_op = FastOp(conv_bn_act_train, _setup_context, _backward, mutated=(14, 15, 18))
 batch_norm_act_op = FastOp(batch_norm_act)
+batch_norm_act_backward_op = FastOp(batch_norm_act_backward)
 
 
 def conv_bn_act_train_call(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps,
@@ -523,14 +527,12 @@ def conv_bn_act_train_call(input, weight, bias, bn_weight, bn_bias, residual, st
 def _ext_train_eager(entry, x, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps,
                      activation, algo, backend, running_mean, running_var, momentum, momentum_tensor,
                      num_batches_tracked):
-    """The op's checks, then fastconv._C.conv_bn_act_train; with a gradient, the producer bookkeeping of
-    _setup_context (x rebuilt from the block that made it; what the node keeps marked saved)."""
+    """The op's checks, then fastconv._C.conv_bn_act_train; the producer bookkeeping of _setup_context (x rebuilt
+    from the block that made it; what the node keeps marked saved when there is a node)."""
     _check_choice(activation, ACTIVATIONS, "activation")
     _check_choice(algo, ALGOS, "algo")
     _check_running(running_mean, running_var, momentum_tensor, weight.shape[0], num_batches_tracked)
-    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or any(
-        t is not None and t.requires_grad for t in (bias, bn_weight, bn_bias, residual)))
-    producer = _producer_of(x) if grad else None
+    producer, saved_x, kept_residual = _kept_for_backward(x, residual, activation)
     p_tensors, p_eps, p_activation = (producer.tensors, producer.eps, producer.activation) if producer is not None \
         else ((None,) * 6, 0.0, "identity")
     shape, fmt = output_geometry(x, weight, stride, padding, dilation)
@@ -538,11 +540,10 @@ def _ext_train_eager(entry, x, weight, bias, bn_weight, bn_bias, residual, strid
         x, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, activation,
         running_mean, running_var, momentum, momentum_tensor, counted_here(num_batches_tracked, momentum_tensor),
         shape, fmt == torch.channels_last, conv_ops._allow_tf32(x), *p_tensors, p_eps, p_activation)
-    if grad:
-        mark_saved(None if producer is not None else x,
-                   residual if residual is not None and activation != "identity" else None)
+    if y.requires_grad:  # a node was made (without a gradient the C++ node keeps nothing)
+        mark_saved(saved_x, kept_residual)
     return y, z, mean, var
-batch_norm_act_backward_op = FastOp(batch_norm_act_backward)
+
 
 _lib = torch.library.Library("fastconv", "IMPL")
 # input, weight, bias and residual follow autocast like nn.Conv2d; BatchNorm parameters and running statistics stay
