@@ -20,7 +20,8 @@ Backends (the `provider` column):
     fastconv-triton-dryrun  backend 'triton' inside fastconv.triton.launch.dry_run(): every Triton launch does
                             everything but launch (tile chosen, buffers allocated), CPU tensors accepted.
     fastconv-torch          backend 'torch' (fastconv's ops composed of PyTorch's kernels), real.
-  GPU: real calls on CUDA tensors: fastconv-cuda, fastconv-triton, fastconv-torch.
+  GPU: real calls on CUDA tensors: fastconv-cuda, fastconv-triton, fastconv-triton-jit (the same with Triton's own
+  launch path for every launch, FASTCONV_DIRECT_LAUNCH=0: what the direct launch saves), fastconv-torch.
 The nn modules always run for real (on tiny tensors their kernels are the floor).
 
 Timing: a round times a loop of `calls` calls; each round times the nn module's loop and then the fastconv
@@ -78,9 +79,12 @@ PROVIDERS = {
     "fastconv-torch": ("torch", "real (PyTorch kernels composed)"),
     "fastconv-cuda": ("cuda", "real CUDA C++ kernels"),
     "fastconv-triton": ("triton", "real Triton kernels"),
+    "fastconv-triton-jit": ("triton", "real Triton kernels, each launch through kernel[grid](...)"),
 }
 CPU_PROVIDERS = ("fastconv-cpu-noop", "fastconv-cpu", "fastconv-triton-dryrun", "fastconv-torch")
-GPU_PROVIDERS = ("fastconv-cuda", "fastconv-triton", "fastconv-torch")
+# rows that show what a part of the path costs, held to no goal
+COMPARISON = {"fastconv-triton-jit": "comparison: Triton's own launch path"}
+GPU_PROVIDERS = ("fastconv-cuda", "fastconv-triton", "fastconv-triton-jit", "fastconv-torch")
 
 
 def providers(device: torch.device) -> tuple[str, ...]:
@@ -247,6 +251,19 @@ class Pair:
 
 
 @contextlib.contextmanager
+def _env(name: str, value: str):
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+@contextlib.contextmanager
 def _contexts(case: Case, device: torch.device, grad: bool):
     """The row's backend, dry run and grad mode; entered inside one `with`, so a context that raises on entry
     (noop_kernels without the extension) unwinds those entered before it instead of leaking the backend."""
@@ -258,6 +275,8 @@ def _contexts(case: Case, device: torch.device, grad: bool):
             stack.enter_context(launch.dry_run())
         if case.provider == "fastconv-cpu-noop":
             stack.enter_context(noop_kernels())
+        if case.provider == "fastconv-triton-jit":
+            stack.enter_context(_env("FASTCONV_DIRECT_LAUNCH", "0"))
         if not grad:
             stack.enter_context(torch.no_grad())
         yield
@@ -337,9 +356,11 @@ def row(pair: Pair, fastconv_s: list[float], nn_s: list[float], calls: int, devi
     case = pair.case
     fc_us, nn_us = statistics.median(fastconv_s) * 1e6, statistics.median(nn_s) * 1e6
     ratio = fc_us / nn_us
-    goal = GOALS.get((case.op, case.mode)) if case.backend != "torch" else None
+    goal = GOALS.get((case.op, case.mode)) if case.backend != "torch" and case.provider not in COMPARISON else None
     if case.backend == "torch":
         goal_text = TORCH_GOAL
+    elif case.provider in COMPARISON:
+        goal_text = COMPARISON[case.provider]
     elif goal is None:
         goal_text = "no goal set"
     else:
@@ -458,8 +479,8 @@ def notes(device: torch.device, ext_call_us: float | None) -> list[str]:
         out.append("No GPU here: the fastconv rows `fastconv-cpu-noop` (backend `cpu`, the C++ extension in its "
                    "dry run: every ext op is called, checks its arguments and allocates its outputs, and skips "
                    "its arithmetic) and `fastconv-triton-dryrun` (backend "
-                   "`triton` inside `fastconv.triton.launch.dry_run()`: tiles chosen, buffers allocated, no launch) "
-                   "are the pure host path; `fastconv-cpu` and `fastconv-torch` are real calls; the nn modules are "
+                   "`triton` inside `fastconv.triton.launch.dry_run()`: tiles chosen, buffers allocated, each "
+                   "launch's direct-launch key computed and looked up, no launch) are the pure host path; `fastconv-cpu` and `fastconv-torch` are real calls; the nn modules are "
                    "real calls (their kernels on tiny tensors are the floor). TRITON_INTERPRET unset while timing.")
         if ext_call_us is not None:
             out.append(f"One C++ ext op call that does no arithmetic costs {ext_call_us:.2g} µs here "
@@ -473,7 +494,9 @@ def notes(device: torch.device, ext_call_us: float | None) -> list[str]:
                    "torch.cuda.synchronize(), so host time per call = wall time of the loop / calls (a "
                    "GPU-bound row would show kernel time instead; on these sizes none should be). "
                    "`kernels/call` counts Triton launches / C++ calls from Python (a CUDA ext op may launch several "
-                   "kernels; a C++ autograd node's training step is one call).")
+                   "kernels; a C++ autograd node's training step is one call). `fastconv-triton-jit` is "
+                   "`fastconv-triton` with every launch through Triton's own kernel[grid](...) "
+                   "(FASTCONV_DIRECT_LAUNCH=0): the difference is what the direct launch saves.")
     out.append("fwd+bwd rows: forward then torch.autograd.grad of the input and every parameter (no .grad "
                "accumulation), modules in train(); eval-fwd/fwd rows under torch.no_grad(), modules in eval(). "
                "ratio = fastconv median / nn median (lower is better). Goals (issue 16) apply to the cpu, cuda "

@@ -18,6 +18,7 @@
 #include "conv2d.h"
 #include "conv_bn_act.h"
 #include "ext_ops.h"
+#include "triton_launch.h"
 
 #include <string>
 #include <tuple>
@@ -163,7 +164,28 @@ static void bind_ops(pybind11::module_& m) {
 
 }  // namespace fastconv
 
+namespace {
+
+PyObject* triton_launch_key_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 4) {
+    PyErr_SetString(PyExc_TypeError, "_triton_launch_key(args, kwargs, bindings, index) takes 4 arguments");
+    return nullptr;
+  }
+  return fastconv::triton_launch_key(args[0], args[1], args[2], args[3]);
+}
+
+// METH_FASTCALL: called per Triton launch, so without pybind11's argument dispatch
+PyMethodDef raw_methods[] = {
+    {"_triton_key_constant_types", [](PyObject*, PyObject* types) { return fastconv::set_constant_types(types); },
+     METH_O, "the types whose objects _triton_launch_key keys by identity: see csrc/triton_launch.h"},
+    {"_triton_launch_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(triton_launch_key_py)),
+     METH_FASTCALL, "(key, bound arguments) of a Triton launch: see csrc/triton_launch.h"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastconv C++/CUDA ops: torch.ops.fastconv.ext_* and their direct entry points";
   fastconv::bind_ops(m);
+  if (PyModule_AddFunctions(m.ptr(), raw_methods) != 0) throw pybind11::error_already_set();
 }

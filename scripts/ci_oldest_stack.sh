@@ -12,8 +12,8 @@
 #   4. pytest: the extension (build info, sm_90 cubin, opcheck of the ext ops), the C++ CPU backend and the
 #      Triton kernels under the interpreter (conv2d, conv+BN, max-pool), the quick kernel report for sm_80/sm_90
 #      (compiles, tensor cores, no spills), the tile sweep's interpreter test, gpu_check.sh's no-GPU dry run
-#      with this Python, and the opchecks of the custom ops. (CI's time budget keeps this selection; the whole
-#      suite is `FASTCONV_OLDEST_TESTS=tests`.)
+#      with this Python, the opchecks of the custom ops, and the direct launch's binding table against Triton
+#      3.6's own binder. (CI's time budget keeps this selection; the whole suite is `FASTCONV_OLDEST_TESTS=tests`.)
 # Leg 2, the oldest Python: the same torch / torchvision / triton on Python 3.10 (FASTCONV_OLDEST_VENV310,
 # default .venv-oldest310; installed while leg 1 builds), without the extension: import, info, and the
 # Python-level tests (backends, modules, bench harness, the named conv cases on the Triton interpreter).
@@ -117,7 +117,7 @@ else
     # mutable arguments), Triton 3.6's compiler (kernel report, sweep) and interpreter (a representative set of
     # numerics per kernel family), the GPU check's dry run; the whole suite is the README path's
     SELECTION=(tests/test_backend.py tests/test_kernel_report.py tests/test_tile_sweep.py
-               tests/test_gpu_check.py tests/test_max_pool2d.py
+               tests/test_gpu_check.py tests/test_max_pool2d.py tests/test_launch_direct.py
                tests/test_conv2d.py::test_opcheck tests/test_conv2d.py::test_gradcheck_fused
                tests/test_conv_bn_act.py::test_opcheck tests/test_conv_bn_act.py::test_running_statistics_direct_op_calls
                tests/test_conv_bn_act.py::test_ext_batch_norm_ops_match_float64

@@ -358,3 +358,41 @@ def test_instruction_counts_of_an_overhead_row():
     assert len(rows) == 1 and rows[0]["fastconv_instructions"] > 0 and rows[0]["nn_instructions"] > 0
     assert math.isfinite(rows[0]["ratio"]) and rows[0]["goal"] == 1.5
     assert "| max_pool2d | fwd | fastconv-cpu-noop |" in _instructions.table(rows)
+
+
+def test_launch_binding_rows_cover_every_triton_launch(tmp_path, monkeypatch):
+    """bench._launch_binding: one row per overhead op/mode on the Triton path, one entry per Triton launch of the
+    row (the launch plan's count), both paths timed, and the files written."""
+    if not _ext_loaded():
+        pytest.skip("needs the C++ extension fastconv._C (the direct launch keys)")
+    from bench import _launch_binding
+    from fastconv.triton import launch
+
+    monkeypatch.setenv("FASTCONV_BENCH_OUT", str(tmp_path))
+    rows = _launch_binding.measure(["conv2d", "max_pool2d"], calls=3)
+    assert [(r["op"], r["mode"]) for r in rows] == [("conv2d", "eval-fwd"), ("conv2d", "fwd+bwd"),
+                                                     ("max_pool2d", "fwd")]
+    for r in rows:
+        case = _overhead.Case(r["op"], r["mode"], "fastconv-triton-dryrun")
+        pair = _overhead.build(case, torch.device("cpu"))
+        assert len(r["launches"]) == pair.kernel_calls, r
+        assert all(k["triton_us"] > 0 and k["direct_us"] > 0 and k["arguments"] > 10 for k in r["launches"])
+    assert _launch_binding.main(["--op", "max_pool2d", "--calls", "2", "--write"]) == 0
+    assert "| max_pool2d | fwd | 1 |" in (tmp_path / "launch_binding.md").read_text()
+    assert not launch._DIRECT or all(not d.compiled for d in launch._DIRECT.values())  # nothing launched
+
+
+def test_overhead_jit_provider_switches_direct_launches_off():
+    """The GPU-only fastconv-triton-jit rows run every launch through Triton's kernel[grid](...): the row's
+    contexts set FASTCONV_DIRECT_LAUNCH=0 and restore it; the row is a comparison, held to no goal."""
+    from fastconv.triton import launch
+
+    assert "fastconv-triton-jit" in _overhead.GPU_PROVIDERS
+    case = _overhead.Case("max_pool2d", "fwd", "fastconv-triton-jit")
+    before = os.environ.get("FASTCONV_DIRECT_LAUNCH")
+    with _overhead._contexts(case, torch.device("cpu"), grad=False):
+        assert not launch.direct_enabled()
+    assert os.environ.get("FASTCONV_DIRECT_LAUNCH") == before
+    row = _overhead.row(_overhead.Pair(case, None, None, 1), [2e-6] * 3, [1e-6] * 3, 1, torch.device("cpu"),
+                        [2e-6] * 3, [1e-6] * 3)
+    assert row["goal"] is None and row["goal_met"] is None and "comparison" in row["goal_text"]

@@ -17,7 +17,12 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 def eager(t: torch.Tensor) -> bool:
     """Whether an op call with first tensor argument `t` may skip the custom-op dispatch."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    return not torch.compiler.is_compiling() and eager_uncompiled(t)
+
+
+def eager_uncompiled(t: torch.Tensor) -> bool:
+    """eager(t) for a caller that has found torch.compiler.is_compiling() False already."""
+    if _get_current_dispatch_mode() is not None:
         return False
     if torch.autograd.profiler._is_profiler_enabled:  # the profiler names ops by their dispatch (fastconv::...)
         return False

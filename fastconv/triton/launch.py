@@ -29,6 +29,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import os
@@ -167,17 +168,166 @@ def device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
+# ---------------------------------------------------------------------------------------------------------
+# the launch itself: Triton's path once per specialization, then direct
+
+
+def direct_enabled() -> bool:
+    """FASTCONV_DIRECT_LAUNCH (default on): repeat launches call the compiled kernel directly (see _Direct)."""
+    return env_flag("FASTCONV_DIRECT_LAUNCH", True)
+
+
+# Launches per path in this process (tests): "direct" (the compiled kernel called by fastconv), "triton"
+# (kernel[grid](...): a first launch of its key, a hook set, no key).
+LAUNCHES = {"direct": 0, "triton": 0}
+DIRECT_CAP = 1024  # keys kept per kernel; past it the kernel's keys are dropped and relearned
+
+
+class _Direct:
+    """The compiled kernels one @triton.jit function has launched, for calling them directly.
+
+    `kernel[grid](*args, **kwargs)` binds the arguments and computes Triton's specialization (types, 16-byte
+    alignment of pointers, ints equal to 1 or divisible by 16) one Python-level call per argument, then hashes
+    it with str(options): 8-24 us of host time per launch of fastconv's 30-66 argument kernels (see
+    bench/_launch_binding.py), on each of the 3-7 launches of a layer's step. The first launch of each key goes
+    through that path, which compiles or finds the kernel and returns it; later launches with the same key call
+    its launcher as Triton's JITFunction.run does (`compiled.run(grid, stream, function, packed metadata,
+    launch metadata, hooks, *every bound argument)`, the same convention in triton 3.6-3.8). The key, the
+    bound arguments with it, comes from one C++ call (fastconv._C._triton_launch_key, csrc/triton_launch.h):
+    the device, the keyword names, and per bound argument and option value (num_warps, num_stages, maxnreg)
+    a tensor's dtype and pointer alignment, an int's value, a constant itself; finer than Triton's
+    specialization, so never coarser. Triton's own path is
+    taken whenever a launch hook (e.g. proton's) or a pre-run hook is set, or the extension is missing, so
+    what those see is unchanged; a direct launch passes no launch metadata and no hooks (Triton's path calls
+    its empty hook chains and builds the metadata of every launch). Triton's process-wide knobs (TRITON_DEBUG, instrumentation) are read at a key's first
+    launch."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        # (positional count, keyword names) -> (parameter names after the positional ones, {name: default} of
+        # those the call leaves out, keyword names that are options), or None: Triton binds this call shape
+        # (e.g. an argument is missing: it raises)
+        self.bindings: dict[tuple, tuple | None] = {}
+        self.compiled: dict[tuple, tuple] = {}  # key -> (launcher, function handle, packed metadata)
+
+    def key(self, args: tuple, kwargs: dict, index: int, launch_key) -> tuple[tuple, tuple] | None:
+        """(key, every bound argument in parameter order) of a launch on device `index`, or None (not keyable):
+        launch_key is fastconv._C._triton_launch_key (csrc/triton_launch.h)."""
+        found = launch_key(args, kwargs, self.bindings, index)
+        if found is False:
+            self.bindings[(len(args), tuple(kwargs))] = self._bind(len(args), tuple(kwargs))
+            found = launch_key(args, kwargs, self.bindings, index)
+        return found
+
+    def _bind(self, nargs: int, kwnames: tuple):
+        params = getattr(self.kernel, "params", None)  # a JITFunction's KernelParams; stand-ins have none
+        if params is None or nargs > len(params):
+            return None
+        names = [p.name for p in params]
+        defaults = {p.name: p.default for p in params[nargs:] if p.name not in kwnames}
+        if any(d is inspect.Parameter.empty for d in defaults.values()):
+            return None
+        return tuple(names[nargs:]), defaults, tuple(k for k in kwnames if k not in names)
+
+
+_DIRECT: dict[int, _Direct] = {}  # id(kernel) -> its _Direct (kernels are module-level @triton.jit functions)
+_launch_key = None  # fastconv._C._triton_launch_key once looked up; False: unavailable
+
+
+def _launch_key_fn():
+    global _launch_key
+    if _launch_key is None:
+        from .. import _ext
+
+        _launch_key = False
+        if _ext.load():
+            import fastconv._C as ext
+
+            _launch_key = getattr(ext, "_triton_launch_key", False)
+            if _launch_key:
+                ext._triton_key_constant_types((triton.language.dtype,))  # constexpr accumulator types
+    return _launch_key
+
+
+def _hook_set(hook) -> bool:
+    """Whether a launch hook would run: triton 3.6-3.8 keep a HookChain (set: it has calls) in
+    knobs.runtime.launch_enter_hook / launch_exit_hook; anything else not None is a hook."""
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return calls is None or len(calls) > 0
+
+
+_RUNTIME_KNOBS = triton.knobs.runtime
+
+
+def _hooks_set(kernel) -> bool:
+    rt = _RUNTIME_KNOBS
+    return (_hook_set(rt.launch_enter_hook) or _hook_set(rt.launch_exit_hook)
+            or bool(getattr(kernel, "pre_run_hooks", None)))
+
+
+def launch(kernel, grid: tuple, args: tuple, kwargs: dict, device: torch.device) -> None:
+    """`kernel[grid](*args, **kwargs)` on `device`'s current stream, directly where it can (see _Direct)."""
+    with device_guard(device):
+        if device.type != "cuda" or not direct_enabled() or _hooks_set(kernel):
+            LAUNCHES["triton"] += 1
+            kernel[grid](*args, **kwargs)
+            return
+        launch_key = _launch_key_fn()
+        direct = _DIRECT.get(id(kernel))
+        if direct is None:
+            direct = _DIRECT[id(kernel)] = _Direct(kernel)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        keyed = direct.key(args, kwargs, index, launch_key) if launch_key else None
+        key = None
+        if keyed is not None:
+            key, full = keyed
+            hit = direct.compiled.get(key)
+            if hit is not None:
+                LAUNCHES["direct"] += 1
+                run_, function, metadata = hit
+                g1 = grid[1] if len(grid) > 1 else 1
+                g2 = grid[2] if len(grid) > 2 else 1
+                run_(grid[0], g1, g2, _current_stream(index), function, metadata, None, None, None, *full)
+                return
+        LAUNCHES["triton"] += 1
+        compiled = kernel[grid](*args, **kwargs)
+        if key is not None and compiled is not None:
+            if len(direct.compiled) >= DIRECT_CAP:
+                direct.compiled.clear()
+            direct.compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata)
+
+
+def _dry_launch(kernel, args: tuple, kwargs: dict) -> None:
+    """A dry run's launch (host-overhead benchmarks): the host work of a direct launch up to the launcher call
+    (hooks checked, key computed and looked up), which is what a repeated launch costs fastconv on a GPU; no
+    kernel runs and nothing is kept."""
+    launch_key = _launch_key_fn()
+    if direct_enabled() and not _hooks_set(kernel) and launch_key:
+        direct = _DIRECT.get(id(kernel))
+        if direct is None:
+            direct = _DIRECT[id(kernel)] = _Direct(kernel)
+        keyed = direct.key(args, kwargs, 0, launch_key)
+        if keyed is not None:
+            direct.compiled.get(keyed[0])
+
+
+def _current_stream(index: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(index)
+
+
 def run(kernel, grid, *args, device: torch.device, loop: int = 1, flops: float = 0.0, **kwargs) -> None:
     """Launch a fixed-config kernel (`kernel[grid](*args, **kwargs)`) under its device, or record it."""
     grid = tuple(grid)
     rec = _recorder.get()
     if isinstance(rec, _Discard):
+        _dry_launch(kernel, args, kwargs)
         return
     if rec is not None:
         _record(kernel, None, grid, loop, False, flops, args, kwargs)
         return
-    with device_guard(device):
-        kernel[grid](*args, **kwargs)
+    launch(kernel, grid, args, kwargs, device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -373,14 +523,13 @@ class TunedKernel:
         g = tuple(grid(meta))
         rec = _recorder.get()
         if isinstance(rec, _Discard):
-            pass
+            _dry_launch(self.kernel, args, {**consts, **extra, **meta})
         elif rec is not None:
             kind = cfgs.operand_kind(args[0].dtype, consts.get("PRECISION", "ieee"))
             _record(self.kernel, tile, g, problem.k_steps(tile), True, problem.flops(),
                     args, {**consts, **extra}, self._key(kind, cfgs.is_fused(consts), problem, consts))
         else:
-            with device_guard(device):
-                self.kernel[g](*args, **consts, **extra, **meta)
+            launch(self.kernel, g, args, {**consts, **extra, **meta}, device)
         return meta, extra
 
     def _choose(self, launch, dtype: torch.dtype, problem: Problem, device: torch.device, consts: dict):
