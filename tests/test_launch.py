@@ -264,7 +264,8 @@ launch_guard_log: list = []
 
 
 def test_launches_run_under_the_tensors_device(monkeypatch):
-    """Both launch paths enter torch.cuda.device(<the tensors' device>) around the launch (mocked: no GPU)."""
+    """Both launch paths enter torch.cuda.device(<the tensors' device>) around the launch where it is not the
+    current device (mocked: no GPU)."""
     import contextlib
 
     @contextlib.contextmanager
@@ -272,7 +273,9 @@ def test_launches_run_under_the_tensors_device(monkeypatch):
         launch_guard_log.append(dev)
         yield
 
+    current = [0]
     monkeypatch.setattr(torch.cuda, "device", fake_device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     monkeypatch.setattr(launch, "interpreting", lambda: False)
     monkeypatch.setenv("FASTCONV_AUTOTUNE", "0")
     monkeypatch.setenv("FASTCONV_SM_COUNT", "132")
@@ -283,6 +286,11 @@ def test_launches_run_under_the_tensors_device(monkeypatch):
     tk(lambda meta: (5,), torch.empty(2), problem=launch.Problem(100, 16, 8), device=dev)
     assert launch_guard_log == [dev, dev]
     assert k.calls[0][0] == (3,) and tk.kernel.calls[0][0] == (5,)
+    # the tensors' device current already (or no index: the current one): no guard, same launch
+    current[0] = 1
+    launch.run(k, (3,), torch.empty(2), device=dev, FLAG=True)
+    launch.run(k, (3,), torch.empty(2), device=torch.device("cuda"), FLAG=True)
+    assert launch_guard_log == [dev, dev] and len(k.calls) == 3
 
 
 def test_forced_tile_and_heuristic():

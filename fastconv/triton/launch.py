@@ -161,11 +161,15 @@ def _record(kernel, tile, grid, loop, gemm_loop, flops, args, kwargs, key=None) 
                                   tensor_bytes(*tensors), key))
 
 
+_NO_GUARD = contextlib.nullcontext()
+
+
 def device_guard(device: torch.device):
-    """Triton launches on the current device's current stream: make the tensors' device current."""
-    if device.type == "cuda":
+    """Triton launches on the current device's current stream: make the tensors' device current. Only when it
+    is not current already: entering and leaving torch.cuda.device costs a few us of host time per launch."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    return _NO_GUARD
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,19 +192,19 @@ class _Direct:
 
     `kernel[grid](*args, **kwargs)` binds the arguments and computes Triton's specialization (types, 16-byte
     alignment of pointers, ints equal to 1 or divisible by 16) one Python-level call per argument, then hashes
-    it with str(options): 8-24 us of host time per launch of fastconv's 30-66 argument kernels (see
-    bench/_launch_binding.py), on each of the 3-7 launches of a layer's step. The first launch of each key goes
-    through that path, which compiles or finds the kernel and returns it; later launches with the same key call
-    its launcher as Triton's JITFunction.run does (`compiled.run(grid, stream, function, packed metadata,
-    launch metadata, hooks, *every bound argument)`, the same convention in triton 3.6-3.8). The key, the
-    bound arguments with it, comes from one C++ call (fastconv._C._triton_launch_key, csrc/triton_launch.h):
-    the device, the keyword names, and per bound argument and option value (num_warps, num_stages, maxnreg)
-    a tensor's dtype and pointer alignment, an int's value, a constant itself; finer than Triton's
-    specialization, so never coarser. Triton's own path is
-    taken whenever a launch hook (e.g. proton's) or a pre-run hook is set, or the extension is missing, so
-    what those see is unchanged; a direct launch passes no launch metadata and no hooks (Triton's path calls
-    its empty hook chains and builds the metadata of every launch). Triton's process-wide knobs (TRITON_DEBUG, instrumentation) are read at a key's first
-    launch."""
+    it with str(options): 5-13 us of host time per launch of fastconv's 27-66 argument kernels on an AMD EPYC
+    core (bench/_launch_binding.py), on each of the 1-7 launches of a layer's call. The first launch of each
+    key goes through that path, which compiles or finds the kernel and returns it; later launches with the
+    same key call its launcher as JITFunction.run does (`compiled.run(grid, stream, function, packed metadata,
+    launch metadata, hooks, *every bound argument)`, the same convention in triton 3.6-3.8).
+
+    The key and the bound arguments come from one C++ call (fastconv._C._triton_launch_key,
+    csrc/triton_launch.h): the device, the keyword names, and per bound argument and option value (num_warps,
+    num_stages, maxnreg) a tensor's dtype and pointer alignment, an int's value, a constant itself: finer than
+    Triton's specialization, never coarser. Triton's own path is taken whenever a launch hook (e.g. proton's)
+    or a pre-run hook is set, so what those see is unchanged (a direct launch passes no launch metadata and
+    no hooks), and where the extension is missing. Triton's process-wide knobs (TRITON_DEBUG,
+    instrumentation) are read at a key's first launch."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -230,7 +234,9 @@ class _Direct:
         return tuple(names[nargs:]), defaults, tuple(k for k in kwnames if k not in names)
 
 
-_DIRECT: dict[int, _Direct] = {}  # id(kernel) -> its _Direct (kernels are module-level @triton.jit functions)
+# id(kernel) -> its _Direct, which holds the kernel (so the id is never reused while the entry lives); an id
+# is hashed in C, a JITFunction in Python (its cache key)
+_DIRECT: dict[int, _Direct] = {}
 _launch_key = None  # fastconv._C._triton_launch_key once looked up; False: unavailable
 
 
@@ -267,19 +273,26 @@ def _hooks_set(kernel) -> bool:
             or bool(getattr(kernel, "pre_run_hooks", None)))
 
 
+def _direct_of(kernel) -> _Direct | None:
+    """The kernel's _Direct where a launch may go direct now (switched on, no hook set, extension loaded)."""
+    if not direct_enabled() or _hooks_set(kernel) or not _launch_key_fn():
+        return None
+    direct = _DIRECT.get(id(kernel))
+    if direct is None:
+        direct = _DIRECT[id(kernel)] = _Direct(kernel)
+    return direct
+
+
 def launch(kernel, grid: tuple, args: tuple, kwargs: dict, device: torch.device) -> None:
     """`kernel[grid](*args, **kwargs)` on `device`'s current stream, directly where it can (see _Direct)."""
     with device_guard(device):
-        if device.type != "cuda" or not direct_enabled() or _hooks_set(kernel):
+        direct = _direct_of(kernel) if device.type == "cuda" else None
+        if direct is None:
             LAUNCHES["triton"] += 1
             kernel[grid](*args, **kwargs)
             return
-        launch_key = _launch_key_fn()
-        direct = _DIRECT.get(id(kernel))
-        if direct is None:
-            direct = _DIRECT[id(kernel)] = _Direct(kernel)
         index = device.index if device.index is not None else torch.cuda.current_device()
-        keyed = direct.key(args, kwargs, index, launch_key) if launch_key else None
+        keyed = direct.key(args, kwargs, index, _launch_key)
         key = None
         if keyed is not None:
             key, full = keyed
@@ -303,12 +316,9 @@ def _dry_launch(kernel, args: tuple, kwargs: dict) -> None:
     """A dry run's launch (host-overhead benchmarks): the host work of a direct launch up to the launcher call
     (hooks checked, key computed and looked up), which is what a repeated launch costs fastconv on a GPU; no
     kernel runs and nothing is kept."""
-    launch_key = _launch_key_fn()
-    if direct_enabled() and not _hooks_set(kernel) and launch_key:
-        direct = _DIRECT.get(id(kernel))
-        if direct is None:
-            direct = _DIRECT[id(kernel)] = _Direct(kernel)
-        keyed = direct.key(args, kwargs, 0, launch_key)
+    direct = _direct_of(kernel)
+    if direct is not None:
+        keyed = direct.key(args, kwargs, 0, _launch_key)
         if keyed is not None:
             direct.compiled.get(keyed[0])
 
