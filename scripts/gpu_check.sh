@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One-command GPU verification for fastconv, sized for a lent GPU machine (a 350 s budget, meant for one H200; not yet
+# One-command GPU verification for fastconv, sized for a lent GPU machine (a 390 s budget, meant for one H200; not yet
 # run on a GPU; nothing is fetched, nothing installed):
 #   PYTHON=python3 GPU_CHECK_OUT=$OUT bash scripts/gpu_check.sh
 # Steps, in order of value, so that a run stopped early still leaves evidence (each has its own timeout, sent as
 # SIGINT so pytest and the tile sweep still write what they have; GPU_CHECK_TIMEOUT_<STEP> overrides, all capped by
-# GPU_CHECK_BUDGET, default 350 s):
+# GPU_CHECK_BUDGET, default 390 s):
 #   env         versions, nvidia-smi, `python -m fastconv.info`
 #   build       the C++/CUDA extension for the visible GPU's arch only (TORCH_CUDA_ARCH_LIST from the device), in
 #               the background while the tile sweep runs; CUDA_HOME from nvcc's location
@@ -14,9 +14,13 @@
 #               run, the CPU bench smoke run) are left out
 #   bench       FASTCONV_BENCH_SET=check, autotuned: two conv layers fwd / fwd+bwd, the fused conv+BN+ReLU
 #               training block, one whole model, vs cuDNN eager and torch.compile
+#   overhead    host time per call on tiny tensors vs the nn modules (python -m bench._overhead: cuda, triton with
+#               direct launches, triton through Triton's own launch path, torch), FASTCONV_AUTOTUNE=0; and
+#               Triton's launch binding vs fastconv's direct-launch key (python -m bench._launch_binding)
 #   profile     torch.profiler trace of CIFAR10CNN training steps (python -m fastconv.train --profile)
 # Artefacts (at most 8 files) in GPU_CHECK_OUT, else $OUT, else gpu_check_out/<UTC stamp>/: summary.md (step table and
-# key figures), tests.xml, bench.json, bench.md, tile_sweep.json, tile_sweep.md, gpu_check.tar.gz (every log);
+# key figures), tests.xml, bench.json, bench.md, tile_sweep.json, tile_sweep.md, overhead.md (GPU only),
+# gpu_check.tar.gz (every log);
 # rewritten after every step.
 #
 # Without a GPU it says so, runs what proves the script's own plumbing cheaply (env, the build unless
@@ -64,7 +68,7 @@ if [[ -n "${CUDA_HOME:-}" ]]; then export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH";
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export PIP_NO_INDEX=1 HF_HUB_OFFLINE=1  # nothing is fetched
 NPROC=$(nproc 2>/dev/null || echo 2)
-BUDGET=${GPU_CHECK_BUDGET:-350}
+BUDGET=${GPU_CHECK_BUDGET:-390}
 FAILED=0
 
 remaining() { echo $(( BUDGET - ($(date +%s) - T0) )); }
@@ -114,8 +118,10 @@ flush() {  # summary.md and the artefacts so far, into $RESULTS (at most 8 files
     [[ -f "$LOGS/bench/${BENCH_SET:-}.md" ]] && bm="$LOGS/bench/$BENCH_SET.md"
     [[ -n "$bj" ]] && cp -f "$bj" "$RESULTS/bench.json"
     [[ -n "$bm" ]] && cp -f "$bm" "$RESULTS/bench.md"
+    [[ -f "$LOGS/overhead/overhead.md" ]] && cp -f "$LOGS/overhead/overhead.md" "$RESULTS/overhead.md"
     if ! "$HOSTPY" "$ROOT/scripts/gpu_check_summary.py" --steps "$LOGS/steps.tsv" --header "$LOGS/header.md" \
             --tile-sweep "$LOGS/tile_sweep/tile_sweep.json" --tests "$LOGS/tests.xml" --bench "${bj:-}" \
+            --overhead "$LOGS/overhead/overhead.json" \
             --profile-top "$(ls "$LOGS"/profile/top_ops_rank*.txt 2>/dev/null | head -1)" \
             >"$LOGS/summary.md" 2>"$LOGS/summary.err"; then
         { cat "$LOGS/header.md"; echo; echo '| step | status | seconds | note |'; echo '|---|---|---:|---|'
@@ -247,6 +253,17 @@ run_step bench 90 "bench.json, bench.md (set $BENCH_SET$([[ $HAVE_GPU == 0 ]] &&
     '$PY' -m pytest $BENCH_FILES --benchmark -p no:xdist -p no:cacheprovider -q -rs --benchmark-columns=median,rounds"
 # (no --benchmark-json: on an interrupted run pytest-benchmark's JSON writer fails on the benchmark cut short and
 # takes fastconv's own results writer down with it; without it the rows done so far are written)
+flush
+
+# --- host overhead -----------------------------------------------------------------------------------------------------
+if [[ $HAVE_GPU == 1 ]]; then
+    mkdir -p "$LOGS/overhead"
+    run_step overhead 40 "overhead.md (host time per call vs nn; launch_binding.md in the tarball)" \
+        "FASTCONV_AUTOTUNE=0 FASTCONV_BENCH_OUT='$LOGS/overhead' '$PY' -m bench._overhead --rounds 9 --calls 50 --write \
+        && FASTCONV_BENCH_OUT='$LOGS/overhead' '$PY' -m bench._launch_binding --calls 500 --write"
+else
+    skip overhead "$NO_GPU; the CPU rows (dry runs) are in bench/results, CI runs the harness (tests/test_bench.py)"
+fi
 flush
 
 # --- profiler trace ---------------------------------------------------------------------------------------------------

@@ -21,6 +21,17 @@ def _read(path):
     return p if p is not None and p.is_file() and p.stat().st_size > 0 else None
 
 
+def _json(path, what: str):
+    """(document, None) of a JSON result file, or (None, the summary line saying why there is none)."""
+    p = _read(path)
+    if p is None:
+        return None, [f"- {what}: no result file."]
+    try:
+        return json.loads(p.read_text()), None
+    except ValueError as e:
+        return None, [f"- {what}: unreadable result ({e})."]
+
+
 def steps_table(path) -> list[str]:
     lines = ["| step | status | seconds | artefact / note |", "|---|---|---:|---|"]
     p = _read(path)
@@ -31,13 +42,9 @@ def steps_table(path) -> list[str]:
 
 
 def tile_sweep(path) -> list[str]:
-    p = _read(path)
-    if p is None:
-        return ["- Tile sweep: no result file."]
-    try:
-        doc = json.loads(p.read_text())
-    except ValueError as e:
-        return [f"- Tile sweep: unreadable result ({e})."]
+    doc, missing = _json(path, "Tile sweep")
+    if missing:
+        return missing
     if doc.get("skipped"):
         return [f"- Tile sweep: skipped: {doc['skipped']}"]
     if doc.get("error"):
@@ -86,13 +93,9 @@ def _x(v, fmt="{:.2f}"):
 
 
 def bench(path) -> list[str]:
-    p = _read(path)
-    if p is None:
-        return ["- Benchmarks: no result file."]
-    try:
-        doc = json.loads(p.read_text())
-    except ValueError as e:
-        return [f"- Benchmarks: unreadable result ({e})."]
+    doc, missing = _json(path, "Benchmarks")
+    if missing:
+        return missing
     env = doc.get("environment", {})
     out = [f"- Benchmarks: set `{doc.get('set')}` on {env.get('device')} (torch {env.get('torch')}, triton "
            f"{env.get('triton')}, cuDNN {env.get('cudnn')}); speed-up = torch time / this row's time (> 1: faster)", "",
@@ -116,6 +119,21 @@ def bench(path) -> list[str]:
     return out
 
 
+def overhead(path) -> list[str]:
+    doc, missing = _json(path, "Host overhead")
+    if missing:
+        return missing
+    env = doc.get("environment", {})
+    out = [f"- Host overhead per call, tiny tensors (bench._overhead on {env.get('device')}): fastconv ÷ nn module", "",
+           "| op | mode | provider | median µs | nn µs | ratio | goal | met |", "|---|---|---|---:|---:|---:|---|---|"]
+    for r in doc.get("rows", []):
+        met = r.get("goal_met")
+        out.append(f"| {r.get('op')} | {r.get('mode')} | {r.get('provider')} | {_x(r.get('median_us'), '{:.1f}')} | "
+                   f"{_x(r.get('nn_median_us'), '{:.1f}')} | {_x(r.get('ratio'))} | {r.get('goal_text', '')} | "
+                   f"{'—' if met is None else ('yes' if met else 'no')} |")
+    return out
+
+
 def profile(path) -> list[str]:
     p = _read(path)
     if p is None:
@@ -132,13 +150,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tests")
     ap.add_argument("--bench")
     ap.add_argument("--profile-top")
+    ap.add_argument("--overhead")
     a = ap.parse_args(argv)
     out = []
     h = _read(a.header)
     if h:
         out += h.read_text().rstrip("\n").splitlines() + [""]
     out += steps_table(a.steps) + ["", "## Key figures", ""]
-    for part in (tile_sweep(a.tile_sweep), tests(a.tests), bench(a.bench), profile(a.profile_top)):
+    for part in (tile_sweep(a.tile_sweep), tests(a.tests), bench(a.bench), overhead(a.overhead), profile(a.profile_top)):
         out += part + [""]
     sys.stdout.write("\n".join(out) + "\n")
     return 0

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("env", "build", "tile_sweep", "tests", "bench", "profile")
+STEPS = ("env", "build", "tile_sweep", "tests", "bench", "overhead", "profile")
 ARTEFACTS = {"summary.md", "tests.xml", "bench.json", "bench.md", "tile_sweep.json", "tile_sweep.md",
-             "gpu_check.tar.gz"}
+             "overhead.md", "gpu_check.tar.gz"}
+GPU_ONLY_ARTEFACTS = {"overhead.md"}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_exits_3_and_says_no_gpu(dry_run):
 def test_leaves_the_artefacts(dry_run):
     proc, out = dry_run
     files = sorted(p.name for p in out.iterdir())
-    assert set(files) == ARTEFACTS and len(files) <= 8, files
+    assert set(files) == ARTEFACTS - GPU_ONLY_ARTEFACTS and len(files) <= 8, files
     assert all((out / f).is_file() and not (out / f).is_symlink() for f in files)
 
     summary = (out / "summary.md").read_text()
@@ -88,7 +89,8 @@ def gpu_branch_run(tmp_path_factory):
            and not k.startswith("GPU_CHECK_TIMEOUT_")}
     env.update(PYTHON=str(wrapper), GPU_CHECK_OUT=str(tmp / "out"), GPU_CHECK_WORK=str(tmp / "work"),
                GPU_CHECK_SKIP_BUILD="1", CUDA_VISIBLE_DEVICES="", GPU_CHECK_TEST_WORKERS="1", GPU_CHECK_SWEEP_JOBS="1",
-               GPU_CHECK_TIMEOUT_TESTS="15", GPU_CHECK_TIMEOUT_BENCH="10", GPU_CHECK_TIMEOUT_PROFILE="5")
+               GPU_CHECK_TIMEOUT_TESTS="15", GPU_CHECK_TIMEOUT_BENCH="10", GPU_CHECK_TIMEOUT_OVERHEAD="30",
+               GPU_CHECK_TIMEOUT_PROFILE="5")
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     return proc, tmp / "out", tmp / "work" / "gpu_check"
@@ -103,7 +105,7 @@ def test_gpu_branch_commands_start_and_leave_artefacts(gpu_branch_run):
     assert {"summary.md", "tests.xml", "tile_sweep.json", "tile_sweep.md", "gpu_check.tar.gz"} <= files <= ARTEFACTS
     summary = (out / "summary.md").read_text()
     assert "TORCH_CUDA_ARCH_LIST=9.0" in summary
-    for step in ("tile_sweep", "tests", "bench", "profile"):
+    for step in ("tile_sweep", "tests", "bench", "overhead", "profile"):
         row = next(line for line in summary.splitlines() if line.startswith(f"| {step} |"))
         assert "SKIPPED" not in row, row  # the GPU branch ran it
     assert "Tile sweep: NOT RUN: no GPU" in summary  # the sweep itself refused, and said why
@@ -117,3 +119,8 @@ def test_gpu_branch_commands_start_and_leave_artefacts(gpu_branch_run):
     assert "FASTCONV_BENCH_SET=check" in proc.stdout
     profile_log = (logs / "profile.log").read_text()
     assert "error: unrecognized arguments" not in profile_log and "invalid choice" not in profile_log
+    # the overhead step ran both harnesses (here on the CPU: its dry-run rows) and left overhead.md
+    overhead_log = (logs / "overhead.log").read_text()
+    assert "error:" not in overhead_log and "Traceback" not in overhead_log, overhead_log[-3000:]
+    assert "overhead.md" in files and "- Host overhead per call" in summary and "| max_pool2d | fwd |" in summary
+    assert (logs / "overhead" / "launch_binding.md").is_file()
