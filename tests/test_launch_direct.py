@@ -241,6 +241,33 @@ def test_direct_launch_calls_the_compiled_kernel(launches, monkeypatch):
 
 
 @needs_ext
+def test_unkeyable_and_unbindable_calls_take_tritons_path_every_time(launches, monkeypatch):
+    """A call missing a parameter (Triton raises for it), or with an argument the key cannot hold (a list), goes
+    through Triton's path on every launch; past DIRECT_CAP keys a kernel's keys are dropped and relearned."""
+    kernel, grid, args, kwargs = launches[0]
+    with _fake_cuda(monkeypatch) as dev:
+        k = _StandIn(kernel)
+        required = {p.name for p in kernel.params if p.default is inspect.Parameter.empty}
+        missing = next(n for n in kwargs if n in required)  # a keyword parameter without a default, left out
+        short = {n: v for n, v in kwargs.items() if n != missing}
+        for _ in range(2):
+            launch.launch(k, grid, args, short, dev)
+        listed = (args[0], [1, 2]) + args[2:]
+        for _ in range(2):
+            launch.launch(k, grid, listed, kwargs, dev)
+        assert len(k.jit_calls) == 4 and not k.compiled.run_calls
+
+        monkeypatch.setattr(launch, "DIRECT_CAP", 2)
+        k = _StandIn(kernel)
+        for i in range(3):  # three keys: the third finds the table full, clears it and keeps only itself
+            launch.launch(k, grid, args, {**kwargs, "num_warps": 1 << i}, dev)
+        assert len(launch._DIRECT[id(k)].compiled) == 1
+        launch.launch(k, grid, args, {**kwargs, "num_warps": 4}, dev)
+        launch.launch(k, grid, args, {**kwargs, "num_warps": 1}, dev)
+        assert len(k.compiled.run_calls) == 1 and len(k.jit_calls) == 4
+
+
+@needs_ext
 def test_cpu_tensors_and_stand_ins_take_tritons_path(launches, monkeypatch):
     """The interpreter's launches (CPU tensors) and kernels without Triton's parameters never go direct."""
     kernel, grid, args, kwargs = launches[0]
