@@ -390,6 +390,49 @@ def test_opcheck(device, conv_backend):
             (gy, x.detach(), list(w.shape), *geo, True, conv_backend))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
+@pytest.mark.parametrize("epilogue", [False, True])
+def test_torch_backend_ops(layout, epilogue):
+    """Backend 'torch' (not in BACKENDS: PyTorch's own kernels), whose conv and input gradient return PyTorch's
+    result without a copy where it already has nn's layout: values against float64 F.conv2d and its autograd,
+    nn.Conv2d's output layout, no output aliasing an input; opcheck of the three ops, symmetric and asymmetric
+    padding (the latter's input gradient is a slice, copied into a dx in grad_output's layout)."""
+    from torch.library import opcheck
+
+    gen = generator("torch-backend", layout, epilogue)
+    x = randn((2, 4, 7, 6), torch.float32, "cpu", gen)
+    x = {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
+         "noncontiguous": x.transpose(2, 3).contiguous().transpose(2, 3)[:, :, :, :5]}[layout]
+    w = randn((6, 4, 3, 3), torch.float32, "cpu", gen)
+    b = randn((6,), torch.float32, "cpu", gen)
+    shift = randn((6,), torch.float32, "cpu", gen) if epilogue else None
+    for padding in ([1, 1, 1, 1], [0, 1, 1, 0]):
+        geo = ([1, 1], padding, [1, 1], 1)
+        y = torch.ops.fastconv.conv2d(x, w, b, *geo, shift=shift, activation="relu" if epilogue else "identity",
+                                      backend="torch")
+        x64 = F.pad(x.double(), (padding[2], padding[3], padding[0], padding[1]))
+        ref = F.conv2d(x64, w.double(), b.double())
+        if epilogue:
+            ref = torch.relu(ref + shift.double()[:, None, None])
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+        nn_layout = conv_ops.memory_format_of(F.conv2d(x, w, b, padding=1))
+        assert y.is_contiguous(memory_format=nn_layout), (layout, padding, y.stride())
+        for t in (x, w, b):
+            assert y.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+        gy = torch.randn(y.shape, generator=gen).to(memory_format=torch.channels_last if layout == "channels_last"
+                                                    else torch.contiguous_format)
+        dx = torch.ops.fastconv.conv2d_input_grad(gy, w, list(x.shape), *geo, "torch")
+        x64r = x.double().requires_grad_()
+        out = F.conv2d(F.pad(x64r, (padding[2], padding[3], padding[0], padding[1])), w.double())
+        (rdx,) = torch.autograd.grad(out, x64r, gy.double())
+        torch.testing.assert_close(dx.double(), rdx, rtol=1e-5, atol=1e-5)
+        assert dx.is_contiguous(memory_format=conv_ops.memory_format_of(gy)), (layout, padding, dx.stride())
+        assert dx.untyped_storage().data_ptr() != gy.untyped_storage().data_ptr()
+        xg, wg, bg = (t.detach().requires_grad_() for t in (x, w, b))
+        opcheck(torch.ops.fastconv.conv2d.default, (xg, wg, bg, *geo), {"shift": shift, "backend": "torch"})
+        opcheck(torch.ops.fastconv.conv2d_input_grad.default, (gy, w, list(x.shape), *geo, "torch"))
+
+
 BAD_CALLS = {
     "padding_string": (dict(), dict(padding="foo")),
     "same_strided": (dict(), dict(padding="same", stride=2)),

@@ -142,6 +142,23 @@ def test_no_grad_calls_write_no_taps(layout, kernel_backend, kdevice, monkeypatc
     assert torch.equal(dx.cpu(), rdx)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
+def test_no_grad_torch_backend_runs_pytorchs_pool(layout, monkeypatch):
+    """Backend 'torch': a layer's repeated no-grad call is PyTorch's max_pool2d itself, without the indices its
+    composition turns into taps (the op's own path is not taken), with F.max_pool2d's output and layout."""
+    x = _input((2, 3, 9, 8), layout, torch.device("cpu"))
+    x[0, 1, 2, 3] = float("nan")
+    cfg = dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)
+    ref = F.max_pool2d(x, **cfg)
+    with fastconv.backend("torch"), torch.no_grad():
+        fastconv.functional._POOL_GEOMETRY.clear()
+        monkeypatch.setattr(pool_ops, "_max_pool2d_checked", None)
+        y = max_pool2d(x, **cfg)
+        y2 = max_pool2d(x, **cfg)
+    for out in (y, y2):
+        assert torch.allclose(out, ref, rtol=0, atol=0, equal_nan=True) and _is_cl(out) == _is_cl(ref)
+
+
 def test_ext_forward_without_offsets(ext_backend, poisoned):
     """ext_max_pool2d(..., offsets=False): the same output, an empty offsets tensor (nothing written)."""
     pool_ops.ext_ops()

@@ -214,14 +214,18 @@ def conv2d(
     _check_choice(activation, ACTIVATIONS, "activation")
     _check_choice(algo, ALGOS, "algo")
     name = _backend.resolve("conv2d", input.device, CONV2D_BACKENDS, backend)
-    y = _new_output(input, weight, stride, padding, dilation)
-    if name in _EXT_BACKENDS:
-        ext_conv2d(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual, activation, y)
-        return y
     if name == "torch":
         z = _torch_conv_forward(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual,
                                 activation)
+        shape, fmt = output_geometry(input, weight, stride, padding, dilation)
+        if z.is_contiguous(memory_format=fmt) and z.dtype == input.dtype:
+            return z  # a new tensor already in nn.Conv2d's layout (the common case): no copy
+        y = alloc(shape, input.dtype, input.device, fmt)
         y.copy_(z)
+        return y
+    y = _new_output(input, weight, stride, padding, dilation)
+    if name in _EXT_BACKENDS:
+        ext_conv2d(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual, activation, y)
         return y
     tconv, tim2col = _triton.conv2d, _triton.im2col
 
@@ -255,7 +259,12 @@ def conv2d_input_grad(
     summed in the Triton dgrad's store (no separate pass); the other backends add with PyTorch ops."""
     _check_add(add, add_bits, input_size, grad_output)
     name = _backend.resolve("conv2d", grad_output.device, CONV2D_BACKENDS, backend)
-    dx = alloc(input_size, grad_output.dtype, grad_output.device, memory_format_of(grad_output))
+    fmt = memory_format_of(grad_output)
+    if name == "torch":
+        r = _torch_input_grad(grad_output, weight, input_size, stride, padding, dilation, groups)
+        if add is None and r.is_contiguous(memory_format=fmt) and r.dtype == grad_output.dtype:
+            return r  # a new tensor already in dx's layout (symmetric padding): no copy
+    dx = alloc(input_size, grad_output.dtype, grad_output.device, fmt)
     if name == "triton":
         tconv = _triton.conv2d
 
@@ -265,7 +274,7 @@ def conv2d_input_grad(
         ext_ops().ext_conv2d_input_grad(grad_output, weight, stride, padding, dilation, groups,
                                         _allow_tf32(grad_output), dx)
     else:
-        dx.copy_(_torch_input_grad(grad_output, weight, input_size, stride, padding, dilation, groups))
+        dx.copy_(r)
     if add is not None:
         # (a select where the bit is 0, as the Triton epilogue and PyTorch's threshold backward: a non-finite
         # gradient there adds 0)
