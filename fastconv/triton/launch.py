@@ -255,27 +255,22 @@ def _launch_key_fn():
     return _launch_key
 
 
-def _hook_set(hook) -> bool:
-    """Whether a launch hook would run: triton 3.6-3.8 keep a HookChain (set: it has calls) in
-    knobs.runtime.launch_enter_hook / launch_exit_hook; anything else not None is a hook."""
-    if hook is None:
-        return False
-    calls = getattr(hook, "calls", None)
-    return calls is None or len(calls) > 0
-
-
 _RUNTIME_KNOBS = triton.knobs.runtime
 
 
 def _hooks_set(kernel) -> bool:
-    rt = _RUNTIME_KNOBS
-    return (_hook_set(rt.launch_enter_hook) or _hook_set(rt.launch_exit_hook)
-            or bool(getattr(kernel, "pre_run_hooks", None)))
+    """Whether a launch hook or a pre-run hook would run. Triton 3.6-3.8 keep a HookChain in
+    knobs.runtime.launch_enter_hook / launch_exit_hook, set when it has calls; anything else not None is a hook
+    (getattr(..., "calls", True))."""
+    enter, leave = _RUNTIME_KNOBS.launch_enter_hook, _RUNTIME_KNOBS.launch_exit_hook
+    return bool((enter is not None and getattr(enter, "calls", True))
+                or (leave is not None and getattr(leave, "calls", True))
+                or getattr(kernel, "pre_run_hooks", None))
 
 
 def _direct_of(kernel) -> _Direct | None:
     """The kernel's _Direct where a launch may go direct now (switched on, no hook set, extension loaded)."""
-    if not direct_enabled() or _hooks_set(kernel) or not _launch_key_fn():
+    if _hooks_set(kernel) or not direct_enabled() or not (_launch_key or _launch_key_fn()):
         return None
     direct = _DIRECT.get(id(kernel))
     if direct is None:
