@@ -22,6 +22,8 @@
 
 #include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #ifdef FASTCONV_WITH_CUDA
 // Defined in csrc/cuda/build_info.cu (compiled by nvcc): the toolkit and the architectures it targeted.
@@ -62,6 +64,20 @@ TORCH_LIBRARY_FRAGMENT(fastconv, m) {
 namespace fastconv {
 
 using namespace ext;  // the signatures and FASTCONV_HANDLE (csrc/ext_ops.h)
+
+namespace {
+
+// (internal linkage: pybind11's types are hidden, a class_ of a visible type warns)
+struct PoolGeometry {
+  PoolGeometry(std::vector<int64_t> k, std::vector<int64_t> s, std::vector<int64_t> p, std::vector<int64_t> d,
+               bool ceil)
+      : kernel_size(std::move(k)), stride(std::move(s)), padding(std::move(p)), dilation(std::move(d)),
+        ceil_mode(ceil) {}
+  std::vector<int64_t> kernel_size, stride, padding, dilation;
+  bool ceil_mode;
+};
+
+}  // namespace
 
 static void bind_ops(pybind11::module_& m) {
   namespace py = pybind11;
@@ -150,6 +166,18 @@ static void bind_ops(pybind11::module_& m) {
       },
       py::arg("input"), py::arg("kernel_size"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
       py::arg("ceil_mode"), py::arg("offsets") = true, release);
+  // A max-pool layer's no-grad call in eager mode (functional.max_pool2d's per-signature plan): the geometry is
+  // converted from Python once, into a PoolGeometry, and only y comes back (no offsets, no tuple).
+  py::class_<PoolGeometry>(m, "PoolGeometry")
+      .def(py::init<std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, bool>(),
+           py::arg("kernel_size"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("ceil_mode"));
+  m.def(
+      "ext_max_pool2d_planned",
+      [](const Tensor& input, const PoolGeometry& g) {
+        FASTCONV_HANDLE(MaxPoolFn, "fastconv::ext_max_pool2d");
+        return std::get<0>(op.call(input, g.kernel_size, g.stride, g.padding, g.dilation, g.ceil_mode, false));
+      },
+      "ext_max_pool2d(input, *geometry, offsets=False)[0]", release);
   m.def(
       "ext_max_pool2d_input_grad",
       [](const Tensor& grad_output, const Tensor& offsets, std::vector<int64_t> input_size,

@@ -362,7 +362,7 @@ def _pool_call(input, plan, kernel_size, stride, padding, dilation, ceil_mode, r
     # a plan has a direct kernel only where max_pool2d found is_compiling() False in this call (its key)
     if (direct is not None and not return_indices and not (input.requires_grad and torch.is_grad_enabled())
             and _fastpath.eager_uncompiled(input)):
-        return direct[0](input, *direct[1])[0]  # no autograd, no taps: the kernel alone
+        return direct[0](input, *direct[1])  # no autograd, no taps: the kernel alone
     return _max_pool2d(input, geo, ceil_mode, return_indices, name)
 
 

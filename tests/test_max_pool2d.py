@@ -172,6 +172,23 @@ def test_ext_forward_without_offsets(ext_backend, poisoned):
     opcheck(torch.ops.fastconv.ext_max_pool2d.default, (x, *geo, False))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
+@pytest.mark.parametrize("geo", [([3, 3], [2, 2], [1, 1], [1, 1], True), ([2, 3], [1, 2], [0, 1], [2, 1], False)])
+def test_ext_planned_forward(geo, layout, ext_backend, poisoned):
+    """fastconv._C.ext_max_pool2d_planned(x, PoolGeometry(...)) -- the no-grad layer call's entry point, its
+    geometry converted once -- is ext_max_pool2d(x, *geometry, offsets=False)'s y: values, dtype and strides."""
+    from fastconv import _C
+
+    pool_ops.ext_ops()
+    x = _input((2, 3, 9, 8), layout, ext_backend, dtype=torch.float32)
+    y = _C.ext_max_pool2d_planned(x, _C.PoolGeometry(*geo))
+    ref, _ = torch.ops.fastconv.ext_max_pool2d(x, *geo, False)
+    assert torch.equal(y, ref) and y.stride() == ref.stride() and y.dtype == ref.dtype
+    assert torch.equal(y, F.max_pool2d(x, *geo[:4], ceil_mode=geo[4]))
+    with pytest.raises(TypeError):
+        _C.PoolGeometry([3, 3], [2, 2], [1, 1], [1, 1])  # ceil_mode is required
+
+
 def test_backward_is_deterministic(kdevice):
     x = _input((2, 3, 11, 11), "channels_last", kdevice).requires_grad_()
     y = max_pool2d(x, 3, 1, 1)  # overlapping windows: up to 9 gradients land on one element

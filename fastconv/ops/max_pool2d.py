@@ -29,6 +29,8 @@ Output memory format (out, offsets and grad_input alike): the input's suggested 
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from .. import _backend, _ext
@@ -220,26 +222,28 @@ def _max_pool2d_checked(input, kernel_size, stride, padding, dilation, ceil_mode
 
 
 def forward_kernel(backend: str, geo, ceil_mode: bool):
-    """(function, arguments) such that `function(input, *arguments)[0]` is _max_pool2d_checked's output on an
+    """(function, arguments) such that `function(input, *arguments)` is _max_pool2d_checked's output y on an
     already-resolved `backend` and validated geometry: the kernel call itself, without the argmax taps (nothing
     will read them), for an eager caller that needs no autograd (functional.max_pool2d caches it per layer call
-    signature). On the torch backend that is PyTorch's own max_pool2d, which is what its composition computes y
-    with (without the indices it turns into taps)."""
+    signature). On the C++ backends the geometry is converted once (fastconv._C.PoolGeometry); on the torch
+    backend it is PyTorch's own max_pool2d, which is what its composition computes y with (without the indices
+    it turns into taps)."""
     if backend in ("cuda", "cpu"):
-        return ext_ops().ext_max_pool2d, (*geo, ceil_mode, False)
+        ops = ext_ops()
+        planned = getattr(ops, "ext_max_pool2d_planned", None)
+        if planned is not None:
+            return planned, (importlib.import_module("fastconv._C").PoolGeometry(*geo, ceil_mode),)
+        return _first(ops.ext_max_pool2d), (*geo, ceil_mode, False)  # an extension built before it
     if backend == "triton":
-        tpool = _triton.max_pool2d
-
-        return tpool.max_pool2d_forward, (*map(tuple, geo), ceil_mode, False)
+        return _first(_triton.max_pool2d.max_pool2d_forward), (*map(tuple, geo), ceil_mode, False)
     if backend == "torch":
-        return _torch_forward, (*geo, ceil_mode)
+        return torch.max_pool2d, (*geo, ceil_mode)
     return None
 
 
-def _torch_forward(input, kernel_size, stride, padding, dilation, ceil_mode):
-    """(y,): the torch backend's output without taps; PyTorch's layout rule is the backends' own
-    (suggest_memory_format of the input)."""
-    return (torch.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode),)
+def _first(fn):
+    """x, *args -> fn(x, *args)[0]"""
+    return lambda x, *args: fn(x, *args)[0]
 
 
 def _fake_forward(input, kernel_size, stride, padding, dilation, ceil_mode, backend="auto"):
