@@ -21,7 +21,6 @@ import inspect
 import json
 import statistics
 import sys
-import time
 import types
 
 import torch
@@ -35,10 +34,10 @@ ROUNDS = 5
 def triton_view(kernel):
     """The kernel as Triton's launch path sees it (signature, KernelParams): itself when it is a JITFunction;
     under the interpreter (an InterpretedFunction, which has neither) the parameters JITFunction builds from the
-    same function, which is exact for kernels without @triton.jit options (checked)."""
+    same function, which is exact for kernels without @triton.jit options (checked). A view passes through."""
     from triton.runtime.jit import JITFunction, KernelParam
 
-    if isinstance(kernel, JITFunction):
+    if isinstance(kernel, JITFunction) or isinstance(kernel, types.SimpleNamespace):
         return kernel
     options = {k: v for k, v in getattr(kernel, "kwargs", {}).items() if v}
     if options:
@@ -85,15 +84,14 @@ def captured(case: O.Case) -> list[tuple]:
 
 
 def _per_call_us(fn, calls: int) -> float:
-    for _ in range(min(calls, 200)):
-        fn()
-    times = []
-    for _ in range(ROUNDS):
-        start = time.thread_time()
-        for _ in range(calls):
+    """Median over ROUNDS loops of `calls` calls of fn, µs per call by the overhead bench's CPU clock."""
+    def loop(n: int):
+        for _ in range(n):
             fn()
-        times.append((time.thread_time() - start) / calls * 1e6)
-    return statistics.median(times)
+
+    loop(min(calls, 200))
+    cpu = torch.device("cpu")
+    return statistics.median(O.timed_loop(loop, calls, cpu)[0] for _ in range(ROUNDS)) * 1e6
 
 
 def measure(ops=None, calls: int = DEFAULT_CALLS) -> list[dict]:

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 import fastconv
+from fastconv import _backend
 
 N, C, HW, K, R = 1, 4, 6, 4, 3
 POOL = 2
@@ -251,19 +252,6 @@ class Pair:
 
 
 @contextlib.contextmanager
-def _env(name: str, value: str):
-    saved = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
-
-
-@contextlib.contextmanager
 def _contexts(case: Case, device: torch.device, grad: bool):
     """The row's backend, dry run and grad mode; entered inside one `with`, so a context that raises on entry
     (noop_kernels without the extension) unwinds those entered before it instead of leaking the backend."""
@@ -276,7 +264,7 @@ def _contexts(case: Case, device: torch.device, grad: bool):
         if case.provider == "fastconv-cpu-noop":
             stack.enter_context(noop_kernels())
         if case.provider == "fastconv-triton-jit":
-            stack.enter_context(_env("FASTCONV_DIRECT_LAUNCH", "0"))
+            stack.enter_context(_backend.environment(FASTCONV_DIRECT_LAUNCH="0"))
         if not grad:
             stack.enter_context(torch.no_grad())
         yield
@@ -382,14 +370,12 @@ def row(pair: Pair, fastconv_s: list[float], nn_s: list[float], calls: int, devi
 def timing_environment():
     """torch.set_num_threads(1) and TRITON_INTERPRET unset, both restored afterwards."""
     threads = torch.get_num_threads()
-    interp = os.environ.pop("TRITON_INTERPRET", None)
     torch.set_num_threads(1)
     try:
-        yield
+        with _backend.environment(TRITON_INTERPRET=None):
+            yield
     finally:
         torch.set_num_threads(threads)
-        if interp is not None:
-            os.environ["TRITON_INTERPRET"] = interp
 
 
 def ext_op_call_us(calls: int = 2000) -> float | None:

@@ -62,6 +62,24 @@ def getenv(name: str, default: str | None = None) -> str | None:
     return default if value is None else os.fsdecode(value)
 
 
+@contextlib.contextmanager
+def environment(**values: str | None):
+    """Environment variables set (a value) or unset (None) inside; each restored to what it was afterwards."""
+    def put(settings):
+        for name, value in settings.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        put(values)
+        yield
+    finally:
+        put(saved)
+
+
 def env_flag(name: str, default: bool) -> bool:
     """A boolean environment switch: unset -> default; '' or '0' -> False; anything else -> True."""
     if not isinstance(_ENVIRON, dict):

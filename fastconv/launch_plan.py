@@ -21,12 +21,12 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import sys
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import _backend
 from .triton import launch as tlaunch
 
 # Datasheet peaks (dense, no sparsity): NVIDIA H100 SXM5 and H200 SXM (nvidia.com/h100, /h200 datasheets),
@@ -124,23 +124,14 @@ class _PlanMode(TorchDispatchMode):
 def _target(gpu: str):
     """Tile tables and grids of the named GPU (FASTCONV_ARCH / FASTCONV_SM_COUNT) while planning."""
     spec = GPUS[gpu]
-    saved = {k: os.environ.get(k) for k in ("FASTCONV_ARCH", "FASTCONV_SM_COUNT")}
-    os.environ["FASTCONV_ARCH"], os.environ["FASTCONV_SM_COUNT"] = spec["arch"], str(spec["sms"])
-    try:
+    with _backend.environment(FASTCONV_ARCH=spec["arch"], FASTCONV_SM_COUNT=str(spec["sms"])):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def record_step(model: torch.nn.Module, x: torch.Tensor, train: bool, gpu: str = "H100",
                 backend: str | None = "triton") -> list[Row]:
     """Rows of one step of `model` on input x (meta tensors): forward, and with `train` the backward from a
     given gradient of the output (the loss itself is not the model's). `backend` pins fastconv's backend (None: plain PyTorch model, nothing pinned)."""
-    from . import _backend
     from .triton import _common
 
     model.train(train)

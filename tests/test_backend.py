@@ -92,3 +92,16 @@ def test_info_cli_reports_backends():
     for needle in ("torch ", "triton ", "backends for cuda tensors:", "backends for cpu tensors:", "conv2d",
                    "fastconv._C"):
         assert needle in out.stdout, needle
+
+
+def test_environment_sets_unsets_and_restores(monkeypatch):
+    """_backend.environment: a value sets, None unsets, and each variable is back as it was afterwards, after an
+    exception too (the launch plan's GPU target, the overhead bench's switches)."""
+    monkeypatch.setenv("FASTCONV_TEST_A", "before")
+    monkeypatch.delenv("FASTCONV_TEST_B", raising=False)
+    with pytest.raises(KeyError):
+        with _backend.environment(FASTCONV_TEST_A=None, FASTCONV_TEST_B="1"):
+            assert "FASTCONV_TEST_A" not in os.environ and os.environ["FASTCONV_TEST_B"] == "1"
+            assert _backend.env_flag("FASTCONV_TEST_B", False)
+            raise KeyError
+    assert os.environ["FASTCONV_TEST_A"] == "before" and "FASTCONV_TEST_B" not in os.environ

@@ -9,40 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import types
 
 import pytest
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import make_backend
-from triton.runtime.jit import JITFunction, KernelParam, create_function_from_signature
 
 import fastconv
+from bench._launch_binding import triton_binder, triton_view
 from fastconv import _backend, _ext
 from fastconv.triton import launch
 
 from .helpers import assert_close, generator, randn
 
 needs_ext = pytest.mark.skipif(not _ext.load(), reason="the direct launch keys come from the C++ extension")
-
-
-_JIT: dict = {}
-
-
-def _jit(kernel):
-    """The kernel as Triton's launch path sees it (its signature and KernelParams): itself on a GPU; under the
-    interpreter (an InterpretedFunction, which has neither) the parameters JITFunction builds from the same
-    function. fastconv's kernels are plain @triton.jit (no do_not_specialize lists), checked here."""
-    if isinstance(kernel, JITFunction):
-        return kernel
-    options = {k: v for k, v in kernel.kwargs.items() if v}
-    assert not options, f"{kernel.fn.__name__}: @triton.jit options {options}"
-    if kernel.fn not in _JIT:
-        sig = inspect.signature(kernel.fn)
-        params = [KernelParam(i, p, False, False) for i, p in enumerate(sig.parameters.values())]
-        _JIT[kernel.fn] = types.SimpleNamespace(fn=kernel.fn, signature=sig, params=params, pre_run_hooks=[])
-    return _JIT[kernel.fn]
 
 
 def _captured_launches():
@@ -52,7 +31,7 @@ def _captured_launches():
     calls = []
 
     def capture(kernel, grid, args, kwargs, device):
-        calls.append((_jit(kernel), tuple(grid), args, dict(kwargs)))
+        calls.append((triton_view(kernel), tuple(grid), args, dict(kwargs)))
 
     g = generator()
     with pytest.MonkeyPatch.context() as mp, fastconv.backend("triton"), _backend.planning_mode():
@@ -80,8 +59,7 @@ def launches():
 
 def _triton_binding(kernel, args, kwargs):
     """Triton's own (bound arguments, specialization key, options) for this call on an sm_90 target."""
-    binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(GPUTarget("cuda", 90, 32)))
-    bound, spec, options = binder(*args, **kwargs)
+    bound, spec, options = triton_binder(kernel)(*args, **kwargs)
     return list(bound.values()), (tuple(spec), str(options)), options
 
 

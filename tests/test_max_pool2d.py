@@ -189,6 +189,23 @@ def test_ext_planned_forward(geo, layout, ext_backend, poisoned):
         _C.PoolGeometry([3, 3], [2, 2], [1, 1], [1, 1])  # ceil_mode is required
 
 
+def test_forward_kernel_with_an_extension_built_before_the_planned_entry(monkeypatch):
+    """An extension without ext_max_pool2d_planned: the no-grad kernel is ext_max_pool2d(..., offsets=False)'s
+    y, its geometry passed per call."""
+    calls = []
+
+    class OldExtension:
+        @staticmethod
+        def ext_max_pool2d(x, *args):
+            calls.append(args)
+            return "y", "offsets"
+
+    monkeypatch.setattr(pool_ops, "ext_ops", lambda: OldExtension)
+    geo = ([3, 3], [2, 2], [1, 1], [1, 1])
+    fn, args = pool_ops.forward_kernel("cpu", geo, True)
+    assert fn("x", *args) == "y" and calls == [(*geo, True, False)]
+
+
 def test_backward_is_deterministic(kdevice):
     x = _input((2, 3, 11, 11), "channels_last", kdevice).requires_grad_()
     y = max_pool2d(x, 3, 1, 1)  # overlapping windows: up to 9 gradients land on one element

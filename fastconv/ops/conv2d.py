@@ -261,9 +261,9 @@ def conv2d_input_grad(
     name = _backend.resolve("conv2d", grad_output.device, CONV2D_BACKENDS, backend)
     fmt = memory_format_of(grad_output)
     if name == "torch":
-        r = _torch_input_grad(grad_output, weight, input_size, stride, padding, dilation, groups)
-        if add is None and r.is_contiguous(memory_format=fmt) and r.dtype == grad_output.dtype:
-            return r  # a new tensor already in dx's layout (symmetric padding): no copy
+        torch_dx = _torch_input_grad(grad_output, weight, input_size, stride, padding, dilation, groups)
+        if add is None and torch_dx.is_contiguous(memory_format=fmt) and torch_dx.dtype == grad_output.dtype:
+            return torch_dx  # a new tensor already in dx's layout (symmetric padding): no copy
     dx = alloc(input_size, grad_output.dtype, grad_output.device, fmt)
     if name == "triton":
         tconv = _triton.conv2d
@@ -273,8 +273,8 @@ def conv2d_input_grad(
     if name in _EXT_BACKENDS:
         ext_ops().ext_conv2d_input_grad(grad_output, weight, stride, padding, dilation, groups,
                                         _allow_tf32(grad_output), dx)
-    else:
-        dx.copy_(r)
+    else:  # torch: its result in dx's layout
+        dx.copy_(torch_dx)
     if add is not None:
         # (a select where the bit is 0, as the Triton epilogue and PyTorch's threshold backward: a non-finite
         # gradient there adds 0)
