@@ -23,8 +23,8 @@ def _dtype_note(backend: str, device_type: str, dtype: str) -> str:
     if backend == "triton" and dtype == "float64":
         return "interpreter only (gradcheck); GPUs run fp64 dots slowly and fastconv doesn't tune for them"
     if backend == "triton" and dtype == "float32":
-        tf32 = torch.backends.cudnn.allow_tf32
-        return f"TF32 tensor cores {'on' if tf32 else 'off'} (torch.backends.cudnn.allow_tf32={tf32}, as nn.Conv2d)"
+        tf32 = _backend.conv_tf32_allowed()
+        return f"TF32 tensor cores {'on' if tf32 else 'off'} (cuDNN's conv TF32 setting, as nn.Conv2d)"
     if backend == "triton" and dtype == "bfloat16" and device_type == "cpu":
         return "interpreter: dots upcast to fp32 (its bf16 dot is broken); stores truncate"
     return ""

@@ -221,7 +221,9 @@ def summarize(rows: list[Row], gpu: str, kind: str) -> dict:
 def _kind(dtype: torch.dtype) -> str:
     from .triton.configs import operand_kind
 
-    return operand_kind(dtype, "tf32" if torch.backends.cudnn.allow_tf32 else "ieee")
+    from .triton._common import dot_precision
+
+    return operand_kind(dtype, dot_precision(dtype))
 
 
 def _table(rows: list[Row], gpu: str, kind: str) -> str:

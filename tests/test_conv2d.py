@@ -20,7 +20,7 @@ import triton.language as tl
 
 import fastconv.ops.conv2d as conv_ops
 import fastconv.triton.conv2d as tconv
-from fastconv import _act_bits
+from fastconv import _act_bits, _backend
 from fastconv.triton._epilogue import pixel_coords, tile_rows
 from fastconv.functional import conv2d, conv2d_fused
 
@@ -501,6 +501,44 @@ def test_tf32_follows_cudnn_flag():
     torch.backends.cudnn.allow_tf32 = False
     assert dot_precision(torch.float32) == "ieee"
     assert dot_precision(torch.float16) == "ieee"
+
+
+_TF32_SETTINGS = (("generic", "all"), ("cuda", "all"), ("cuda", "conv"), ("cuda", "rnn"))
+
+
+@pytest.fixture
+def tf32_settings():
+    """PyTorch's TF32 settings (the per-op API of torch >= 2.9), restored afterwards."""
+    getter = getattr(torch._C, "_get_fp32_precision_getter", None)
+    if getter is None:
+        pytest.skip(f"torch {torch.__version__} has no per-op fp32_precision API")
+    saved = [(b, o, getter(b, o)) for b, o in _TF32_SETTINGS]
+    legacy = torch._C._get_cudnn_allow_tf32()
+    yield torch._C._set_fp32_precision_setter
+    torch._C._set_cudnn_allow_tf32(legacy)
+    for backend, op, value in saved:
+        torch._C._set_fp32_precision_setter(backend, op, value)
+
+
+@pytest.mark.parametrize("settings, want", [
+    # the per-op API setting the conv apart from the RNN: torch.backends.cudnn.allow_tf32 itself raises there
+    ({("cuda", "conv"): "ieee", ("cuda", "rnn"): "tf32"}, "ieee"),
+    ({("cuda", "conv"): "tf32", ("cuda", "rnn"): "ieee"}, "tf32"),
+    # "none" inherits: cuDNN's setting, then the global one
+    ({("cuda", "conv"): "none", ("cuda", "rnn"): "tf32", ("cuda", "all"): "ieee"}, "ieee"),
+    ({("cuda", "conv"): "none", ("cuda", "rnn"): "ieee", ("cuda", "all"): "none", ("generic", "all"): "tf32"},
+     "tf32"),
+])
+def test_tf32_follows_the_per_op_api(tf32_settings, settings, want):
+    """nn.Conv2d reads cuDNN's conv setting (ATen's allowTF32CuDNN("conv")), which the per-op API may set apart
+    from the RNN's; fastconv then reads the same setting instead of raising from torch.backends.cudnn.allow_tf32."""
+    from fastconv.triton._common import dot_precision
+
+    for (backend, op), value in settings.items():
+        tf32_settings(backend, op, value)
+    assert _backend.conv_tf32_allowed() is (want == "tf32")
+    assert dot_precision(torch.float32) == want
+    assert dot_precision(torch.bfloat16) == "ieee"
 
 
 def test_tf32_flag_reaches_cached_launch_plans():

@@ -450,3 +450,43 @@ def test_interpreter_overflow_checks_off_elsewhere():
     if not launch.interpreting():
         pytest.skip("the overflow checks are the Triton interpreter's; a GPU kernel wraps silently")
     assert int(_int32_overflow_launch()) == 0  # 2**32 wrapped to int32, as on a GPU
+
+
+def test_repeated_tuned_launches_keep_their_own_grid(monkeypatch):
+    """A conv launcher's repeated launch reuses the grid and keyword arguments kept in its launch plan
+    (TunedKernel's `fixed`). Two wgrad call signatures whose Problems are equal (3x3, groups 1 and 1x3, groups 3:
+    the same GEMM sizes and autotune memo) still launch their own grids, every time, equal to what the plan's
+    grid function gives; and each call passes its own tensors. Launches are mocked (no GPU): the GPU path's
+    tile choice with FASTCONV_AUTOTUNE=0."""
+    calls = []
+    monkeypatch.setattr(launch, "launch", lambda kernel, grid, args, kwargs, device: calls.append(
+        (kernel, grid, args, dict(kwargs))))
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setenv("FASTCONV_AUTOTUNE", "0")
+    monkeypatch.setenv("FASTCONV_SM_COUNT", "132")
+    from fastconv.triton import conv2d as tconv
+
+    gen = generator("fixed-launch")
+    n, oh, ow = 2, 5, 7
+    cases = {"3x3": ((3, 3), 1, 4, 4), "1x3 groups 3": ((1, 3), 3, 12, 12)}  # kernel, groups, C_in, C_out
+    grids = {}
+    for name, ((kh, kw), groups, c_in, c_out) in cases.items():
+        x = randn((n, c_in, oh + kh - 1, ow + kw - 1), torch.float32, "cpu", gen).contiguous(
+            memory_format=torch.channels_last)
+        for repeat in range(3):
+            g = randn((n, c_out, oh, ow), torch.float32, "cpu", gen).contiguous(memory_format=torch.channels_last)
+            calls.clear()
+            tconv.conv2d_weight_grad(g, x, (c_out, c_in // groups, kh, kw), (1, 1), (0, 0), (1, 1), groups,
+                                     bias_grad=True, channels_last=True)
+            (kernel, grid, args, kwargs), = calls
+            assert args[0] is g and args[1] is x
+            plan = next(p for k, p in tconv._WGRAD_PLANS._plans.items()
+                        if k[0] == g.shape and k[4] == x.shape and k[11] == groups)
+            meta = {k: kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+            assert grid == tuple(plan[3](meta)), (name, repeat)
+            grids.setdefault(name, grid)
+            assert grid == grids[name]
+    assert grids["3x3"] != grids["1x3 groups 3"]
+    # the two signatures' Problems and autotune memos are the same: only a per-plan cache tells their grids apart
+    plans = [p for k, p in tconv._WGRAD_PLANS._plans.items() if k[0][2:] == (oh, ow) and k[4][0] == n]
+    assert len({p[1] for p in plans}) == 1 and len({p[5] for p in plans}) == 1

@@ -27,7 +27,9 @@ needs_ext = pytest.mark.skipif(not _ext.load(), reason="the direct launch keys c
 def _captured_launches():
     """(kernel, grid, args, kwargs) of every Triton launch of a fused conv+BN+ReLU training step (channels_last,
     fp16), a plain conv's forward and backward with a bias, a max-pool's forward and backward and a fused
-    block's eval forward; the launches are captured, not run."""
+    block's eval forward; the launches are captured, not run. They take the GPU's path (the interpreter's
+    check off, the heuristic tile: FASTCONV_AUTOTUNE=0), where a tuned launch's grid and keyword arguments come
+    from its launch plan (TunedKernel's `fixed`)."""
     calls = []
 
     def capture(kernel, grid, args, kwargs, device):
@@ -36,6 +38,8 @@ def _captured_launches():
     g = generator()
     with pytest.MonkeyPatch.context() as mp, fastconv.backend("triton"), _backend.planning_mode():
         mp.setattr(launch, "launch", capture)
+        mp.setattr(launch, "interpreting", lambda: False)
+        mp.setenv("FASTCONV_AUTOTUNE", "0")
         block = fastconv.ConvBNReLU2d(5, 6, 3, padding=1).to(memory_format=torch.channels_last)
         x = randn((2, 5, 7, 9), torch.float32, "cpu", g).to(memory_format=torch.channels_last).requires_grad_()
         block(x).sum().backward()

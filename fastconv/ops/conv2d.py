@@ -136,8 +136,8 @@ _EXT_BACKENDS = ("cpu", "cuda")
 
 
 def _allow_tf32(t: torch.Tensor) -> bool:
-    """fp32 GEMMs may use TF32 tensor cores exactly when nn.Conv2d would (torch.backends.cudnn.allow_tf32)."""
-    return bool(t.is_cuda and t.dtype == torch.float32 and torch.backends.cudnn.allow_tf32)
+    """fp32 GEMMs may use TF32 tensor cores exactly when nn.Conv2d would (_backend.conv_tf32_allowed)."""
+    return bool(t.is_cuda and t.dtype == torch.float32 and _backend.conv_tf32_allowed())
 
 
 def stats_tiles(n: int, oh: int, ow: int) -> int:

@@ -6,7 +6,7 @@ import triton.language as tl
 
 from .._activations import CODES as ACTIVATIONS  # noqa: F401 (the fused epilogue's activation codes)
 from .._args import channels_strided  # noqa: F401 (one definition; re-exported)
-from .._backend import interpreting, planning  # noqa: F401 (one definition; re-exported)
+from .._backend import conv_tf32_allowed, interpreting, planning  # noqa: F401 (one definition; re-exported)
 
 INT32_LIMIT = 2**31 - 1
 # GEMM rows, pixel blocks and split-K chunks may run up to one block past the end of what they index (masked
@@ -36,8 +36,8 @@ def acc_dtype(dtype: torch.dtype):
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision. fp32 follows torch.backends.cudnn.allow_tf32 exactly as nn.Conv2d does."""
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+    """tl.dot input precision. fp32 follows cuDNN's conv TF32 setting exactly as nn.Conv2d does (conv_tf32_allowed)."""
+    if dtype == torch.float32 and conv_tf32_allowed():
         return "tf32"
     return "ieee"
 

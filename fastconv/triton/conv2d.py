@@ -563,7 +563,7 @@ def conv2d_forward(
     plan = _FWD_PLANS.get(key) or _FWD_PLANS.put(key, _forward_plan(
         x, weight, bias, stride, padding, dilation, groups, scale, shift, residual, activation, out, stats,
         prologue, force_int64))
-    shape, ints, problem, grid, consts, memo = plan
+    shape, ints, problem, grid, consts, memo, fixed = plan
     x, weight = channels_contiguous(x), channels_contiguous(weight)
     y = out if out is not None else x.new_empty(shape)
     if grid is None:  # nothing to compute
@@ -585,8 +585,9 @@ def conv2d_forward(
         *ints,
         problem=problem,
         device=x.device,
-        scratch=stats_scratch(problem.m, shape[1], y, stats),
+        scratch=stats_scratch(problem.m, shape[1], y, stats) if stats else dict.fromkeys(STATS_ARGS, y),
         memo=memo,
+        fixed=fixed,
         **consts,
     )
     return (y, stats_of(extra)) if stats else y
@@ -620,7 +621,7 @@ def _forward_plan(x, weight, bias, stride, padding, dilation, groups, scale, shi
     cout_g = C_out // groups
     problem = Problem(M, cout_g, cin_g, KH * KW, groups)
     if M == 0 or C_out == 0:
-        return shape, (), problem, None, {}, None
+        return shape, (), problem, None, {}, None, None
     top, _, left, _ = pads(padding)
     rm = None if residual is None else residual_like(meta_like(residual), ym)
     ints = (M, H, W, OH, OW, cin_g, cout_g, KH, KW, stride[0], stride[1], top, left, dilation[0], dilation[1],
@@ -643,7 +644,7 @@ def _forward_plan(x, weight, bias, stride, padding, dilation, groups, scale, shi
     )
     return (shape, ints, problem,
             lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(cout_g, meta["BLOCK_N"]), groups), consts,
-            memo_id((x.device, x.dtype, problem, *consts.items())))
+            memo_id((x.device, x.dtype, problem, *consts.items())), {})
 
 
 def prologue_args(prologue, channels: int, dummy: torch.Tensor):
@@ -705,7 +706,7 @@ def conv2d_input_grad(
            None if add is None else (add[0].stride(), add[1] is not None))
     plan = _DGRAD_PLANS.get(key) or _DGRAD_PLANS.put(key, _input_grad_plan(
         grad_out, weight, input_shape, stride, padding, dilation, groups, out, bn, force_int64, add))
-    work, ints, problem, grid, consts, memo = plan
+    work, ints, problem, grid, consts, memo, fixed = plan
     if add is not None and work is True and consts["IDX64"]:  # no spill-checked IDX64 add epilogue: add after
         dx = conv2d_input_grad(grad_out, weight, input_shape, stride, padding, dilation, groups, out=out,
                                force_int64=force_int64)
@@ -733,7 +734,7 @@ def conv2d_input_grad(
                    bn_bias if bn_bias is not None else mean, float(eps))
         scratch = bn_grad_scratch(problem, stride, input_shape[1], dx)
     _, extra = _dgrad(grid, grad_out, weight, dx, *ints, *add_args, *bn_args, problem=problem,
-                      device=grad_out.device, scratch=scratch, memo=memo, **consts)
+                      device=grad_out.device, scratch=scratch, memo=memo, fixed=fixed, **consts)
     return dx if bn is None else (dx, (extra["sum_g_ptr"], extra["sum_gx_ptr"]))
 
 
@@ -798,7 +799,7 @@ def _input_grad_plan(grad_out, weight, input_shape, stride, padding, dilation, g
     OH, OW = grad_out.shape[2], grad_out.shape[3]
     cout_g = C_out // groups
     if dxm.numel() == 0 or cout_g == 0 or OH * OW == 0:
-        return "empty" if dxm.numel() == 0 else "zero", (), None, None, {}, None
+        return "empty" if dxm.numel() == 0 else "zero", (), None, None, {}, None, None
     sh, sw = stride
     HP, WP = cdiv(H, sh), cdiv(W, sw)
     MP = N * HP * WP
@@ -823,7 +824,7 @@ def _input_grad_plan(grad_out, weight, input_shape, stride, padding, dilation, g
     )
     return (True, ints, problem,
             lambda meta: (cdiv(MP, meta["BLOCK_M"]) * cdiv(cin_g, meta["BLOCK_N"]), groups * sh * sw), consts,
-            memo_id((grad_out.device, grad_out.dtype, problem, *consts.items())))
+            memo_id((grad_out.device, grad_out.dtype, problem, *consts.items())), {})
 
 
 def conv2d_weight_grad(
@@ -850,7 +851,7 @@ def conv2d_weight_grad(
     plan = _WGRAD_PLANS.get(key) or _WGRAD_PLANS.put(key, _weight_grad_plan(
         grad_out, x, weight_shape, stride, padding, dilation, groups, bias_grad, splits, prologue, channels_last,
         force_int64, key[-1]))
-    ints, problem, split_of, grid, consts, memo = plan
+    ints, problem, split_of, grid, consts, memo, fixed = plan
     C_out, cin_g, KH, KW = weight_shape
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if grid is None:  # no pixels or no channels: zero gradients
@@ -874,6 +875,7 @@ def conv2d_weight_grad(
         device=x.device,
         scratch=_wgrad_scratch(split_of, dw, db, x.device, cin_g, groups, KH, KW),
         memo=memo,
+        fixed=fixed,
         **consts,
     )
     return dw, db
@@ -891,7 +893,7 @@ def _weight_grad_plan(grad_out, x, weight_shape, stride, padding, dilation, grou
     P = N * OH * OW
     cout_g = C_out // groups
     if P == 0 or C_out == 0 or cin_g == 0:
-        return None, None, None, None, {}, None
+        return None, None, None, None, {}, None, None
     dwm = (torch.empty((C_out, KH, KW, cin_g), dtype=x.dtype, device="meta").permute(0, 3, 1, 2) if channels_last
            else torch.empty(weight_shape, dtype=x.dtype, device="meta"))
     if splits:  # a fixed split count (tests); else per tile, to fill one wave (Problem.split_fill)
@@ -925,7 +927,7 @@ def _weight_grad_plan(grad_out, x, weight_shape, stride, padding, dilation, grou
         return cdiv(cout_g, meta["BLOCK_M"]) * KH * KW * cdiv(cin_g, meta["BLOCK_N"]), split_of(meta)[0], groups
 
     return (ints, problem, split_of, grid, consts,
-            memo_id((x.device, x.dtype, problem, *consts.items())))
+            memo_id((x.device, x.dtype, problem, *consts.items())), {})
 
 
 def _wgrad_scratch(split_of, dw, db, device, cin_g: int, groups: int, KH: int, KW: int):

@@ -486,7 +486,8 @@ class TunedKernel:
     """A @triton.jit kernel with a tile table (configs.CONFIGS[family]); see the module doc for how the tile is
     chosen. Call it with grid(meta) -> grid tuple, the positional args, the constexpr kwargs, and
     problem: Problem (the GEMM the heuristic and the plan see), device, and optionally
-    scratch(meta) -> dict of per-config keyword arguments (buffers whose size depends on the tile).
+    scratch(meta) -> dict of per-config keyword arguments (buffers whose size depends on the tile) or a dict of
+    per-call keyword arguments that do not depend on it.
     Returns (meta, scratch kwargs) of the launch that ran (or was recorded)."""
 
     def __init__(self, kernel, family: str):
@@ -500,22 +501,39 @@ class TunedKernel:
     def candidates(self, arch: str, kind: str, fused: bool, prologue: bool = False) -> list[tuple[Tile, int | None]]:
         return cfgs.tiles(self.family, arch, kind, fused, prologue)
 
-    def __call__(self, grid, *args, problem: Problem, device: torch.device, scratch=None, memo=None, **consts):
+    def __call__(self, grid, *args, problem: Problem, device: torch.device, scratch=None, memo=None, fixed=None,
+                 **consts):
         """memo: optional stand-in for (device, args[0].dtype, problem, consts) that the caller worked out once
         per call signature with `memo_id` (saves building and hashing that tuple, whose Problem hashes in
-        Python, on every launch)."""
+        Python, on every launch). fixed: optional dict the caller keeps per call signature (its launch plan),
+        where the launch's grid and keyword arguments (constexprs and tile) are kept once its tile is known, so
+        that a repeated launch neither calls grid(meta) nor merges them again. A memo alone cannot key them: it
+        stands for the Problem, and problems of different geometries (e.g. a 3x3 conv and a grouped 1x3 one) can
+        share a Problem but not a grid."""
         rec = _recorder.get()
         if _forced.get() is None and (rec is None or isinstance(rec, _Discard)) and not interpreting():
-            memo = (autotune_enabled(), memo if memo is not None else (device, args[0].dtype, problem,
-                                                                      *consts.items()))
+            tuned = autotune_enabled()
+            memo = (tuned, memo if memo is not None else (device, args[0].dtype, problem, *consts.items()))
             hit = self._memo.get(memo)
             if hit is None:
                 tile, maxnreg = self._choose(self._launcher(grid, args, problem, device, scratch, consts),
                                              args[0].dtype, problem, device, consts)
                 hit = self._memo[memo] = (tile, _meta(tile, maxnreg))
-            return self._launch(hit[0], hit[1], grid, args, problem, device, scratch, consts)
-        launch = self._launcher(grid, args, problem, device, scratch, consts)
-        return launch(*self._choose(launch, args[0].dtype, problem, device, consts))
+            if fixed is None:
+                return self._launch(hit[0], hit[1], grid, args, problem, device, scratch, consts)
+            meta = hit[1]
+            launch_ = fixed.get(tuned)
+            if launch_ is None:
+                launch_ = fixed[tuned] = (tuple(grid(meta)), {**consts, **meta})
+            extra = scratch if type(scratch) is dict else scratch(meta) if scratch is not None else None
+            kwargs = {**launch_[1], **extra} if extra else launch_[1]
+            if rec is None:
+                launch(self.kernel, launch_[0], args, kwargs, device)
+            else:
+                _dry_launch(self.kernel, args, kwargs)
+            return meta, extra or {}
+        launcher = self._launcher(grid, args, problem, device, scratch, consts)
+        return launcher(*self._choose(launcher, args[0].dtype, problem, device, consts))
 
     def _launcher(self, grid, args, problem, device, scratch, consts):
         def launch(tile: Tile, maxnreg: int | None = None):
@@ -524,7 +542,7 @@ class TunedKernel:
 
     def _launch(self, tile: Tile, meta: dict, grid, args, problem: Problem, device, scratch, consts):
         """Launch (or record, or in a dry run skip) on `tile`; returns (meta, scratch kwargs)."""
-        extra = scratch(meta) if scratch is not None else {}
+        extra = scratch if type(scratch) is dict else scratch(meta) if scratch is not None else {}
         g = tuple(grid(meta))
         rec = _recorder.get()
         if isinstance(rec, _Discard):
