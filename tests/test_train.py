@@ -187,6 +187,42 @@ def test_bf16_autocast_and_channels_last(data_dir):
     assert result["amp"] == "bf16" and result["channels_last"]
 
 
+@pytest.mark.parametrize("mode", ["reduce-overhead"])
+def test_compile_mode_matches_eager(data_dir, monkeypatch, mode):
+    """--compile MODE: the compiled model (Inductor, fastconv's ops opaque to it) trains and evaluates like eager.
+    On CPU reduce-overhead compiles without CUDA graphs, and no step is marked for them. Inductor's own dropout
+    RNG differs from eager's: fallback_random makes the runs comparable."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    common = ["--model", "simple_cnn_bn", "--epochs", "1", "--max-steps", "2"]
+    eager = _run(data_dir, None, *common)
+    compiled = _run(data_dir, None, *common, "--compile", mode)
+    assert compiled["compile"] == mode and eager["compile"] is None
+    np.testing.assert_allclose(compiled["train_loss"], eager["train_loss"], rtol=1e-5)
+    assert abs(compiled["test_loss"] - eager["test_loss"]) <= 1e-5 * max(1.0, eager["test_loss"])
+    assert marks == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_compile_reduce_overhead_marks_every_step_on_gpu(data_dir, monkeypatch):
+    """On a GPU --compile reduce-overhead replays CUDA graphs: every forward (training and evaluation) marks a new
+    step first, and the losses follow eager's."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    mark = torch.compiler.cudagraph_mark_step_begin
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: (marks.append(1), mark())[1])
+    common = ["--model", "simple_cnn_bn", "--epochs", "1", "--max-steps", "3", "--device", "cuda"]
+    eager = _run(data_dir, None, *common)
+    compiled = _run(data_dir, None, *common, "--compile", "reduce-overhead")
+    assert len(marks) == 3 + -(-TEST // 8)  # training steps + evaluation batches
+    np.testing.assert_allclose(compiled["train_loss"], eager["train_loss"], rtol=1e-3)
+
+
 def test_imagefolder_data(tmp_path):
     rng = np.random.default_rng(0)
     for split in ("train", "test"):

@@ -15,6 +15,11 @@ EPILOG = """examples:
 """
 
 
+# torch.compile's modes (`--compile MODE`); those with CUDA graphs mark each step's start (engine.Run)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastconv.train", description=(
         "Train a CNN on CIFAR-10 (or class-per-folder images, or generated CIFAR-format data) with fastconv's "
@@ -53,7 +58,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last model and batches (default: on for CUDA, where fastconv's Triton GEMMs read "
                         "channels_last operands and NCHW ones cost layout copies; off on CPU)")
-    r.add_argument("--compile", action="store_true", help="torch.compile the model")
+    r.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
+                   help="torch.compile the model, in torch.compile's MODE (default: 'default'): "
+                        f"{' | '.join(COMPILE_MODES)}. reduce-overhead replays each step's kernels as CUDA graphs, "
+                        "which removes the host time of every launch (fastconv's Triton path costs more of it than "
+                        "cuDNN, docs/benchmarks.md); on CPU it compiles as 'default'")
     r.add_argument("--fastconv", action=argparse.BooleanOptionalAction, default=True,
                    help="run on fastconv's kernels (default) or plain PyTorch (--no-fastconv)")
     r.add_argument("--backend", default="auto", choices=_backend.NAMES, help="fastconv backend (default auto)")

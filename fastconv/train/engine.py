@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .. import models
 from . import checkpoint, distributed, metrics, optim, profiling
+from .cli import CUDA_GRAPH_MODES
 from . import data as data_lib
 
 AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -83,7 +84,9 @@ class Run:
             ids = [self.device.index] if self.device.type == "cuda" else None
             wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
         if args.compile:
-            wrapped = torch.compile(wrapped)
+            wrapped = torch.compile(wrapped, mode=None if args.compile == "default" else args.compile)
+        # CUDA graphs (cudagraph trees) replay into the same output buffers: each step tells them a new one began
+        self.cuda_graphs = args.compile in CUDA_GRAPH_MODES and self.device.type == "cuda"
         self.wrapped = wrapped
         _seed(args.seed + env.rank)  # dropout masks differ between processes
 
@@ -130,6 +133,11 @@ class Run:
         })
 
     # -- loops -----------------------------------------------------------------------------------------
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.wrapped(x)
+
     def _train_epoch(self, stop_at: int, prof) -> dict:
         """Train from self.epoch_step to the end of the epoch or global step `stop_at`."""
         args, device = self.args, self.device
@@ -148,7 +156,7 @@ class Run:
             x = x.to(device, non_blocking=True, memory_format=self.memory_format)
             y = y.to(device, non_blocking=True)
             with record_function("fastconv.train.forward"), _autocast(device, args.amp):
-                logits = self.wrapped(x)
+                logits = self._forward(x)
                 loss = self.criterion(logits, y)
             with record_function("fastconv.train.backward"):
                 self.scaler.scale(loss).backward()
@@ -195,7 +203,7 @@ class Run:
             x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
             y = y.to(self.device, non_blocking=True)
             with record_function("fastconv.train.eval_forward"), _autocast(self.device, self.args.amp):
-                logits = self.wrapped(x)
+                logits = self._forward(x)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
             matrix += metrics.confusion_matrix(y, logits.argmax(1), classes)
         distributed.all_reduce_sum(matrix, self.env)

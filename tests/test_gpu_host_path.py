@@ -1,0 +1,182 @@
+"""The host path a GPU takes, with the kernels still run by the Triton interpreter.
+
+Under the interpreter fastconv.triton.launch takes branches a GPU never takes (the small interpreter tiles, no
+per-plan fixed launch, no direct launch), so host code only a GPU runs would otherwise be checked by nothing
+but a GPU session. Here the launch module is told it is not interpreting: tuned launches choose their tile as
+on a GPU (the heuristic of the sm_80 / sm_90 tables: FASTCONV_AUTOTUNE=0, large tiles and pinned registers
+included), repeated launches take their grid and keyword arguments from the launch plan (TunedKernel's
+`fixed`), and each launch is handed to `launch.launch` exactly as on a GPU; that one function then runs the
+kernel in the interpreter (`kernel[grid](*args, **kwargs)` with the GPU-only options dropped). Results are
+checked against PyTorch in float64, twice per call signature (the second call is the repeated launch).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastconv
+from fastconv import _backend
+from fastconv.triton import launch
+
+from .helpers import assert_close, generator, randn
+
+pytestmark = pytest.mark.skipif(not (_backend.interpreting() and _backend.availability("cpu")["triton"][0]),
+                                reason="needs the Triton interpreter (TRITON_INTERPRET=1) to run the kernels")
+
+GPU_ONLY_OPTIONS = ("num_warps", "num_stages", "maxnreg", "num_ctas")
+
+
+@pytest.fixture(params=["sm_80", "sm_90"])
+def gpu_host_path(request, monkeypatch):
+    """launch.py on its GPU branches; launches recorded (kernel name, grid, keyword arguments other than
+    tensors) and interpreted."""
+    launches = []
+
+    def interpreted(kernel, grid, args, kwargs, device):
+        launches.append((kernel.fn.__name__, tuple(grid),
+                         {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}))
+        kernel[grid](*args, **{k: v for k, v in kwargs.items() if k not in GPU_ONLY_OPTIONS})
+
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "launch", interpreted)
+    monkeypatch.setenv("FASTCONV_AUTOTUNE", "0")
+    monkeypatch.setenv("FASTCONV_ARCH", request.param)
+    with fastconv.backend("triton"):
+        yield launches
+
+
+def _twice(fn):
+    """fn() twice (a call signature's first launch, then its repeat); both results."""
+    return fn(), fn()
+
+
+def _grads(out, inputs, g):
+    return torch.autograd.grad(out, inputs, g)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_block_training_step(gpu_host_path, channels_last):
+    """conv -> BatchNorm -> ReLU, forward and backward (7 launches), and the running statistics, twice."""
+    gen = generator("gpu-host-fused", channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    block = fastconv.ConvBNReLU2d(5, 6, 3, padding=1).to(memory_format=fmt)
+    ref = nn.Sequential(nn.Conv2d(5, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()).double()
+    ref[0].load_state_dict(block.conv.state_dict())
+    ref[1].load_state_dict(block.bn.state_dict())
+    for step in range(2):
+        x = randn((3, 5, 9, 7), torch.float32, "cpu", gen).to(memory_format=fmt).requires_grad_()
+        g = randn((3, 6, 9, 7), torch.float32, "cpu", gen)
+        y = block(x)
+        grads = _grads(y, [x, block.conv.weight, block.conv.bias, block.bn.weight, block.bn.bias], g)
+        xd = x.detach().double().requires_grad_()
+        yd = ref(xd)
+        want = _grads(yd, [xd, ref[0].weight, ref[0].bias, ref[1].weight, ref[1].bias], g.double())
+        assert_close(y, yd, torch.float32, f"y, step {step}")
+        for name, a, e in zip(("dx", "dw", "db", "dgamma", "dbeta"), grads, want):
+            assert_close(a, e, torch.float32, f"{name}, step {step}")
+        assert_close(block.bn.running_mean, ref[1].running_mean, torch.float32, "running_mean")
+        assert_close(block.bn.running_var, ref[1].running_var, torch.float32, "running_var")
+    assert int(block.bn.num_batches_tracked) == 2
+    names = [name for name, _, _ in gpu_host_path]
+    assert len(names) == 14 and names[:7] == names[7:], names
+
+
+@pytest.mark.parametrize("groups, stride, dilation", [(1, 1, 1), (2, 2, 1), (1, 1, 2)])
+def test_conv_forward_backward(gpu_host_path, groups, stride, dilation):
+    """Conv2d with a bias (forward, dgrad, wgrad with its split-K reduction) twice, against float64."""
+    gen = generator("gpu-host-conv", groups, stride, dilation)
+    conv = fastconv.Conv2d(4, 6, 3, stride=stride, padding=1, dilation=dilation, groups=groups)
+    for step in range(2):
+        x = randn((2, 4, 11, 9), torch.float32, "cpu", gen).requires_grad_()
+        y = conv(x)
+        g = randn(y.shape, torch.float32, "cpu", gen)
+        dx, dw, db = _grads(y, [x, conv.weight, conv.bias], g)
+        xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, conv.weight, conv.bias))
+        yd = F.conv2d(xd, wd, bd, stride, 1, dilation, groups)
+        want = _grads(yd, [xd, wd, bd], g.double())
+        assert_close(y, yd, torch.float32, f"y, step {step}")
+        for name, a, e in zip(("dx", "dw", "db"), (dx, dw, db), want):
+            assert_close(a, e, torch.float32, f"{name}, step {step}")
+    first, second = gpu_host_path[:3], gpu_host_path[3:]
+    assert first == second  # the repeated launches: same kernels, grids and keyword arguments
+
+
+def test_conv_eval_and_max_pool(gpu_host_path):
+    """An eval forward of a fused block (BatchNorm folded into the conv's epilogue) and a max-pool's forward
+    (with and without a gradient) and backward, twice."""
+    gen = generator("gpu-host-eval-pool")
+    block = fastconv.ConvBNReLU2d(3, 4, 3, padding=1).eval()
+    with torch.no_grad():
+        block.bn.running_mean.copy_(randn((4,), torch.float32, "cpu", gen))
+        block.bn.running_var.copy_(randn((4,), torch.float32, "cpu", gen).abs() + 0.5)
+    pool = fastconv.MaxPool2d(3, stride=2, padding=1)
+    x = randn((2, 3, 8, 10), torch.float32, "cpu", gen)
+    with torch.no_grad():
+        ys = _twice(lambda: block(x))
+    bn = block.bn
+    z = F.conv2d(x.double(), block.conv.weight.double(), block.conv.bias.double(), padding=1)
+    want = F.relu(F.batch_norm(z, bn.running_mean.double(), bn.running_var.double(), bn.weight.double(),
+                               bn.bias.double(), False, 0.0, bn.eps))
+    for y in ys:
+        assert_close(y, want, torch.float32, "eval y")
+    with torch.no_grad():
+        for p in _twice(lambda: pool(x)):
+            assert torch.equal(p, F.max_pool2d(x, 3, 2, 1))
+    xg = x.clone().requires_grad_()
+    for _ in range(2):
+        p = pool(xg)
+        g = randn(p.shape, torch.float32, "cpu", gen)
+        (dx,) = _grads(p, [xg], g)
+        xd = xg.detach().clone().requires_grad_()
+        (want_dx,) = _grads(F.max_pool2d(xd, 3, 2, 1), [xd], g)
+        assert torch.equal(p, F.max_pool2d(x, 3, 2, 1))
+        assert_close(dx, want_dx, torch.float32, "max-pool dx")
+
+
+def test_chain_and_residual_block_training_step(gpu_host_path):
+    """fastconv.convert of conv-BN-ReLU blocks chained into a max-pool (operand prologue, BatchNorm-gradient dgrad
+    epilogue, normalize-and-pool pass) and of a residual block with a projection shortcut (one op), forward and
+    backward twice, against the nn model in float64."""
+    gen = generator("gpu-host-chain")
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.shortcut = nn.Sequential(nn.Conv2d(6, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8))
+
+        def forward(self, x):
+            return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
+
+    def build():
+        return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
+                             nn.Conv2d(5, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                             Residual())
+
+    torch.manual_seed(0)
+    plain = build()
+    ref = build().double()
+    ref.load_state_dict(plain.state_dict())
+    model = fastconv.convert(plain)
+    for step in range(2):
+        x = randn((2, 3, 12, 10), torch.float32, "cpu", gen).requires_grad_()
+        y = model(x)
+        g = randn(y.shape, torch.float32, "cpu", gen)
+        params = [p for p in model.parameters()]
+        grads = _grads(y, [x] + params, g)
+        xd = x.detach().double().requires_grad_()
+        yd = ref(xd)
+        want = _grads(yd, [xd] + list(ref.parameters()), g.double())
+        assert_close(y, yd, torch.float32, f"y, step {step}")
+        for i, (a, e) in enumerate(zip(grads, want)):
+            assert_close(a, e, torch.float32, f"gradient {i}, step {step}")
+    # what the chain and the residual block launch: a conv reading the previous block's z through its operand
+    # prologue, the pool fused into the normalize pass, dgrads with the BatchNorm-gradient and the add epilogues
+    kernels = [(name, kw) for name, _, kw in gpu_host_path]
+    assert any(n == "_conv2d_fwd_kernel" and kw["PROLOGUE"] for n, kw in kernels)
+    assert any(n == "_batch_norm_act_pool_fwd_kernel" for n, _ in kernels)
+    assert any(n == "_conv2d_dgrad_kernel" and kw["BN_GRAD"] for n, kw in kernels)
+    assert any(n == "_conv2d_dgrad_kernel" and kw["ADD"] for n, kw in kernels)
