@@ -83,13 +83,14 @@ def test_fused_block_training_step(gpu_host_path, channels_last):
     assert len(names) == 14 and names[:7] == names[7:], names
 
 
-@pytest.mark.parametrize("groups, stride, dilation", [(1, 1, 1), (2, 2, 1), (1, 1, 2)])
-def test_conv_forward_backward(gpu_host_path, groups, stride, dilation):
+@pytest.mark.parametrize("groups, stride, dilation, algo, batch", [
+    (1, 1, 1, "implicit", 2), (2, 2, 1, "implicit", 2), (1, 1, 2, "implicit", 1), (1, 2, 1, "im2col", 2)])
+def test_conv_forward_backward(gpu_host_path, groups, stride, dilation, algo, batch):
     """Conv2d with a bias (forward, dgrad, wgrad with its split-K reduction) twice, against float64."""
-    gen = generator("gpu-host-conv", groups, stride, dilation)
-    conv = fastconv.Conv2d(4, 6, 3, stride=stride, padding=1, dilation=dilation, groups=groups)
+    gen = generator("gpu-host-conv", groups, stride, dilation, algo, batch)
+    conv = fastconv.Conv2d(4, 6, 3, stride=stride, padding=1, dilation=dilation, groups=groups, algo=algo)
     for step in range(2):
-        x = randn((2, 4, 11, 9), torch.float32, "cpu", gen).requires_grad_()
+        x = randn((batch, 4, 11, 9), torch.float32, "cpu", gen).requires_grad_()
         y = conv(x)
         g = randn(y.shape, torch.float32, "cpu", gen)
         dx, dw, db = _grads(y, [x, conv.weight, conv.bias], g)
@@ -99,8 +100,46 @@ def test_conv_forward_backward(gpu_host_path, groups, stride, dilation):
         assert_close(y, yd, torch.float32, f"y, step {step}")
         for name, a, e in zip(("dx", "dw", "db"), (dx, dw, db), want):
             assert_close(a, e, torch.float32, f"{name}, step {step}")
-    first, second = gpu_host_path[:3], gpu_host_path[3:]
-    assert first == second  # the repeated launches: same kernels, grids and keyword arguments
+    half = len(gpu_host_path) // 2
+    assert gpu_host_path[:half] == gpu_host_path[half:]  # the repeat: same kernels, grids, keyword arguments
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_block_autocast_and_residual(gpu_host_path, dtype):
+    """A fused block under autocast with a residual added before the activation and momentum=None (the cumulative
+    average, a 0-dim tensor factor), twice, against float64."""
+    gen = generator("gpu-host-amp", dtype)
+    block = fastconv.ConvBNReLU2d(4, 4, 3, padding=1, momentum=None)
+    ref_conv, ref_bn = nn.Conv2d(4, 4, 3, padding=1).double(), nn.BatchNorm2d(4, momentum=None).double()
+    ref_conv.load_state_dict(block.conv.state_dict())
+    ref_bn.load_state_dict(block.bn.state_dict())
+    for step in range(2):
+        x = randn((2, 4, 7, 6), torch.float32, "cpu", gen).requires_grad_()
+        r = randn((2, 4, 7, 6), dtype, "cpu", gen)
+        with torch.autocast("cpu", dtype=dtype):
+            y = block(x, r)
+        assert y.dtype == dtype
+        g = randn(y.shape, dtype, "cpu", gen)
+        dx, dw = _grads(y, [x, block.conv.weight], g)
+        # the reference sees what autocast gives the conv: its operands rounded to dtype
+        xd = x.detach().to(dtype).double().requires_grad_()
+        wd = ref_conv.weight.detach().to(dtype).double().requires_grad_()
+        yd = F.relu(ref_bn(F.conv2d(xd, wd, ref_conv.bias.to(dtype).double(), padding=1)) + r.double())
+        want_dx, want_dw = _grads(yd, [xd, wd], g.double())
+        assert_close(y, yd, dtype, f"y, step {step}")
+        assert_close(dx, want_dx, dtype, f"dx, step {step}")
+        assert_close(dw, want_dw, dtype, f"dw, step {step}")
+        assert_close(block.bn.running_var, ref_bn.running_var, dtype, f"running_var, step {step}")
+
+
+def test_empty_batch(gpu_host_path):
+    """Batch 0 on the GPU branch: empty outputs and zero parameter gradients, no launch."""
+    conv, pool = fastconv.Conv2d(3, 4, 3, padding=1), fastconv.MaxPool2d(2)
+    x = torch.randn(0, 3, 6, 6, requires_grad=True)
+    y = conv(x)
+    assert y.shape == (0, 4, 6, 6) and pool(y).shape == (0, 4, 3, 3)
+    dw, db = _grads(y, [conv.weight, conv.bias], torch.randn(0, 4, 6, 6))
+    assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))
 
 
 def test_conv_eval_and_max_pool(gpu_host_path):
