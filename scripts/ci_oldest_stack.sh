@@ -117,7 +117,7 @@ else
     # mutable arguments), Triton 3.6's compiler (kernel report, sweep) and interpreter (a representative set of
     # numerics per kernel family), the GPU check's dry run; the whole suite is the README path's
     SELECTION=(tests/test_backend.py tests/test_kernel_report.py tests/test_tile_sweep.py
-               tests/test_gpu_check.py tests/test_max_pool2d.py tests/test_launch_direct.py
+               tests/test_gpu_check.py tests/test_max_pool2d.py tests/test_launch_direct.py tests/test_gpu_host_path.py
                tests/test_conv2d.py::test_opcheck tests/test_conv2d.py::test_gradcheck_fused
                tests/test_conv_bn_act.py::test_opcheck tests/test_conv_bn_act.py::test_running_statistics_direct_op_calls
                tests/test_conv_bn_act.py::test_ext_batch_norm_ops_match_float64
