@@ -219,9 +219,8 @@ def summarize(rows: list[Row], gpu: str, kind: str) -> dict:
 
 
 def _kind(dtype: torch.dtype) -> str:
-    from .triton.configs import operand_kind
-
     from .triton._common import dot_precision
+    from .triton.configs import operand_kind
 
     return operand_kind(dtype, dot_precision(dtype))
 

@@ -490,12 +490,13 @@ def stats_scratch(M: int, channels: int, like: torch.Tensor, want: bool):
     """scratch(meta) for a conv launch with the STATS epilogue: (count, mean, M2) partials [cdiv(M, BLOCK_M),
     channels] sized for the tile that runs. Every row is written by that launch (one row per row tile, all
     channels), so nothing needs zeroing and a tile the autotuner tried before leaves nothing behind that the
-    finalize could read. Without `want`, the pointers are dummies that are never touched."""
+    finalize could read. Without `want`, the scratch is the dict of dummy pointers, never touched (a dict:
+    TunedKernel takes it as it is, whatever the tile)."""
+    if not want:
+        return dict.fromkeys(STATS_ARGS, like)
     acc = accumulation_dtype(like.dtype)
 
     def scratch(meta):
-        if not want:
-            return dict.fromkeys(STATS_ARGS, like)
         rows = cdiv(M, meta["BLOCK_M"])
         return {name: workspace((rows, channels), like.device, acc) for name in STATS_ARGS}
 
@@ -585,7 +586,7 @@ def conv2d_forward(
         *ints,
         problem=problem,
         device=x.device,
-        scratch=stats_scratch(problem.m, shape[1], y, stats) if stats else dict.fromkeys(STATS_ARGS, y),
+        scratch=stats_scratch(problem.m, shape[1], y, stats),
         memo=memo,
         fixed=fixed,
         **consts,

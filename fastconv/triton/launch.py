@@ -470,6 +470,13 @@ def _bench_ms(fn) -> float:
     return float(do_bench(fn, warmup=5, rep=20))
 
 
+def _scratch_kwargs(scratch, meta: dict) -> dict:
+    """A tuned launch's per-call keyword arguments: TunedKernel's `scratch` as a dict, or called on the tile."""
+    if scratch is None:
+        return {}
+    return scratch if type(scratch) is dict else scratch(meta)
+
+
 _MEMO_IDS: dict[tuple, int] = {}
 
 
@@ -525,13 +532,13 @@ class TunedKernel:
             launch_ = fixed.get(tuned)
             if launch_ is None:
                 launch_ = fixed[tuned] = (tuple(grid(meta)), {**consts, **meta})
-            extra = scratch if type(scratch) is dict else scratch(meta) if scratch is not None else None
+            extra = _scratch_kwargs(scratch, meta)
             kwargs = {**launch_[1], **extra} if extra else launch_[1]
             if rec is None:
                 launch(self.kernel, launch_[0], args, kwargs, device)
             else:
                 _dry_launch(self.kernel, args, kwargs)
-            return meta, extra or {}
+            return meta, extra
         launcher = self._launcher(grid, args, problem, device, scratch, consts)
         return launcher(*self._choose(launcher, args[0].dtype, problem, device, consts))
 
@@ -542,7 +549,7 @@ class TunedKernel:
 
     def _launch(self, tile: Tile, meta: dict, grid, args, problem: Problem, device, scratch, consts):
         """Launch (or record, or in a dry run skip) on `tile`; returns (meta, scratch kwargs)."""
-        extra = scratch if type(scratch) is dict else scratch(meta) if scratch is not None else {}
+        extra = _scratch_kwargs(scratch, meta)
         g = tuple(grid(meta))
         rec = _recorder.get()
         if isinstance(rec, _Discard):
