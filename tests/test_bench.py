@@ -369,6 +369,8 @@ def test_launch_binding_rows_cover_every_triton_launch(tmp_path, monkeypatch):
     from fastconv.triton import launch
 
     monkeypatch.setenv("FASTCONV_BENCH_OUT", str(tmp_path))
+    # what other tests of this process launched (test_launch_direct's stand-in kernels) stays as it was
+    before = ({k: len(d.compiled) for k, d in launch._DIRECT.items()}, dict(launch.LAUNCHES))
     rows = _launch_binding.measure(["conv2d", "max_pool2d"], calls=3)
     assert [(r["op"], r["mode"]) for r in rows] == [("conv2d", "eval-fwd"), ("conv2d", "fwd+bwd"),
                                                      ("max_pool2d", "fwd")]
@@ -379,7 +381,9 @@ def test_launch_binding_rows_cover_every_triton_launch(tmp_path, monkeypatch):
         assert all(k["triton_us"] > 0 and k["direct_us"] > 0 and k["arguments"] > 10 for k in r["launches"])
     assert _launch_binding.main(["--op", "max_pool2d", "--calls", "2", "--write"]) == 0
     assert "| max_pool2d | fwd | 1 |" in (tmp_path / "launch_binding.md").read_text()
-    assert not launch._DIRECT or all(not d.compiled for d in launch._DIRECT.values())  # nothing launched
+    # nothing launched: no launch counted, no compiled kernel kept
+    assert dict(launch.LAUNCHES) == before[1]
+    assert all(len(d.compiled) == before[0].get(k, 0) for k, d in launch._DIRECT.items())
 
 
 def test_overhead_jit_provider_switches_direct_launches_off():
