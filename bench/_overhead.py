@@ -466,7 +466,9 @@ def notes(device: torch.device, ext_call_us: float | None) -> list[str]:
                    "dry run: every ext op is called, checks its arguments and allocates its outputs, and skips "
                    "its arithmetic) and `fastconv-triton-dryrun` (backend "
                    "`triton` inside `fastconv.triton.launch.dry_run()`: tiles chosen, buffers allocated, each "
-                   "launch's direct-launch key computed and looked up, no launch) are the pure host path; `fastconv-cpu` and `fastconv-torch` are real calls; the nn modules are "
+                   "launch's direct-launch key computed and looked up, or a no-grad layer call's C++ replay "
+                   "checked and its output allocated, no launch) are the pure host path; `fastconv-cpu` and "
+                   "`fastconv-torch` are real calls; the nn modules are "
                    "real calls (their kernels on tiny tensors are the floor). TRITON_INTERPRET unset while timing.")
         if ext_call_us is not None:
             out.append(f"One C++ ext op call that does no arithmetic costs {ext_call_us:.2g} µs here "

@@ -202,12 +202,28 @@ PyObject* triton_launch_key_py(PyObject* /*module*/, PyObject* const* args, Py_s
   return fastconv::triton_launch_key(args[0], args[1], args[2], args[3]);
 }
 
+PyObject* triton_replay_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2) {
+    PyErr_SetString(PyExc_TypeError, "_triton_replay(entry, inputs) takes 2 arguments");
+    return nullptr;
+  }
+  return fastconv::triton_replay(args[0], args[1]);
+}
+
+PyObject* triton_replay_setup_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  return fastconv::triton_replay_setup(args, nargs);
+}
+
 // METH_FASTCALL: called per Triton launch, so without pybind11's argument dispatch
 PyMethodDef raw_methods[] = {
     {"_triton_key_constant_types", [](PyObject*, PyObject* types) { return fastconv::set_constant_types(types); },
      METH_O, "the types whose objects _triton_launch_key keys by identity: see csrc/triton_launch.h"},
     {"_triton_launch_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(triton_launch_key_py)),
      METH_FASTCALL, "(key, bound arguments) of a Triton launch: see csrc/triton_launch.h"},
+    {"_triton_replay", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(triton_replay_py)), METH_FASTCALL,
+     "a layer call's single Triton launch, replayed: see csrc/triton_launch.h"},
+    {"_triton_replay_setup", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(triton_replay_setup_py)),
+     METH_FASTCALL, "the state _triton_replay reads: see csrc/triton_launch.h"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

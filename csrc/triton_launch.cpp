@@ -4,10 +4,17 @@
 // launch of fastconv's 27-66 argument kernels, bench/_launch_binding.py); this is one pass in C++.
 #include "triton_launch.h"
 
+#include <ATen/ops/empty_strided.h>
+#include <torch/csrc/Dtype.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <array>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <unordered_map>
+#include <vector>
 
 namespace fastconv {
 namespace {
@@ -167,6 +174,299 @@ PyObject* triton_launch_key(PyObject* args, PyObject* kwargs, PyObject* bindings
   Py_DECREF(key);
   Py_DECREF(full);
   return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// triton_replay
+
+namespace {
+
+struct ReplayState {
+  PyObject* recorder = nullptr;        // launch._recorder (ContextVar)
+  PyObject* discard = nullptr;         // launch._Discard (the dry run's recorder type)
+  PyObject* forced = nullptr;          // launch._forced (ContextVar)
+  PyObject* knobs = nullptr;           // triton.knobs.runtime
+  PyObject* current_device = nullptr;  // torch.cuda.current_device
+  PyObject* current_stream = nullptr;  // torch._C._cuda_getCurrentRawStream
+  PyObject* parameter = nullptr;       // torch.nn.Parameter
+  PyObject* function_mode = nullptr;   // torch._C._is_torch_function_mode_enabled
+  bool poison = false;
+} replay_state;
+
+// fastconv/triton/launch.py's _hooks_set without the kernel's pre-run hooks (checked when the entry is made): 1 when
+// a launch enter / exit hook would run, 0 when none, -1 on a Python error.
+int launch_hooks_set() {
+  for (const char* name : {"launch_enter_hook", "launch_exit_hook"}) {
+    PyObject* hook = PyObject_GetAttrString(replay_state.knobs, name);
+    if (hook == nullptr) return -1;
+    int set = 0;
+    if (hook != Py_None) {
+      PyObject* calls = PyObject_GetAttrString(hook, "calls");
+      if (calls == nullptr) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+          Py_DECREF(hook);
+          return -1;
+        }
+        PyErr_Clear();
+        set = 1;  // a hook of another kind: set
+      } else {
+        set = PyObject_IsTrue(calls);
+        Py_DECREF(calls);
+      }
+    }
+    Py_DECREF(hook);
+    if (set != 0) return set;
+  }
+  return 0;
+}
+
+// _backend.env_flag("FASTCONV_DIRECT_LAUNCH", True): os.environ's assignments reach the C environment (putenv).
+bool direct_launch_enabled() {
+  const char* v = std::getenv("FASTCONV_DIRECT_LAUNCH");
+  return v == nullptr || !(v[0] == '\0' || std::strcmp(v, "0") == 0);
+}
+
+// Whether `dims` (a tuple of ints) equals `values`.
+bool same_dims(PyObject* dims, c10::IntArrayRef values) {
+  if (!PyTuple_Check(dims) || PyTuple_GET_SIZE(dims) != static_cast<Py_ssize_t>(values.size())) return false;
+  for (size_t i = 0; i < values.size(); ++i) {
+    const long long v = PyLong_AsLongLong(PyTuple_GET_ITEM(dims, static_cast<Py_ssize_t>(i)));
+    if (v == -1 && PyErr_Occurred()) return false;
+    if (v != values[i]) return false;
+  }
+  return true;
+}
+
+std::vector<int64_t> dims_of(PyObject* dims) {
+  std::vector<int64_t> out(static_cast<size_t>(PyTuple_GET_SIZE(dims)));
+  for (size_t i = 0; i < out.size(); ++i) out[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(dims, static_cast<Py_ssize_t>(i)));
+  return out;
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
+
+// 1: the replay may run now (*dry: inside a dry run), 0: not now, -1: a Python error.
+int replay_mode(bool entry_dry, bool* dry) {
+  PyObject* rec = nullptr;
+  if (PyContextVar_Get(replay_state.recorder, Py_None, &rec) < 0) return -1;
+  const bool none = rec == Py_None;
+  const bool discard = !none && PyObject_TypeCheck(rec, reinterpret_cast<PyTypeObject*>(replay_state.discard));
+  Py_DECREF(rec);
+  if (!none && !discard) return 0;  // the launch plan records: its own path
+  *dry = discard;
+  if (entry_dry && !discard) return 0;  // a dry entry has no kernel to launch
+  PyObject* forced = nullptr;
+  if (PyContextVar_Get(replay_state.forced, Py_None, &forced) < 0) return -1;
+  const bool is_forced = forced != Py_None;
+  Py_DECREF(forced);
+  if (is_forced) return 0;
+  PyObject* mode = PyObject_CallNoArgs(replay_state.function_mode);  // a TorchFunctionMode sees the Python path
+  if (mode == nullptr) return -1;
+  const int in_mode = PyObject_IsTrue(mode);
+  Py_DECREF(mode);
+  if (in_mode != 0) return in_mode < 0 ? -1 : 0;
+  const int hooks = launch_hooks_set();
+  if (hooks != 0) return hooks < 0 ? -1 : 0;
+  return direct_launch_enabled() ? 1 : 0;
+}
+
+// A new reference to tensor `t` as a Python object: `original` itself when it is that tensor.
+PyObject* wrap(const at::Tensor& t, PyObject* original, const at::Tensor& original_tensor) {
+  if (t.unsafeGetTensorImpl() == original_tensor.unsafeGetTensorImpl()) {
+    Py_INCREF(original);
+    return original;
+  }
+  return THPVariable_Wrap(t);
+}
+
+PyObject* replay(PyObject* entry, PyObject* inputs) {
+  if (replay_state.recorder == nullptr || !PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 10 ||
+      !PyTuple_Check(inputs)) {
+    Py_RETURN_NONE;
+  }
+  PyObject* run = PyTuple_GET_ITEM(entry, 0);
+  PyObject* grid = PyTuple_GET_ITEM(entry, 3);
+  PyObject* full = PyTuple_GET_ITEM(entry, 4);
+  PyObject* in_specs = PyTuple_GET_ITEM(entry, 5);
+  PyObject* out_specs = PyTuple_GET_ITEM(entry, 6);
+  PyObject* slots = PyTuple_GET_ITEM(entry, 7);
+  const long device = PyLong_AsLong(PyTuple_GET_ITEM(entry, 8));
+  if (device == -1 && PyErr_Occurred()) return nullptr;
+  bool dry = false;
+  const int mode = replay_mode(PyTuple_GET_ITEM(entry, 9) == Py_True, &dry);
+  if (mode <= 0) {
+    if (mode < 0) return nullptr;
+    Py_RETURN_NONE;
+  }
+  const Py_ssize_t n_in = PyTuple_GET_SIZE(inputs);
+  if (n_in == 0 || n_in != PyTuple_GET_SIZE(in_specs)) Py_RETURN_NONE;
+
+  // the inputs against their specs; what the kernel reads of each (the tensor or its channels_last copy)
+  std::vector<at::Tensor> seen;
+  seen.reserve(static_cast<size_t>(n_in));
+  for (Py_ssize_t i = 0; i < n_in; ++i) {
+    PyObject* obj = PyTuple_GET_ITEM(inputs, i);
+    PyObject* spec = PyTuple_GET_ITEM(in_specs, i);
+    // a tensor or nn.Parameter: a subclass's __torch_function__ would see the Python path's torch calls
+    if (!THPVariable_CheckExact(obj) && Py_TYPE(obj) != reinterpret_cast<PyTypeObject*>(replay_state.parameter)) {
+      Py_RETURN_NONE;
+    }
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    if (!t.defined() || !t.has_storage() ||
+        t.scalar_type() != reinterpret_cast<THPDtype*>(PyTuple_GET_ITEM(spec, 2))->scalar_type) {
+      Py_RETURN_NONE;
+    }
+    if (device < 0 ? !t.is_cpu() : (!t.is_cuda() || t.device().index() != device)) Py_RETURN_NONE;
+    if (!same_dims(PyTuple_GET_ITEM(spec, 0), t.sizes()) || !same_dims(PyTuple_GET_ITEM(spec, 1), t.strides())) {
+      if (PyErr_Occurred()) return nullptr;
+      Py_RETURN_NONE;
+    }
+    if (PyTuple_GET_ITEM(spec, 4) == Py_True) {
+      seen.push_back(t.contiguous(at::MemoryFormat::ChannelsLast));
+    } else {
+      seen.push_back(t);
+    }
+    if (aligned16(seen.back()) != (PyTuple_GET_ITEM(spec, 3) == Py_True)) Py_RETURN_NONE;
+  }
+  if (device >= 0 && !dry) {  // Triton launches on the current device: a call on another takes the guarded path
+    PyObject* current = PyObject_CallNoArgs(replay_state.current_device);
+    if (current == nullptr) return nullptr;
+    const long index = PyLong_AsLong(current);
+    Py_DECREF(current);
+    if (index == -1 && PyErr_Occurred()) return nullptr;
+    if (index != device) Py_RETURN_NONE;
+  }
+
+  // the outputs
+  const Py_ssize_t n_out = PyTuple_GET_SIZE(out_specs);
+  PyObject* outputs = PyTuple_New(n_out);
+  if (outputs == nullptr) return nullptr;
+  std::vector<PyObject*> sources(static_cast<size_t>(n_in + n_out), nullptr);  // borrowed from `owned` / outputs
+  PyObject* owned = PyTuple_New(n_in);  // the inputs as the kernel reads them
+  if (owned == nullptr) {
+    Py_DECREF(outputs);
+    return nullptr;
+  }
+  const at::Tensor& first = THPVariable_Unpack(PyTuple_GET_ITEM(inputs, 0));
+  for (Py_ssize_t j = 0; j < n_out; ++j) {
+    PyObject* spec = PyTuple_GET_ITEM(out_specs, j);
+    at::Tensor y = at::empty_strided(dims_of(PyTuple_GET_ITEM(spec, 0)), dims_of(PyTuple_GET_ITEM(spec, 1)),
+                                     first.options().dtype(
+                                         reinterpret_cast<THPDtype*>(PyTuple_GET_ITEM(spec, 2))->scalar_type));
+    if (replay_state.poison && at::isFloatingType(y.scalar_type())) y.fill_(std::numeric_limits<double>::quiet_NaN());
+    PyObject* wrapped = THPVariable_Wrap(y);
+    if (wrapped == nullptr) {
+      Py_DECREF(outputs);
+      Py_DECREF(owned);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(outputs, j, wrapped);
+    sources[static_cast<size_t>(n_in + j)] = wrapped;
+  }
+  for (Py_ssize_t i = 0; i < n_in; ++i) {
+    PyObject* obj = PyTuple_GET_ITEM(inputs, i);
+    PyObject* k = wrap(seen[static_cast<size_t>(i)], obj, THPVariable_Unpack(obj));
+    if (k == nullptr) {
+      Py_DECREF(outputs);
+      Py_DECREF(owned);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(owned, i, k);
+    sources[static_cast<size_t>(i)] = k;
+  }
+
+  // run(gx, gy, gz, stream, function, metadata, None, None, None, *full) with the slots filled
+  const Py_ssize_t n_full = PyTuple_GET_SIZE(full);
+  std::vector<PyObject*> filled(static_cast<size_t>(n_full), nullptr);  // borrowed
+  for (Py_ssize_t s = 0; s < PyTuple_GET_SIZE(slots); ++s) {
+    PyObject* slot = PyTuple_GET_ITEM(slots, s);
+    const Py_ssize_t pos = PyLong_AsSsize_t(PyTuple_GET_ITEM(slot, 0));
+    const Py_ssize_t src = PyLong_AsSsize_t(PyTuple_GET_ITEM(slot, 1));
+    if (pos < 0 || pos >= n_full || src < 0 || src >= n_in + n_out) {
+      Py_DECREF(outputs);
+      Py_DECREF(owned);
+      if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "_triton_replay: a slot out of range");
+      return nullptr;
+    }
+    filled[static_cast<size_t>(pos)] = sources[static_cast<size_t>(src)];
+  }
+  PyObject* args = PyTuple_New(9 + n_full);
+  PyObject* stream = nullptr;
+  if (args != nullptr) {
+    if (device >= 0 && !dry) {
+      PyObject* index = PyLong_FromLong(device);
+      stream = index ? PyObject_CallOneArg(replay_state.current_stream, index) : nullptr;
+      Py_XDECREF(index);
+    } else {
+      stream = PyLong_FromLong(0);
+    }
+  }
+  if (args == nullptr || stream == nullptr) {
+    Py_XDECREF(args);
+    Py_DECREF(outputs);
+    Py_DECREF(owned);
+    return nullptr;
+  }
+  for (Py_ssize_t i = 0; i < 3; ++i) {
+    PyObject* g = PyTuple_GET_ITEM(grid, i);
+    Py_INCREF(g);
+    PyTuple_SET_ITEM(args, i, g);
+  }
+  PyTuple_SET_ITEM(args, 3, stream);
+  for (Py_ssize_t i = 1; i < 3; ++i) {  // function, metadata
+    PyObject* v = PyTuple_GET_ITEM(entry, i);
+    Py_INCREF(v);
+    PyTuple_SET_ITEM(args, 3 + i, v);
+  }
+  for (Py_ssize_t i = 6; i < 9; ++i) {  // launch metadata, enter hook, exit hook
+    Py_INCREF(Py_None);
+    PyTuple_SET_ITEM(args, i, Py_None);
+  }
+  for (Py_ssize_t i = 0; i < n_full; ++i) {
+    PyObject* v = filled[static_cast<size_t>(i)];
+    if (v == nullptr) v = PyTuple_GET_ITEM(full, i);
+    Py_INCREF(v);
+    PyTuple_SET_ITEM(args, 9 + i, v);
+  }
+  if (!dry) {
+    PyObject* done = PyObject_Call(run, args, nullptr);
+    if (done == nullptr) {
+      Py_DECREF(args);
+      Py_DECREF(outputs);
+      Py_DECREF(owned);
+      return nullptr;
+    }
+    Py_DECREF(done);
+  }
+  Py_DECREF(args);
+  Py_DECREF(owned);
+  return outputs;
+}
+
+}  // namespace
+
+PyObject* triton_replay(PyObject* entry, PyObject* inputs) {
+  HANDLE_TH_ERRORS
+  return replay(entry, inputs);
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* triton_replay_setup(PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 9 || !PyType_Check(args[1]) || !PyType_Check(args[6])) {
+    PyErr_SetString(PyExc_TypeError,
+                    "_triton_replay_setup(recorder, discard_type, forced, runtime_knobs, current_device, "
+                    "current_stream, parameter_type, function_mode_enabled, poison) takes 9 arguments");
+    return nullptr;
+  }
+  PyObject** fields[] = {&replay_state.recorder,       &replay_state.discard,        &replay_state.forced,
+                         &replay_state.knobs,          &replay_state.current_device, &replay_state.current_stream,
+                         &replay_state.parameter,      &replay_state.function_mode};
+  for (int i = 0; i < 8; ++i) {
+    Py_INCREF(args[i]);
+    Py_XSETREF(*fields[i], args[i]);
+  }
+  replay_state.poison = PyObject_IsTrue(args[8]) == 1;
+  Py_RETURN_NONE;
 }
 
 }  // namespace fastconv

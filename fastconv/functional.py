@@ -46,12 +46,13 @@ def _arg_key(v):
 
 
 def _conv_call(op, supported, input, weight, bias, stride, padding, dilation, groups):
-    """(requested backend, resolved backend, geometry) of a conv call of fastconv `op`: the backend choice
+    """(requested backend, resolved backend, geometry, replay) of a conv call of fastconv `op`: the backend choice
     (_backend.choose) and, unless it is nn's own path (requested 'auto' resolved to 'torch': geometry None,
     F.conv2d validates), F.conv2d's argument checks (ConvArgs) -> geometry = (stride, padding (top, bottom,
     left, right), dilation as lists, output (H, W)) of the batched input. Both depend only on the backend
     requested, shapes, dtypes, devices, autocast and the arguments, so in eager mode each distinct call
-    signature is worked out once (a module's call costs a dict lookup)."""
+    signature is worked out once (a module's call costs a dict lookup). replay: for an eager 4-D conv2d call on the
+    Triton backend, the signature's Replay of its no-grad call without an epilogue (conv2d_fused), else None."""
     key = None
     if not torch.compiler.is_compiling():
         s, p, d = _arg_key(stride), _arg_key(padding), _arg_key(dilation)
@@ -60,17 +61,20 @@ def _conv_call(op, supported, input, weight, bias, stride, padding, dilation, gr
             key = (op, _backend.current(), _backend.planning(), input.shape, input.dtype, dev, weight.shape, weight.dtype, weight.device,
                    None if bias is None else (bias.shape, bias.dtype, bias.device), s, p, d, groups,
                    # (any autocast first: a C flag, where dev.type alone costs ~1.5 µs per call)
-                   torch._C._is_any_autocast_enabled() and dev.type != "meta" and torch.is_autocast_enabled(dev.type))
+                   torch._C._is_any_autocast_enabled() and dev.type != "meta" and torch.is_autocast_enabled(dev.type),
+                   _backend.conv_tf32_allowed())  # (the replay's launch reads it)
             found = _GEOMETRY.get(key)
             if found is not None:
                 return found
     requested, name = _backend.choose(op, input.device, supported, input.dtype)
-    geometry = None
+    geometry = replay = None
     if not (name == "torch" and requested == "auto"):
         batched = input.unsqueeze(0) if input.dim() == 3 else input
         args = ConvArgs(batched, weight, bias, stride, padding, dilation, groups)
         geometry = (as_list(args.stride), as_list(args.padding), as_list(args.dilation), args.out_hw)
-    found = (requested, name, geometry)
+        if key is not None and name == "triton" and op == "conv2d" and input.dim() == 4:
+            replay = conv_ops.triton_replay(*geometry[:3], groups)
+    found = (requested, name, geometry, replay)
     if key is not None and len(_GEOMETRY) < _GEOMETRY_MAX:
         _GEOMETRY[key] = found
     return found
@@ -89,8 +93,13 @@ def conv2d_fused(input, weight, bias=None, stride=1, padding=0, dilation=1, grou
                  residual=None, activation: str = "identity", algo: str = "implicit") -> torch.Tensor:
     """act((conv2d(input, weight) + bias) * scale + shift + residual) in one kernel: scale/shift are
     per-output-channel vectors, residual has the output's shape."""
-    requested, name, geometry = _conv_call("conv2d", conv_ops.CONV2D_BACKENDS, input, weight, bias, stride, padding,
-                                           dilation, groups)
+    requested, name, geometry, replay = _conv_call("conv2d", conv_ops.CONV2D_BACKENDS, input, weight, bias, stride,
+                                                   padding, dilation, groups)
+    if (replay is not None and scale is None and shift is None and residual is None and activation == "identity"
+            and algo == "implicit" and not (torch.is_grad_enabled() and (
+                input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))
+            and _fastpath.eager_uncompiled(input)):
+        return replay(input, weight) if bias is None else replay(input, weight, bias)
     if geometry is None:  # 'auto' chose PyTorch: what nn.Conv2d runs (plus the epilogue as PyTorch ops)
         return conv_ops.torch_conv_epilogue(F.conv2d(input, weight, bias, stride, padding, dilation, groups),
                                             scale, shift, residual, activation)
@@ -111,8 +120,8 @@ def conv2d_prologue(input, in_scale, in_shift, weight, bias=None, stride=1, padd
     BatchNorm folded). On the Triton backend x is never materialised (forward or backward); the other backends
     build it with PyTorch ops (fastconv.ops.conv2d_prologue). Gradients flow to input, in_scale and in_shift."""
     input, residual, unbatched = _batched(input, residual)
-    _, name, geometry = _conv_call("conv2d", conv_ops.CONV2D_BACKENDS, input, weight, bias, stride, padding,
-                                   dilation, groups)
+    _, name, geometry, _ = _conv_call("conv2d", conv_ops.CONV2D_BACKENDS, input, weight, bias, stride, padding,
+                                      dilation, groups)
     if geometry is None:  # 'auto' chose PyTorch: the op composes PyTorch ops
         args = ConvArgs(input, weight, bias, stride, padding, dilation, groups)
         geometry = (as_list(args.stride), as_list(args.padding), as_list(args.dilation), args.out_hw)
@@ -138,7 +147,7 @@ def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_v
     Batch statistics: one conv kernel whose epilogue also reduces per-channel statistics, a finalize,
     and one normalize+affine+activation pass. Running statistics (eval): BatchNorm folds into the conv
     epilogue's per-channel scale/shift (a few per-channel ops on C values, then one conv kernel)."""
-    requested, name, geometry = _conv_call("conv_bn_act", cba_ops.SUPPORTED_BACKENDS, input, weight, bias, stride,
+    requested, name, geometry, _ = _conv_call("conv_bn_act", cba_ops.SUPPORTED_BACKENDS, input, weight, bias, stride,
                                            padding, dilation, groups)
     if geometry is None:  # 'auto' chose PyTorch: exactly nn.Sequential(nn.Conv2d, nn.BatchNorm2d, act)
         if training and running_mean is not None and not isinstance(momentum, torch.Tensor) and (
@@ -209,7 +218,7 @@ def conv_bn_stats(input, weight, bias, bn_weight, bn_bias, running_mean, running
     x = prev.z if prev is not None else input
     if x.dim() != 4:
         raise ValueError(f"fastconv.conv_bn_stats: expected a 4-D input, got {x.dim()}-D")
-    _, name, geometry = _conv_call("conv_bn_act", cba_ops.SUPPORTED_BACKENDS, x, weight, bias, stride, padding,
+    _, name, geometry, _ = _conv_call("conv_bn_act", cba_ops.SUPPORTED_BACKENDS, x, weight, bias, stride, padding,
                                    dilation, groups)
     if geometry is None:  # 'auto' chose PyTorch (which has no such op): PyTorch ops through the same op
         args = ConvArgs(x, weight, bias, stride, padding, dilation, groups)

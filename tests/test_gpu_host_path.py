@@ -6,10 +6,14 @@ but a GPU session. Here the launch module is told it is not interpreting: tuned 
 on a GPU (the heuristic of the sm_80 / sm_90 tables: FASTCONV_AUTOTUNE=0, large tiles and pinned registers
 included), repeated launches take their grid and keyword arguments from the launch plan (TunedKernel's
 `fixed`), and each launch is handed to `launch.launch` exactly as on a GPU; that one function then runs the
-kernel in the interpreter (`kernel[grid](*args, **kwargs)` with the GPU-only options dropped). Results are
+kernel in the interpreter (`kernel[grid](*args, **kwargs)` with the GPU-only options dropped). No-grad layer calls
+are replayed in C++ (fastconv/triton/replay.py) with a stand-in for the compiled kernel's launcher that interprets
+it. Results are
 checked against PyTorch in float64, twice per call signature (the second call is the repeated launch).
 """
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
@@ -18,7 +22,7 @@ from torch import nn
 
 import fastconv
 from fastconv import _backend
-from fastconv.triton import launch
+from fastconv.triton import launch, replay
 
 from .helpers import assert_close, generator, randn
 
@@ -39,12 +43,34 @@ def gpu_host_path(request, monkeypatch):
                          {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}))
         kernel[grid](*args, **{k: v for k, v in kwargs.items() if k not in GPU_ONLY_OPTIONS})
 
+    def compiled(kernel, args, kwargs, device, dry):
+        """replay.compiled_launcher for CPU tensors: every bound argument (the interpreter's kernels have no Triton
+        binder: Python's, with the defaults) and a stand-in launcher that records and interprets the replay."""
+        signature = inspect.signature(kernel.fn)
+        call = signature.bind(*args, **{k: v for k, v in kwargs.items() if k in signature.parameters})
+        call.apply_defaults()
+        names, full = list(call.arguments), tuple(call.arguments.values())
+
+        def run(gx, gy, gz, stream, function, metadata, launch_metadata, enter, leave, *full):
+            assert stream == 0 and function is metadata is launch_metadata is enter is leave is None
+            bound = dict(zip(names, full, strict=True))
+            launches.append((f"replay:{kernel.fn.__name__}", (gx, gy, gz),
+                             {k: v for k, v in bound.items() if not isinstance(v, torch.Tensor)}))
+            kernel[(gx, gy, gz)](**bound)
+
+        return (None, None, None, full) if dry else (run, None, None, full)
+
     monkeypatch.setattr(launch, "interpreting", lambda: False)
     monkeypatch.setattr(launch, "launch", interpreted)
+    monkeypatch.setattr(replay, "compiled_launcher", compiled)
     monkeypatch.setenv("FASTCONV_AUTOTUNE", "0")
     monkeypatch.setenv("FASTCONV_ARCH", request.param)
-    with fastconv.backend("triton"):
-        yield launches
+    replay.poison(True)  # replayed outputs start as NaN: an element the kernel does not write shows
+    try:
+        with fastconv.backend("triton"):
+            yield launches
+    finally:
+        replay.poison(False)
 
 
 def _twice(fn):
@@ -231,3 +257,122 @@ def test_chain_and_residual_block_training_step(gpu_host_path):
     assert any(n == "_batch_norm_act_pool_fwd_kernel" for n, _ in kernels)
     assert any(n == "_conv2d_dgrad_kernel" and kw["BN_GRAD"] for n, kw in kernels)
     assert any(n == "_conv2d_dgrad_kernel" and kw["ADD"] for n, kw in kernels)
+
+
+def _replays(launches) -> list:
+    return [entry for entry in launches if entry[0].startswith("replay:")]
+
+
+def _needs_replay():
+    if not replay._replay_fn():
+        pytest.skip("needs the C++ extension fastconv._C (the replay runs in it)")
+
+
+def test_no_grad_layer_calls_replay(gpu_host_path):
+    """No-grad calls of Conv2d (groups, stride, dilation, 'same', with and without a bias) and MaxPool2d (ceil_mode)
+    on NCHW, channels_last and unaligned inputs (a view one element into its storage): the first call of each
+    signature runs the op's Python path, the repeats are replayed in C++ with the same launch; every output
+    against float64 and in nn's memory format. An input whose strides differ from the replay's takes the Python
+    path and is learned anew."""
+    _needs_replay()
+    gen = generator("gpu-host-replay")
+    conv = fastconv.Conv2d(4, 6, 3, stride=(2, 1), padding=1, dilation=(1, 2), groups=2)
+    conv_nb = fastconv.Conv2d(4, 5, (1, 3), padding="same", bias=False)
+    pool = fastconv.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+    wide = randn((2, 4, 9, 12), torch.float32, "cpu", gen)
+    inputs = {"nchw": randn((2, 4, 9, 11), torch.float32, "cpu", gen),
+              "channels_last": randn((2, 4, 9, 11), torch.float32, "cpu", gen).to(memory_format=torch.channels_last),
+              "unaligned": wide[..., 1:]}
+    assert inputs["unaligned"].data_ptr() % 16 != 0
+    refs = {
+        "conv": lambda x: F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), (2, 1), 1, (1, 2), 2),
+        "conv_nb": lambda x: F.conv2d(x.double(), conv_nb.weight.double(), None, 1, "same"),
+        "pool": lambda x: F.max_pool2d(x.double(), 3, 2, 1, ceil_mode=True),
+    }
+    nn_modules = {"conv": nn.Conv2d(4, 6, 3, (2, 1), 1, (1, 2), 2), "conv_nb": nn.Conv2d(4, 5, (1, 3), padding="same"),
+                  "pool": nn.MaxPool2d(3, 2, 1, ceil_mode=True)}
+    before = launch.LAUNCHES["replay"]
+    with torch.no_grad():
+        for name, module in (("conv", conv), ("conv_nb", conv_nb), ("pool", pool)):
+            for layout, x in inputs.items():
+                start = len(gpu_host_path)
+                for call in range(3):
+                    y = module(x)
+                    assert_close(y, refs[name](x), torch.float32, f"{name} {layout} call {call}")
+                    assert y.stride() == nn_modules[name](x).stride(), (name, layout)
+                first, *repeats = gpu_host_path[start:]
+                assert not first[0].startswith("replay:") and len(repeats) == 2, (name, layout, gpu_host_path[start:])
+                for r in repeats:  # the replayed launch is the first call's: kernel, grid, keyword arguments
+                    assert r[0] == f"replay:{first[0]}" and r[1] == (tuple(first[1]) + (1, 1))[:3]
+                    assert {k: r[2][k] for k in first[2] if k not in GPU_ONLY_OPTIONS} == \
+                        {k: v for k, v in first[2].items() if k not in GPU_ONLY_OPTIONS}
+    assert launch.LAUNCHES["replay"] - before == 18
+
+
+def test_replay_only_where_it_holds(gpu_host_path, monkeypatch):
+    """The replay steps aside (the op's Python path runs, with the same result) where it would be wrong or
+    unseen: a gradient needed, a launch hook (proton), FASTCONV_DIRECT_LAUNCH=0, a forced tile, the launch plan
+    recording, the profiler, a TorchFunctionMode, a tensor subclass. A replaced weight is read; a weight whose strides change is learned anew; a dry run
+    replays without launching."""
+    _needs_replay()
+    import triton
+
+    gen = generator("gpu-host-replay-guards")
+    conv = fastconv.Conv2d(3, 4, 3, padding=1)
+    x = randn((2, 3, 7, 6), torch.float32, "cpu", gen)
+
+    def check(label, replayed, grad=False):
+        before, start = launch.LAUNCHES["replay"], len(gpu_host_path)
+        with torch.set_grad_enabled(grad):
+            y = conv(x)
+        want = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+        assert_close(y, want, torch.float32, label)
+        assert (launch.LAUNCHES["replay"] - before, len(_replays(gpu_host_path[start:]))) == (
+            (1, 1) if replayed else (0, 0)), label
+        return y
+
+    with torch.no_grad():
+        conv(x)  # learned
+    check("repeat", True)
+    assert check("gradient needed", False, grad=True).requires_grad
+    with monkeypatch.context() as m:
+        m.setattr(triton.knobs.runtime, "launch_enter_hook", lambda *args: None)
+        check("launch hook", False)
+    with monkeypatch.context() as m:
+        m.setenv("FASTCONV_DIRECT_LAUNCH", "0")
+        check("direct launch off", False)
+    with launch.forced((16, 16, 16, 4, 2)):
+        check("forced tile", False)
+    with torch.profiler.profile():
+        check("profiler", False)
+
+    class Passthrough(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():
+        check("torch function mode", False)
+
+    class Subclass(torch.Tensor):
+        pass
+
+    before = launch.LAUNCHES["replay"]
+    with torch.no_grad():
+        y = conv(x.as_subclass(Subclass))
+    assert launch.LAUNCHES["replay"] == before
+    assert_close(y, F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1), torch.float32, "subclass")
+    with torch.no_grad(), launch.recording() as recorded:
+        conv(x)
+    assert len(recorded) == 1 and not _replays(gpu_host_path[-1:])
+    check("after the detours", True)
+    with torch.no_grad():
+        conv.weight = nn.Parameter(randn(tuple(conv.weight.shape), torch.float32, "cpu", gen))
+    check("replaced weight", True)
+    conv.weight.data = conv.weight.data.to(memory_format=torch.channels_last)
+    check("weight strides changed", False)
+    check("learned again", True)
+    before, start = launch.LAUNCHES["replay"], len(gpu_host_path)
+    with torch.no_grad(), launch.dry_run():
+        for _ in range(3):
+            assert conv(x).shape == (2, 4, 7, 6)
+    assert launch.LAUNCHES["replay"] == before and gpu_host_path[start:] == []

@@ -330,3 +330,48 @@ def test_direct_launches_equal_tritons_path_on_gpu(monkeypatch):
     assert launch.LAUNCHES["direct"] > before
     for i, (a, b) in enumerate(zip(direct, steps(False))):
         assert_close(a, b, torch.float32, f"output {i}")
+
+
+@needs_ext
+@pytest.mark.gpu
+def test_no_grad_replays_equal_the_python_path_on_gpu(monkeypatch):
+    """No-grad Conv2d (NCHW and channels_last, with and without a bias) and MaxPool2d calls on the GPU: repeats are
+    replayed in C++ (fastconv/triton/replay.py) and equal, bit for bit, the same calls with
+    FASTCONV_DIRECT_LAUNCH=0 (Triton's own launch path, no replay); a replay captured in a CUDA graph replays
+    equal too."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: replays call compiled kernels")
+    torch.manual_seed(0)
+    modules = [fastconv.Conv2d(8, 16, 3, padding=1).cuda(), fastconv.Conv2d(8, 8, 3, stride=2, bias=False).cuda(),
+               fastconv.MaxPool2d(3, stride=2, padding=1)]
+    xs = [torch.randn(4, 8, 12, 10, device="cuda"),
+          torch.randn(4, 8, 12, 10, device="cuda").to(memory_format=torch.channels_last)]
+
+    def calls(replay: bool):
+        monkeypatch.setenv("FASTCONV_DIRECT_LAUNCH", "1" if replay else "0")
+        with fastconv.backend("triton"), torch.no_grad():
+            outs = [m(x) for _ in range(3) for m in modules for x in xs]
+        torch.cuda.synchronize()
+        return outs
+
+    before = launch.LAUNCHES["replay"]
+    replayed = calls(True)
+    assert launch.LAUNCHES["replay"] - before >= 2 * len(modules) * len(xs)
+    for i, (a, b) in enumerate(zip(replayed, calls(False))):
+        assert torch.equal(a, b), f"output {i}"
+    monkeypatch.setenv("FASTCONV_DIRECT_LAUNCH", "1")
+    x, fresh = xs[0].clone(), torch.randn_like(xs[0])
+    with fastconv.backend("triton"), torch.no_grad():
+        want = modules[1](modules[0](fresh))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            modules[1](modules[0](x))  # warm-up on the capture stream
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = modules[1](modules[0](x))
+    x.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)

@@ -16,6 +16,7 @@ kernels are registered here.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -490,6 +491,23 @@ def conv2d_call(input, weight, bias, stride, padding, dilation, groups, scale, s
             return out
     return conv2d_op(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual, activation, algo,
                      backend)
+
+
+def triton_replay(stride, padding, dilation, groups):
+    """A Replay (fastconv/triton/replay.py) of one conv call signature's eager no-grad call without an epilogue on
+    the Triton backend (implicit GEMM): conv2d_op's output, the op layers skipped after the first call. The
+    functional layer keeps one per call signature."""
+    return _triton.replay.Replay(functools.partial(_triton_plain_forward, stride, padding, dilation, groups))
+
+
+def _triton_plain_forward(stride, padding, dilation, groups, input, weight, bias=None):
+    """conv2d_op's Triton implicit-GEMM forward without an epilogue, and what its launch read of each input (the
+    channels_last copies it makes of NCHW operands): a Replay's compute."""
+    y = _new_output(input, weight, stride, padding, dilation)
+    common = _triton._common
+    x, w = common.channels_contiguous(input), common.channels_contiguous(weight)
+    _triton.conv2d.conv2d_forward(x, w, bias, stride, padding, dilation, groups, out=y)
+    return y, ((x, w) if bias is None else (x, w, bias))
 
 
 _lib = torch.library.Library("fastconv", "IMPL")

@@ -29,6 +29,7 @@ Output memory format (out, offsets and grad_input alike): the input's suggested 
 """
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -235,10 +236,15 @@ def forward_kernel(backend: str, geo, ceil_mode: bool):
             return planned, (importlib.import_module("fastconv._C").PoolGeometry(*geo, ceil_mode),)
         return _first(ops.ext_max_pool2d), (*geo, ceil_mode, False)  # an extension built before it
     if backend == "triton":
-        return _first(_triton.max_pool2d.max_pool2d_forward), (*map(tuple, geo), ceil_mode, False)
+        return _triton.replay.Replay(functools.partial(_triton_forward, tuple(map(tuple, geo)), ceil_mode)), ()
     if backend == "torch":
         return torch.max_pool2d, (*geo, ceil_mode)
     return None
+
+
+def _triton_forward(geo, ceil_mode, x):
+    """The Triton forward's y without taps, and what its launch read of x (x itself): a Replay's compute."""
+    return _triton.max_pool2d.max_pool2d_forward(x, *geo, ceil_mode, False)[0], (x,)
 
 
 def _first(fn):

@@ -22,6 +22,9 @@ Every launch goes through `run` (fixed-config kernels) or `TunedKernel` (kernels
   any state a config leaves behind for the next is caught on CPU;
 * while `recording()` is active, records the launch (kernel, tile, grid, serial loop, FLOPs, bytes) instead
   of running it: the launch plan (fastconv.launch_plan) is built from the launchers themselves.
+
+A layer's no-grad call of one launch is replayed from C++ after its first call (replay.py), which this module
+lets watch that first launch (`_capture`).
 """
 from __future__ import annotations
 
@@ -182,8 +185,9 @@ def direct_enabled() -> bool:
 
 
 # Launches per path in this process (tests): "direct" (the compiled kernel called by fastconv), "triton"
-# (kernel[grid](...): a first launch of its key, a hook set, no key).
-LAUNCHES = {"direct": 0, "triton": 0}
+# (kernel[grid](...): a first launch of its key, a hook set, no key), "replay" (a layer call replayed in C++,
+# replay.py; not counted in a dry run).
+LAUNCHES = {"direct": 0, "triton": 0, "replay": 0}
 DIRECT_CAP = 1024  # keys kept per kernel; past it the kernel's keys are dropped and relearned
 
 
@@ -326,13 +330,27 @@ def run(kernel, grid, *args, device: torch.device, loop: int = 1, flops: float =
     """Launch a fixed-config kernel (`kernel[grid](*args, **kwargs)`) under its device, or record it."""
     grid = tuple(grid)
     rec = _recorder.get()
-    if isinstance(rec, _Discard):
-        _dry_launch(kernel, args, kwargs)
-        return
-    if rec is not None:
+    if rec is not None and not isinstance(rec, _Discard):
         _record(kernel, None, grid, loop, False, flops, args, kwargs)
         return
-    launch(kernel, grid, args, kwargs, device)
+    _go(kernel, grid, args, kwargs, device, rec)
+
+
+# The launches of a call that a Replay (fastconv/triton/replay.py) is learning: (kernel, grid, args, kwargs,
+# device, dry) each.
+_capture: contextvars.ContextVar[list | None] = contextvars.ContextVar("fastconv_launch_capture", default=None)
+
+
+def _go(kernel, grid: tuple, args: tuple, kwargs: dict, device: torch.device, rec) -> None:
+    """A launch (rec None) or, in a dry run (rec the dry run's recorder), its host work; a capturing Replay sees
+    it."""
+    cap = _capture.get()
+    if cap is not None:
+        cap.append((kernel, grid, args, kwargs, device, rec is not None))
+    if rec is None:
+        launch(kernel, grid, args, kwargs, device)
+    else:
+        _dry_launch(kernel, args, kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -534,10 +552,7 @@ class TunedKernel:
                 launch_ = fixed[tuned] = (tuple(grid(meta)), {**consts, **meta})
             extra = _scratch_kwargs(scratch, meta)
             kwargs = {**launch_[1], **extra} if extra else launch_[1]
-            if rec is None:
-                launch(self.kernel, launch_[0], args, kwargs, device)
-            else:
-                _dry_launch(self.kernel, args, kwargs)
+            _go(self.kernel, launch_[0], args, kwargs, device, rec)
             return meta, extra
         launcher = self._launcher(grid, args, problem, device, scratch, consts)
         return launcher(*self._choose(launcher, args[0].dtype, problem, device, consts))
@@ -552,14 +567,12 @@ class TunedKernel:
         extra = _scratch_kwargs(scratch, meta)
         g = tuple(grid(meta))
         rec = _recorder.get()
-        if isinstance(rec, _Discard):
-            _dry_launch(self.kernel, args, {**consts, **extra, **meta})
-        elif rec is not None:
+        if rec is not None and not isinstance(rec, _Discard):
             kind = cfgs.operand_kind(args[0].dtype, consts.get("PRECISION", "ieee"))
             _record(self.kernel, tile, g, problem.k_steps(tile), True, problem.flops(),
                     args, {**consts, **extra}, self._key(kind, cfgs.is_fused(consts), problem, consts))
         else:
-            launch(self.kernel, g, args, {**consts, **extra, **meta}, device)
+            _go(self.kernel, g, args, {**consts, **extra, **meta}, device, rec)
         return meta, extra
 
     def _choose(self, launch, dtype: torch.dtype, problem: Problem, device: torch.device, consts: dict):

@@ -1,0 +1,164 @@
+"""A layer's no-grad call of one Triton launch, replayed in one C++ call.
+
+A plain eager call of a layer that needs no gradient (inference: a conv without an epilogue, a max-pool) is one
+Triton launch. Through the op layers it costs 8-21 µs of Python host time per call on an AMD EPYC core
+(bench/_overhead.py), against 3-8 µs for the nn module. A `Replay` runs such a call once through the op's Python
+path (`compute`), watching the one launch it makes (launch._capture), and keeps what that launch needs besides
+its tensors: the compiled kernel's launcher, grid and every bound argument, the positions of the call's tensors
+in them, and their specs. Later calls go to `fastconv._C._triton_replay` (csrc/triton_launch.cpp), which checks
+the call's tensors against those specs (dtype, sizes, strides, 16-byte alignment, device: what the direct
+launch's key checks, so the same compiled kernel is valid), makes the channels_last copies the launch read,
+allocates the outputs and calls the launcher: ~1 µs.
+
+It falls back to the Python path (and learns the call again) wherever the replay does not hold: a tensor that
+differs from its spec, a device that is not the current one, the launch plan recording, a forced tile, a launch
+hook (proton), FASTCONV_DIRECT_LAUNCH=0, a kernel with pre-run hooks, a call that made more or fewer than one
+launch (an empty output, an autotuning call), no compiled kernel (the interpreter), no extension. Whatever else
+a launch depends on must be in the caller's key: the caller keeps one Replay per call signature (functional.py's
+per-signature caches, whose keys hold the backend, the shapes, dtypes and devices, the arguments and the TF32
+setting).
+Inside launch.dry_run() a replay does all of this but call the launcher (its entries are dry: they have no
+kernel, and the dry run's callers key their caches apart from real calls).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import launch as _launch
+
+_replay = None  # fastconv._C._triton_replay once set up; False: unavailable
+_POISON = False  # tests: the C++ replay fills its outputs with NaN first
+
+
+def _replay_fn():
+    global _replay
+    if _replay is None:
+        from .. import _ext
+
+        _replay = False
+        if _ext.load() and _launch._launch_key_fn():
+            import fastconv._C as ext
+
+            if hasattr(ext, "_triton_replay"):
+                _setup(ext)
+                _replay = ext._triton_replay
+    return _replay
+
+
+def _setup(ext) -> None:
+    cuda = hasattr(torch._C, "_cuda_getCurrentRawStream")  # (a CPU-only torch has none: no CUDA tensor either)
+    ext._triton_replay_setup(_launch._recorder, _launch._Discard, _launch._forced, triton.knobs.runtime,
+                             torch._C._cuda_getDevice if cuda else torch.cuda.current_device,
+                             torch._C._cuda_getCurrentRawStream if cuda else _no_stream, torch.nn.Parameter,
+                             torch._C._is_torch_function_mode_enabled, _POISON)
+
+
+def _no_stream(index: int) -> int:
+    raise RuntimeError("fastconv: no CUDA stream without torch's CUDA build")
+
+
+def poison(on: bool) -> None:
+    """Tests: whether the C++ replay fills each output with NaN before the launch (an unwritten element shows)."""
+    global _POISON
+    _POISON = on
+    if _replay_fn():
+        import fastconv._C as ext
+
+        _setup(ext)
+
+
+class Replay:
+    """One call signature's single launch, replayed (module doc). `compute(*inputs)` runs the call through the
+    op's Python path and returns (output, seen): its output tensor and, per input, the tensor the launch read
+    for it: the input itself or `input.contiguous(memory_format=torch.channels_last)`."""
+
+    __slots__ = ("compute", "entry")
+
+    def __init__(self, compute):
+        self.compute = compute
+        self.entry = None
+
+    def __call__(self, *inputs) -> torch.Tensor:
+        """compute(*inputs)'s output."""
+        entry = self.entry
+        if entry is not None:
+            out = _replay(entry, inputs)
+            if out is not None:
+                if _launch._recorder.get() is None:  # launched (not a dry run)
+                    _launch.LAUNCHES["replay"] += 1
+                return out[0]
+        if not _replay_fn():
+            return self.compute(*inputs)[0]
+        token = _launch._capture.set([])
+        try:
+            output, seen = self.compute(*inputs)
+            captured = _launch._capture.get()
+        finally:
+            _launch._capture.reset(token)
+        entry = replay_entry(captured, inputs, seen, (output,))
+        if entry is not None:  # (else the last entry stays: it is checked again on every call)
+            self.entry = entry
+        return output
+
+
+def compiled_launcher(kernel, args: tuple, kwargs: dict, device: torch.device, dry: bool):
+    """(run, function, packed metadata, every bound argument) of a launch whose key has a compiled kernel (a
+    direct launch made it), run etc. None for a dry one; None where the launch cannot go direct. (Tests
+    replace this to replay on CPU through the interpreter.)"""
+    direct = _launch._direct_of(kernel)
+    if direct is None or getattr(kernel, "pre_run_hooks", None):
+        return None
+    if dry:
+        keyed = direct.key(args, kwargs, 0, _launch._launch_key)
+        return None if keyed is None else (None, None, None, keyed[1])
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    keyed = direct.key(args, kwargs, index, _launch._launch_key)
+    hit = None if keyed is None else direct.compiled.get(keyed[0])
+    return None if hit is None else (*hit, keyed[1])
+
+
+def replay_entry(captured: list, inputs: tuple, seen: tuple, outputs: tuple) -> tuple | None:
+    """The _triton_replay entry (csrc/triton_launch.h) of a call that made the one launch `captured`, or None."""
+    if len(captured) != 1 or len(seen) != len(inputs) or not inputs or not outputs:
+        return None
+    kernel, grid, args, kwargs, device, dry = captured[0]
+    found = compiled_launcher(kernel, args, kwargs, device, dry)
+    if found is None:
+        return None
+    run, function, metadata, full = found
+    first = inputs[0]
+    roles = {}
+    in_specs = []
+    for i, (t, s) in enumerate(zip(inputs, seen)):
+        copied = s is not t
+        if t.device != first.device or (copied and not (
+                s.shape == t.shape and s.dtype == t.dtype and s.device == t.device
+                and s.is_contiguous(memory_format=torch.channels_last))):
+            return None  # not what the C++ replay can make of the input
+        roles.setdefault(id(s), i)
+        in_specs.append((tuple(t.shape), tuple(t.stride()), t.dtype, s.data_ptr() % 16 == 0, copied))
+    out_specs = []
+    for j, y in enumerate(outputs):
+        if y.device != first.device:
+            return None
+        roles.setdefault(id(y), len(inputs) + j)
+        out_specs.append((tuple(y.shape), tuple(y.stride()), y.dtype))
+    slots = []
+    template = list(full)
+    for pos, v in enumerate(full):
+        if isinstance(v, torch.Tensor):
+            src = roles.get(id(v))
+            if src is None:  # a tensor the next call would not supply (scratch, a cached buffer)
+                return None
+            slots.append((pos, src))
+            template[pos] = None  # the entry keeps no tensor of this call alive
+    if first.device.type == "cuda":
+        index = first.device.index if first.device.index is not None else torch.cuda.current_device()
+    else:
+        index = -1
+    grid = (tuple(int(g) for g in grid) + (1, 1))[:3]
+    return (run, function, metadata, grid, tuple(template), tuple(in_specs), tuple(out_specs), tuple(slots), index,
+            bool(dry))
