@@ -51,8 +51,8 @@ def _conv_call(op, supported, input, weight, bias, stride, padding, dilation, gr
     F.conv2d validates), F.conv2d's argument checks (ConvArgs) -> geometry = (stride, padding (top, bottom,
     left, right), dilation as lists, output (H, W)) of the batched input. Both depend only on the backend
     requested, shapes, dtypes, devices, autocast and the arguments, so in eager mode each distinct call
-    signature is worked out once (a module's call costs a dict lookup). replay: for an eager 4-D conv2d call on the
-    Triton backend, the signature's Replay of its no-grad call without an epilogue (conv2d_fused), else None."""
+    signature is worked out once (a module's call costs a dict lookup). replay: for an eager 4-D call on the Triton
+    backend, the signature's Replays of its no-grad conv calls per epilogue (_replayed), else None."""
     key = None
     if not torch.compiler.is_compiling():
         s, p, d = _arg_key(stride), _arg_key(padding), _arg_key(dilation)
@@ -72,12 +72,33 @@ def _conv_call(op, supported, input, weight, bias, stride, padding, dilation, gr
         batched = input.unsqueeze(0) if input.dim() == 3 else input
         args = ConvArgs(batched, weight, bias, stride, padding, dilation, groups)
         geometry = (as_list(args.stride), as_list(args.padding), as_list(args.dilation), args.out_hw)
-        if key is not None and name == "triton" and op == "conv2d" and input.dim() == 4:
-            replay = conv_ops.triton_replay(*geometry[:3], groups)
+        if key is not None and name == "triton" and input.dim() == 4:
+            replay = {}  # (activation, which epilogue tensors are None) -> its Replay (_replayed)
     found = (requested, name, geometry, replay)
     if key is not None and len(_GEOMETRY) < _GEOMETRY_MAX:
         _GEOMETRY[key] = found
     return found
+
+
+def _replayed(replays, input, weight, bias, scale, shift, residual, activation, algo, geometry, groups):
+    """A Triton conv call's output through its Replay (fastconv/triton/replay.py: the one launch replayed from C++
+    after the call signature's first call), or None where that does not apply: im2col, a gradient needed, not
+    plain eager (compiling, a dispatch mode, the profiler, autocast). `replays`: the call signature's Replays per
+    epilogue (_conv_call); geometry: (stride, padding, dilation) as the op takes them."""
+    if algo != "implicit" or not _fastpath.eager_uncompiled(input):
+        return None
+    if scale is None and shift is None and residual is None:  # (a plain conv, without a generator)
+        present = () if bias is None else (bias,)
+    else:
+        present = tuple(t for t in (bias, scale, shift, residual) if t is not None)
+    if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                    or any(t.requires_grad for t in present)):
+        return None
+    kind = (activation, bias is None, scale is None, shift is None, residual is None)
+    replay = replays.get(kind)
+    if replay is None:
+        replay = replays[kind] = conv_ops.triton_replay(*geometry, groups, activation, kind[1:])
+    return replay(input, weight, *present)
 
 
 def _batched(input, residual):
@@ -95,11 +116,10 @@ def conv2d_fused(input, weight, bias=None, stride=1, padding=0, dilation=1, grou
     per-output-channel vectors, residual has the output's shape."""
     requested, name, geometry, replay = _conv_call("conv2d", conv_ops.CONV2D_BACKENDS, input, weight, bias, stride,
                                                    padding, dilation, groups)
-    if (replay is not None and scale is None and shift is None and residual is None and activation == "identity"
-            and algo == "implicit" and not (torch.is_grad_enabled() and (
-                input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))
-            and _fastpath.eager_uncompiled(input)):
-        return replay(input, weight) if bias is None else replay(input, weight, bias)
+    if replay is not None:
+        out = _replayed(replay, input, weight, bias, scale, shift, residual, activation, algo, geometry[:3], groups)
+        if out is not None:
+            return out
     if geometry is None:  # 'auto' chose PyTorch: what nn.Conv2d runs (plus the epilogue as PyTorch ops)
         return conv_ops.torch_conv_epilogue(F.conv2d(input, weight, bias, stride, padding, dilation, groups),
                                             scale, shift, residual, activation)
@@ -147,8 +167,8 @@ def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_v
     Batch statistics: one conv kernel whose epilogue also reduces per-channel statistics, a finalize,
     and one normalize+affine+activation pass. Running statistics (eval): BatchNorm folds into the conv
     epilogue's per-channel scale/shift (a few per-channel ops on C values, then one conv kernel)."""
-    requested, name, geometry, _ = _conv_call("conv_bn_act", cba_ops.SUPPORTED_BACKENDS, input, weight, bias, stride,
-                                           padding, dilation, groups)
+    requested, name, geometry, replays = _conv_call("conv_bn_act", cba_ops.SUPPORTED_BACKENDS, input, weight, bias,
+                                                    stride, padding, dilation, groups)
     if geometry is None:  # 'auto' chose PyTorch: exactly nn.Sequential(nn.Conv2d, nn.BatchNorm2d, act)
         if training and running_mean is not None and not isinstance(momentum, torch.Tensor) and (
                 num_batches_tracked is not None):
@@ -181,9 +201,18 @@ def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_v
         if y.requires_grad and not torch.compiler.is_compiling():
             _mark_producer(y, z, mean, var, bn_weight, bn_bias, residual, eps, activation)
     else:
-        # Fold: ((z - mean) * invstd) * gamma + beta == z * scale + shift, z = conv + bias.
-        scale, shift = cba_ops.fold_batch_norm(running_mean, running_var, bn_weight, bn_bias, eps)
-        y = conv_ops.conv2d_op(input, weight, bias, *geometry, scale, shift, residual, activation, algo, name)
+        # Fold: ((z - mean) * invstd) * gamma + beta == z * scale + shift, z = conv + bias (Triton: bias folded in)
+        triton = name == "triton"
+        folded_bias, scale, shift = cba_ops.eval_fold(running_mean, running_var, bn_weight, bn_bias, eps,
+                                                      bias if triton else None)
+        if triton:
+            bias = folded_bias
+        y = None
+        if replays is not None:
+            y = _replayed(replays, input, weight, bias, scale, shift, residual, activation, algo, geometry[:3],
+                          groups)
+        if y is None:
+            y = conv_ops.conv2d_op(input, weight, bias, *geometry, scale, shift, residual, activation, algo, name)
     return y.squeeze(0) if unbatched else y
 
 

@@ -376,3 +376,56 @@ def test_replay_only_where_it_holds(gpu_host_path, monkeypatch):
         for _ in range(3):
             assert conv(x).shape == (2, 4, 7, 6)
     assert launch.LAUNCHES["replay"] == before and gpu_host_path[start:] == []
+
+
+@pytest.mark.parametrize("bias, activation, residual", [(True, "relu", False), (False, "silu", True)])
+def test_eval_block_replays_and_refolds(gpu_host_path, bias, activation, residual):
+    """A fused block in eval under no_grad: BatchNorm folded once (ops.conv_bn_act.eval_fold) and the conv with its
+    epilogue replayed; an in-place change of a running statistic, load_state_dict, a `.data` swap of the BatchNorm
+    weight and a new eps each make a new fold that the next call reads (still replayed). With a gradient needed
+    nothing is kept or replayed and the gradient reaches the BatchNorm parameters."""
+    _needs_replay()
+    gen = generator("gpu-host-eval-replay", bias, activation, residual)
+    block = fastconv.ConvBNReLU2d(4, 6, 3, padding=1, bias=bias, activation=activation).eval()
+    bn = block.bn
+    with torch.no_grad():
+        bn.running_mean.copy_(randn((6,), torch.float32, "cpu", gen))
+        bn.running_var.copy_(randn((6,), torch.float32, "cpu", gen).abs() + 0.5)
+        bn.weight.copy_(randn((6,), torch.float32, "cpu", gen))
+    x = randn((2, 4, 7, 9), torch.float32, "cpu", gen)
+    r = randn((2, 6, 7, 9), torch.float32, "cpu", gen) if residual else None
+    act = {"relu": F.relu, "silu": F.silu}[activation]
+
+    def want():
+        z = F.conv2d(x.double(), block.conv.weight.double(), None if not bias else block.conv.bias.double(),
+                     padding=1)
+        u = F.batch_norm(z, bn.running_mean.double(), bn.running_var.double(), bn.weight.double(),
+                         bn.bias.double(), False, 0.0, bn.eps)
+        return act(u + r.double() if residual else u)
+
+    def call(label, replayed=True):
+        before = launch.LAUNCHES["replay"]
+        with torch.no_grad():
+            y = block(x, r)
+        assert_close(y, want(), torch.float32, label)
+        assert launch.LAUNCHES["replay"] - before == int(replayed), label
+
+    with torch.no_grad():
+        block(x, r)  # learned (unless an earlier test's call of this signature was)
+    call("repeat")
+    with torch.no_grad():
+        bn.running_var.mul_(1.7)
+    call("running_var changed in place")
+    state = {k: v.clone() for k, v in block.state_dict().items()}
+    state["bn.running_mean"] += 0.25
+    block.load_state_dict(state)
+    call("load_state_dict")
+    bn.weight.data = randn((6,), torch.float32, "cpu", gen)
+    call("bn weight .data swapped")
+    bn.eps = 1e-2
+    call("eps")
+    xg = x.clone().requires_grad_()
+    before = launch.LAUNCHES["replay"]
+    y = block(xg, r)
+    (dgamma,) = _grads(y.sum(), [bn.weight], None)
+    assert launch.LAUNCHES["replay"] == before and dgamma.abs().sum() > 0

@@ -493,21 +493,27 @@ def conv2d_call(input, weight, bias, stride, padding, dilation, groups, scale, s
                      backend)
 
 
-def triton_replay(stride, padding, dilation, groups):
-    """A Replay (fastconv/triton/replay.py) of one conv call signature's eager no-grad call without an epilogue on
-    the Triton backend (implicit GEMM): conv2d_op's output, the op layers skipped after the first call. The
-    functional layer keeps one per call signature."""
-    return _triton.replay.Replay(functools.partial(_triton_plain_forward, stride, padding, dilation, groups))
+def triton_replay(stride, padding, dilation, groups, activation: str, absent: tuple[bool, bool, bool, bool]):
+    """A Replay (fastconv/triton/replay.py) of one conv call signature's eager no-grad call on the Triton backend
+    (implicit GEMM) with this epilogue: `absent` says which of (bias, scale, shift, residual) the calls leave
+    None; the Replay takes (input, weight, *the others present, in that order). conv2d_op's output, the op
+    layers skipped after the first call. The functional layer keeps one per call signature and epilogue."""
+    _check_choice(activation, ACTIVATIONS, "activation")
+    return _triton.replay.Replay(functools.partial(_triton_forward, stride, padding, dilation, groups, activation,
+                                                   absent))
 
 
-def _triton_plain_forward(stride, padding, dilation, groups, input, weight, bias=None):
-    """conv2d_op's Triton implicit-GEMM forward without an epilogue, and what its launch read of each input (the
-    channels_last copies it makes of NCHW operands): a Replay's compute."""
+def _triton_forward(stride, padding, dilation, groups, activation, absent, input, weight, *present):
+    """conv2d_op's Triton implicit-GEMM forward, and what its launch read of each input (the channels_last copies
+    it makes of NCHW operands): a Replay's compute."""
+    given = iter(present)
+    bias, scale, shift, residual = (None if a else next(given) for a in absent)
     y = _new_output(input, weight, stride, padding, dilation)
     common = _triton._common
     x, w = common.channels_contiguous(input), common.channels_contiguous(weight)
-    _triton.conv2d.conv2d_forward(x, w, bias, stride, padding, dilation, groups, out=y)
-    return y, ((x, w) if bias is None else (x, w, bias))
+    _triton.conv2d.conv2d_forward(x, w, bias, stride, padding, dilation, groups, scale=scale, shift=shift,
+                                  residual=residual, activation=activation, out=y)
+    return y, (x, w, *present)
 
 
 _lib = torch.library.Library("fastconv", "IMPL")

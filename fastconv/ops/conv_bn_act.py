@@ -83,6 +83,36 @@ def fold_batch_norm(mean, var, weight, bias, eps: float):
     return scale, shift
 
 
+_EVAL_FOLD_ATTR = "_fastconv_eval_fold"
+
+
+def eval_fold(running_mean, running_var, bn_weight, bn_bias, eps: float, conv_bias=None):
+    """(conv bias, scale, shift) of an eval block's conv launch: BatchNorm's running statistics folded into a
+    per-channel affine map (fold_batch_norm); with `conv_bias` (the Triton backend) that bias folded into the
+    shift as the Triton launcher would (_epilogue.fold_bias: conv bias None then), so the launch reads the two
+    vectors as they are. A few small PyTorch ops (kernels on a GPU) per call, so in eager mode without a gradient
+    the result is kept on running_mean and reused while running_mean, running_var, bn_weight, bn_bias and
+    conv_bias are the same tensors with the same version counters and storage (an optimizer step, load_state_dict,
+    a `.data` swap or any in-place change makes a new fold) and eps is the same."""
+    others = (running_var, bn_weight, bn_bias, conv_bias)
+    tensors = (running_mean, *others)
+    keep = (not torch.compiler.is_compiling() and _fastpath.eager_uncompiled(running_mean)
+            and not running_mean.is_inference()
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)))
+    if keep:
+        state = (eps, *((t._version, t.data_ptr(), t.dtype, t.shape) if t is not None else None for t in tensors))
+        kept = getattr(running_mean, _EVAL_FOLD_ATTR, None)
+        if kept is not None and kept[0] == state and all(a is b for a, b in zip(kept[1], others)):
+            return kept[2]
+    scale, shift = fold_batch_norm(running_mean, running_var, bn_weight, bn_bias, eps)
+    if conv_bias is not None:
+        conv_bias, shift = _triton._epilogue.fold_bias(conv_bias, scale, shift)
+    folded = (conv_bias, scale, shift)
+    if keep:
+        setattr(running_mean, _EVAL_FOLD_ATTR, (state, others, folded))
+    return folded
+
+
 def torch_bn_u(z, mean, var, bn_weight, bn_bias, residual, eps):
     """u = bn(z) [+ residual] in the statistics' dtype (PyTorch ops)."""
     acc = _stat_dtype(z.dtype)

@@ -10,7 +10,8 @@ the call's tensors against those specs (dtype, sizes, strides, 16-byte alignment
 launch's key checks, so the same compiled kernel is valid), makes the channels_last copies the launch read,
 allocates the outputs and calls the launcher: ~1 µs.
 
-It falls back to the Python path (and learns the call again) wherever the replay does not hold: a tensor that
+It falls back to the Python path (and learns the call again; after calls it could not learn, only every 2nd,
+4th, ... 1024th call tries) wherever the replay does not hold: a tensor that
 differs from its spec, a device that is not the current one, the launch plan recording, a forced tile, a launch
 hook (proton), FASTCONV_DIRECT_LAUNCH=0, a kernel with pre-run hooks, a call that made more or fewer than one
 launch (an empty output, an autotuning call), no compiled kernel (the interpreter), no extension. Whatever else
@@ -73,11 +74,13 @@ class Replay:
     op's Python path and returns (output, seen): its output tensor and, per input, the tensor the launch read
     for it: the input itself or `input.contiguous(memory_format=torch.channels_last)`."""
 
-    __slots__ = ("compute", "entry")
+    __slots__ = ("compute", "entry", "misses", "skip")
 
     def __init__(self, compute):
         self.compute = compute
         self.entry = None
+        self.misses = 0  # calls in a row that could not be learned
+        self.skip = 0  # calls left that run compute without learning (after misses: 2, 4, ... 1024 of them)
 
     def __call__(self, *inputs) -> torch.Tensor:
         """compute(*inputs)'s output."""
@@ -88,7 +91,8 @@ class Replay:
                 if _launch._recorder.get() is None:  # launched (not a dry run)
                     _launch.LAUNCHES["replay"] += 1
                 return out[0]
-        if not _replay_fn():
+        if self.skip or not _replay_fn():
+            self.skip = max(self.skip - 1, 0)
             return self.compute(*inputs)[0]
         token = _launch._capture.set([])
         try:
@@ -97,8 +101,11 @@ class Replay:
         finally:
             _launch._capture.reset(token)
         entry = replay_entry(captured, inputs, seen, (output,))
-        if entry is not None:  # (else the last entry stays: it is checked again on every call)
-            self.entry = entry
+        if entry is not None:
+            self.entry, self.misses = entry, 0
+        else:  # (the last entry stays: it is checked again on every call) learn again after a while, not each call
+            self.misses += 1
+            self.skip = min(2 ** self.misses, 1024)
         return output
 
 
