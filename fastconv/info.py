@@ -3,6 +3,7 @@ with the reason for each thing that is not."""
 from __future__ import annotations
 
 import platform
+import sys
 
 import torch
 
@@ -57,7 +58,14 @@ def lines() -> list[str]:
     built = _ext.build_info()
     detail = (f"loaded; CUDA kernels {'built for ' + ','.join(built['archs']) + ' (CUDA ' + str(built['cuda_version']) + ')' if built.get('cuda') else 'not built'}; "
               f"{built.get('cxx')}" if ext_ok else "missing: " + ext_why)
-    out += ["", f"C++/CUDA extension fastconv._C: {detail}", ""]
+    out += ["", f"C++/CUDA extension fastconv._C: {detail}"]
+    if not _backend.env_flag("FASTCONV_DIRECT_LAUNCH", True):
+        fast = "off (FASTCONV_DIRECT_LAUNCH=0: every launch through Triton's own path)"
+    elif not (ext_ok and _ext.load() and hasattr(sys.modules["fastconv._C"], "_triton_replay")):
+        fast = "off (needs the extension: every launch through Triton's own path)"
+    else:
+        fast = "on (FASTCONV_DIRECT_LAUNCH=0 turns them off)"
+    out += [f"Triton host path: direct launches and C++ replays of no-grad layer calls {fast}", ""]
     for device_type in ("cuda", "cpu"):
         out.append(f"backends for {device_type} tensors:")
         avail = _backend.availability(device_type)

@@ -94,6 +94,21 @@ def test_info_cli_reports_backends():
         assert needle in out.stdout, needle
 
 
+def test_info_reports_the_triton_host_path(monkeypatch):
+    """fastconv.info says whether direct launches and C++ replays are on, and what turns them off."""
+    from fastconv import _ext, info
+
+    def line():
+        return next(x for x in info.lines() if x.startswith("Triton host path:"))
+
+    if _ext.load():
+        assert line().endswith("on (FASTCONV_DIRECT_LAUNCH=0 turns them off)")
+    else:
+        assert "off (needs the extension" in line()
+    monkeypatch.setenv("FASTCONV_DIRECT_LAUNCH", "0")
+    assert "off (FASTCONV_DIRECT_LAUNCH=0" in line()
+
+
 def test_environment_sets_unsets_and_restores(monkeypatch):
     """_backend.environment: a value sets, None unsets, and each variable is back as it was afterwards, after an
     exception too (the launch plan's GPU target, the overhead bench's switches)."""
