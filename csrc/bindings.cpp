@@ -18,6 +18,7 @@
 #include "conv2d.h"
 #include "conv_bn_act.h"
 #include "ext_ops.h"
+#include "triton_conv2d.h"
 #include "triton_launch.h"
 
 #include <string>
@@ -214,6 +215,10 @@ PyObject* triton_replay_setup_py(PyObject* /*module*/, PyObject* const* args, Py
   return fastconv::triton_replay_setup(args, nargs);
 }
 
+PyObject* triton_conv2d_train_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  return fastconv::triton_conv2d_train(args, nargs);
+}
+
 // METH_FASTCALL: called per Triton launch, so without pybind11's argument dispatch
 PyMethodDef raw_methods[] = {
     {"_triton_key_constant_types", [](PyObject*, PyObject* types) { return fastconv::set_constant_types(types); },
@@ -222,6 +227,8 @@ PyMethodDef raw_methods[] = {
      METH_FASTCALL, "(key, bound arguments) of a Triton launch: see csrc/triton_launch.h"},
     {"_triton_replay", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(triton_replay_py)), METH_FASTCALL,
      "a layer call's single Triton launch, replayed: see csrc/triton_launch.h"},
+    {"_triton_conv2d_train", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(triton_conv2d_train_py)),
+     METH_FASTCALL, "a Triton conv's training call as one C++ autograd node: see csrc/triton_conv2d.h"},
     {"_triton_replay_setup", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(triton_replay_setup_py)),
      METH_FASTCALL, "the state _triton_replay reads: see csrc/triton_launch.h"},
     {nullptr, nullptr, 0, nullptr}};

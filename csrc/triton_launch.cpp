@@ -280,7 +280,7 @@ PyObject* wrap(const at::Tensor& t, PyObject* original, const at::Tensor& origin
 }
 
 PyObject* replay(PyObject* entry, PyObject* inputs) {
-  if (replay_state.recorder == nullptr || !PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 10 ||
+  if (replay_state.recorder == nullptr || !PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 12 ||
       !PyTuple_Check(inputs)) {
     Py_RETURN_NONE;
   }
@@ -403,9 +403,22 @@ PyObject* replay(PyObject* entry, PyObject* inputs) {
   }
   if (args == nullptr || stream == nullptr) {
     Py_XDECREF(args);
+    Py_XDECREF(stream);
     Py_DECREF(outputs);
     Py_DECREF(owned);
     return nullptr;
+  }
+  PyObject* bound_stream = PyTuple_GET_ITEM(entry, 10);  // the entry keeps a stream's ticket counters: that stream only
+  if (bound_stream != Py_None && device >= 0 && !dry) {
+    const int same = PyObject_RichCompareBool(stream, bound_stream, Py_EQ);
+    if (same != 1) {
+      Py_DECREF(args);
+      Py_DECREF(stream);
+      Py_DECREF(outputs);
+      Py_DECREF(owned);
+      if (same < 0) return nullptr;
+      Py_RETURN_NONE;
+    }
   }
   for (Py_ssize_t i = 0; i < 3; ++i) {
     PyObject* g = PyTuple_GET_ITEM(grid, i);

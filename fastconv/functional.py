@@ -6,7 +6,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import _activations, _backend
+from . import _activations, _backend, _ext
 from ._args import ConvArgs, as_list, memory_format_as, memory_format_of
 from .ops import conv2d as conv_ops, conv2d_prologue as prologue_ops, conv_bn_act as cba_ops
 from .ops import batch_norm_act_pool as bn_pool_ops, conv_bn_chain as chain_ops, max_pool2d as _pool_ops
@@ -82,23 +82,43 @@ def _conv_call(op, supported, input, weight, bias, stride, padding, dilation, gr
 
 def _replayed(replays, input, weight, bias, scale, shift, residual, activation, algo, geometry, groups):
     """A Triton conv call's output through its Replay (fastconv/triton/replay.py: the one launch replayed from C++
-    after the call signature's first call), or None where that does not apply: im2col, a gradient needed, not
-    plain eager (compiling, a dispatch mode, the profiler, autocast). `replays`: the call signature's Replays per
-    epilogue (_conv_call); geometry: (stride, padding, dilation) as the op takes them."""
+    after the call signature's first call), or None where that does not apply: im2col, not plain eager
+    (compiling, a dispatch mode, the profiler, autocast), a gradient needed through an epilogue. A conv without
+    an epilogue that needs a gradient is one C++ autograd node whose launches are replays
+    (fastconv._C._triton_conv2d_train). `replays`: the call signature's Replays per epilogue and its TritonTrain
+    (_conv_call); geometry: (stride, padding, dilation) as the op takes them."""
     if algo != "implicit" or not _fastpath.eager_uncompiled(input):
         return None
-    if scale is None and shift is None and residual is None:  # (a plain conv, without a generator)
+    plain = scale is None and shift is None and residual is None
+    if plain:  # (without a generator)
         present = () if bias is None else (bias,)
     else:
         present = tuple(t for t in (bias, scale, shift, residual) if t is not None)
     if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
                                     or any(t.requires_grad for t in present)):
-        return None
+        if not plain or activation != "identity":
+            return None
+        return _trained(replays, input, weight, bias, geometry, groups)
     kind = (activation, bias is None, scale is None, shift is None, residual is None)
     replay = replays.get(kind)
     if replay is None:
         replay = replays[kind] = conv_ops.triton_replay(*geometry, groups, activation, kind[1:])
     return replay(input, weight, *present)
+
+
+def _trained(replays, input, weight, bias, geometry, groups):
+    """The training call of a Triton conv without an epilogue as one C++ autograd node (_replayed), or None without
+    the extension's entry point."""
+    train = replays.get("train")
+    if train is None:
+        entry = getattr(conv_ops.ext_ops(), "_triton_conv2d_train", None) if _ext.load() else None
+        if entry is None:
+            return None
+        train = replays["train"] = (entry, conv_ops.TritonTrain(*geometry, groups, bias is not None, input.shape,
+                                                                  weight.shape))
+    y = train[0](input, weight, bias, train[1])
+    conv_ops.mark_saved(input)
+    return y
 
 
 def _batched(input, residual):

@@ -87,9 +87,10 @@ def gpu_branch_run(tmp_path_factory):
     env = {k: v for k, v in os.environ.items()
            if k not in ("TRITON_INTERPRET", "PYTEST_XDIST_WORKER", "OUT", "GPU_CHECK_BUDGET", "TORCH_CUDA_ARCH_LIST")
            and not k.startswith("GPU_CHECK_TIMEOUT_")}
+    # (the overhead step must finish: 60 s, as a loaded 2-core CI machine once took over 30 s on the oldest stack)
     env.update(PYTHON=str(wrapper), GPU_CHECK_OUT=str(tmp / "out"), GPU_CHECK_WORK=str(tmp / "work"),
                GPU_CHECK_SKIP_BUILD="1", CUDA_VISIBLE_DEVICES="", GPU_CHECK_TEST_WORKERS="1", GPU_CHECK_SWEEP_JOBS="1",
-               GPU_CHECK_TIMEOUT_TESTS="15", GPU_CHECK_TIMEOUT_BENCH="10", GPU_CHECK_TIMEOUT_OVERHEAD="30",
+               GPU_CHECK_TIMEOUT_TESTS="15", GPU_CHECK_TIMEOUT_BENCH="10", GPU_CHECK_TIMEOUT_OVERHEAD="60",
                GPU_CHECK_TIMEOUT_PROFILE="5")
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)

@@ -65,17 +65,31 @@ def gpu_host_path(request, monkeypatch):
     monkeypatch.setattr(replay, "compiled_launcher", compiled)
     monkeypatch.setenv("FASTCONV_AUTOTUNE", "0")
     monkeypatch.setenv("FASTCONV_ARCH", request.param)
+    # replays learned here call this test's stand-in launcher: none from another test, none left for the next
+    fastconv.functional._GEOMETRY.clear()
+    fastconv.functional._POOL_GEOMETRY.clear()
     replay.poison(True)  # replayed outputs start as NaN: an element the kernel does not write shows
     try:
         with fastconv.backend("triton"):
             yield launches
     finally:
         replay.poison(False)
+        fastconv.functional._GEOMETRY.clear()
+        fastconv.functional._POOL_GEOMETRY.clear()
 
 
 def _twice(fn):
     """fn() twice (a call signature's first launch, then its repeat); both results."""
     return fn(), fn()
+
+
+def _same_launch(first, repeat) -> bool:
+    """Whether `repeat` (a launch or its replay, as the fixture records them) launches what `first` did: the same
+    kernel, grid and keyword arguments (a replay records every parameter, its grid padded to 3)."""
+    if not repeat[0].startswith("replay:"):
+        return repeat == first
+    return (repeat[0] == f"replay:{first[0]}" and repeat[1] == (tuple(first[1]) + (1, 1))[:3]
+            and all(repeat[2][k] == v for k, v in first[2].items() if k not in GPU_ONLY_OPTIONS))
 
 
 def _grads(out, inputs, g):
@@ -127,7 +141,10 @@ def test_conv_forward_backward(gpu_host_path, groups, stride, dilation, algo, ba
         for name, a, e in zip(("dx", "dw", "db"), (dx, dw, db), want):
             assert_close(a, e, torch.float32, f"{name}, step {step}")
     half = len(gpu_host_path) // 2
-    assert gpu_host_path[:half] == gpu_host_path[half:]  # the repeat: same kernels, grids, keyword arguments
+    first, repeat = gpu_host_path[:half], gpu_host_path[half:]  # the repeat: same kernels, grids, keyword arguments
+    assert len(first) == len(repeat) and all(_same_launch(a, b) for a, b in zip(first, repeat)), (first, repeat)
+    if algo == "implicit":  # the repeat is one C++ node whose forward, dgrad and wgrad are replays
+        assert [name for name, _, _ in repeat] == [f"replay:{name}" for name, _, _ in first], repeat
 
 
 def test_fused_block_autocast_and_residual(gpu_host_path):
@@ -303,17 +320,16 @@ def test_no_grad_layer_calls_replay(gpu_host_path):
                 first, *repeats = gpu_host_path[start:]
                 assert not first[0].startswith("replay:") and len(repeats) == 2, (name, layout, gpu_host_path[start:])
                 for r in repeats:  # the replayed launch is the first call's: kernel, grid, keyword arguments
-                    assert r[0] == f"replay:{first[0]}" and r[1] == (tuple(first[1]) + (1, 1))[:3]
-                    assert {k: r[2][k] for k in first[2] if k not in GPU_ONLY_OPTIONS} == \
-                        {k: v for k, v in first[2].items() if k not in GPU_ONLY_OPTIONS}
+                    assert r[0].startswith("replay:") and _same_launch(first, r), (first, r)
     assert launch.LAUNCHES["replay"] - before == 18
 
 
 def test_replay_only_where_it_holds(gpu_host_path, monkeypatch):
     """The replay steps aside (the op's Python path runs, with the same result) where it would be wrong or
-    unseen: a gradient needed, a launch hook (proton), FASTCONV_DIRECT_LAUNCH=0, a forced tile, the launch plan
-    recording, the profiler, a TorchFunctionMode, a tensor subclass. A replaced weight is read; a weight whose strides change is learned anew; a dry run
-    replays without launching."""
+    unseen: a launch hook (proton), FASTCONV_DIRECT_LAUNCH=0, a forced tile, the launch plan recording, the
+    profiler, a TorchFunctionMode, a tensor subclass. A replaced weight is read; a weight whose strides change is
+    learned anew; a dry run replays without launching; a call that needs a gradient is one C++ node whose
+    forward is replayed too."""
     _needs_replay()
     import triton
 
@@ -334,7 +350,8 @@ def test_replay_only_where_it_holds(gpu_host_path, monkeypatch):
     with torch.no_grad():
         conv(x)  # learned
     check("repeat", True)
-    assert check("gradient needed", False, grad=True).requires_grad
+    assert check("gradient needed: learned", False, grad=True).requires_grad
+    assert check("gradient needed: one C++ node, its forward replayed", True, grad=True).requires_grad
     with monkeypatch.context() as m:
         m.setattr(triton.knobs.runtime, "launch_enter_hook", lambda *args: None)
         check("launch hook", False)
@@ -411,7 +428,7 @@ def test_eval_block_replays_and_refolds(gpu_host_path, bias, activation, residua
         assert launch.LAUNCHES["replay"] - before == int(replayed), label
 
     with torch.no_grad():
-        block(x, r)  # learned (unless an earlier test's call of this signature was)
+        block(x, r)  # learned
     call("repeat")
     with torch.no_grad():
         bn.running_var.mul_(1.7)
@@ -429,3 +446,105 @@ def test_eval_block_replays_and_refolds(gpu_host_path, bias, activation, residua
     y = block(xg, r)
     (dgamma,) = _grads(y.sum(), [bn.weight], None)
     assert launch.LAUNCHES["replay"] == before and dgamma.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bias, wants, channels_last, grad_channels_last", [
+    (True, "x,w,b", False, False), (False, "x,w", True, True), (True, "x", False, True), (True, "w,b", True, False),
+    (True, "b", False, False)])
+def test_training_calls_are_one_node_of_replays(gpu_host_path, monkeypatch, bias, wants, channels_last,
+                                                grad_channels_last):
+    """Conv2d training calls (groups 2, stride 2) as one C++ autograd node whose forward, dgrad and wgrad are
+    replays (fastconv._C._triton_conv2d_train): outputs and every wanted gradient (an input, weight or bias that
+    does not need one gets none) equal, bit for bit, the op's Python autograd path on the same launches, for NCHW
+    and channels_last inputs and output gradients, step after step; the repeats replay all three launches."""
+    _needs_replay()
+    from fastconv import functional
+
+    gen = generator("gpu-host-train-node", bias, wants, channels_last, grad_channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    conv = fastconv.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=bias).to(memory_format=fmt)
+    conv.weight.requires_grad_("w" in wants)
+    if bias:
+        conv.bias.requires_grad_("b" in wants)
+
+    def step(x, g, node: bool):
+        with monkeypatch.context() as m:
+            if not node:
+                m.setattr(functional, "_trained", lambda *args: None)  # the op's Python autograd Function
+            xi = x.clone().requires_grad_("x" in wants)
+            y = conv(xi)
+            params = [t for t in (xi, conv.weight, conv.bias) if t is not None and t.requires_grad]
+            return [y, *torch.autograd.grad(y, params, g.to(memory_format=torch.channels_last)
+                                            if grad_channels_last else g)]
+
+    for i in range(3):
+        x = randn((2, 4, 9, 7), torch.float32, "cpu", gen).to(memory_format=fmt)
+        g = randn((2, 6, 5, 4), torch.float32, "cpu", gen)
+        start = len(gpu_host_path)
+        ours = step(x, g, node=True)
+        replays = [name for name, _, _ in gpu_host_path[start:] if name.startswith("replay:")]
+        want = step(x, g, node=False)
+        assert len(ours) == len(want) == 1 + len(wants.split(","))
+        for j, (a, b) in enumerate(zip(ours, want)):
+            assert torch.equal(a, b) and a.stride() == b.stride(), (i, j)
+        assert_close(ours[0], F.conv2d(x.double(), conv.weight.double(), conv.bias.double() if bias else None, 2, 1,
+                                       1, 2), torch.float32, f"y, step {i}")
+        if i:  # learned in the first step
+            want_launches = 1 + ("x" in wants) + ("w" in wants or "b" in wants)
+            assert len(replays) == want_launches, replays
+
+
+def test_training_node_with_a_stand_in_trainer():
+    """fastconv._C._triton_conv2d_train with a stand-in trainer: the node calls fwd / dgrad / wgrad / wgrad_bias with
+    the tensors its backward mirrors (the output gradient cast to x's dtype and copied channels_last once when both
+    dgrad and wgrad read an NCHW one), returns their results as the gradients, and passes a trainer's Python
+    exception on as itself, from forward and from backward."""
+    _needs_replay()
+    import fastconv._C as ext
+
+    calls = []
+
+    class Trainer:
+        def fwd(self, x, w, b=None):
+            calls.append(("fwd", x.stride(), b is not None))
+            return (F.conv2d(x, w, b, padding=1),)
+
+        def dgrad(self, g, w):
+            calls.append(("dgrad", g.dtype, g.is_contiguous(memory_format=torch.channels_last)))
+            return (torch.full((2, 3, 5, 5), 2.0),)
+
+        def wgrad(self, g, x, w):
+            calls.append(("wgrad", g.is_contiguous(memory_format=torch.channels_last)))
+            return (torch.full(w.shape, 3.0),)
+
+        def wgrad_bias(self, g, x, w):
+            return (torch.full(w.shape, 3.0), torch.full((4,), 4.0))
+
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    y = ext._triton_conv2d_train(x, w, b, Trainer())
+    assert torch.allclose(y, F.conv2d(x, w, b, padding=1)) and y.requires_grad
+    dx, dw, db = torch.autograd.grad(y, [x, w, b], torch.randn(2, 4, 5, 5, dtype=torch.float64).float())
+    assert torch.equal(dx, torch.full_like(dx, 2.0)) and torch.equal(dw, torch.full_like(dw, 3.0))
+    assert torch.equal(db, torch.full_like(db, 4.0))
+    assert calls[:2] == [("fwd", x.stride(), True), ("dgrad", torch.float32, True)]  # NCHW grad: one CL copy
+    calls.clear()
+    y = ext._triton_conv2d_train(x, w.detach(), None, Trainer())
+    (dx,) = torch.autograd.grad(y, [x], torch.randn(2, 4, 5, 5))
+    assert [c[0] for c in calls] == ["fwd", "dgrad"] and calls[1][2] is False  # dgrad alone reads it as it is
+
+    class Failing(Trainer):
+        def dgrad(self, g, w):
+            raise ValueError("stand-in dgrad failed")
+
+    y = ext._triton_conv2d_train(x, w, None, Failing())
+    with pytest.raises(ValueError, match="stand-in dgrad failed"):
+        torch.autograd.grad(y, [x], torch.randn(2, 4, 5, 5))
+
+    class Bad(Trainer):
+        def fwd(self, x, w, b=None):
+            return F.conv2d(x, w, b, padding=1)  # not a tuple
+
+    with pytest.raises(RuntimeError, match="must return a tuple of tensors"):
+        ext._triton_conv2d_train(x, w, None, Bad())

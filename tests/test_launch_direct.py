@@ -375,3 +375,37 @@ def test_no_grad_replays_equal_the_python_path_on_gpu(monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, want)
+
+
+@needs_ext
+@pytest.mark.gpu
+def test_training_node_equals_the_python_path_on_gpu(monkeypatch):
+    """Conv2d training steps on the GPU (NCHW and channels_last): the C++ node of replays
+    (fastconv._C._triton_conv2d_train) gives, bit for bit, the op's Python autograd path's output and gradients,
+    and its repeats are replays."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: replays call compiled kernels")
+    from fastconv import functional
+
+    torch.manual_seed(0)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        conv = fastconv.Conv2d(8, 16, 3, padding=1).cuda().to(memory_format=fmt)
+        xs = [torch.randn(4, 8, 12, 10, device="cuda").to(memory_format=fmt) for _ in range(3)]
+
+        def steps(node: bool):
+            outs = []
+            with monkeypatch.context() as m, fastconv.backend("triton"):
+                if not node:
+                    m.setattr(functional, "_trained", lambda *args: None)
+                for x in xs:
+                    x = x.clone().requires_grad_()
+                    y = conv(x)
+                    outs += [y, *torch.autograd.grad(y, [x, conv.weight, conv.bias], torch.ones_like(y))]
+            torch.cuda.synchronize()
+            return outs
+
+        before = launch.LAUNCHES["replay"]
+        ours = steps(True)
+        assert launch.LAUNCHES["replay"] - before >= 2 * 3  # the last two steps: forward, dgrad, wgrad replayed
+        for i, (a, b) in enumerate(zip(ours, steps(False))):
+            assert torch.equal(a, b), f"{fmt} output {i}"

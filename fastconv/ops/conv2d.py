@@ -513,7 +513,46 @@ def _triton_forward(stride, padding, dilation, groups, activation, absent, input
     x, w = common.channels_contiguous(input), common.channels_contiguous(weight)
     _triton.conv2d.conv2d_forward(x, w, bias, stride, padding, dilation, groups, scale=scale, shift=shift,
                                   residual=residual, activation=activation, out=y)
-    return y, (x, w, *present)
+    return (y,), (x, w, *present)
+
+
+class TritonTrain:
+    """The replays of one conv call signature's training calls on the Triton backend without an epilogue (implicit
+    GEMM), for fastconv._C._triton_conv2d_train (csrc/triton_conv2d.cpp: one C++ autograd node; its backward
+    mirrors _backward / conv2d_grads): `fwd` (conv2d_op's output), `dgrad` (conv2d_input_grad's), `wgrad` and
+    `wgrad_bias` (conv2d_weight_grad's dw, and db). Each is a Replay returning a tuple."""
+
+    __slots__ = ("fwd", "dgrad", "wgrad", "wgrad_bias")
+
+    def __init__(self, stride, padding, dilation, groups: int, has_bias: bool, input_size, weight_size):
+        replay = _triton.replay.Replay
+        self.fwd = replay(functools.partial(_triton_forward, stride, padding, dilation, groups, "identity",
+                                            (not has_bias, True, True, True)), single=False)
+        self.dgrad = replay(functools.partial(_triton_input_grad, tuple(input_size), stride, padding, dilation,
+                                              groups), single=False)
+        self.wgrad, self.wgrad_bias = (
+            replay(functools.partial(_triton_weight_grad, tuple(weight_size), stride, padding, dilation, groups,
+                                     bias_grad), single=False) for bias_grad in (False, True))
+
+
+def _triton_input_grad(input_size, stride, padding, dilation, groups, grad_output, weight):
+    """conv2d_input_grad's Triton dgrad (dx laid out like grad_output) and what its launch read: a Replay's
+    compute."""
+    dx = alloc(input_size, grad_output.dtype, grad_output.device, memory_format_of(grad_output))
+    common = _triton._common
+    g, w = common.channels_contiguous(grad_output), common.channels_contiguous(weight)
+    _triton.conv2d.conv2d_input_grad(g, w, input_size, stride, padding, dilation, groups, out=dx)
+    return (dx,), (g, w)
+
+
+def _triton_weight_grad(weight_size, stride, padding, dilation, groups, bias_grad, grad_output, input, weight):
+    """conv2d_weight_grad's Triton (dw in the weight's layout[, db]) and what its launch read (the weight: its
+    layout only): a Replay's compute."""
+    common = _triton._common
+    g, x = common.channels_contiguous(grad_output), common.channels_contiguous(input)
+    dw, db = _triton.conv2d.conv2d_weight_grad(g, x, weight_size, stride, padding, dilation, groups,
+                                               bias_grad=bias_grad, channels_last=weight_layout(weight))
+    return ((dw, db) if bias_grad else (dw,)), (g, x, weight)
 
 
 _lib = torch.library.Library("fastconv", "IMPL")

@@ -244,7 +244,7 @@ def forward_kernel(backend: str, geo, ceil_mode: bool):
 
 def _triton_forward(geo, ceil_mode, x):
     """The Triton forward's y without taps, and what its launch read of x (x itself): a Replay's compute."""
-    return _triton.max_pool2d.max_pool2d_forward(x, *geo, ceil_mode, False)[0], (x,)
+    return (_triton.max_pool2d.max_pool2d_forward(x, *geo, ceil_mode, False)[0],), (x,)
 
 
 def _first(fn):

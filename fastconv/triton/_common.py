@@ -1,6 +1,8 @@
 """Helpers shared by every Triton launcher: interpreter detection, dtype rules, index width."""
 from __future__ import annotations
 
+import contextvars
+
 import torch
 import triton.language as tl
 
@@ -130,6 +132,20 @@ def next_pow2(n: int) -> int:
 
 _TICKETS: dict = {}
 
+# While a Replay (replay.py) learns a call: the buffers its launches got besides the call's own tensors, as
+# ("scratch", t) (workspace: every element overwritten by the launches, so a replay allocates its own) or
+# ("persistent", t) (ticket counters: kept from launch to launch on their stream).
+allocations: contextvars.ContextVar[list | None] = contextvars.ContextVar("fastconv_replay_allocations",
+                                                                         default=None)
+
+
+def noted(kind: str, t: torch.Tensor) -> torch.Tensor:
+    """t, recorded in `allocations` as `kind` while a Replay learns."""
+    seen = allocations.get()
+    if seen is not None:
+        seen.append((kind, t))
+    return t
+
 
 def ticket_counters(device: torch.device, n: int) -> torch.Tensor:
     """At least n int32 counters for "last program finishes the reduction" tickets (the BatchNorm backward's and the
@@ -142,4 +158,4 @@ def ticket_counters(device: torch.device, n: int) -> torch.Tensor:
     counters = _TICKETS.get(key)
     if counters is None or counters.numel() < n:
         counters = _TICKETS[key] = torch.zeros(max(n, 256), device=device, dtype=torch.int32)
-    return counters
+    return noted("persistent", counters)

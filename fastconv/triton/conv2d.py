@@ -31,6 +31,7 @@ from ._common import (
     meta_like,
     meta_operand,
     needs_int64,
+    noted,
     PlanCache,
     ticket_counters,
     upcast_dot_operands,
@@ -509,7 +510,7 @@ def stats_of(extra: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def workspace(shape, device, dtype) -> torch.Tensor:
     """Scratch buffers the kernels fully overwrite (tests poison them with NaN through this hook)."""
-    return torch.empty(shape, device=device, dtype=dtype)
+    return noted("scratch", torch.empty(shape, device=device, dtype=dtype))
 
 
 def pads(padding) -> tuple[int, int, int, int]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import launch as _launch
+from . import _common, launch as _launch
 
 _replay = None  # fastconv._C._triton_replay once set up; False: unavailable
 _POISON = False  # tests: the C++ replay fills its outputs with NaN first
@@ -71,42 +71,53 @@ def poison(on: bool) -> None:
 
 class Replay:
     """One call signature's single launch, replayed (module doc). `compute(*inputs)` runs the call through the
-    op's Python path and returns (output, seen): its output tensor and, per input, the tensor the launch read
-    for it: the input itself or `input.contiguous(memory_format=torch.channels_last)`."""
+    op's Python path and returns (outputs, seen): its output tensors (a tuple) and, per input, the tensor the
+    launch read for it: the input itself or `input.contiguous(memory_format=torch.channels_last)` (an input the
+    launch does not read at all only has its specs checked). A call returns the outputs, or with `single` the
+    first one. Buffers the launch gets from `workspace` are allocated afresh by each replay, ticket counters are
+    kept (the replay then holds only on the stream it learned on)."""
 
-    __slots__ = ("compute", "entry", "misses", "skip")
+    __slots__ = ("compute", "single", "entry", "misses", "skip")
 
-    def __init__(self, compute):
+    def __init__(self, compute, single: bool = True):
         self.compute = compute
+        self.single = single
         self.entry = None
         self.misses = 0  # calls in a row that could not be learned
         self.skip = 0  # calls left that run compute without learning (after misses: 2, 4, ... 1024 of them)
 
-    def __call__(self, *inputs) -> torch.Tensor:
-        """compute(*inputs)'s output."""
+    def __call__(self, *inputs):
+        """compute(*inputs)'s outputs (with `single`: the first)."""
         entry = self.entry
         if entry is not None:
             out = _replay(entry, inputs)
             if out is not None:
                 if _launch._recorder.get() is None:  # launched (not a dry run)
                     _launch.LAUNCHES["replay"] += 1
-                return out[0]
+                return out[0] if self.single else out[:entry[11]]
         if self.skip or not _replay_fn():
             self.skip = max(self.skip - 1, 0)
-            return self.compute(*inputs)[0]
-        token = _launch._capture.set([])
+            outputs = self.compute(*inputs)[0]
+        else:
+            outputs = self.learn(inputs)
+        return outputs[0] if self.single else outputs
+
+    def learn(self, inputs: tuple) -> tuple:
+        """compute(*inputs)'s outputs, its launch learned on the way."""
+        token, noted = _launch._capture.set([]), _common.allocations.set([])
         try:
-            output, seen = self.compute(*inputs)
-            captured = _launch._capture.get()
+            outputs, seen = self.compute(*inputs)
+            captured, allocated = _launch._capture.get(), _common.allocations.get()
         finally:
             _launch._capture.reset(token)
-        entry = replay_entry(captured, inputs, seen, (output,))
+            _common.allocations.reset(noted)
+        entry = replay_entry(captured, inputs, seen, outputs, allocated)
         if entry is not None:
             self.entry, self.misses = entry, 0
         else:  # (the last entry stays: it is checked again on every call) learn again after a while, not each call
             self.misses += 1
             self.skip = min(2 ** self.misses, 1024)
-        return output
+        return outputs
 
 
 def compiled_launcher(kernel, args: tuple, kwargs: dict, device: torch.device, dry: bool):
@@ -127,8 +138,9 @@ def compiled_launcher(kernel, args: tuple, kwargs: dict, device: torch.device, d
     return None if hit is None else (*hit, keyed[1])
 
 
-def replay_entry(captured: list, inputs: tuple, seen: tuple, outputs: tuple) -> tuple | None:
-    """The _triton_replay entry (csrc/triton_launch.h) of a call that made the one launch `captured`, or None."""
+def replay_entry(captured: list, inputs: tuple, seen: tuple, outputs: tuple, allocated: list = ()) -> tuple | None:
+    """The _triton_replay entry (csrc/triton_launch.h) of a call that made the one launch `captured`, or None.
+    allocated: the (kind, tensor) buffers _common.noted recorded during the call."""
     if len(captured) != 1 or len(seen) != len(inputs) or not inputs or not outputs:
         return None
     kernel, grid, args, kwargs, device, dry = captured[0]
@@ -147,25 +159,36 @@ def replay_entry(captured: list, inputs: tuple, seen: tuple, outputs: tuple) -> 
             return None  # not what the C++ replay can make of the input
         roles.setdefault(id(s), i)
         in_specs.append((tuple(t.shape), tuple(t.stride()), t.dtype, s.data_ptr() % 16 == 0, copied))
-    out_specs = []
-    for j, y in enumerate(outputs):
+    allocs = list(outputs)  # what each replay allocates: the outputs, then the scratch the launch reads
+    for y in outputs:
         if y.device != first.device:
             return None
+    for j, y in enumerate(outputs):
         roles.setdefault(id(y), len(inputs) + j)
-        out_specs.append((tuple(y.shape), tuple(y.stride()), y.dtype))
+    scratch = {id(t): t for kind, t in allocated if kind == "scratch"}
+    persistent = {id(t) for kind, t in allocated if kind == "persistent"}
     slots = []
     template = list(full)
     for pos, v in enumerate(full):
-        if isinstance(v, torch.Tensor):
-            src = roles.get(id(v))
-            if src is None:  # a tensor the next call would not supply (scratch, a cached buffer)
-                return None
+        if not isinstance(v, torch.Tensor):
+            continue
+        src = roles.get(id(v))
+        if src is None and id(v) in scratch and v.device == first.device:
+            src = roles[id(v)] = len(inputs) + len(allocs)
+            allocs.append(v)
+        if src is not None:
             slots.append((pos, src))
             template[pos] = None  # the entry keeps no tensor of this call alive
+        elif id(v) not in persistent:  # a tensor the next call would not supply (a cached or computed buffer)
+            return None
     if first.device.type == "cuda":
         index = first.device.index if first.device.index is not None else torch.cuda.current_device()
+        stream = torch._C._cuda_getCurrentRawStream(index) if persistent and not dry else None
     else:
-        index = -1
+        index, stream = -1, None
+    if any(y._version for y in allocs):  # written by a PyTorch op as well (a zero fill, an add): not the launch's alone
+        return None
+    out_specs = tuple((tuple(y.shape), tuple(y.stride()), y.dtype) for y in allocs)
     grid = (tuple(int(g) for g in grid) + (1, 1))[:3]
-    return (run, function, metadata, grid, tuple(template), tuple(in_specs), tuple(out_specs), tuple(slots), index,
-            bool(dry))
+    return (run, function, metadata, grid, tuple(template), tuple(in_specs), out_specs, tuple(slots), index,
+            bool(dry), stream, len(outputs))
