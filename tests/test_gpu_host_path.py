@@ -548,3 +548,51 @@ def test_training_node_with_a_stand_in_trainer():
 
     with pytest.raises(RuntimeError, match="must return a tuple of tensors"):
         ext._triton_conv2d_train(x, w, None, Bad())
+
+
+def test_training_node_with_an_expanded_output_gradient(gpu_host_path, monkeypatch):
+    """y.sum()'s backward hands the conv a stride-0 (expanded) gradient: the node's replays read it as the Python
+    path does (dx, dw, db bit for bit, with only dx wanted as well as with all three), step after step."""
+    _needs_replay()
+    from fastconv import functional
+
+    gen = generator("gpu-host-train-expanded")
+    conv = fastconv.Conv2d(3, 4, 3, padding=1)
+    for wants_w in (True, False, True):
+        conv.weight.requires_grad_(wants_w)
+        conv.bias.requires_grad_(wants_w)
+        x = randn((2, 3, 6, 5), torch.float32, "cpu", gen)
+        results = []
+        for node in (True, False):
+            with monkeypatch.context() as m:
+                if not node:
+                    m.setattr(functional, "_trained", lambda *args: None)
+                xi = x.clone().requires_grad_()
+                params = [xi] + ([conv.weight, conv.bias] if wants_w else [])
+                results.append(torch.autograd.grad(conv(xi).sum(), params))
+        for a, b in zip(*results):
+            assert torch.equal(a, b) and a.stride() == b.stride()
+
+
+@pytest.mark.parametrize("pytorch_write", [False, True])
+def test_replay_never_learns_an_output_a_pytorch_op_also_wrote(gpu_host_path, pytorch_write):
+    """A Replay learns a launch only when the launch alone writes its outputs: one zeroed by PyTorch first (a
+    version counter above 0) keeps the call on its Python path (a replay would leave that write out)."""
+    _needs_replay()
+    from fastconv.triton import conv2d as tconv
+
+    gen = generator("gpu-host-replay-written", pytorch_write)
+    x = randn((1, 3, 5, 5), torch.float32, "cpu", gen).to(memory_format=torch.channels_last)
+    w = randn((4, 3, 3, 3), torch.float32, "cpu", gen).to(memory_format=torch.channels_last)
+
+    def compute(x, w):
+        y = torch.empty((1, 4, 5, 5))
+        if pytorch_write:
+            y.zero_()
+        tconv.conv2d_forward(x, w, None, (1, 1), (1, 1, 1, 1), (1, 1), 1, out=y)
+        return (y,), (x, w)
+
+    r = replay.Replay(compute)
+    for _ in range(2):
+        assert_close(r(x, w), F.conv2d(x.double(), w.double(), padding=1), torch.float32, "y")
+    assert (r.entry is None) == pytorch_write
