@@ -143,7 +143,7 @@ def test_conv_forward_backward(gpu_host_path, groups, stride, dilation, algo, ba
     half = len(gpu_host_path) // 2
     first, repeat = gpu_host_path[:half], gpu_host_path[half:]  # the repeat: same kernels, grids, keyword arguments
     assert len(first) == len(repeat) and all(_same_launch(a, b) for a, b in zip(first, repeat)), (first, repeat)
-    if algo == "implicit":  # the repeat is one C++ node whose forward, dgrad and wgrad are replays
+    if algo == "implicit" and replay._replay_fn():  # the repeat: one C++ node whose forward, dgrad, wgrad replay
         assert [name for name, _, _ in repeat] == [f"replay:{name}" for name, _, _ in first], repeat
 
 
