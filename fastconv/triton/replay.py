@@ -1,25 +1,26 @@
-"""A layer's no-grad call of one Triton launch, replayed in one C++ call.
+"""A call of one Triton launch, replayed in one C++ call.
 
-A plain eager call of a layer that needs no gradient (inference: a conv without an epilogue, a max-pool) is one
-Triton launch. Through the op layers it costs 8-21 µs of Python host time per call on an AMD EPYC core
-(bench/_overhead.py), against 3-8 µs for the nn module. A `Replay` runs such a call once through the op's Python
-path (`compute`), watching the one launch it makes (launch._capture), and keeps what that launch needs besides
-its tensors: the compiled kernel's launcher, grid and every bound argument, the positions of the call's tensors
-in them, and their specs. Later calls go to `fastconv._C._triton_replay` (csrc/triton_launch.cpp), which checks
-the call's tensors against those specs (dtype, sizes, strides, 16-byte alignment, device: what the direct
-launch's key checks, so the same compiled kernel is valid), makes the channels_last copies the launch read,
-allocates the outputs and calls the launcher: ~1 µs.
+Through the op layers a Triton launch costs 8-21 µs of Python host time per call on an AMD EPYC core
+(bench/_overhead.py), against 3-8 µs for a whole nn module call. A `Replay` runs a call once through the op's
+Python path (`compute`), watching the one launch it makes (launch._capture) and the scratch and ticket counters it
+gets (_common.allocations), and keeps what that launch needs besides the call's tensors: the compiled kernel's
+launcher, grid and every bound argument, the positions of the call's tensors in them, and their specs. Later calls
+go to `fastconv._C._triton_replay` (csrc/triton_launch.cpp), which checks the call's tensors against those specs
+(dtype, sizes, strides, 16-byte alignment, device: what the direct launch's key checks, so the same compiled kernel
+is valid), makes the channels_last copies the launch read, allocates the outputs and scratch and calls the
+launcher: ~1 µs. Users: the functional layer's no-grad conv (any epilogue: eval blocks) and max-pool calls, and the
+Conv2d training node (ops.conv2d.TritonTrain, csrc/triton_conv2d.cpp).
 
 It falls back to the Python path (and learns the call again; after calls it could not learn, only every 2nd,
-4th, ... 1024th call tries) wherever the replay does not hold: a tensor that
-differs from its spec, a device that is not the current one, the launch plan recording, a forced tile, a launch
-hook (proton), FASTCONV_DIRECT_LAUNCH=0, a kernel with pre-run hooks, a call that made more or fewer than one
-launch (an empty output, an autotuning call), no compiled kernel (the interpreter), no extension. Whatever else
-a launch depends on must be in the caller's key: the caller keeps one Replay per call signature (functional.py's
+4th, ... 1024th call tries) wherever the replay does not hold: a tensor that differs from its spec, a device (or,
+for an entry holding ticket counters, a stream) that is not the current one, the launch plan recording, a forced
+tile, a launch hook (proton), FASTCONV_DIRECT_LAUNCH=0, a kernel with pre-run hooks, a TorchFunctionMode, a
+tensor subclass, a call that made more or fewer than one launch (an empty output, an autotuning call), an output
+or scratch buffer a PyTorch op also wrote, no compiled kernel (the interpreter), no extension. Whatever else a
+launch depends on must be in the caller's key: the caller keeps one Replay per call signature (functional.py's
 per-signature caches, whose keys hold the backend, the shapes, dtypes and devices, the arguments and the TF32
-setting).
-Inside launch.dry_run() a replay does all of this but call the launcher (its entries are dry: they have no
-kernel, and the dry run's callers key their caches apart from real calls).
+setting). Inside launch.dry_run() a replay does all of this but call the launcher (its entries are dry: they have
+no kernel, and the dry run's callers key their caches apart from real calls).
 """
 from __future__ import annotations
 
