@@ -793,3 +793,24 @@ def test_c_node_equals_the_op(backend, case, poisoned):
     for i, (o, e) in enumerate(zip(ours, ref)):
         assert o.dtype == e.dtype and o.shape == e.shape and o.stride() == e.stride(), (i, o.stride(), e.stride())
         assert torch.equal(o, e), (i, (o - e).abs().max())
+
+
+def test_eval_fold_follows_training_updates(kernel_backend, kdevice):
+    """A fused block alternating eval calls (BatchNorm fold kept: ops.conv_bn_act.eval_fold) and training steps
+    (running statistics updated in place by the op, which bumps their version counters): every eval output equals
+    nn's eval output of the same state, in float64."""
+    gen = generator("eval-fold-follows-training", kernel_backend)
+    block = fastconv.ConvBNReLU2d(3, 4, 3, padding=1).to(kdevice)
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).double().to(kdevice)
+    x = randn((2, 3, 6, 5), torch.float32, kdevice, gen)
+    for step in range(3):
+        block.eval()
+        with torch.no_grad():
+            y = [block(x) for _ in range(2)][-1]
+        ref[0].load_state_dict(block.conv.state_dict())
+        ref[1].load_state_dict(block.bn.state_dict())
+        with torch.no_grad():
+            want = ref.eval()(x.double())
+        assert_close(y, want, torch.float32, f"eval after {step} training steps")
+        block.train()
+        block(randn((4, 3, 6, 5), torch.float32, kdevice, gen).requires_grad_()).sum().backward()

@@ -596,3 +596,44 @@ def test_replay_never_learns_an_output_a_pytorch_op_also_wrote(gpu_host_path, py
     for _ in range(2):
         assert_close(r(x, w), F.conv2d(x.double(), w.double(), padding=1), torch.float32, "y")
     assert (r.entry is None) == pytorch_write
+
+
+def test_eval_after_training_steps_reads_the_new_running_statistics(gpu_host_path):
+    """Training steps update the running statistics inside Triton kernels (the finalize's last pass: a fused block,
+    a chain of blocks, a residual block); each op bumps their version counters as the dispatcher would, so the eval
+    fold kept from an earlier eval call (ops.conv_bn_act.eval_fold) is made again: eval outputs after each step
+    equal the nn model's in float64 with the same state."""
+    _needs_replay()
+    gen = generator("gpu-host-train-then-eval")
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(5, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5)
+            self.conv2, self.bn2 = nn.Conv2d(5, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5)
+
+        def forward(self, x):
+            return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + x)
+
+    def build():
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.Conv2d(4, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), Residual())
+
+    torch.manual_seed(0)
+    plain = build()
+    model = fastconv.convert(build())
+    model.load_state_dict(plain.state_dict())
+    ref = build().double()
+    x = randn((2, 3, 8, 6), torch.float32, "cpu", gen)
+    for step in range(3):
+        model.eval()
+        with torch.no_grad():
+            for _ in range(2):  # the second call reuses the fold and replays the convs
+                y = model(x)
+        ref.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            want = ref.eval()(x.double())
+        assert_close(y, want, torch.float32, f"eval after {step} training steps")
+        model.train()
+        xt = randn((4, 3, 8, 6), torch.float32, "cpu", gen).requires_grad_()
+        model(xt).square().sum().backward()
