@@ -93,7 +93,9 @@ def eval_fold(running_mean, running_var, bn_weight, bn_bias, eps: float, conv_bi
     vectors as they are. A few small PyTorch ops (kernels on a GPU) per call, so in eager mode without a gradient
     the result is kept on running_mean and reused while running_mean, running_var, bn_weight, bn_bias and
     conv_bias are the same tensors with the same version counters and storage (an optimizer step, load_state_dict,
-    a `.data` swap or any in-place change makes a new fold) and eps is the same."""
+    a `.data` swap or any in-place change makes a new fold) and eps is the same. As autograd's own checks of saved
+    tensors, it does not see an in-place write through `.data` (`p.data.add_(...)`: a tensor whose version counter
+    PyTorch does not track); such writes need `with torch.no_grad(): p.add_(...)` instead."""
     others = (running_var, bn_weight, bn_bias, conv_bias)
     tensors = (running_mean, *others)
     keep = (not torch.compiler.is_compiling() and _fastpath.eager_uncompiled(running_mean)
