@@ -279,6 +279,20 @@ PyObject* wrap(const at::Tensor& t, PyObject* original, const at::Tensor& origin
   return THPVariable_Wrap(t);
 }
 
+// A new reference, released when it goes out of scope unless release()d (every early return and exception).
+struct Ref {
+  PyObject* p;
+  explicit Ref(PyObject* o = nullptr) : p(o) {}
+  Ref(const Ref&) = delete;
+  Ref& operator=(const Ref&) = delete;
+  ~Ref() { Py_XDECREF(p); }
+  PyObject* release() {
+    PyObject* o = p;
+    p = nullptr;
+    return o;
+  }
+};
+
 PyObject* replay(PyObject* entry, PyObject* inputs) {
   if (replay_state.recorder == nullptr || !PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 12 ||
       !PyTuple_Check(inputs)) {
@@ -301,9 +315,7 @@ PyObject* replay(PyObject* entry, PyObject* inputs) {
   const Py_ssize_t n_in = PyTuple_GET_SIZE(inputs);
   if (n_in == 0 || n_in != PyTuple_GET_SIZE(in_specs)) Py_RETURN_NONE;
 
-  // the inputs against their specs; what the kernel reads of each (the tensor or its channels_last copy)
-  std::vector<at::Tensor> seen;
-  seen.reserve(static_cast<size_t>(n_in));
+  // every check before any work: the inputs against their specs, then the current device and stream
   for (Py_ssize_t i = 0; i < n_in; ++i) {
     PyObject* obj = PyTuple_GET_ITEM(inputs, i);
     PyObject* spec = PyTuple_GET_ITEM(in_specs, i);
@@ -321,31 +333,54 @@ PyObject* replay(PyObject* entry, PyObject* inputs) {
       if (PyErr_Occurred()) return nullptr;
       Py_RETURN_NONE;
     }
-    if (PyTuple_GET_ITEM(spec, 4) == Py_True) {
-      seen.push_back(t.contiguous(at::MemoryFormat::ChannelsLast));
-    } else {
-      seen.push_back(t);
+    // what the kernel reads as it is must be aligned as it was (a channels_last copy is checked once it is made)
+    if (PyTuple_GET_ITEM(spec, 4) != Py_True && aligned16(t) != (PyTuple_GET_ITEM(spec, 3) == Py_True)) {
+      Py_RETURN_NONE;
     }
-    if (aligned16(seen.back()) != (PyTuple_GET_ITEM(spec, 3) == Py_True)) Py_RETURN_NONE;
   }
+  Ref stream;
   if (device >= 0 && !dry) {  // Triton launches on the current device: a call on another takes the guarded path
-    PyObject* current = PyObject_CallNoArgs(replay_state.current_device);
-    if (current == nullptr) return nullptr;
-    const long index = PyLong_AsLong(current);
-    Py_DECREF(current);
+    Ref current(PyObject_CallNoArgs(replay_state.current_device));
+    if (current.p == nullptr) return nullptr;
+    const long index = PyLong_AsLong(current.p);
     if (index == -1 && PyErr_Occurred()) return nullptr;
     if (index != device) Py_RETURN_NONE;
+    Ref index_obj(PyLong_FromLong(device));
+    if (index_obj.p == nullptr) return nullptr;
+    stream.p = PyObject_CallOneArg(replay_state.current_stream, index_obj.p);
+    if (stream.p == nullptr) return nullptr;
+    PyObject* bound = PyTuple_GET_ITEM(entry, 10);  // the entry keeps a stream's ticket counters: that stream only
+    if (bound != Py_None) {
+      const int same = PyObject_RichCompareBool(stream.p, bound, Py_EQ);
+      if (same < 0) return nullptr;
+      if (same == 0) Py_RETURN_NONE;
+    }
+  } else {
+    stream.p = PyLong_FromLong(0);
+    if (stream.p == nullptr) return nullptr;
   }
 
-  // the outputs
+  // the inputs as the kernel reads them (the tensor or its channels_last copy), then the buffers it writes
   const Py_ssize_t n_out = PyTuple_GET_SIZE(out_specs);
-  PyObject* outputs = PyTuple_New(n_out);
-  if (outputs == nullptr) return nullptr;
-  std::vector<PyObject*> sources(static_cast<size_t>(n_in + n_out), nullptr);  // borrowed from `owned` / outputs
-  PyObject* owned = PyTuple_New(n_in);  // the inputs as the kernel reads them
-  if (owned == nullptr) {
-    Py_DECREF(outputs);
-    return nullptr;
+  std::vector<PyObject*> sources(static_cast<size_t>(n_in + n_out), nullptr);  // borrowed from `seen` / outputs
+  Ref seen(PyTuple_New(n_in));
+  Ref outputs(PyTuple_New(n_out));
+  if (seen.p == nullptr || outputs.p == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < n_in; ++i) {
+    PyObject* obj = PyTuple_GET_ITEM(inputs, i);
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    PyObject* spec = PyTuple_GET_ITEM(in_specs, i);
+    PyObject* k = obj;
+    if (PyTuple_GET_ITEM(spec, 4) == Py_True) {
+      at::Tensor copy = t.contiguous(at::MemoryFormat::ChannelsLast);
+      if (aligned16(copy) != (PyTuple_GET_ITEM(spec, 3) == Py_True)) Py_RETURN_NONE;
+      k = wrap(copy, obj, t);
+      if (k == nullptr) return nullptr;
+    } else {
+      Py_INCREF(k);
+    }
+    PyTuple_SET_ITEM(seen.p, i, k);
+    sources[static_cast<size_t>(i)] = k;
   }
   const at::Tensor& first = THPVariable_Unpack(PyTuple_GET_ITEM(inputs, 0));
   for (Py_ssize_t j = 0; j < n_out; ++j) {
@@ -355,24 +390,9 @@ PyObject* replay(PyObject* entry, PyObject* inputs) {
                                          reinterpret_cast<THPDtype*>(PyTuple_GET_ITEM(spec, 2))->scalar_type));
     if (replay_state.poison && at::isFloatingType(y.scalar_type())) y.fill_(std::numeric_limits<double>::quiet_NaN());
     PyObject* wrapped = THPVariable_Wrap(y);
-    if (wrapped == nullptr) {
-      Py_DECREF(outputs);
-      Py_DECREF(owned);
-      return nullptr;
-    }
-    PyTuple_SET_ITEM(outputs, j, wrapped);
+    if (wrapped == nullptr) return nullptr;
+    PyTuple_SET_ITEM(outputs.p, j, wrapped);
     sources[static_cast<size_t>(n_in + j)] = wrapped;
-  }
-  for (Py_ssize_t i = 0; i < n_in; ++i) {
-    PyObject* obj = PyTuple_GET_ITEM(inputs, i);
-    PyObject* k = wrap(seen[static_cast<size_t>(i)], obj, THPVariable_Unpack(obj));
-    if (k == nullptr) {
-      Py_DECREF(outputs);
-      Py_DECREF(owned);
-      return nullptr;
-    }
-    PyTuple_SET_ITEM(owned, i, k);
-    sources[static_cast<size_t>(i)] = k;
   }
 
   // run(gx, gy, gz, stream, function, metadata, None, None, None, *full) with the slots filled
@@ -383,77 +403,39 @@ PyObject* replay(PyObject* entry, PyObject* inputs) {
     const Py_ssize_t pos = PyLong_AsSsize_t(PyTuple_GET_ITEM(slot, 0));
     const Py_ssize_t src = PyLong_AsSsize_t(PyTuple_GET_ITEM(slot, 1));
     if (pos < 0 || pos >= n_full || src < 0 || src >= n_in + n_out) {
-      Py_DECREF(outputs);
-      Py_DECREF(owned);
       if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "_triton_replay: a slot out of range");
       return nullptr;
     }
     filled[static_cast<size_t>(pos)] = sources[static_cast<size_t>(src)];
   }
-  PyObject* args = PyTuple_New(9 + n_full);
-  PyObject* stream = nullptr;
-  if (args != nullptr) {
-    if (device >= 0 && !dry) {
-      PyObject* index = PyLong_FromLong(device);
-      stream = index ? PyObject_CallOneArg(replay_state.current_stream, index) : nullptr;
-      Py_XDECREF(index);
-    } else {
-      stream = PyLong_FromLong(0);
-    }
-  }
-  if (args == nullptr || stream == nullptr) {
-    Py_XDECREF(args);
-    Py_XDECREF(stream);
-    Py_DECREF(outputs);
-    Py_DECREF(owned);
-    return nullptr;
-  }
-  PyObject* bound_stream = PyTuple_GET_ITEM(entry, 10);  // the entry keeps a stream's ticket counters: that stream only
-  if (bound_stream != Py_None && device >= 0 && !dry) {
-    const int same = PyObject_RichCompareBool(stream, bound_stream, Py_EQ);
-    if (same != 1) {
-      Py_DECREF(args);
-      Py_DECREF(stream);
-      Py_DECREF(outputs);
-      Py_DECREF(owned);
-      if (same < 0) return nullptr;
-      Py_RETURN_NONE;
-    }
-  }
+  Ref args(PyTuple_New(9 + n_full));
+  if (args.p == nullptr) return nullptr;
   for (Py_ssize_t i = 0; i < 3; ++i) {
     PyObject* g = PyTuple_GET_ITEM(grid, i);
     Py_INCREF(g);
-    PyTuple_SET_ITEM(args, i, g);
+    PyTuple_SET_ITEM(args.p, i, g);
   }
-  PyTuple_SET_ITEM(args, 3, stream);
+  PyTuple_SET_ITEM(args.p, 3, stream.release());
   for (Py_ssize_t i = 1; i < 3; ++i) {  // function, metadata
     PyObject* v = PyTuple_GET_ITEM(entry, i);
     Py_INCREF(v);
-    PyTuple_SET_ITEM(args, 3 + i, v);
+    PyTuple_SET_ITEM(args.p, 3 + i, v);
   }
   for (Py_ssize_t i = 6; i < 9; ++i) {  // launch metadata, enter hook, exit hook
     Py_INCREF(Py_None);
-    PyTuple_SET_ITEM(args, i, Py_None);
+    PyTuple_SET_ITEM(args.p, i, Py_None);
   }
   for (Py_ssize_t i = 0; i < n_full; ++i) {
     PyObject* v = filled[static_cast<size_t>(i)];
     if (v == nullptr) v = PyTuple_GET_ITEM(full, i);
     Py_INCREF(v);
-    PyTuple_SET_ITEM(args, 9 + i, v);
+    PyTuple_SET_ITEM(args.p, 9 + i, v);
   }
   if (!dry) {
-    PyObject* done = PyObject_Call(run, args, nullptr);
-    if (done == nullptr) {
-      Py_DECREF(args);
-      Py_DECREF(outputs);
-      Py_DECREF(owned);
-      return nullptr;
-    }
-    Py_DECREF(done);
+    Ref done(PyObject_Call(run, args.p, nullptr));
+    if (done.p == nullptr) return nullptr;
   }
-  Py_DECREF(args);
-  Py_DECREF(owned);
-  return outputs;
+  return outputs.release();
 }
 
 }  // namespace

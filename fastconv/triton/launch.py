@@ -51,6 +51,11 @@ Tile = tuple[int, int, int, int, int]
 DEFAULT_SMS = 132
 
 
+def device_index(device: torch.device) -> int:
+    """The index of a CUDA device (torch.device("cuda") means the current one)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def sm_count(device: torch.device | None = None) -> int:
     """Streaming multiprocessors the grids are sized for: FASTCONV_SM_COUNT if set (tests simulate several GPUs),
     else the CUDA device's count, else DEFAULT_SMS."""
@@ -58,7 +63,7 @@ def sm_count(device: torch.device | None = None) -> int:
     if env:
         return max(1, int(env))
     if device is not None and device.type == "cuda":
-        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+        return _cuda_sms(device_index(device))
     return DEFAULT_SMS
 
 
@@ -290,7 +295,7 @@ def launch(kernel, grid: tuple, args: tuple, kwargs: dict, device: torch.device)
             LAUNCHES["triton"] += 1
             kernel[grid](*args, **kwargs)
             return
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = device_index(device)
         keyed = direct.key(args, kwargs, index, _launch_key)
         key = None
         if keyed is not None:

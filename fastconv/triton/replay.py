@@ -133,8 +133,7 @@ def compiled_launcher(kernel, args: tuple, kwargs: dict, device: torch.device, d
         return None if keyed is None else (None, None, None, keyed[1])
     if device.type != "cuda":
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    keyed = direct.key(args, kwargs, index, _launch._launch_key)
+    keyed = direct.key(args, kwargs, _launch.device_index(device), _launch._launch_key)
     hit = None if keyed is None else direct.compiled.get(keyed[0])
     return None if hit is None else (*hit, keyed[1])
 
@@ -161,10 +160,9 @@ def replay_entry(captured: list, inputs: tuple, seen: tuple, outputs: tuple, all
         roles.setdefault(id(s), i)
         in_specs.append((tuple(t.shape), tuple(t.stride()), t.dtype, s.data_ptr() % 16 == 0, copied))
     allocs = list(outputs)  # what each replay allocates: the outputs, then the scratch the launch reads
-    for y in outputs:
+    for j, y in enumerate(outputs):
         if y.device != first.device:
             return None
-    for j, y in enumerate(outputs):
         roles.setdefault(id(y), len(inputs) + j)
     scratch = {id(t): t for kind, t in allocated if kind == "scratch"}
     persistent = {id(t) for kind, t in allocated if kind == "persistent"}
@@ -183,7 +181,7 @@ def replay_entry(captured: list, inputs: tuple, seen: tuple, outputs: tuple, all
         elif id(v) not in persistent:  # a tensor the next call would not supply (a cached or computed buffer)
             return None
     if first.device.type == "cuda":
-        index = first.device.index if first.device.index is not None else torch.cuda.current_device()
+        index = _launch.device_index(first.device)
         stream = torch._C._cuda_getCurrentRawStream(index) if persistent and not dry else None
     else:
         index, stream = -1, None
