@@ -466,8 +466,8 @@ def notes(device: torch.device, ext_call_us: float | None) -> list[str]:
                    "dry run: every ext op is called, checks its arguments and allocates its outputs, and skips "
                    "its arithmetic) and `fastconv-triton-dryrun` (backend "
                    "`triton` inside `fastconv.triton.launch.dry_run()`: tiles chosen, buffers allocated, each "
-                   "launch's direct-launch key computed and looked up, or a no-grad layer call's C++ replay "
-                   "checked and its output allocated, no launch) are the pure host path; `fastconv-cpu` and "
+                   "launch's direct-launch key computed and looked up, or a layer call's or training node's C++ "
+                   "replay checked and its buffers allocated, no launch) are the pure host path; `fastconv-cpu` and "
                    "`fastconv-torch` are real calls; the nn modules are "
                    "real calls (their kernels on tiny tensors are the floor). TRITON_INTERPRET unset while timing.")
         if ext_call_us is not None:
@@ -475,8 +475,9 @@ def notes(device: torch.device, ext_call_us: float | None) -> list[str]:
                        f"(fastconv._C.ext_conv2d in the dry run, these shapes), so `fastconv-cpu` minus "
                        f"`fastconv-cpu-noop` is the C++ kernels' compute on these tiny tensors. `kernels/call`: "
                        f"C++ calls from Python (Triton launches for the triton rows) per call; a conv's or fused "
-                       f"block's training step is one C++ autograd node (csrc/conv2d.cpp, csrc/conv_bn_act.cpp) "
-                       f"whose ext ops, forward and backward, run inside that one call.")
+                       f"block's training step is one C++ autograd node (csrc/conv2d.cpp, csrc/conv_bn_act.cpp; "
+                       f"Triton: csrc/triton_conv2d.cpp, csrc/triton_conv_bn_act.cpp) whose ext ops or replayed "
+                       f"launches, forward and backward, run inside that one call.")
     else:
         out.append("GPU: every row is a real call on CUDA tensors; a round is a loop of calls between two "
                    "torch.cuda.synchronize(), so host time per call = wall time of the loop / calls (a "

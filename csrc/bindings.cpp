@@ -19,6 +19,7 @@
 #include "conv_bn_act.h"
 #include "ext_ops.h"
 #include "triton_conv2d.h"
+#include "triton_conv_bn_act.h"
 #include "triton_launch.h"
 
 #include <string>
@@ -219,6 +220,10 @@ PyObject* triton_conv2d_train_py(PyObject* /*module*/, PyObject* const* args, Py
   return fastconv::triton_conv2d_train(args, nargs);
 }
 
+PyObject* triton_conv_bn_act_train_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  return fastconv::triton_conv_bn_act_train(args, nargs);
+}
+
 // METH_FASTCALL: called per Triton launch, so without pybind11's argument dispatch
 PyMethodDef raw_methods[] = {
     {"_triton_key_constant_types", [](PyObject*, PyObject* types) { return fastconv::set_constant_types(types); },
@@ -226,9 +231,12 @@ PyMethodDef raw_methods[] = {
     {"_triton_launch_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(triton_launch_key_py)),
      METH_FASTCALL, "(key, bound arguments) of a Triton launch: see csrc/triton_launch.h"},
     {"_triton_replay", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(triton_replay_py)), METH_FASTCALL,
-     "a layer call's single Triton launch, replayed: see csrc/triton_launch.h"},
+     "a layer call's Triton launches, replayed: see csrc/triton_launch.h"},
     {"_triton_conv2d_train", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(triton_conv2d_train_py)),
      METH_FASTCALL, "a Triton conv's training call as one C++ autograd node: see csrc/triton_conv2d.h"},
+    {"_triton_conv_bn_act_train",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(triton_conv_bn_act_train_py)), METH_FASTCALL,
+     "a Triton fused block's training call as one C++ autograd node: see csrc/triton_conv_bn_act.h"},
     {"_triton_replay_setup", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(triton_replay_setup_py)),
      METH_FASTCALL, "the state _triton_replay reads: see csrc/triton_launch.h"},
     {nullptr, nullptr, 0, nullptr}};

@@ -42,9 +42,12 @@ struct Extra {
   std::string producer_activation;
 };
 
-// ctx->saved_data["edges"]: autograd edge index of bias, bn_weight, bn_bias, residual (-1: not given), and whether
-// the node keeps a producer
-constexpr size_t kBias = 0, kBnWeight = 1, kBnBias = 2, kResidual = 3, kProducer = 4;
+// ctx->saved_data["edges"]: block_node::edges, then whether the node keeps a producer
+using block_node::kBias;
+using block_node::kBnBias;
+using block_node::kBnWeight;
+using block_node::kResidual;
+constexpr size_t kProducer = 4;
 
 Tensor batch_norm_act(const Tensor& z, const Tensor& mean, const Tensor& var, const OptTensor& weight,
                       const OptTensor& bias, const OptTensor& residual, double eps, const std::string& act) {
@@ -79,19 +82,15 @@ struct ConvBnActTrain : public torch::autograd::Function<ConvBnActTrain> {
 
     ctx->mark_non_differentiable({z, mean, var});
     ctx->set_materialize_grads(false);  // z, mean, var get no gradient: no zero-filled tensors for them
-    const bool given[] = {bias.has_value() && bias->defined(), bn_weight.has_value() && bn_weight->defined(),
-                          bn_bias.has_value() && bn_bias->defined(), residual.has_value() && residual->defined()};
-    std::vector<int64_t> edges(5, -1);
-    int64_t next = 2;  // x and weight are edges 0 and 1
-    for (size_t i = 0; i < 4; ++i) edges[i] = given[i] ? next++ : -1;
+    auto edges = block_node::edges(bias.has_value() && bias->defined(), bn_weight.has_value() && bn_weight->defined(),
+                                   bn_bias.has_value() && bn_bias->defined(),
+                                   residual.has_value() && residual->defined());
     const bool producer = !e.producer.empty();
-    edges[kProducer] = producer;
+    edges.push_back(producer);  // kProducer
     // the residual is read again only to rebuild u for a non-identity activation's derivative
-    const bool keep_residual = given[3] && e.activation != "identity";
-    variable_list saved = {producer ? Tensor() : x, weight, given[1] ? *bn_weight : Tensor(),
-                           given[2] ? *bn_bias : Tensor(), keep_residual ? *residual : Tensor(), z, mean, var};
-    for (const auto& t : e.producer) saved.push_back(t.has_value() ? *t : Tensor());
-    ctx->save_for_backward(std::move(saved));
+    ctx->save_for_backward(block_node::saved(x, weight, bn_weight, bn_bias,
+                                             e.activation != "identity" ? residual : c10::nullopt, z, mean, var,
+                                             e.producer));
     ctx->saved_data["geometry"] = conv_geometry(e.stride, e.padding, e.dilation, e.groups, x, weight);
     ctx->saved_data["edges"] = std::move(edges);
     ctx->saved_data["eps"] = std::vector<double>{e.eps, e.producer_eps};
@@ -138,6 +137,27 @@ struct ConvBnActTrain : public torch::autograd::Function<ConvBnActTrain> {
 };
 
 }  // namespace
+
+namespace block_node {
+
+std::vector<int64_t> edges(bool bias, bool bn_weight, bool bn_bias, bool residual) {
+  std::vector<int64_t> out;
+  int64_t next = 2;  // x and weight are edges 0 and 1
+  for (bool given : {bias, bn_weight, bn_bias, residual}) out.push_back(given ? next++ : -1);
+  return out;
+}
+
+variable_list saved(const Tensor& x, const Tensor& weight, const OptTensor& bn_weight, const OptTensor& bn_bias,
+                    const OptTensor& kept_residual, const Tensor& z, const Tensor& mean, const Tensor& var,
+                    const std::vector<OptTensor>& producer) {
+  auto value = [](const OptTensor& t) { return t.has_value() ? *t : Tensor(); };
+  variable_list out = {producer.empty() ? x : Tensor(), weight, value(bn_weight), value(bn_bias),
+                       value(kept_residual), z, mean, var};
+  for (const auto& t : producer) out.push_back(value(t));
+  return out;
+}
+
+}  // namespace block_node
 
 std::vector<at::Tensor> conv_bn_act_train_eager(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,

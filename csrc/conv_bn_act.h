@@ -4,10 +4,34 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <c10/util/Optional.h>
+#include <torch/csrc/autograd/variable.h>
+
 #include <string>
 #include <vector>
 
 namespace fastconv {
+
+// What the fused block's two eager autograd nodes (this file's, and the Triton one in csrc/triton_conv_bn_act.cpp)
+// agree on, as fastconv.ops.conv_bn_act's _setup_context does.
+namespace block_node {
+
+// ctx->saved_data["edges"]: the autograd edge index of bias, bn_weight, bn_bias, residual (-1: not given); x and
+// weight are edges 0 and 1.
+constexpr size_t kBias = 0, kBnWeight = 1, kBnBias = 2, kResidual = 3;
+std::vector<int64_t> edges(bool bias, bool bn_weight, bool bn_bias, bool residual);
+
+// The saved tensors: x (undefined when a producer rebuilds it), weight, bn_weight, bn_bias, the residual where a
+// non-identity activation's derivative reads it again (else undefined), z, mean, var, then the producer's z, mean,
+// var, bn_weight, bn_bias, residual (none without a producer).
+torch::autograd::variable_list saved(const at::Tensor& x, const at::Tensor& weight,
+                                     const c10::optional<at::Tensor>& bn_weight,
+                                     const c10::optional<at::Tensor>& bn_bias,
+                                     const c10::optional<at::Tensor>& kept_residual, const at::Tensor& z,
+                                     const at::Tensor& mean, const at::Tensor& var,
+                                     const std::vector<c10::optional<at::Tensor>>& producer);
+
+}  // namespace block_node
 
 // (y, z, mean, var) of y = act(bn(conv(x) + bias) [+ residual]) with batch statistics, running statistics updated
 // as F.batch_norm does; one autograd node whose backward runs ext_batch_norm_act_backward, then the conv's dgrad

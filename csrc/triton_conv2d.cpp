@@ -8,66 +8,22 @@
 // or, for a call it has not learned, the Python launcher (learning it).
 #include "triton_conv2d.h"
 
-#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/autograd/python_variable.h>
-#include <torch/custom_class.h>
 
 #include "triton_launch.h"
+#include "triton_node.h"
 
 namespace fastconv {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+using triton_node::channels_strided;
+using triton_node::PyRef;
 
-// A strong reference to a Python object that an autograd node keeps (its trainer), released with the GIL.
-struct PyRef : torch::CustomClassHolder {
-  explicit PyRef(PyObject* o) : obj(o) { Py_INCREF(o); }
-  ~PyRef() override {
-    if (Py_IsInitialized()) {
-      PyGILState_STATE gil = PyGILState_Ensure();
-      Py_DECREF(obj);
-      PyGILState_Release(gil);
-    }
-  }
-  PyObject* obj;
-};
-
-// The Python error as a C++ exception, kept so that it can cross the autograd engine's threads (as torch's own
-// PyNode does); restored as itself when it reaches Python again.
-[[noreturn]] void raise_python_error() {
-  python_error err;
-  err.persist();
-  throw err;
-}
-
-// trainer.<name>(*tensors): the replay's outputs (a tuple of tensors), with the GIL held.
 std::vector<at::Tensor> replay_call(PyObject* trainer, const char* name, std::initializer_list<at::Tensor> tensors) {
-  PyObject* args = PyTuple_New(static_cast<Py_ssize_t>(tensors.size()));
-  if (args == nullptr) raise_python_error();
-  Py_ssize_t i = 0;
-  for (const auto& t : tensors) PyTuple_SET_ITEM(args, i++, THPVariable_Wrap(t));
-  PyObject* replay = PyObject_GetAttrString(trainer, name);
-  PyObject* out = replay ? PyObject_Call(replay, args, nullptr) : nullptr;
-  Py_XDECREF(replay);
-  Py_DECREF(args);
-  if (out == nullptr) raise_python_error();
-  std::vector<at::Tensor> result;
-  const bool ok = PyTuple_Check(out);
-  for (Py_ssize_t j = 0; ok && j < PyTuple_GET_SIZE(out); ++j) {
-    PyObject* t = PyTuple_GET_ITEM(out, j);
-    if (!THPVariable_Check(t)) break;
-    result.push_back(THPVariable_Unpack(t));
-  }
-  const bool complete = ok && static_cast<Py_ssize_t>(result.size()) == PyTuple_GET_SIZE(out);
-  Py_DECREF(out);
-  TORCH_CHECK(complete, "fastconv: trainer.", name, " must return a tuple of tensors");
-  return result;
+  return triton_node::call(trainer, name, std::vector<at::Tensor>(tensors));
 }
-
-// fastconv._args.channels_strided: a 4-D tensor of more than one channel whose channels are not at stride 1.
-bool channels_strided(const at::Tensor& t) { return t.dim() == 4 && t.size(1) > 1 && t.stride(1) != 1; }
 
 struct TritonConv2dTrain : public torch::autograd::Function<TritonConv2dTrain> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -94,19 +50,13 @@ struct TritonConv2dTrain : public torch::autograd::Function<TritonConv2dTrain> {
     if (want_x && (want_w || want_b) && channels_strided(grad)) {  // read by both: one channels_last copy
       grad = grad.contiguous(at::MemoryFormat::ChannelsLast);
     }
-    PyGILState_STATE gil = PyGILState_Ensure();
-    try {
-      if (want_x) out[0] = replay_call(trainer->obj, "dgrad", {grad, weight}).at(0);
-      if (want_w || want_b) {
-        auto dw_db = replay_call(trainer->obj, want_b ? "wgrad_bias" : "wgrad", {grad, x, weight});
-        if (want_w) out[1] = dw_db.at(0);
-        if (want_b) out[2] = dw_db.at(1);
-      }
-    } catch (...) {
-      PyGILState_Release(gil);
-      throw;
+    triton_node::Gil gil;
+    if (want_x) out[0] = replay_call(trainer->obj, "dgrad", {grad, weight}).at(0);
+    if (want_w || want_b) {
+      auto dw_db = replay_call(trainer->obj, want_b ? "wgrad_bias" : "wgrad", {grad, x, weight});
+      if (want_w) out[1] = dw_db.at(0);
+      if (want_b) out[2] = dw_db.at(1);
     }
-    PyGILState_Release(gil);
     return out;
   }
 };

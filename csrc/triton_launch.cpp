@@ -293,21 +293,70 @@ struct Ref {
   }
 };
 
+// run(gx, gy, gz, stream, function, metadata, None, None, None, *template) of one launch of an entry, its slots
+// filled from `sources` (borrowed: the inputs as the kernels read them, then the allocated buffers); nullptr with a
+// Python error set on failure, else a new reference to None (or to what run returned).
+PyObject* launch_one(PyObject* launch, PyObject* stream, const std::vector<PyObject*>& sources, bool dry) {
+  if (!PyTuple_Check(launch) || PyTuple_GET_SIZE(launch) != 6) {
+    PyErr_SetString(PyExc_ValueError, "_triton_replay: a launch is (run, function, metadata, grid, template, slots)");
+    return nullptr;
+  }
+  PyObject* grid = PyTuple_GET_ITEM(launch, 3);
+  PyObject* full = PyTuple_GET_ITEM(launch, 4);
+  PyObject* slots = PyTuple_GET_ITEM(launch, 5);
+  const Py_ssize_t n_full = PyTuple_GET_SIZE(full);
+  const Py_ssize_t n_src = static_cast<Py_ssize_t>(sources.size());
+  std::vector<PyObject*> filled(static_cast<size_t>(n_full), nullptr);  // borrowed
+  for (Py_ssize_t s = 0; s < PyTuple_GET_SIZE(slots); ++s) {
+    PyObject* slot = PyTuple_GET_ITEM(slots, s);
+    const Py_ssize_t pos = PyLong_AsSsize_t(PyTuple_GET_ITEM(slot, 0));
+    const Py_ssize_t src = PyLong_AsSsize_t(PyTuple_GET_ITEM(slot, 1));
+    if (pos < 0 || pos >= n_full || src < 0 || src >= n_src) {
+      if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "_triton_replay: a slot out of range");
+      return nullptr;
+    }
+    filled[static_cast<size_t>(pos)] = sources[static_cast<size_t>(src)];
+  }
+  if (dry) Py_RETURN_NONE;
+  Ref args(PyTuple_New(9 + n_full));
+  if (args.p == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < 3; ++i) {
+    PyObject* g = PyTuple_GET_ITEM(grid, i);
+    Py_INCREF(g);
+    PyTuple_SET_ITEM(args.p, i, g);
+  }
+  Py_INCREF(stream);
+  PyTuple_SET_ITEM(args.p, 3, stream);
+  for (Py_ssize_t i = 1; i < 3; ++i) {  // function, metadata
+    PyObject* v = PyTuple_GET_ITEM(launch, i);
+    Py_INCREF(v);
+    PyTuple_SET_ITEM(args.p, 3 + i, v);
+  }
+  for (Py_ssize_t i = 6; i < 9; ++i) {  // launch metadata, enter hook, exit hook
+    Py_INCREF(Py_None);
+    PyTuple_SET_ITEM(args.p, i, Py_None);
+  }
+  for (Py_ssize_t i = 0; i < n_full; ++i) {
+    PyObject* v = filled[static_cast<size_t>(i)];
+    if (v == nullptr) v = PyTuple_GET_ITEM(full, i);
+    Py_INCREF(v);
+    PyTuple_SET_ITEM(args.p, 9 + i, v);
+  }
+  return PyObject_Call(PyTuple_GET_ITEM(launch, 0), args.p, nullptr);
+}
+
 PyObject* replay(PyObject* entry, PyObject* inputs) {
-  if (replay_state.recorder == nullptr || !PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 12 ||
-      !PyTuple_Check(inputs)) {
+  if (replay_state.recorder == nullptr || !PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 7 ||
+      !PyTuple_Check(inputs) || !PyTuple_Check(PyTuple_GET_ITEM(entry, 0))) {
     Py_RETURN_NONE;
   }
-  PyObject* run = PyTuple_GET_ITEM(entry, 0);
-  PyObject* grid = PyTuple_GET_ITEM(entry, 3);
-  PyObject* full = PyTuple_GET_ITEM(entry, 4);
-  PyObject* in_specs = PyTuple_GET_ITEM(entry, 5);
-  PyObject* out_specs = PyTuple_GET_ITEM(entry, 6);
-  PyObject* slots = PyTuple_GET_ITEM(entry, 7);
-  const long device = PyLong_AsLong(PyTuple_GET_ITEM(entry, 8));
+  PyObject* launches = PyTuple_GET_ITEM(entry, 0);
+  PyObject* in_specs = PyTuple_GET_ITEM(entry, 1);
+  PyObject* out_specs = PyTuple_GET_ITEM(entry, 2);
+  const long device = PyLong_AsLong(PyTuple_GET_ITEM(entry, 3));
   if (device == -1 && PyErr_Occurred()) return nullptr;
   bool dry = false;
-  const int mode = replay_mode(PyTuple_GET_ITEM(entry, 9) == Py_True, &dry);
+  const int mode = replay_mode(PyTuple_GET_ITEM(entry, 4) == Py_True, &dry);
   if (mode <= 0) {
     if (mode < 0) return nullptr;
     Py_RETURN_NONE;
@@ -349,7 +398,7 @@ PyObject* replay(PyObject* entry, PyObject* inputs) {
     if (index_obj.p == nullptr) return nullptr;
     stream.p = PyObject_CallOneArg(replay_state.current_stream, index_obj.p);
     if (stream.p == nullptr) return nullptr;
-    PyObject* bound = PyTuple_GET_ITEM(entry, 10);  // the entry keeps a stream's ticket counters: that stream only
+    PyObject* bound = PyTuple_GET_ITEM(entry, 5);  // the entry keeps a stream's ticket counters: that stream only
     if (bound != Py_None) {
       const int same = PyObject_RichCompareBool(stream.p, bound, Py_EQ);
       if (same < 0) return nullptr;
@@ -360,7 +409,7 @@ PyObject* replay(PyObject* entry, PyObject* inputs) {
     if (stream.p == nullptr) return nullptr;
   }
 
-  // the inputs as the kernel reads them (the tensor or its channels_last copy), then the buffers it writes
+  // the inputs as the kernels read them (the tensor or its channels_last copy), then the buffers they write
   const Py_ssize_t n_out = PyTuple_GET_SIZE(out_specs);
   std::vector<PyObject*> sources(static_cast<size_t>(n_in + n_out), nullptr);  // borrowed from `seen` / outputs
   Ref seen(PyTuple_New(n_in));
@@ -395,44 +444,9 @@ PyObject* replay(PyObject* entry, PyObject* inputs) {
     sources[static_cast<size_t>(n_in + j)] = wrapped;
   }
 
-  // run(gx, gy, gz, stream, function, metadata, None, None, None, *full) with the slots filled
-  const Py_ssize_t n_full = PyTuple_GET_SIZE(full);
-  std::vector<PyObject*> filled(static_cast<size_t>(n_full), nullptr);  // borrowed
-  for (Py_ssize_t s = 0; s < PyTuple_GET_SIZE(slots); ++s) {
-    PyObject* slot = PyTuple_GET_ITEM(slots, s);
-    const Py_ssize_t pos = PyLong_AsSsize_t(PyTuple_GET_ITEM(slot, 0));
-    const Py_ssize_t src = PyLong_AsSsize_t(PyTuple_GET_ITEM(slot, 1));
-    if (pos < 0 || pos >= n_full || src < 0 || src >= n_in + n_out) {
-      if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "_triton_replay: a slot out of range");
-      return nullptr;
-    }
-    filled[static_cast<size_t>(pos)] = sources[static_cast<size_t>(src)];
-  }
-  Ref args(PyTuple_New(9 + n_full));
-  if (args.p == nullptr) return nullptr;
-  for (Py_ssize_t i = 0; i < 3; ++i) {
-    PyObject* g = PyTuple_GET_ITEM(grid, i);
-    Py_INCREF(g);
-    PyTuple_SET_ITEM(args.p, i, g);
-  }
-  PyTuple_SET_ITEM(args.p, 3, stream.release());
-  for (Py_ssize_t i = 1; i < 3; ++i) {  // function, metadata
-    PyObject* v = PyTuple_GET_ITEM(entry, i);
-    Py_INCREF(v);
-    PyTuple_SET_ITEM(args.p, 3 + i, v);
-  }
-  for (Py_ssize_t i = 6; i < 9; ++i) {  // launch metadata, enter hook, exit hook
-    Py_INCREF(Py_None);
-    PyTuple_SET_ITEM(args.p, i, Py_None);
-  }
-  for (Py_ssize_t i = 0; i < n_full; ++i) {
-    PyObject* v = filled[static_cast<size_t>(i)];
-    if (v == nullptr) v = PyTuple_GET_ITEM(full, i);
-    Py_INCREF(v);
-    PyTuple_SET_ITEM(args.p, 9 + i, v);
-  }
-  if (!dry) {
-    Ref done(PyObject_Call(run, args.p, nullptr));
+  // the launches, in the order the call made them, on the current stream
+  for (Py_ssize_t l = 0; l < PyTuple_GET_SIZE(launches); ++l) {
+    Ref done(launch_one(PyTuple_GET_ITEM(launches, l), stream.p, sources, dry));
     if (done.p == nullptr) return nullptr;
   }
   return outputs.release();

@@ -24,19 +24,22 @@ PyObject* triton_launch_key(PyObject* args, PyObject* kwargs, PyObject* bindings
 // triton_launch_key keys by identity, e.g. (triton.language.dtype,). Replaces the previous set.
 PyObject* set_constant_types(PyObject* types);
 
-// A call of one Triton launch, replayed (fastconv/triton/replay.py's Replay): what a launch's key checks, checked
-// directly against the call it was learned from, the buffers allocated and the compiled kernel's launcher called, in
-// one C++ call instead of the op layers' Python. Bound as fastconv._C._triton_replay(entry, inputs):
-//   entry = (run, function, metadata, (gx, gy, gz), full, in_specs, out_specs, slots, device index, dry, stream,
-//   outputs), made by replay.replay_entry. `run(gx, gy, gz, stream, function, metadata, None, None, None, *full)` is
-//   the launch (JITFunction.run's convention, as the direct launch). in_specs, per input tensor: (sizes, strides,
-//   dtype, the 16-byte alignment of what the kernel reads, whether the kernel reads a channels_last copy of it).
-//   out_specs, per buffer to allocate on the first input's device: (sizes, strides, dtype): the call's outputs,
-//   then scratch the launch overwrites. slots: (position in full, source), source i < len(inputs) being input i (or
-//   its copy), else allocated buffer i - len(inputs); full's other tensors (ticket counters) are passed as they
-//   are. device index: -1 for CPU tensors (tests, the dry run). dry: made in a dry run (never launches, so it has no
-//   compiled kernel: run is None). stream: None, or the raw stream the entry is bound to (its ticket counters
-//   belong to it). outputs: how many of the allocated buffers are the call's outputs (read by the Python caller).
+// A call of one or more Triton launches, replayed (fastconv/triton/replay.py's Replay): what a launch's key checks,
+// checked directly against the call it was learned from, the buffers allocated and the compiled kernels' launchers
+// called in order, in one C++ call instead of the op layers' Python. Bound as
+// fastconv._C._triton_replay(entry, inputs):
+//   entry = (launches, in_specs, out_specs, device index, dry, stream, outputs), made by replay.replay_entry.
+//   launches: per launch (run, function, metadata, (gx, gy, gz), full, slots); `run(gx, gy, gz, stream, function,
+//   metadata, None, None, None, *full)` is the launch (JITFunction.run's convention, as the direct launch), slots
+//   (position in full, source) fill full's tensors: source i < len(inputs) is input i (or its copy), else allocated
+//   buffer i - len(inputs); full's other tensors (ticket counters) are passed as they are. in_specs, per input
+//   tensor: (sizes, strides, dtype, the 16-byte alignment of what the kernels read, whether they read a
+//   channels_last copy of it). out_specs, per buffer to allocate on the first input's device: (sizes, strides,
+//   dtype): the call's outputs, then the scratch and intermediates the launches write before they read them. A
+//   buffer one launch writes and a later one reads is the same allocation. device index: -1 for CPU tensors (tests,
+//   the dry run). dry: made in a dry run (never launches, so it has no compiled kernel: run is None). stream: None,
+//   or the raw stream the entry is bound to (its ticket counters belong to it). outputs: how many of the allocated
+//   buffers are the call's outputs (read by the Python caller).
 // Returns the tuple of allocated buffers, or None where the replay does not apply and the caller takes its Python
 // path: an input that differs from its spec (dtype, sizes, strides, alignment, device) or is neither a plain tensor
 // nor an nn.Parameter (a subclass's __torch_function__), a TorchFunctionMode in force, a device or (bound entries)

@@ -81,7 +81,7 @@ def _conv_call(op, supported, input, weight, bias, stride, padding, dilation, gr
 
 
 def _replayed(replays, input, weight, bias, scale, shift, residual, activation, algo, geometry, groups):
-    """A Triton conv call's output through its Replay (fastconv/triton/replay.py: the one launch replayed from C++
+    """A Triton conv call's output through its Replay (fastconv/triton/replay.py: its launch replayed from C++
     after the call signature's first call), or None where that does not apply: im2col, not plain eager
     (compiling, a dispatch mode, the profiler, autocast), a gradient needed through an epilogue. A conv without
     an epilogue that needs a gradient is one C++ autograd node whose launches are replays
@@ -215,7 +215,12 @@ def conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_v
         # last pass); a tensor momentum is read on the device.
         running = (_running_args(running_mean, running_var, momentum, num_batches_tracked) if training
                    else (None, None, 0.0, None, None))
-        y, z, mean, var = cba_ops.conv_bn_act_train_call(
+        out = None
+        if replays is not None and algo == "implicit" and _fastpath.eager_uncompiled(input):
+            # the Triton training node of replays (ops.conv_bn_act.TritonBlockTrain), kept per call signature
+            out = cba_ops.triton_train_eager(replays, input, weight, bias, bn_weight, bn_bias, residual, *geometry,
+                                             float(eps), activation, *running)
+        y, z, mean, var = out if out is not None else cba_ops.conv_bn_act_train_call(
             input, weight, bias, bn_weight, bn_bias, residual, *geometry, float(eps), activation, algo, name,
             *running)
         if y.requires_grad and not torch.compiler.is_compiling():

@@ -65,7 +65,7 @@ def lines() -> list[str]:
         fast = "off (needs the extension: every launch through Triton's own path)"
     else:
         fast = "on (FASTCONV_DIRECT_LAUNCH=0 turns them off)"
-    out += [f"Triton host path: direct launches and C++ replays of no-grad layer calls {fast}", ""]
+    out += [f"Triton host path: direct launches, C++ replays of layer calls and training nodes {fast}", ""]
     for device_type in ("cuda", "cpu"):
         out.append(f"backends for {device_type} tensors:")
         avail = _backend.availability(device_type)

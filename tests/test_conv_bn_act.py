@@ -416,8 +416,8 @@ def test_chain_rebuilds_inputs_in_backward(modify_between, kernel_backend, kdevi
     """A fused block whose input is the previous fused block's untouched output keeps the producer's
     (z, mean, var) instead of that output and rebuilds it in backward; an in-place change in between
     makes it keep its real input instead. Both must give PyTorch's gradients. What a node keeps is read through
-    saved-tensor hooks (they see the C++ node of backends cpu / cuda too, csrc/conv_bn_act.cpp); the Python
-    paths' rebuilds are also counted at their entry point (the C++ node rebuilds inside C++)."""
+    saved-tensor hooks (they see the C++ nodes too, csrc/conv_bn_act.cpp and csrc/triton_conv_bn_act.cpp); the
+    Python paths' rebuilds are also counted at their entry point (the C++ nodes rebuild without it)."""
     import fastconv.ops.conv_bn_act as bn_ops
 
     plain, fused = _chain(False).to(kdevice), _chain(True).to(kdevice)
@@ -450,7 +450,11 @@ def test_chain_rebuilds_inputs_in_backward(modify_between, kernel_backend, kdevi
     # the outputs that feed the next block: kept exactly when modified in between
     kept = [any(t.data_ptr() == out.data_ptr() for t in saved) for out in outputs[:-1]]
     assert kept == [modify_between] * 2, kept
-    c_node = kernel_backend in ("cpu", "cuda") and hasattr(bn_ops.ext_ops(), "conv_bn_act_train")
+    # the C++ nodes (csrc/conv_bn_act.cpp; Triton: csrc/triton_conv_bn_act.cpp, whose backward replay rebuilds x with
+    # the normalize pass itself) rebuild without this entry point
+    ext = bn_ops.ext_ops()
+    c_node = (hasattr(ext, "conv_bn_act_train") if kernel_backend in ("cpu", "cuda")
+              else hasattr(ext, "_triton_conv_bn_act_train") if kernel_backend == "triton" else False)
     assert len(rebuilt) == (0 if modify_between or c_node else 2)
 
 

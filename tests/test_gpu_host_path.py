@@ -119,8 +119,12 @@ def test_fused_block_training_step(gpu_host_path, channels_last):
         assert_close(block.bn.running_mean, ref[1].running_mean, torch.float32, "running_mean")
         assert_close(block.bn.running_var, ref[1].running_var, torch.float32, "running_var")
     assert int(block.bn.num_batches_tracked) == 2
-    names = [name for name, _, _ in gpu_host_path]
-    assert len(names) == 14 and names[:7] == names[7:], names
+    launches = list(gpu_host_path)
+    assert len(launches) == 14, [name for name, _, _ in launches]
+    if _replay_available():  # the second step is the training node's two replays (forward, backward)
+        assert all(_same_launch(a, b) and b[0].startswith("replay:") for a, b in zip(launches[:7], launches[7:]))
+    else:
+        assert [name for name, _, _ in launches[:7]] == [name for name, _, _ in launches[7:]]
 
 
 @pytest.mark.parametrize("groups, stride, dilation, algo, batch", [
@@ -280,8 +284,12 @@ def _replays(launches) -> list:
     return [entry for entry in launches if entry[0].startswith("replay:")]
 
 
+def _replay_available() -> bool:
+    return bool(replay._replay_fn())
+
+
 def _needs_replay():
-    if not replay._replay_fn():
+    if not _replay_available():
         pytest.skip("needs the C++ extension fastconv._C (the replay runs in it)")
 
 
@@ -598,6 +606,40 @@ def test_replay_never_learns_an_output_a_pytorch_op_also_wrote(gpu_host_path, py
     assert (r.entry is None) == pytorch_write
 
 
+def test_replay_never_learns_an_output_a_pytorch_op_made(gpu_host_path):
+    """An output that a PyTorch op made (here y * 2 next to the launch's y) is no launch's: a replay would return it
+    unwritten, so such a call stays on its Python path; a call of two launches, the second reading the first's
+    output, is learned and replayed (the buffer between them allocated once per replay)."""
+    _needs_replay()
+    from fastconv.triton import conv2d as tconv
+    from fastconv.triton._common import noted
+
+    gen = generator("gpu-host-replay-made")
+    x = randn((1, 3, 5, 5), torch.float32, "cpu", gen).to(memory_format=torch.channels_last)
+    w = randn((4, 3, 3, 3), torch.float32, "cpu", gen).to(memory_format=torch.channels_last)
+    w2 = randn((2, 4, 1, 1), torch.float32, "cpu", gen).to(memory_format=torch.channels_last)
+
+    def made(x, w):
+        y = torch.empty((1, 4, 5, 5)).to(memory_format=torch.channels_last)
+        tconv.conv2d_forward(x, w, None, (1, 1), (1, 1, 1, 1), (1, 1), 1, out=y)
+        return (y, y * 2), (x, w)
+
+    def two(x, w, w2):
+        y = noted("scratch", torch.empty((1, 4, 5, 5), memory_format=torch.channels_last))
+        tconv.conv2d_forward(x, w, None, (1, 1), (1, 1, 1, 1), (1, 1), 1, out=y)
+        out = torch.empty((1, 2, 5, 5)).to(memory_format=torch.channels_last)
+        tconv.conv2d_forward(y, w2, None, (1, 1), (0, 0, 0, 0), (1, 1), 1, out=out)
+        return (out,), (x, w, w2)
+
+    r_made, r_two = replay.Replay(made, single=False), replay.Replay(two)
+    want = F.conv2d(x.double(), w.double(), padding=1)
+    for _ in range(2):
+        y, y2 = r_made(x, w)
+        assert_close(y2, 2 * want, torch.float32, "y * 2")
+        assert_close(r_two(x, w, w2), F.conv2d(want, w2.double()), torch.float32, "two launches")
+    assert r_made.entry is None and r_two.entry is not None and len(r_two.entry[0]) == 2
+
+
 def test_eval_after_training_steps_reads_the_new_running_statistics(gpu_host_path):
     """Training steps update the running statistics inside Triton kernels (the finalize's last pass: a fused block,
     a chain of blocks, a residual block); each op bumps their version counters as the dispatcher would, so the eval
@@ -637,3 +679,214 @@ def test_eval_after_training_steps_reads_the_new_running_statistics(gpu_host_pat
         model.train()
         xt = randn((4, 3, 8, 6), torch.float32, "cpu", gen).requires_grad_()
         model(xt).square().sum().backward()
+
+
+# fused block cases: (bias, affine, residual, activation, momentum (None: a 0-dim tensor factor), running statistics,
+# wanted gradients (x, w, b, g: bn weight, beta: bn bias, r: residual), channels_last)
+BLOCK_CASES = [
+    (True, True, False, "relu", 0.1, True, "x,w,b,g,beta", False),
+    (False, True, True, "relu", None, True, "x,w,g,beta,r", True),
+    (True, False, True, "identity", 0.1, False, "w,b,r", False),
+    (False, True, False, "silu", 0.3, True, "x", True),
+    (True, True, True, "relu", 0.1, True, "g", False),
+]
+
+
+@pytest.mark.parametrize("bias, affine, residual, activation, momentum, running, wants, channels_last", BLOCK_CASES)
+def test_fused_training_calls_are_one_node_of_replays(gpu_host_path, monkeypatch, bias, affine, residual, activation,
+                                                      momentum, running, wants, channels_last):
+    """Fused conv + BatchNorm + activation training calls (stride 2) as one C++ autograd node whose forward and
+    backward are a replay each (fastconv._C._triton_conv_bn_act_train): y, z, mean, var, every wanted gradient (a
+    tensor that does not need one gets none), the running statistics and num_batches_tracked equal, bit for bit,
+    those of the op's Python autograd path on the same launches, step after step, for NCHW and channels_last
+    inputs; the repeats replay every launch the Python path makes."""
+    _needs_replay()
+    from fastconv.ops import conv_bn_act as cba_ops
+
+    gen = generator("gpu-host-block-node", bias, affine, residual, activation, momentum, running, wants)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    params = {
+        "w": randn((6, 4, 3, 3), torch.float32, "cpu", gen).to(memory_format=fmt),
+        "b": randn((6,), torch.float32, "cpu", gen) if bias else None,
+        "g": randn((6,), torch.float32, "cpu", gen) if affine else None,
+        "beta": randn((6,), torch.float32, "cpu", gen) if affine else None,
+    }
+    for name, t in params.items():
+        if t is not None:
+            t.requires_grad_(name in wants)
+    stats = {"node": None, "python": None}
+    for path in stats:
+        stats[path] = ((randn((6,), torch.float32, "cpu", gen).abs() * 0 + 0.5, torch.ones(6),
+                        torch.tensor(3, dtype=torch.int64)) if running else (None, None, None))
+
+    def step(path, x, r, g):
+        with monkeypatch.context() as m:
+            if path == "python":
+                m.setattr(cba_ops, "triton_train_eager", lambda *args: None)  # the op's Python autograd Function
+            xi = x.clone().requires_grad_("x" in wants)
+            ri = r.clone().requires_grad_("r" in wants) if residual else None
+            rm, rv, nbt = stats[path]
+            mom = momentum
+            if momentum is None and running:  # momentum=None: nn counts first, then reads 1 / num_batches_tracked
+                nbt.add_(1)
+                mom = 1.0 / nbt
+            y = fastconv.functional.conv_bn_act(
+                xi, params["w"], params["b"], params["g"], params["beta"], rm, rv, stride=2, padding=1,
+                training=True, momentum=mom if mom is not None else 0.1, eps=1e-3, activation=activation,
+                residual=ri, num_batches_tracked=nbt)
+            needing = [t for t in (xi, params["w"], params["b"], params["g"], params["beta"], ri)
+                       if t is not None and t.requires_grad]
+            return [y, *torch.autograd.grad(y, needing, g)]
+
+    for i in range(3):
+        x = randn((3, 4, 9, 7), torch.float32, "cpu", gen).to(memory_format=fmt)
+        r = randn((3, 6, 5, 4), torch.float32, "cpu", gen)
+        g = randn((3, 6, 5, 4), torch.float32, "cpu", gen)
+        start = len(gpu_host_path)
+        ours = step("node", x, r, g)
+        node_launches = gpu_host_path[start:]
+        start = len(gpu_host_path)
+        want = step("python", x, r, g)
+        python_launches = gpu_host_path[start:]
+        assert len(ours) == len(want) == 1 + len(wants.split(","))
+        for j, (a, b) in enumerate(zip(ours, want)):
+            assert torch.equal(a, b) and a.stride() == b.stride(), (i, j)
+        for a, b in zip(stats["node"], stats["python"]):
+            assert (a is None and b is None) or torch.equal(a, b), i
+        if i:  # learned in the first step: the node's launches are the Python path's, replayed
+            assert len(node_launches) == len(python_launches) >= 5, node_launches
+            assert all(_same_launch(p, n) and n[0].startswith("replay:")
+                       for p, n in zip(python_launches, node_launches)), node_launches
+
+
+def test_fused_node_chain_rebuilds_its_input(gpu_host_path, monkeypatch):
+    """Two fused blocks in a row (the second block's input is the first block's output, so its node keeps the
+    producer's tensors instead and rebuilds x in its backward replay): outputs, gradients and running statistics
+    equal the Python path's bit for bit, step after step, and match the nn model in float64."""
+    _needs_replay()
+    from fastconv.ops import conv_bn_act as cba_ops
+
+    gen = generator("gpu-host-block-chain")
+    torch.manual_seed(0)
+
+    def build():
+        return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
+                             nn.Conv2d(5, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+
+    plain = build()
+    blocks = {}
+    for path in ("node", "python"):
+        b1 = fastconv.ConvBNReLU2d(3, 5, 3, padding=1)
+        b2 = fastconv.ConvBNReLU2d(5, 4, 3, padding=1, bias=False)
+        for b, (conv, bn) in ((b1, (plain[0], plain[1])), (b2, (plain[3], plain[4]))):
+            b.conv.load_state_dict(conv.state_dict())
+            b.bn.load_state_dict(bn.state_dict())
+        blocks[path] = nn.Sequential(b1, b2)
+    ref = build().double()
+    ref.load_state_dict(plain.state_dict())
+    for i in range(3):
+        x = randn((2, 3, 7, 6), torch.float32, "cpu", gen)
+        g = randn((2, 4, 7, 6), torch.float32, "cpu", gen)
+        results = {}
+        for path, model in blocks.items():
+            with monkeypatch.context() as m:
+                if path == "python":
+                    m.setattr(cba_ops, "triton_train_eager", lambda *args: None)
+                start = len(gpu_host_path)
+                xi = x.clone().requires_grad_()
+                y = model(xi)
+                results[path] = [y, *_grads(y, [xi, *model.parameters()], g)]
+                launches = gpu_host_path[start:]
+            if path == "node" and i:
+                assert launches and all(name.startswith("replay:") for name, _, _ in launches), launches
+        for j, (a, b) in enumerate(zip(results["node"], results["python"])):
+            assert torch.equal(a, b), (i, j)
+        xd = x.double().requires_grad_()
+        yd = ref(xd)
+        want = [yd, *_grads(yd, [xd, *ref.parameters()], g.double())]
+        for j, (a, e) in enumerate(zip(results["node"], want)):
+            assert_close(a, e, torch.float32, f"result {j}, step {i}")
+        for a, b in zip(blocks["node"].state_dict().values(), blocks["python"].state_dict().values()):
+            assert torch.equal(a, b)
+
+
+def test_fused_node_leaves_pytorch_updates_of_running_statistics_unlearned(gpu_host_path):
+    """Running statistics the finalize kernel cannot index (a strided view) are updated by PyTorch ops: the forward's
+    replay never learns such a call (a replay would leave the update out), and every call stays correct."""
+    _needs_replay()
+    gen = generator("gpu-host-block-strided-running")
+    block = fastconv.ConvBNReLU2d(3, 4, 3, padding=1)
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).double()
+    ref[0].load_state_dict(block.conv.state_dict())
+    storage = torch.zeros(8), torch.ones(8)
+    block.bn.running_mean, block.bn.running_var = storage[0][::2], storage[1][::2]
+    for i in range(3):
+        x = randn((2, 3, 6, 5), torch.float32, "cpu", gen)
+        assert_close(block(x), ref(x.double()), torch.float32, f"y, step {i}")
+        assert_close(block.bn.running_mean, ref[1].running_mean, torch.float32, f"running_mean, step {i}")
+        assert_close(block.bn.running_var, ref[1].running_var, torch.float32, f"running_var, step {i}")
+    trainers = [t for found in fastconv.functional._GEOMETRY.values() if found[3] for k, t in found[3].items()
+                if isinstance(k, tuple) and k[0] == "block"]
+    assert trainers and all(t[1].fwd.entry is None for t in trainers)
+
+
+def test_replay_never_learns_an_autotuning_call(gpu_host_path):
+    """A call whose launch autotuned (its candidates' launches are captured too) is not learned."""
+    _needs_replay()
+    token = launch._capture.set([])
+    try:
+        launch._mark_tuning()
+        captured = launch._capture.get()
+    finally:
+        launch._capture.reset(token)
+    x = torch.randn(2, 3)
+    assert captured == [None] and replay.replay_entry(captured, (x,), (x,), (torch.empty(2),)) is None
+
+
+def test_fused_training_node_with_a_stand_in_trainer():
+    """fastconv._C._triton_conv_bn_act_train with a stand-in trainer: the node hands fwd the given tensors and bwd the
+    flags and saved tensors its header documents, returns bwd's results as the wanted gradients, bumps the running
+    statistics' version counters, passes a trainer's Python exception on as itself and refuses wrong arguments."""
+    _needs_replay()
+    import fastconv._C as ext
+
+    calls = []
+
+    class Trainer:
+        def fwd(self, *tensors):
+            calls.append(("fwd", len(tensors)))
+            x, w = tensors[:2]
+            z = F.conv2d(x, w, padding=1)
+            return (z.relu(), z.detach(), torch.zeros(4), torch.ones(4))
+
+        def bwd(self, flags, p_eps, p_act, *tensors):
+            calls.append(("bwd", flags, p_eps, p_act, len(tensors)))
+            grads = (torch.full((2, 3, 5, 5), 2.0), torch.full((4, 3, 3, 3), 3.0), torch.full((4,), 4.0),
+                     torch.full((4,), 5.0), torch.full((4,), 6.0), torch.full((2, 4, 5, 5), 7.0))
+            return tuple(t for t, want in zip(grads, flags[:6]) if want)
+
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    gamma, beta = torch.randn(4, requires_grad=True), torch.randn(4)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    versions = rm._version, rv._version
+    none6 = (None,) * 6
+    y, z, mean, var = ext._triton_conv_bn_act_train(x, w, None, gamma, beta, None, rm, rv, None, None, True, *none6,
+                                                    0.0, "identity", Trainer())
+    assert y.requires_grad and not z.requires_grad and (rm._version, rv._version) != versions
+    dx, dgamma = torch.autograd.grad(y, [x, gamma], torch.randn(2, 4, 5, 5))
+    assert torch.equal(dx, torch.full_like(dx, 2.0)) and torch.equal(dgamma, torch.full_like(dgamma, 5.0))
+    # fwd: x, w, bn_weight, bn_bias, running_mean, running_var; bwd: grad, z, mean, var, bn_weight, bn_bias, w, x
+    assert calls == [("fwd", 6), ("bwd", (True, False, False, True, False, False, True, True, False, False, False,
+                                          False, False), 0.0, "identity", 8)]
+
+    class Failing(Trainer):
+        def bwd(self, *args):
+            raise ValueError("stand-in bwd failed")
+
+    y = ext._triton_conv_bn_act_train(x, w, None, None, None, None, None, None, None, None, False, *none6, 0.0,
+                                      "identity", Failing())[0]
+    with pytest.raises(ValueError, match="stand-in bwd failed"):
+        torch.autograd.grad(y, [x], torch.randn(2, 4, 5, 5))
+    with pytest.raises(TypeError, match="_triton_conv_bn_act_train"):
+        ext._triton_conv_bn_act_train(x, w, Trainer())

@@ -409,3 +409,42 @@ def test_training_node_equals_the_python_path_on_gpu(monkeypatch):
         assert launch.LAUNCHES["replay"] - before >= 2 * 3  # the last two steps: forward, dgrad, wgrad replayed
         for i, (a, b) in enumerate(zip(ours, steps(False))):
             assert torch.equal(a, b), f"{fmt} output {i}"
+
+
+@needs_ext
+@pytest.mark.gpu
+def test_fused_training_node_equals_the_python_path_on_gpu(monkeypatch):
+    """Fused conv + BatchNorm + ReLU training steps on the GPU (NCHW and channels_last, a chain of two blocks, so the
+    second keeps its producer): the C++ node of replays (fastconv._C._triton_conv_bn_act_train) gives, bit for bit,
+    the op's Python autograd path's outputs, gradients and running statistics, and its repeats are replays."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: replays call compiled kernels")
+    import copy
+
+    from fastconv.ops import conv_bn_act as cba_ops
+
+    torch.manual_seed(0)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model = torch.nn.Sequential(fastconv.ConvBNReLU2d(8, 16, 3, padding=1),
+                                    fastconv.ConvBNReLU2d(16, 8, 3, padding=1, bias=False))
+        model = model.cuda().to(memory_format=fmt)
+        xs = [torch.randn(4, 8, 12, 10, device="cuda").to(memory_format=fmt) for _ in range(3)]
+
+        def steps(node: bool):
+            m_ = copy.deepcopy(model)
+            outs = []
+            with monkeypatch.context() as m, fastconv.backend("triton"):
+                if not node:
+                    m.setattr(cba_ops, "triton_train_eager", lambda *args: None)
+                for x in xs:
+                    x = x.clone().requires_grad_()
+                    y = m_(x)
+                    outs += [y, *torch.autograd.grad(y, [x, *m_.parameters()], torch.ones_like(y))]
+            torch.cuda.synchronize()
+            return outs + list(m_.state_dict().values())
+
+        before = launch.LAUNCHES["replay"]
+        ours = steps(True)
+        assert launch.LAUNCHES["replay"] - before >= 2 * 2 * 2  # the last two steps: each block's fwd, bwd replayed
+        for i, (a, b) in enumerate(zip(ours, steps(False))):
+            assert torch.equal(a, b), f"{fmt} result {i}"

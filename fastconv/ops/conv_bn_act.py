@@ -31,6 +31,7 @@ the conv epilogue's scale/shift (see functional.conv_bn_act).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -174,10 +175,19 @@ def conv_bn_act_train(
         y.copy_(_torch_bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, activation))
         update_running_stats(running_mean, running_var, mean, var, z, momentum, momentum_tensor, nbt)
         return y, z, mean, var
+    return _triton_forward(input, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps,
+                           activation, algo, z, fmt, running_mean, running_var, momentum, momentum_tensor, nbt)
+
+
+def _triton_forward(x, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, activation,
+                    algo, z, fmt, running_mean, running_var, momentum, momentum_tensor, nbt):
+    """The Triton forward into z (channels_last): the conv with the statistics partials in its epilogue, their
+    finalize (running statistics updated in its last pass where it can index them), the normalize pass into y (layout
+    `fmt`); (y, z, mean, var). x and weight as the implicit GEMM reads them (channels_contiguous) or as given (im2col)."""
     tbn, tconv, tim2col = _triton.batch_norm, _triton.conv2d, _triton.im2col
 
     conv = tconv.conv2d_forward if algo == "implicit" else tim2col.conv2d_im2col
-    _, stats = conv(input, weight, bias, stride, padding, dilation, groups, out=z, stats=True)
+    _, stats = conv(x, weight, bias, stride, padding, dilation, groups, out=z, stats=True)
     running, after = finalize_running(running_mean, running_var, momentum, momentum_tensor, nbt)
     mean, var = tbn.finalize(stats, z.shape[1], bias, running)
     after(mean, var, z)
@@ -572,6 +582,133 @@ def _ext_train_eager(entry, x, weight, bias, bn_weight, bn_bias, residual, strid
         x, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, activation,
         running_mean, running_var, momentum, momentum_tensor, counted_here(num_batches_tracked, momentum_tensor),
         shape, fmt == torch.channels_last, conv_ops._allow_tf32(x), *p_tensors, p_eps, p_activation)
+    if y.requires_grad:  # a node was made (without a gradient the C++ node keeps nothing)
+        mark_saved(saved_x, kept_residual)
+    return y, z, mean, var
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Triton backend's eager training node: fastconv._C._triton_conv_bn_act_train (csrc/triton_conv_bn_act.cpp)
+
+class TritonBlockTrain:
+    """The replays (fastconv/triton/replay.py) of one fused block call signature's training calls on the Triton
+    backend (implicit GEMM), for fastconv._C._triton_conv_bn_act_train: one C++ autograd node whose forward is the
+    `fwd` replay (conv with statistics, finalize, normalize: 3-4 launches) and whose backward is one `bwd` replay
+    (BatchNorm's reduce and apply passes, x rebuilt from its producer where the node keeps that, dgrad, wgrad: up to
+    6 launches). They run what conv_bn_act_train's Triton branch and _backward run, in the same order, without
+    their Python frames once learned. `absent`: which of (bias, bn_weight, bn_bias, residual, running_mean,
+    running_var, momentum_tensor, the num_batches_tracked counted here) the calls leave None; eps, activation and
+    the float momentum are the signature's (functional.conv_bn_act keys a trainer by them)."""
+
+    __slots__ = ("fwd", "backward_replays", "signature")
+
+    def __init__(self, stride, padding, dilation, groups: int, eps: float, activation: str, momentum: float,
+                 absent: tuple, input_size, weight_size):
+        geometry = (tuple(stride), tuple(padding), tuple(dilation), groups)
+        self.fwd = _triton.replay.Replay(functools.partial(_triton_block_forward, *geometry, eps, activation,
+                                                           momentum, absent), single=False)
+        self.signature = (*geometry, eps, activation, tuple(input_size), tuple(weight_size))
+        self.backward_replays = {}
+
+    def bwd(self, flags: tuple, producer_eps: float, producer_activation: str, *tensors):
+        """The backward's gradients (_triton_block_backward: `flags` says which are wanted and which inputs are
+        given) through the replay of this (flags, producer) signature."""
+        key = (flags, producer_eps, producer_activation)
+        replay = self.backward_replays.get(key)
+        if replay is None:
+            replay = self.backward_replays[key] = _triton.replay.Replay(functools.partial(
+                _triton_block_backward, *self.signature, flags, producer_eps, producer_activation), single=False)
+        return replay(*tensors)
+
+
+def _triton_block_forward(stride, padding, dilation, groups, eps, activation, momentum, absent, x, weight, *present):
+    """conv_bn_act_train's Triton forward (implicit GEMM), (y, z, mean, var), and what its launches read of each
+    input: a Replay's compute (TritonBlockTrain)."""
+    given = iter(present)
+    bias, bn_weight, bn_bias, residual, running_mean, running_var, momentum_tensor, nbt = (
+        None if a else next(given) for a in absent)
+    shape, fmt = output_geometry(x, weight, stride, padding, dilation)
+    z = alloc(shape, x.dtype, x.device, internal_format("triton", fmt))
+    common = _triton._common
+    xs, ws = common.channels_contiguous(x), common.channels_contiguous(weight)
+    out = _triton_forward(xs, ws, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps,
+                          activation, "implicit", z, fmt, running_mean, running_var, momentum, momentum_tensor, nbt)
+    return out, (xs, ws, *present)
+
+
+def _triton_block_backward(stride, padding, dilation, groups, eps, activation, input_size, weight_size, flags,
+                           producer_eps, producer_activation, grad, z, mean, var, *rest):
+    """_backward's Triton launches and what they read of each input: a Replay's compute (TritonBlockTrain.bwd).
+    flags = (want dx, dw, db, dbn_weight, dbn_bias, dresidual, and whether bn_weight, bn_bias, the kept residual,
+    a producer, its bn_weight, bn_bias and residual are given); rest = ([bn_weight], [bn_bias], [residual], weight,
+    then x or the producer's (z, mean, var, [bn_weight], [bn_bias], [residual])). Returns the wanted gradients in
+    the order (dx, dw, db, dbn_weight, dbn_bias, dresidual)."""
+    want_x, want_w, want_b, want_gamma, want_beta, want_res, *given = flags
+    has_gamma, has_beta, has_res, producer, *producer_given = given
+    it = iter(rest)
+    bn_weight, bn_bias, residual = (next(it) if g else None for g in (has_gamma, has_beta, has_res))
+    weight = next(it)
+    if producer:
+        p_z, p_mean, p_var = next(it), next(it), next(it)
+        p_tensors = (p_z, p_mean, p_var, *(next(it) if g else None for g in producer_given))
+        x = None
+    else:
+        x = next(it)
+    seen = {}  # id(input) -> the tensor the launches read for it (a channels_last copy), where not the input
+    tbn, noted = _triton.batch_norm, _triton._common.noted
+    fmt = memory_format_of(z)
+    grad_z = noted("scratch", alloc(z.shape, z.dtype, z.device, fmt))
+    grad_res = alloc(z.shape, z.dtype, z.device, fmt) if want_res else None
+    _, sum_g, sum_gx, grad_res = tbn.batch_norm_act_backward(
+        grad, z, mean, var, bn_weight, bn_bias, eps, activation, residual, want_dres=want_res, grad_z=grad_z,
+        grad_res=grad_res, param_dtypes=_sum_dtypes(mean, bn_weight, bn_bias))
+    dx = dw = db = None
+    if want_x:
+        (dx,), (_, seen[id(weight)]) = conv_ops._triton_input_grad(input_size, stride, padding, dilation, groups,
+                                                                    grad_z, weight)
+    if want_w or want_b:
+        if producer:  # x rebuilt from what its producer keeps (batch_norm_act's Triton pass)
+            x = noted("scratch", triton_bn_act(*p_tensors, producer_eps, producer_activation, memory_format_of(p_z)))
+        dw_db, (_, xs, _) = conv_ops._triton_weight_grad(weight_size, stride, padding, dilation, groups, want_b,
+                                                          grad_z, x, weight)
+        if not producer:
+            seen[id(x)] = xs
+        dw, db = dw_db[0], (dw_db[1] if want_b else None)
+    wanted = (dx, dw if want_w else None, db, sum_gx if want_gamma else None, sum_g if want_beta else None,
+              grad_res if want_res else None)
+    inputs = (grad, z, mean, var, *rest)
+    return tuple(t for t in wanted if t is not None), tuple(seen.get(id(t), t) for t in inputs)
+
+
+def triton_train_eager(trainers: dict, x, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation,
+                       groups, eps, activation, running_mean, running_var, momentum, momentum_tensor,
+                       num_batches_tracked):
+    """conv_bn_act_train_op's (y, z, mean, var) through fastconv._C._triton_conv_bn_act_train (the Triton backend in
+    eager mode, implicit GEMM; x 4-D), or None without that entry point. `trainers`: the functional layer's
+    per-call-signature dict, which keeps a TritonBlockTrain per (eps, activation, momentum, absent tensors). The
+    op's checks, then the producer bookkeeping of _setup_context, as _ext_train_eager."""
+    if activation not in ACTIVATIONS:
+        _check_choice(activation, ACTIVATIONS, "activation")
+    _check_running(running_mean, running_var, momentum_tensor, weight.shape[0], num_batches_tracked)
+    nbt = counted_here(num_batches_tracked, momentum_tensor)
+    key = ("block", eps, activation, momentum, bias is None, bn_weight is None, bn_bias is None, residual is None,
+           running_mean is None, running_var is None, momentum_tensor is None, nbt is None)
+    trainer = trainers.get(key)
+    if trainer is None:
+        entry = getattr(ext_ops(), "_triton_conv_bn_act_train", None) if _ext.load() else None
+        if entry is None:
+            return None
+        trainer = trainers[key] = (entry, TritonBlockTrain(stride, padding, dilation, groups, eps, activation,
+                                                           momentum, key[4:], x.shape, weight.shape))
+    producer, saved_x, kept_residual = _kept_for_backward(x, residual, activation)
+    if producer is None:
+        y, z, mean, var = trainer[0](x, weight, bias, bn_weight, bn_bias, residual, running_mean, running_var,
+                                     momentum_tensor, nbt, kept_residual is not None, None, None, None, None, None,
+                                     None, 0.0, "identity", trainer[1])
+    else:
+        y, z, mean, var = trainer[0](x, weight, bias, bn_weight, bn_bias, residual, running_mean, running_var,
+                                     momentum_tensor, nbt, kept_residual is not None, *producer.tensors,
+                                     producer.eps, producer.activation, trainer[1])
     if y.requires_grad:  # a node was made (without a gradient the C++ node keeps nothing)
         mark_saved(saved_x, kept_residual)
     return y, z, mean, var

@@ -23,8 +23,8 @@ Every launch goes through `run` (fixed-config kernels) or `TunedKernel` (kernels
 * while `recording()` is active, records the launch (kernel, tile, grid, serial loop, FLOPs, bytes) instead
   of running it: the launch plan (fastconv.launch_plan) is built from the launchers themselves.
 
-A layer's no-grad call of one launch is replayed from C++ after its first call (replay.py), which this module
-lets watch that first launch (`_capture`).
+A layer's call is replayed from C++ after its first call (replay.py), which this module
+lets watch that first call's launches (`_capture`).
 """
 from __future__ import annotations
 
@@ -342,8 +342,15 @@ def run(kernel, grid, *args, device: torch.device, loop: int = 1, flops: float =
 
 
 # The launches of a call that a Replay (fastconv/triton/replay.py) is learning: (kernel, grid, args, kwargs,
-# device, dry) each.
+# device, dry) each, None where the call autotuned (_mark_tuning).
 _capture: contextvars.ContextVar[list | None] = contextvars.ContextVar("fastconv_launch_capture", default=None)
+
+
+def _mark_tuning() -> None:
+    """A capturing Replay's call autotunes: the candidates' launches are not the call's (a None in the capture)."""
+    cap = _capture.get()
+    if cap is not None:
+        cap.append(None)
 
 
 def _go(kernel, grid: tuple, args: tuple, kwargs: dict, device: torch.device, rec) -> None:
@@ -612,6 +619,7 @@ class TunedKernel:
         """Run every tile the GPU autotuner could try for this launch (both architectures' tables), once each,
         on the real arguments and buffers; tiles differing only in warps/stages run once (the interpreter
         ignores both)."""
+        _mark_tuning()
         seen = set()
         for arch in ("sm_80", "sm_90"):
             for tile, _ in self.candidates(arch, kind, fused, prologue):
@@ -626,6 +634,7 @@ class TunedKernel:
 
     def _tune(self, launch, tiles, pins, problem: Problem, sms: int, key: str) -> Tile:
         TUNING_RUNS[key] = TUNING_RUNS.get(key, 0) + 1
+        _mark_tuning()
         budget_s = float(os.environ.get("FASTCONV_AUTOTUNE_BUDGET_MS", "3000")) / 1e3
         start = time.perf_counter()
         best, best_ms = None, float("inf")
