@@ -810,6 +810,36 @@ def test_fused_node_chain_rebuilds_its_input(gpu_host_path, monkeypatch):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_node_with_an_expanded_output_gradient(gpu_host_path, monkeypatch, dtype):
+    """y.sum()'s backward hands the block a stride-0 (expanded) gradient: the node's backward replay reads it as the
+    Python path does (every gradient bit for bit), step after step, in fp32 and in fp16 (a half model: its BatchNorm
+    parameters and statistics fp16 too)."""
+    _needs_replay()
+    from fastconv.ops import conv_bn_act as cba_ops
+
+    gen = generator("gpu-host-block-expanded", dtype)
+    blocks = {path: fastconv.ConvBNReLU2d(3, 4, 3, padding=1).to(dtype) for path in ("node", "python")}
+    blocks["python"].load_state_dict(blocks["node"].state_dict())
+    for i in range(3):
+        x = randn((2, 3, 6, 5), dtype, "cpu", gen)
+        results = []
+        for path, block in blocks.items():
+            with monkeypatch.context() as m:
+                if path == "python":
+                    m.setattr(cba_ops, "triton_train_eager", lambda *args: None)
+                start = len(gpu_host_path)
+                xi = x.clone().requires_grad_()
+                results.append(_grads(block(xi).sum(), [xi, *block.parameters()], None))
+                if path == "node" and i:  # learned in the first step
+                    launches = gpu_host_path[start:]
+                    assert launches and all(name.startswith("replay:") for name, _, _ in launches), launches
+        for j, (a, b) in enumerate(zip(*results)):
+            assert a.dtype == dtype and torch.equal(a, b) and a.stride() == b.stride(), (i, j)
+        for a, b in zip(blocks["node"].state_dict().values(), blocks["python"].state_dict().values()):
+            assert torch.equal(a, b), i
+
+
 def test_fused_node_leaves_pytorch_updates_of_running_statistics_unlearned(gpu_host_path):
     """Running statistics the finalize kernel cannot index (a strided view) are updated by PyTorch ops: the forward's
     replay never learns such a call (a replay would leave the update out), and every call stays correct."""
