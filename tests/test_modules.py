@@ -65,3 +65,38 @@ def test_from_conv_shares_parameters():
     conv = nn.Conv2d(3, 4, 3)
     fc = fastconv.Conv2d.from_conv(conv, algo="im2col")
     assert fc.weight is conv.weight and fc.bias is conv.bias and fc.algo == "im2col"
+
+
+class _Tagged(torch.Tensor):
+    """A plain __torch_function__ subclass: PyTorch's ops return it for its inputs."""
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_tensor_subclass_inputs_keep_their_type(kernel_backend, kdevice, train):
+    """As nn's modules, fastconv's return a tensor subclass for a subclass input (its __torch_function__ sees the
+    custom op: the eager fast path, which would return a plain tensor, leaves subclasses to it), with nn's values
+    and input gradient (float64 reference)."""
+    torch.manual_seed(0)
+    pairs = [
+        (fastconv.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)),
+        (fastconv.MaxPool2d(2), nn.MaxPool2d(2)),
+        (fastconv.ConvBNReLU2d(3, 4, 3, padding=1), nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4),
+                                                                 nn.ReLU())),
+    ]
+    x = torch.randn(2, 3, 6, 5, device=kdevice)
+    for ours, ref in pairs:
+        ours, ref = ours.to(kdevice).train(train), ref.to(kdevice).double().train(train)
+        state = ours.state_dict()
+        if isinstance(ref, nn.Sequential):  # ConvBNReLU2d's conv. / bn. keys as the Sequential's 0. / 1.
+            state = {k.replace("conv.", "0.").replace("bn.", "1."): v for k, v in state.items()}
+        ref.load_state_dict(state)
+        xs = x.clone().as_subclass(_Tagged).requires_grad_()
+        y = ours(xs)
+        assert type(y) is _Tagged, (type(ours).__name__, type(y))
+        xd = x.double().requires_grad_()
+        y_ref = ref(xd)
+        assert_close(y.as_subclass(torch.Tensor), y_ref, torch.float32, type(ours).__name__)
+        g = torch.randn(y.shape, device=kdevice)
+        (dx,) = torch.autograd.grad(y, xs, g)
+        (dx_ref,) = torch.autograd.grad(y_ref, xd, g.double())
+        assert_close(dx.as_subclass(torch.Tensor), dx_ref, torch.float32, f"{type(ours).__name__} dx")

@@ -3,9 +3,10 @@ without torch.library's Python dispatch round trip (about 20 µs of host time pe
 
 Every op here is a torch.library custom op (schema, fake kernel, autograd, autocast), which is what tracing,
 torch.compile, opcheck, FakeTensor, the launch plan and the profiler see. In plain eager mode — no compiler, no
-dispatch mode (FakeTensorMode, the launch plan's), no profiler, no autocast, real CPU/CUDA tensors — `FastOp`
-runs the op's own Python implementation directly, through a torch.autograd.Function built from the op's
-registered setup_context/backward when a gradient is needed: one autograd strategy, two entry points.
+dispatch mode (FakeTensorMode, the launch plan's), no profiler, no autocast, plain CPU/CUDA tensors (not a
+subclass, whose __torch_function__ sees the op) — `FastOp` runs the op's own Python implementation directly,
+through a torch.autograd.Function built from the op's registered setup_context/backward when a gradient is
+needed: one autograd strategy, two entry points.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import inspect
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+_PARAMETER = torch.nn.Parameter
 
 
 def eager(t: torch.Tensor) -> bool:
@@ -26,9 +29,11 @@ def eager_uncompiled(t: torch.Tensor) -> bool:
         return False
     if torch.autograd.profiler._is_profiler_enabled:  # the profiler names ops by their dispatch (fastconv::...)
         return False
-    # any autocast (the ops' autocast rules run in the dispatch); is_cuda / is_cpu: t.device.type alone costs
-    # ~1.5 µs, more than the rest of this check
-    return (t.is_cuda or t.is_cpu) and not torch._C._is_any_autocast_enabled()
+    # a tensor subclass takes the custom op, whose dispatch calls its __torch_function__ (as nn's ops do: the
+    # output is of the subclass); any autocast (the ops' autocast rules run in the dispatch); is_cuda / is_cpu:
+    # t.device.type alone costs ~1.5 µs, more than the rest of this check
+    return ((type(t) is torch.Tensor or type(t) is _PARAMETER) and (t.is_cuda or t.is_cpu)
+            and not torch._C._is_any_autocast_enabled())
 
 
 def impl_of(op):
