@@ -840,6 +840,34 @@ def test_fused_node_with_an_expanded_output_gradient(gpu_host_path, monkeypatch,
             assert torch.equal(a, b), i
 
 
+def test_fused_node_refuses_bad_running_statistics_after_learning(gpu_host_path):
+    """The training node checks the running statistics as the op does (F.batch_norm's words) in its forward's
+    compute, which a call unlike the learned one reaches: after a learned call, a running_mean of the wrong size
+    raises before anything is written, and the next good call is replayed again."""
+    _needs_replay()
+    gen = generator("gpu-host-block-bad-running")
+    w, gamma, beta = (randn(shape, torch.float32, "cpu", gen) for shape in ((4, 3, 3, 3), (4,), (4,)))
+    rm, rv, nbt = torch.zeros(4), torch.ones(4), torch.tensor(0, dtype=torch.int64)
+
+    def call(running_mean, running_var):
+        x = randn((2, 3, 6, 5), torch.float32, "cpu", gen).requires_grad_()
+        return fastconv.functional.conv_bn_act(x, w, None, gamma, beta, running_mean, running_var, padding=1,
+                                               training=True, num_batches_tracked=nbt)
+
+    call(rm, rv)
+    call(rm, rv)
+    before = (rm.clone(), rv.clone(), int(nbt))
+    with pytest.raises(RuntimeError, match="running_mean should contain 4 elements not 3"):
+        call(torch.zeros(3), rv)
+    with pytest.raises(RuntimeError, match="running_var should contain 4 elements not 5"):
+        call(rm, torch.ones(5))
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1]) and int(nbt) == before[2]
+    start = len(gpu_host_path)
+    call(rm, rv)
+    launches = gpu_host_path[start:]
+    assert int(nbt) == before[2] + 1 and launches and all(name.startswith("replay:") for name, _, _ in launches)
+
+
 def test_fused_node_leaves_pytorch_updates_of_running_statistics_unlearned(gpu_host_path):
     """Running statistics the finalize kernel cannot index (a strided view) are updated by PyTorch ops: the forward's
     replay never learns such a call (a replay would leave the update out), and every call stays correct."""

@@ -627,6 +627,9 @@ def _triton_block_forward(stride, padding, dilation, groups, eps, activation, mo
     given = iter(present)
     bias, bn_weight, bn_bias, residual, running_mean, running_var, momentum_tensor, nbt = (
         None if a else next(given) for a in absent)
+    # the op's checks of the running statistics (their shapes and dtypes are then in the replay's specs: a call
+    # that differs comes here again)
+    _check_running(running_mean, running_var, momentum_tensor, weight.shape[0], nbt)
     shape, fmt = output_geometry(x, weight, stride, padding, dilation)
     z = alloc(shape, x.dtype, x.device, internal_format("triton", fmt))
     common = _triton._common
@@ -686,10 +689,12 @@ def triton_train_eager(trainers: dict, x, weight, bias, bn_weight, bn_bias, resi
     """conv_bn_act_train_op's (y, z, mean, var) through fastconv._C._triton_conv_bn_act_train (the Triton backend in
     eager mode, implicit GEMM; x 4-D), or None without that entry point. `trainers`: the functional layer's
     per-call-signature dict, which keeps a TritonBlockTrain per (eps, activation, momentum, absent tensors). The
-    op's checks, then the producer bookkeeping of _setup_context, as _ext_train_eager."""
+    op's checks (those of the running statistics in the forward's compute, which runs for any call its replay
+    has not seen), then the producer bookkeeping of _setup_context, as _ext_train_eager."""
     if activation not in ACTIVATIONS:
         _check_choice(activation, ACTIVATIONS, "activation")
-    _check_running(running_mean, running_var, momentum_tensor, weight.shape[0], num_batches_tracked)
+    if momentum_tensor is not None and num_batches_tracked is not None:  # (the forward checks what it reads)
+        _check_running(running_mean, running_var, momentum_tensor, weight.shape[0], num_batches_tracked)
     nbt = counted_here(num_batches_tracked, momentum_tensor)
     key = ("block", eps, activation, momentum, bias is None, bn_weight is None, bn_bias is None, residual is None,
            running_mean is None, running_var is None, momentum_tensor is None, nbt is None)
