@@ -182,8 +182,9 @@ def conv_bn_act_train(
 def _triton_forward(x, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, activation,
                     algo, z, fmt, running_mean, running_var, momentum, momentum_tensor, nbt):
     """The Triton forward into z (channels_last): the conv with the statistics partials in its epilogue, their
-    finalize (running statistics updated in its last pass where it can index them), the normalize pass into y (layout
-    `fmt`); (y, z, mean, var). x and weight as the implicit GEMM reads them (channels_contiguous) or as given (im2col)."""
+    finalize (running statistics updated in its last pass where it can index them), the normalize pass into y
+    (layout `fmt`); (y, z, mean, var). x and weight as the implicit GEMM reads them (channels_contiguous) or as
+    given (im2col)."""
     tbn, tconv, tim2col = _triton.batch_norm, _triton.conv2d, _triton.im2col
 
     conv = tconv.conv2d_forward if algo == "implicit" else tim2col.conv2d_im2col
