@@ -10,7 +10,6 @@
 
 #include <torch/csrc/autograd/custom_function.h>
 
-#include "triton_launch.h"
 #include "triton_node.h"
 
 namespace fastconv {

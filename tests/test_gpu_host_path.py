@@ -681,6 +681,26 @@ def test_eval_after_training_steps_reads_the_new_running_statistics(gpu_host_pat
         model(xt).square().sum().backward()
 
 
+def _node_and_python(gpu_host_path, monkeypatch, run) -> dict:
+    """run(path) through the fused block's training node ("node"), then through the op's Python autograd path
+    ("python": the node's entry switched off): {path: (what run returned, the launches it made)}."""
+    from fastconv.ops import conv_bn_act as cba_ops
+
+    out = {}
+    for path in ("node", "python"):
+        with monkeypatch.context() as m:
+            if path == "python":
+                m.setattr(cba_ops, "triton_train_eager", lambda *args: None)
+            start = len(gpu_host_path)
+            result = run(path)
+            out[path] = (result, gpu_host_path[start:])
+    return out
+
+
+def _all_replayed(launches) -> bool:
+    return bool(launches) and _replays(launches) == list(launches)
+
+
 # fused block cases: (bias, affine, residual, activation, momentum (None: a 0-dim tensor factor), running statistics,
 # wanted gradients (x, w, b, g: bn weight, beta: bn bias, r: residual), channels_last)
 BLOCK_CASES = [
@@ -696,13 +716,11 @@ BLOCK_CASES = [
 def test_fused_training_calls_are_one_node_of_replays(gpu_host_path, monkeypatch, bias, affine, residual, activation,
                                                       momentum, running, wants, channels_last):
     """Fused conv + BatchNorm + activation training calls (stride 2) as one C++ autograd node whose forward and
-    backward are a replay each (fastconv._C._triton_conv_bn_act_train): y, z, mean, var, every wanted gradient (a
-    tensor that does not need one gets none), the running statistics and num_batches_tracked equal, bit for bit,
-    those of the op's Python autograd path on the same launches, step after step, for NCHW and channels_last
-    inputs; the repeats replay every launch the Python path makes."""
+    backward are a replay each (fastconv._C._triton_conv_bn_act_train): y, every wanted gradient (a tensor that
+    does not need one gets none), the running statistics and num_batches_tracked equal, bit for bit, those of the
+    op's Python autograd path on the same launches, step after step, for NCHW and channels_last inputs; the
+    repeats replay every launch the Python path makes."""
     _needs_replay()
-    from fastconv.ops import conv_bn_act as cba_ops
-
     gen = generator("gpu-host-block-node", bias, affine, residual, activation, momentum, running, wants)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     params = {
@@ -714,15 +732,18 @@ def test_fused_training_calls_are_one_node_of_replays(gpu_host_path, monkeypatch
     for name, t in params.items():
         if t is not None:
             t.requires_grad_(name in wants)
-    stats = {"node": None, "python": None}
-    for path in stats:
-        stats[path] = ((randn((6,), torch.float32, "cpu", gen).abs() * 0 + 0.5, torch.ones(6),
-                        torch.tensor(3, dtype=torch.int64)) if running else (None, None, None))
+    # each path its own copy of the same running statistics
+    initial = (randn((6,), torch.float32, "cpu", gen), randn((6,), torch.float32, "cpu", gen).abs() + 0.5,
+               torch.tensor(3, dtype=torch.int64))
+    stats = {path: tuple(t.clone() for t in initial) if running else (None, None, None)
+             for path in ("node", "python")}
 
-    def step(path, x, r, g):
-        with monkeypatch.context() as m:
-            if path == "python":
-                m.setattr(cba_ops, "triton_train_eager", lambda *args: None)  # the op's Python autograd Function
+    for i in range(3):
+        x = randn((3, 4, 9, 7), torch.float32, "cpu", gen).to(memory_format=fmt)
+        r = randn((3, 6, 5, 4), torch.float32, "cpu", gen)
+        g = randn((3, 6, 5, 4), torch.float32, "cpu", gen)
+
+        def step(path):
             xi = x.clone().requires_grad_("x" in wants)
             ri = r.clone().requires_grad_("r" in wants) if residual else None
             rm, rv, nbt = stats[path]
@@ -738,16 +759,8 @@ def test_fused_training_calls_are_one_node_of_replays(gpu_host_path, monkeypatch
                        if t is not None and t.requires_grad]
             return [y, *torch.autograd.grad(y, needing, g)]
 
-    for i in range(3):
-        x = randn((3, 4, 9, 7), torch.float32, "cpu", gen).to(memory_format=fmt)
-        r = randn((3, 6, 5, 4), torch.float32, "cpu", gen)
-        g = randn((3, 6, 5, 4), torch.float32, "cpu", gen)
-        start = len(gpu_host_path)
-        ours = step("node", x, r, g)
-        node_launches = gpu_host_path[start:]
-        start = len(gpu_host_path)
-        want = step("python", x, r, g)
-        python_launches = gpu_host_path[start:]
+        both = _node_and_python(gpu_host_path, monkeypatch, step)
+        (ours, node_launches), (want, python_launches) = both["node"], both["python"]
         assert len(ours) == len(want) == 1 + len(wants.split(","))
         for j, (a, b) in enumerate(zip(ours, want)):
             assert torch.equal(a, b) and a.stride() == b.stride(), (i, j)
@@ -764,8 +777,6 @@ def test_fused_node_chain_rebuilds_its_input(gpu_host_path, monkeypatch):
     producer's tensors instead and rebuilds x in its backward replay): outputs, gradients and running statistics
     equal the Python path's bit for bit, step after step, and match the nn model in float64."""
     _needs_replay()
-    from fastconv.ops import conv_bn_act as cba_ops
-
     gen = generator("gpu-host-block-chain")
     torch.manual_seed(0)
 
@@ -787,24 +798,21 @@ def test_fused_node_chain_rebuilds_its_input(gpu_host_path, monkeypatch):
     for i in range(3):
         x = randn((2, 3, 7, 6), torch.float32, "cpu", gen)
         g = randn((2, 4, 7, 6), torch.float32, "cpu", gen)
-        results = {}
-        for path, model in blocks.items():
-            with monkeypatch.context() as m:
-                if path == "python":
-                    m.setattr(cba_ops, "triton_train_eager", lambda *args: None)
-                start = len(gpu_host_path)
-                xi = x.clone().requires_grad_()
-                y = model(xi)
-                results[path] = [y, *_grads(y, [xi, *model.parameters()], g)]
-                launches = gpu_host_path[start:]
-            if path == "node" and i:
-                assert launches and all(name.startswith("replay:") for name, _, _ in launches), launches
-        for j, (a, b) in enumerate(zip(results["node"], results["python"])):
+        def step(path):
+            xi = x.clone().requires_grad_()
+            y = blocks[path](xi)
+            return [y, *_grads(y, [xi, *blocks[path].parameters()], g)]
+
+        both = _node_and_python(gpu_host_path, monkeypatch, step)
+        (ours, node_launches), (theirs, _) = both["node"], both["python"]
+        if i:  # learned in the first step
+            assert _all_replayed(node_launches), node_launches
+        for j, (a, b) in enumerate(zip(ours, theirs)):
             assert torch.equal(a, b), (i, j)
         xd = x.double().requires_grad_()
         yd = ref(xd)
         want = [yd, *_grads(yd, [xd, *ref.parameters()], g.double())]
-        for j, (a, e) in enumerate(zip(results["node"], want)):
+        for j, (a, e) in enumerate(zip(ours, want)):
             assert_close(a, e, torch.float32, f"result {j}, step {i}")
         for a, b in zip(blocks["node"].state_dict().values(), blocks["python"].state_dict().values()):
             assert torch.equal(a, b)
@@ -816,25 +824,19 @@ def test_fused_node_with_an_expanded_output_gradient(gpu_host_path, monkeypatch,
     Python path does (every gradient bit for bit), step after step, in fp32 and in fp16 (a half model: its BatchNorm
     parameters and statistics fp16 too)."""
     _needs_replay()
-    from fastconv.ops import conv_bn_act as cba_ops
-
     gen = generator("gpu-host-block-expanded", dtype)
     blocks = {path: fastconv.ConvBNReLU2d(3, 4, 3, padding=1).to(dtype) for path in ("node", "python")}
     blocks["python"].load_state_dict(blocks["node"].state_dict())
     for i in range(3):
         x = randn((2, 3, 6, 5), dtype, "cpu", gen)
-        results = []
-        for path, block in blocks.items():
-            with monkeypatch.context() as m:
-                if path == "python":
-                    m.setattr(cba_ops, "triton_train_eager", lambda *args: None)
-                start = len(gpu_host_path)
-                xi = x.clone().requires_grad_()
-                results.append(_grads(block(xi).sum(), [xi, *block.parameters()], None))
-                if path == "node" and i:  # learned in the first step
-                    launches = gpu_host_path[start:]
-                    assert launches and all(name.startswith("replay:") for name, _, _ in launches), launches
-        for j, (a, b) in enumerate(zip(*results)):
+        def step(path):
+            xi = x.clone().requires_grad_()
+            return _grads(blocks[path](xi).sum(), [xi, *blocks[path].parameters()], None)
+
+        both = _node_and_python(gpu_host_path, monkeypatch, step)
+        if i:  # learned in the first step
+            assert _all_replayed(both["node"][1]), both["node"][1]
+        for j, (a, b) in enumerate(zip(both["node"][0], both["python"][0])):
             assert a.dtype == dtype and torch.equal(a, b) and a.stride() == b.stride(), (i, j)
         for a, b in zip(blocks["node"].state_dict().values(), blocks["python"].state_dict().values()):
             assert torch.equal(a, b), i
@@ -864,8 +866,7 @@ def test_fused_node_refuses_bad_running_statistics_after_learning(gpu_host_path)
     assert torch.equal(rm, before[0]) and torch.equal(rv, before[1]) and int(nbt) == before[2]
     start = len(gpu_host_path)
     call(rm, rv)
-    launches = gpu_host_path[start:]
-    assert int(nbt) == before[2] + 1 and launches and all(name.startswith("replay:") for name, _, _ in launches)
+    assert int(nbt) == before[2] + 1 and _all_replayed(gpu_host_path[start:])
 
 
 def test_fused_node_leaves_pytorch_updates_of_running_statistics_unlearned(gpu_host_path):

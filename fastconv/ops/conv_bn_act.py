@@ -380,14 +380,25 @@ def batch_norm_act_backward(
         grad_z, sum_g, sum_gx, grad_res = ext_ops().ext_batch_norm_act_backward(
             grad_y, z, mean, var, bn_weight, bn_bias, residual, eps, activation, want_grad_residual)
         return grad_z, sum_g.to(g_dtype), sum_gx.to(gx_dtype), grad_res
+    grad_z, sum_g, sum_gx, grad_res = _triton_bn_backward(grad_y, z, mean, var, bn_weight, bn_bias, residual, eps,
+                                                          activation, want_grad_residual, act_bits)
+    return grad_z, sum_g, sum_gx, (grad_res if grad_res is not None else z.new_empty(0))
+
+
+def _triton_bn_backward(grad_y, z, mean, var, bn_weight, bn_bias, residual, eps, activation, want_residual,
+                        act_bits=None):
+    """The Triton passes of batch_norm_act_backward: (grad_z laid out like z, sum_g, sum_gx in the parameters'
+    dtypes, grad_residual or None). grad_z is noted as scratch: the fused block's backward replay passes it on to
+    its dgrad and wgrad (TritonBlockTrain), and the op returns it."""
     tbn = _triton.batch_norm
 
-    grad_z = alloc(z.shape, z.dtype, z.device, memory_format_of(z))
-    grad_res = alloc(z.shape, z.dtype, z.device, memory_format_of(z)) if want_grad_residual else None
+    fmt = memory_format_of(z)
+    grad_z = _triton._common.noted("scratch", alloc(z.shape, z.dtype, z.device, fmt))
+    grad_res = alloc(z.shape, z.dtype, z.device, fmt) if want_residual else None
     _, sum_g, sum_gx, grad_res = tbn.batch_norm_act_backward(
-        grad_y, z, mean, var, bn_weight, bn_bias, eps, activation, residual, want_dres=want_grad_residual,
-        grad_z=grad_z, grad_res=grad_res, param_dtypes=(g_dtype, gx_dtype), act_bits=act_bits)
-    return grad_z, sum_g, sum_gx, (grad_res if grad_res is not None else z.new_empty(0))
+        grad_y, z, mean, var, bn_weight, bn_bias, eps, activation, residual, want_dres=want_residual,
+        grad_z=grad_z, grad_res=grad_res, param_dtypes=_sum_dtypes(mean, bn_weight, bn_bias), act_bits=act_bits)
+    return grad_z, sum_g, sum_gx, grad_res
 
 
 def _sum_dtypes(mean, bn_weight, bn_bias):
@@ -494,6 +505,15 @@ def _kept_for_backward(x, residual, activation):
     return producer, (x if producer is None else None), (residual if activation != "identity" else None)
 
 
+_NO_PRODUCER = (None,) * 6 + (0.0, "identity")
+
+
+def _producer_args(producer) -> tuple:
+    """A producer as the C++ nodes take it (csrc/conv_bn_act.h, csrc/triton_conv_bn_act.h): its z, mean, var,
+    bn_weight, bn_bias, residual, eps and activation; all None (eps 0, identity) without one."""
+    return _NO_PRODUCER if producer is None else (*producer.tensors, producer.eps, producer.activation)
+
+
 _NUM_INPUTS = 19  # conv_bn_act_train's arguments
 
 
@@ -576,13 +596,11 @@ def _ext_train_eager(entry, x, weight, bias, bn_weight, bn_bias, residual, strid
     _check_choice(algo, ALGOS, "algo")
     _check_running(running_mean, running_var, momentum_tensor, weight.shape[0], num_batches_tracked)
     producer, saved_x, kept_residual = _kept_for_backward(x, residual, activation)
-    p_tensors, p_eps, p_activation = (producer.tensors, producer.eps, producer.activation) if producer is not None \
-        else ((None,) * 6, 0.0, "identity")
     shape, fmt = output_geometry(x, weight, stride, padding, dilation)
     y, z, mean, var = entry(
         x, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, activation,
         running_mean, running_var, momentum, momentum_tensor, counted_here(num_batches_tracked, momentum_tensor),
-        shape, fmt == torch.channels_last, conv_ops._allow_tf32(x), *p_tensors, p_eps, p_activation)
+        shape, fmt == torch.channels_last, conv_ops._allow_tf32(x), *_producer_args(producer))
     if y.requires_grad:  # a node was made (without a gradient the C++ node keeps nothing)
         mark_saved(saved_x, kept_residual)
     return y, z, mean, var
@@ -659,20 +677,16 @@ def _triton_block_backward(stride, padding, dilation, groups, eps, activation, i
     else:
         x = next(it)
     seen = {}  # id(input) -> the tensor the launches read for it (a channels_last copy), where not the input
-    tbn, noted = _triton.batch_norm, _triton._common.noted
-    fmt = memory_format_of(z)
-    grad_z = noted("scratch", alloc(z.shape, z.dtype, z.device, fmt))
-    grad_res = alloc(z.shape, z.dtype, z.device, fmt) if want_res else None
-    _, sum_g, sum_gx, grad_res = tbn.batch_norm_act_backward(
-        grad, z, mean, var, bn_weight, bn_bias, eps, activation, residual, want_dres=want_res, grad_z=grad_z,
-        grad_res=grad_res, param_dtypes=_sum_dtypes(mean, bn_weight, bn_bias))
+    grad_z, sum_g, sum_gx, grad_res = _triton_bn_backward(grad, z, mean, var, bn_weight, bn_bias, residual, eps,
+                                                          activation, want_res)
     dx = dw = db = None
     if want_x:
         (dx,), (_, seen[id(weight)]) = conv_ops._triton_input_grad(input_size, stride, padding, dilation, groups,
                                                                     grad_z, weight)
     if want_w or want_b:
         if producer:  # x rebuilt from what its producer keeps (batch_norm_act's Triton pass)
-            x = noted("scratch", triton_bn_act(*p_tensors, producer_eps, producer_activation, memory_format_of(p_z)))
+            x = _triton._common.noted("scratch", triton_bn_act(*p_tensors, producer_eps, producer_activation,
+                                                               memory_format_of(p_z)))
         dw_db, (_, xs, _) = conv_ops._triton_weight_grad(weight_size, stride, padding, dilation, groups, want_b,
                                                           grad_z, x, weight)
         if not producer:
@@ -707,14 +721,9 @@ def triton_train_eager(trainers: dict, x, weight, bias, bn_weight, bn_bias, resi
         trainer = trainers[key] = (entry, TritonBlockTrain(stride, padding, dilation, groups, eps, activation,
                                                            momentum, key[4:], x.shape, weight.shape))
     producer, saved_x, kept_residual = _kept_for_backward(x, residual, activation)
-    if producer is None:
-        y, z, mean, var = trainer[0](x, weight, bias, bn_weight, bn_bias, residual, running_mean, running_var,
-                                     momentum_tensor, nbt, kept_residual is not None, None, None, None, None, None,
-                                     None, 0.0, "identity", trainer[1])
-    else:
-        y, z, mean, var = trainer[0](x, weight, bias, bn_weight, bn_bias, residual, running_mean, running_var,
-                                     momentum_tensor, nbt, kept_residual is not None, *producer.tensors,
-                                     producer.eps, producer.activation, trainer[1])
+    y, z, mean, var = trainer[0](x, weight, bias, bn_weight, bn_bias, residual, running_mean, running_var,
+                                 momentum_tensor, nbt, kept_residual is not None, *_producer_args(producer),
+                                 trainer[1])
     if y.requires_grad:  # a node was made (without a gradient the C++ node keeps nothing)
         mark_saved(saved_x, kept_residual)
     return y, z, mean, var

@@ -110,7 +110,7 @@ class Replay:
         return outputs[0] if self.single else outputs
 
     def learn(self, inputs: tuple) -> tuple:
-        """compute(*inputs)'s outputs, its launch learned on the way."""
+        """compute(*inputs)'s outputs, its launches learned on the way."""
         token, noted = _launch._capture.set([]), _common.allocations.set([])
         versions = [t._version for t in inputs]
         try:
